@@ -60,10 +60,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 def quiet_transformers() -> None:
     """Silence transformers' own progress bars and info logs; headscore shows its own progress."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def load_tokenizer(model: str = DEFAULT_MODEL):
@@ -92,6 +94,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     source = resolve_model(model)
     tokenizer = load_tokenizer(model)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation}
@@ -121,6 +124,7 @@ def load_geometry(model: str = DEFAULT_MODEL) -> Geometry:
     """Geometry from the model's config alone (no weights loaded)."""
     from transformers import AutoConfig
 
+    quiet_transformers()
     try:
         return Geometry.from_config(AutoConfig.from_pretrained(resolve_model(model)))
     except (OSError, ValueError) as error:

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny randomly initialised models built in the test, and the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """../shared/reference (the authors' files); tests that need it skip when it is absent."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory for a tiny random LlamaForCausalLM (GQA 4 query heads / 2 KV heads by default), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 8, vocab: int = 128,
+             seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             head_dim=head_dim, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0, attn_implementation=attn_implementation, **overrides)
+        return LlamaForCausalLM(config).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model and tokenizer (converted from the GGUF once, then cached)."""
+    from headscore.model import load_model
+
+    return load_model("smollm2-135m")
