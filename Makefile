@@ -2,7 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench reproduce clean
+
+CONFIG ?= configs/smollm2-135m.yaml
 
 ## setup: create .venv, install torch (CPU 2.13.0) first, then headscore (editable) with dev tools and the default assets
 setup:
@@ -19,6 +21,10 @@ test:
 ## lint: ruff over the sources, tests and benchmarks
 lint:
 	$(BIN)/ruff check src tests bench
+
+## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md
+reproduce:
+	$(BIN)/headscore reproduce --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist

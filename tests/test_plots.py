@@ -35,6 +35,6 @@ def test_bad_figures(tmp_path):
         figure_format(tmp_path / "a.jpg")
     with pytest.raises(HeadscoreError, match="use a .png"):
         head_heatmap(torch.ones(2, 2), tmp_path / "a.txt", title="x")
-    with pytest.raises(HeadscoreError, match="layers, heads"):
+    with pytest.raises(HeadscoreError, match="non-empty 2-D matrix"):
         head_heatmap(torch.ones(3), tmp_path / "a.png", title="x")
     assert list(tmp_path.iterdir()) == []

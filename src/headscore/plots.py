@@ -55,16 +55,29 @@ def _ticks(count: int, most: int = 16) -> list[int]:
 def head_heatmap(matrix: torch.Tensor, path: str | os.PathLike, *, title: str, xlabel: str = "head",
                  ylabel: str = "layer", cbar_label: str = "") -> None:
     """Heatmap of a `[layers, heads]` matrix, layer 0 at the top, written atomically to `path`."""
+    grid_heatmap(matrix, path, title=title, xlabel=xlabel, ylabel=ylabel, cbar_label=cbar_label)
+
+
+def grid_heatmap(matrix: torch.Tensor, path: str | os.PathLike, *, title: str, xlabel: str, ylabel: str,
+                 cbar_label: str = "", xticklabels: list[str] | None = None, yticklabels: list[str] | None = None,
+                 vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis") -> None:
+    """Heatmap of a `[rows, columns]` matrix, row 0 at the top; tick labels default to the indices."""
     if matrix.ndim != 2 or matrix.numel() == 0:
-        raise HeadscoreError(f"head heatmap needs a non-empty [layers, heads] matrix, got shape "
-                             f"{tuple(matrix.shape)}")
+        raise HeadscoreError(f"heatmap needs a non-empty 2-D matrix, got shape {tuple(matrix.shape)}")
     values = matrix.detach().to("cpu", torch.float64).numpy()
-    layers, heads = values.shape
-    figure = _new_figure(min(14.0, 2.5 + 0.3 * heads), min(12.0, 1.5 + 0.22 * layers))
+    rows, columns = values.shape
+    figure = _new_figure(min(14.0, 2.5 + 0.3 * max(columns, 8)), min(12.0, 1.5 + 0.22 * max(rows, 8)))
     axes = figure.add_subplot()
-    image = axes.imshow(values, aspect="auto", origin="upper", interpolation="nearest", cmap="viridis")
-    axes.set_xticks(_ticks(heads))
-    axes.set_yticks(_ticks(layers))
+    image = axes.imshow(values, aspect="auto", origin="upper", interpolation="nearest", cmap=cmap, vmin=vmin,
+                        vmax=vmax)
+    if xticklabels is None:
+        axes.set_xticks(_ticks(columns))
+    else:
+        axes.set_xticks(range(columns), xticklabels, rotation=45 if columns > 6 else 0)
+    if yticklabels is None:
+        axes.set_yticks(_ticks(rows))
+    else:
+        axes.set_yticks(range(rows), yticklabels)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
