@@ -22,6 +22,11 @@ test:
 lint:
 	$(BIN)/ruff check src tests bench
 
+## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache
+bench:
+	$(BIN)/python bench/bench_estimate.py --length 4000
+	$(BIN)/python bench/bench_compress.py
+
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md
 reproduce:
 	$(BIN)/headscore reproduce --config $(CONFIG)

