@@ -15,10 +15,10 @@ from headscore.estimate import (
     decode_trial,
     estimate,
     merge_runs,
-    stop_token_ids,
     teacher_forced_trial,
 )
 from headscore.headscores import read_head_scores
+from headscore.model import eos_ids
 from headscore.needles import encode_prompt
 
 VOCAB = 49152  # SmolLM2's tokenizer, so the tiny model can run real trials
@@ -82,7 +82,7 @@ def reference_scores(eager, tokenizer, trial, method, mode, max_new_tokens=50):
                 add(out.attentions, len(ids) - 1 + i, token)
             return scores, out.logits[0, len(ids) - 1:].argmax(-1).tolist()
         sequence = list(ids)
-        stops = stop_token_ids(eager, tokenizer)
+        stops = eos_ids(eager, tokenizer)
         for _ in range(min(n, max_new_tokens)):
             out = eager(torch.tensor([sequence]), output_attentions=True)
             token = int(out.logits[0, -1].argmax())

@@ -9,9 +9,9 @@ import torch
 
 from headscore.errors import HeadscoreError
 from headscore.evaluate import EvaluateOptions, evaluate, evaluate_sample, newline_token_ids, plan_conditions
-from headscore.generation import eos_ids, generate_ids
+from headscore.generation import generate_ids
 from headscore.headscores import HeadScores, write_head_scores
-from headscore.model import Geometry
+from headscore.model import Geometry, eos_ids
 from headscore.needles import encode_prompt
 from headscore.tasks import get_task
 

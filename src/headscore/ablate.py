@@ -206,17 +206,6 @@ def write_outputs(out_dir: str | Path, rows: Sequence[dict[str, Any]], predictio
     return paths
 
 
-def parse_ints(text: str, option: str) -> list[int]:
-    """`"1,4,16"` -> [1, 4, 16]; anything else is a HeadscoreError naming `option`."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise HeadscoreError(f"{option} must be comma-separated integers, got '{text}'") from None
-    if not values:
-        raise HeadscoreError(f"{option} is empty")
-    return values
-
-
 @dataclass
 class AblationSetup:
     """Everything a run needs: the loaded model, the NIAH samples, the importance matrix and the plan."""

@@ -86,7 +86,7 @@ def _number_list(values: list[str], convert, option: str) -> list:
     """`--budget 128,256 --budget 512` -> [128, 256, 512]; a bad entry is one clear error line."""
     parsed = []
     for value in values:
-        for part in value.split(","):
+        for part in (p for p in value.split(",") if p.strip()):
             try:
                 parsed.append(convert(part.strip()))
             except ValueError:
@@ -215,13 +215,10 @@ def ablate_command(
     """Check the head scores: NIAH accuracy with the top-k, k random or the k lowest-scoring heads removed."""
     from headscore import ablate
 
-    ks_list = ablate.parse_ints(ks, "--ks")
-    seed_list = ablate.parse_ints(seeds, "--seeds")
-    length_list = ablate.parse_ints(lengths, "--lengths")
-    try:
-        depth_list = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError:
-        raise HeadscoreError(f"--depths must be comma-separated numbers, got '{depths}'") from None
+    ks_list = _number_list([ks], int, "--ks")
+    seed_list = _number_list([seeds], int, "--seeds")
+    length_list = _number_list([lengths], int, "--lengths")
+    depth_list = _number_list([depths], float, "--depths")
     condition_list = [c.strip() for c in conditions.split(",") if c.strip()]
     setup = ablate.prepare(model, scores, ks=ks_list, seeds=seed_list, conditions=condition_list,
                            lengths=length_list, depths=depth_list, needles=str(needles) if needles else None,
@@ -413,6 +410,8 @@ def evaluate_command(
     depths: str | None = typer.Option(None, help="Needle depths (%) of niah, comma-separated "
                                       "[default: 0,25,50,75,100]."),
     samples_per_length: int | None = typer.Option(None, help="Synthetic samples per length [default: 4]."),
+    num_needles: int | None = typer.Option(None, help="niah: use only the first N evaluation needles "
+                                           "[default: all 3]."),
     template: str = typer.Option("chat", help="Prompt template of every task: chat (the tokenizer's chat "
                                  "template; instruct models answer) or raw (context, then the question)."),
     max_length: int | None = typer.Option(None, help="LongBench: middle-truncate contexts to this many "
@@ -432,7 +431,8 @@ def evaluate_command(
                               temp=temp, granularity=granularity, pyramid_beta=pyramid_beta)
     task_options = {"lengths": _number_list([lengths], int, "--lengths") if lengths else None,
                     "depths": _number_list([depths], float, "--depths") if depths else None,
-                    "samples_per_length": samples_per_length, "max_length": max_length, "template": template}
+                    "samples_per_length": samples_per_length, "max_length": max_length, "template": template,
+                    "num_needles": num_needles}
     with progress_bar() as bar:
         task = bar.add_task("evaluating samples", total=None)
         result = run_evaluate(model, tasks, out, options=options, task_options=task_options, device=device,

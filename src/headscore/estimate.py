@@ -24,7 +24,7 @@ from headscore.errors import HeadscoreError
 from headscore.files import atomic_open, versions, write_json
 from headscore.headscores import HeadScores, normalized_importance, write_head_scores
 from headscore.journal import append_journal, open_journal, read_journal
-from headscore.model import Geometry, input_device
+from headscore.model import Geometry, eos_ids, input_device
 from headscore.scoring import METHODS, scorer
 
 MODES = ("decode", "teacher-forced")
@@ -131,18 +131,6 @@ def encode_trial(trial: dict[str, Any], tokenizer: Any) -> tuple[torch.Tensor, t
 # ---------------------------------------------------------------- one trial
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids of the tokenizer and of the model's generation config."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(v) for v in source)
-    return ids
-
-
 def check_context(probs: torch.Tensor, expected: int) -> None:
     """The captured rows must cover every position (a sliding-window cache drops some: positions shift)."""
     if probs.shape[-1] != expected:
@@ -165,7 +153,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     score = scorer(method)
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
-    stops = stop_token_ids(model, tokenizer)
+    stops = eos_ids(model, tokenizer)
     cache = DynamicCache(config=model.config)
     model(input_ids=prompt_ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = prompt_ids[None, -1:]

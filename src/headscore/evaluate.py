@@ -23,7 +23,7 @@ import torch
 from headscore.errors import HeadscoreError
 from headscore.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
 from headscore.journal import append_journal, open_journal
-from headscore.model import Geometry, input_device
+from headscore.model import Geometry, eos_ids, input_device
 
 JOURNAL = "journal.jsonl"
 RESULTS_FILE = "results.csv"
@@ -238,7 +238,6 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     import pandas as pd
 
     from headscore.files import fingerprint_bytes
-    from headscore.generation import eos_ids
 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)

@@ -32,6 +32,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, Any]]:
+    """`(line number, parsed value)` of every non-blank line of a JSONL file; a malformed line is a
+    HeadscoreError naming `what`, the file and the line."""
+    from headscore.errors import HeadscoreError
+
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise HeadscoreError(f"{what} {path} line {number} is not valid JSON: {error.msg}") from error
+    return records
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

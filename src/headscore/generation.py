@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from headscore.attention import HEADWISE_ATTENTION, use_attention
 from headscore.cache import HeadwiseCache, check_full_attention
 from headscore.errors import HeadscoreError
-from headscore.model import Geometry, input_device
+from headscore.model import Geometry, eos_ids, input_device
 from headscore.selection import (
     METHODS,
     AdaSnapKVPress,
@@ -184,18 +184,6 @@ def compress_state(state: PrefillState, press: Press) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-
-
-def eos_ids(model: Any, tokenizer: Any = None) -> set[int]:
-    """End-of-sequence ids of the model's generation config and the tokenizer."""
-    found: set[int] = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            found.add(source)
-        elif isinstance(source, (list, tuple)):
-            found.update(int(s) for s in source)
-    return found
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from headscore.assets import default_haystack_dir
 from headscore.errors import HeadscoreError
-from headscore.files import fingerprint_bytes
+from headscore.files import fingerprint_bytes, read_jsonl
 
 DEFAULT_HAYSTACK = "paul-graham"
 
@@ -42,7 +41,7 @@ def load_haystack(source: str | None = None) -> Haystack:
         if path.is_dir():
             text = read_txt_folder(path)
         elif path.is_file() and path.suffix == ".jsonl":
-            text = read_jsonl(path)
+            text = read_text_jsonl(path)
         elif path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace")
         else:
@@ -60,15 +59,9 @@ def read_txt_folder(folder: Path) -> str:
     return "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
-def read_jsonl(path: Path) -> str:
+def read_text_jsonl(path: Path) -> str:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise HeadscoreError(f"haystack {path} line {number} is not valid JSON: {error.msg}") from error
+    for number, record in read_jsonl(path, "haystack"):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise HeadscoreError(f"haystack {path} line {number} has no string field 'text'")
         texts.append(record["text"])

@@ -115,6 +115,18 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def eos_ids(model: Any, tokenizer: Any = None) -> set[int]:
+    """End-of-sequence ids of the model's generation config and the tokenizer."""
+    found: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            found.add(source)
+        elif isinstance(source, (list, tuple)):
+            found.update(int(s) for s in source)
+    return found
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

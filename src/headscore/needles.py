@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from headscore.errors import HeadscoreError
-from headscore.files import fingerprint_bytes
+from headscore.files import fingerprint_bytes, read_jsonl
 from headscore.haystack import Haystack
 
 NEEDLE_FILES = {"reasoning": "reasoning.jsonl", "retrieval": "retrieval.jsonl"}
@@ -50,14 +50,8 @@ def load_needles(kind_or_path: str) -> tuple[list[Needle], str]:
         raise HeadscoreError(f"needle file not found: {kind_or_path}")
     raw = path.read_text(encoding="utf-8")
     needles = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, "needle file"):
         where = f"needle file {path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise HeadscoreError(f"{where} is not valid JSON: {error.msg}") from error
         if not isinstance(record, dict):
             raise HeadscoreError(f"{where} is not a JSON object")
         answer = record.get("answer", record.get("real_needle"))
@@ -77,12 +71,18 @@ def load_needles(kind_or_path: str) -> tuple[list[Needle], str]:
 def render_prompt(tokenizer: Any, context: str, question: str, template: str = "raw") -> str:
     """The prompt text: context, then the question (raw), or the same as one chat user turn (chat)."""
     ask = QUESTION_TEMPLATE.format(question=question)
+    return apply_template(tokenizer, f"{context}\n\n{ask}", template, raw_suffix="\nAnswer:")
+
+
+def apply_template(tokenizer: Any, text: str, template: str, raw_suffix: str = "") -> str:
+    """`raw`: the text (plus `raw_suffix`); `chat`: the text as one user turn of the tokenizer's chat
+    template, with the generation prompt."""
     if template == "raw":
-        return f"{context}\n\n{ask}\nAnswer:"
+        return text + raw_suffix
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise HeadscoreError("--template chat needs a tokenizer with a chat template")
-        messages = [{"role": "user", "content": f"{context}\n\n{ask}"}]
+            raise HeadscoreError("template 'chat' needs a tokenizer with a chat template")
+        messages = [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(TEMPLATES)}")
 
@@ -257,13 +257,9 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise HeadscoreError(f"trial file not found: {path}")
     trials = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise HeadscoreError(f"trial file {path} line {number} is not valid JSON: {error.msg}") from error
+    for number, record in read_jsonl(path, "trial file"):
+        if not isinstance(record, dict):
+            raise HeadscoreError(f"trial file {path} line {number} is not a JSON object")
         missing = [f for f in TRIAL_FIELDS if f not in record]
         if missing:
             raise HeadscoreError(f"trial file {path} line {number} lacks {', '.join(missing)}")

@@ -43,11 +43,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                                         "headkv-r2"],
                  "budgets": [32, 64, 128, 256], "beta": 1.01, "window": 8, "kernel": 7, "alpha": 0.2,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
-                 "max_length": None, "limit": None, "template": "chat"},
+                 "max_length": None, "limit": None, "template": "chat", "num_needles": None},
     "beta_sweep": {"method": "headkv-r2", "budget": 64, "betas": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10],
                    "tasks": "niah", "lengths": None, "depths": None},
     "ablate": {"scores": "r2", "ks": [1, 4, 16, 64], "seeds": [0, 1], "conditions": ["top", "random", "lowest"],
-               "lengths": [1000, 2000], "depths": [0, 50, 100], "template": "chat", "max_new_tokens": 24},
+               "lengths": [1000, 2000], "depths": [0, 50, 100], "template": "chat", "max_new_tokens": 24,
+               "num_needles": None},
     "latency": {"lengths": [1000, 2000, 4000, 8000], "method": "headkv-r2", "budget": 128, "beta": 1.01,
                 "max_new_tokens": 16},
 }
@@ -241,6 +242,7 @@ class Study:
                                   window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
                                   betas=[float(b) for b in betas])
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
+                        "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
         result = run_evaluate(top["model"], tasks, out, options=options, task_options=task_options,
                               device=top["device"], dtype=top["dtype"], limit=settings["limit"])
@@ -264,7 +266,8 @@ class Study:
         top = self.config.top
         setup = prepare(top["model"], self.scores_file(s["scores"], "ablate"), ks=s["ks"], seeds=s["seeds"],
                         conditions=s["conditions"], lengths=s["lengths"], depths=s["depths"],
-                        template=s["template"], max_new_tokens=s["max_new_tokens"], device=top["device"],
+                        template=s["template"], max_new_tokens=s["max_new_tokens"], num_needles=s["num_needles"],
+                        device=top["device"],
                         dtype=top["dtype"])
         rows, _ = execute(setup, self.path("ablate"))
         return {"generations": setup.total}

@@ -9,14 +9,14 @@ middle: the first and last `max_length / 2` tokens are kept, as LongBench does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from headscore.errors import HeadscoreError
+from headscore.files import read_jsonl
 from headscore.metrics import METRICS
-from headscore.needles import TEMPLATES, encode_prompt
+from headscore.needles import apply_template, encode_prompt
 from headscore.tasks.base import Sample, Task
 
 QA_DATASETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa")
@@ -60,30 +60,14 @@ def middle_truncate(tokenizer: Any, text: str, max_length: int | None) -> str:
 
 def render_instruction(tokenizer: Any, context: str, instruction: str, template: str) -> str:
     """Context then instruction (raw), or both as one user turn of the chat template (chat)."""
-    if template == "raw":
-        return f"{context}\n\n{instruction}"
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise HeadscoreError("template 'chat' needs a tokenizer with a chat template")
-        messages = [{"role": "user", "content": f"{context}\n\n{instruction}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(TEMPLATES)}")
+    return apply_template(tokenizer, f"{context}\n\n{instruction}", template)
 
 
 def read_records(source: str) -> tuple[list[dict[str, Any]], str]:
     """Records and a default dataset name from a JSONL file or a Hugging Face dataset spec."""
     path = Path(source).expanduser()
     if path.is_file():
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise HeadscoreError(f"LongBench file {path} line {number} is not valid JSON: "
-                                     f"{error.msg}") from error
-        return records, path.stem
+        return [record for _, record in read_jsonl(path, "LongBench file")], path.stem
     if source.endswith(".jsonl") or source.startswith((".", "/", "~")):
         raise HeadscoreError(f"LongBench file not found: {source}")
     name, config, split = (source.split(":") + [None, "test"][len(source.split(":")) - 1:])[:3]
