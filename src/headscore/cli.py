@@ -261,7 +261,8 @@ def compress_command(
     sinks: int = typer.Option(4, help="streaming: attention-sink tokens kept at the start."),
     pyramid_beta: float = typer.Option(20.0, help="pyramidkv: how far the last layer's budget falls."),
     max_new_tokens: int = typer.Option(64, help="Greedy tokens generated at most."),
-    template: str = typer.Option("raw", help="Prompt template: raw or chat (as in build-needles)."),
+    template: str = typer.Option("chat", help="Prompt template: chat (default; the tokenizer's chat template, "
+                                 "instruct models answer) or raw (as in build-needles)."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                         "bfloat16 on CUDA]."),
