@@ -159,6 +159,10 @@ def write_report(study: Any) -> Path:
     # ---- ablation
     out.append("## Head ablation\n")
     ablation = pd.read_csv(root / "ablate" / "ablation.csv")
+    if "seed" in ablation:
+        ablation["seed"] = ablation["seed"].astype("Int64")
+    if "accuracy" in ablation:
+        ablation["accuracy"] = ablation["accuracy"].round(3)
     out.append("Zeroing the outputs of the k highest-scoring heads vs k random heads vs the k lowest; NIAH "
                "accuracy of each.\n\n")
     out.append(markdown_table(list(ablation.columns), ablation.astype(object).where(ablation.notna(), "")
