@@ -130,3 +130,22 @@ def test_newline_tokens(tokenizer):
     ids = newline_token_ids(tokenizer)
     assert tokenizer("\n", add_special_tokens=False)["input_ids"][0] in ids
     assert tokenizer(" Mary", add_special_tokens=False)["input_ids"][0] not in ids
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "sudoku"], "unknown task 'sudoku'"),
+    (["--methods", "full,magic"], "unknown method 'magic'"),
+    (["--methods", "headkv-r2"], "needs --scores-r2"),
+    (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
+])
+def test_cli_bad_input_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    out = tmp_path / "evaluation"
+    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()

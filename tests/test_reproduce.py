@@ -90,3 +90,15 @@ def test_quick_study_end_to_end(tmp_path):
     lines.clear()
     run_study(CONFIGS / "quick.yaml", results=tmp_path, log=lines.append)
     assert sum("skipped" in line for line in lines) == len(STAGES) - 1
+
+
+def test_stage_errors_name_the_stage(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text((CONFIGS / "quick.yaml").read_text().replace("tasks: niah,twohop", "tasks: niah,twohops"))
+    scores = tmp_path / "quick"
+    for which in ("r2", "retrieval"):
+        (scores / f"scores-{which}").mkdir(parents=True)
+        (scores / f"scores-{which}" / "head_scores.json").write_text(
+            json.dumps({f"{layer}-{head}": [1.0 + head] for layer in range(30) for head in range(9)}))
+    with pytest.raises(HeadscoreError, match="reproduce stage 'evaluate': unknown task 'twohops'"):
+        run_study(config, results=tmp_path, stages=["evaluate"])

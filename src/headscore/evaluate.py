@@ -281,10 +281,20 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     return EvaluateResult(out_dir=out_dir, samples=len(samples), rows=rows, summary=summary, figures=figures)
 
 
-def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
-                 task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
-                 limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
-    """`headscore evaluate`: check the plan, load the model, build the task samples, run `evaluate`.
+@dataclass
+class EvaluationSetup:
+    """A checked plan with its loaded model and built samples, ready for `evaluate`."""
+
+    model: Any
+    tokenizer: Any
+    samples: list[Any]
+    task_settings: list[dict[str, Any]]
+
+
+def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
+                     task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                     limit: int | None = None) -> EvaluationSetup:
+    """Check the tasks and the plan (before loading weights), load the model, build the task samples.
 
     `tasks`: comma-separated specs (`niah`, `synthetic` or its parts, `longbench:PATH_OR_HF_ID`);
     `task_options`: settings passed to every task that takes them (e.g. lengths, depths, samples_per_length).
@@ -305,5 +315,14 @@ def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: E
         samples = samples[:limit]
     if not samples:
         raise HeadscoreError("evaluate: the tasks produced no samples")
-    return evaluate(model, tokenizer, samples, out_dir, options=options, model_name=model_name,
-                    task_settings=[task.settings() for task in built], progress=progress)
+    return EvaluationSetup(model, tokenizer, samples, [task.settings() for task in built])
+
+
+def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
+                 task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                 limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
+    """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate`."""
+    setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
+                             dtype=dtype, limit=limit)
+    return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
+                    task_settings=setup.task_settings, progress=progress)

@@ -15,7 +15,7 @@ does it all for a context and a question and returns the answer with a `KVReport
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,7 +320,8 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
 
 def compress_files(model_name: str, context_file: str | Path, question: str, *, method: str = "headkv",
                    max_new_tokens: int = 64, template: str = "raw", device: str = "cpu",
-                   dtype: str | None = None, **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
+                   dtype: str | None = None, progress: Callable[[str], None] | None = None,
+                   **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
     model, answer. Returns the result and a metadata dict (model, geometry, parameters, versions,
     fingerprints)."""
@@ -337,7 +338,11 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
         raise HeadscoreError("the question is empty")
     geometry = load_geometry(model_name)
     press = make_press(method, geometry, **press_options)
+    if progress:
+        progress("loading the model")
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    if progress:
+        progress(f"{method}: prefill + decode")
     result = compress_generate(model, tokenizer, context, question, press=press, max_new_tokens=max_new_tokens,
                                template=template)
     files = {"context_file": str(path), "context_fingerprint": fingerprint_file(path)}

@@ -165,7 +165,12 @@ class Study:
                 continue
             self.log(f"[{stage}] running")
             began = time.perf_counter()
-            details = getattr(self, f"stage_{stage}")() or {}
+            try:
+                details = getattr(self, f"stage_{stage}")() or {}
+            except HeadscoreError as error:
+                if str(error).startswith("reproduce"):
+                    raise
+                raise HeadscoreError(f"reproduce stage '{stage}': {error}") from error
             self.mark(stage, time.perf_counter() - began, **details)
             self.log(f"[{stage}] finished in {time.perf_counter() - began:.1f} s")
         return self.path("report.md")
