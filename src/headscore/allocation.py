@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from headscore.errors import HeadscoreError
-from headscore.files import atomic_write_text, versions
+from headscore.files import atomic_write_text, read_json, versions
 from headscore.headscores import HeadScores, group_by_kv_head
 from headscore.model import Geometry
 
@@ -385,15 +385,7 @@ def read_budget_sweep(path: str | os.PathLike, geometry: Geometry | None = None)
     """Every `Budgets` in a budgets file (one for a single object, all of a sweep), validated; with
     `geometry` given, a file for another geometry is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise HeadscoreError(f"budgets file not found: {path}")
-    text = path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise HeadscoreError(f"budgets file {path} is empty")
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise HeadscoreError(f"budgets file {path} is not valid JSON: {error.msg}") from error
+    payload = read_json(path, "budgets file")
     if isinstance(payload, dict) and payload.get("format") == SWEEP_FORMAT:
         items = payload.get("budgets")
         if not isinstance(items, list) or not items:

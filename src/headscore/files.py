@@ -32,6 +32,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in a file; a missing, empty or malformed file is a HeadscoreError naming `what`."""
+    from headscore.errors import HeadscoreError
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadscoreError(f"{what} not found: {path}")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise HeadscoreError(f"{what} {path} is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise HeadscoreError(f"{what} {path} is not valid JSON: {error.msg}") from error
+
+
 def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, Any]]:
     """`(line number, parsed value)` of every non-blank line of a JSONL file; a malformed line is a
     HeadscoreError naming `what`, the file and the line."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from headscore.errors import HeadscoreError
-from headscore.files import atomic_write_text, fingerprint_bytes
+from headscore.files import atomic_write_text, fingerprint_bytes, read_json
 
 
 @dataclass
@@ -99,15 +99,7 @@ def read_head_scores(path: str | Path, layers: int | None = None, heads: int | N
     With `layers` / `heads` given, a file of another geometry is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise HeadscoreError(f"head-score file not found: {path}")
-    text = path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise HeadscoreError(f"head-score file {path} is empty")
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise HeadscoreError(f"head-score file {path} is not valid JSON: {error.msg}") from error
+    payload = read_json(path, "head-score file")
     if not isinstance(payload, dict) or not payload:
         raise HeadscoreError(f"head-score file {path} is not a non-empty JSON object")
     cells: dict[tuple[int, int], Sequence] = {}
