@@ -342,7 +342,7 @@ def _estimate_summary(result, title: str) -> None:
     stdout.print(table)
     stdout.print(f"model={meta.get('model')} method={meta.get('method')} mode={meta.get('mode')} "
                  f"trials={result.run}/{result.total} nan={meta.get('trials_nan')} "
-                 f"files: head_scores.json trials.csv metadata.json heatmap.png")
+                 f"files: {' '.join(name for name in meta.get('files', {}).values() if name)}")
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
 
