@@ -52,10 +52,14 @@ def _overlap(prediction: list[str], reference: list[str]) -> int:
 def qa_f1(prediction: str, ground_truth: str) -> float:
     """Token-level F1 between the normalized prediction and ground truth (0.0 when either is empty)."""
     pred, gold = _tokens(prediction), _tokens(ground_truth)
-    common = _overlap(pred, gold)
-    if common == 0:
+    return _f_measure(_overlap(pred, gold), len(pred), len(gold))
+
+
+def _f_measure(matched: int, predicted: int, reference: int) -> float:
+    """F1 = 2PR / (P + R) with P = matched / predicted, R = matched / reference; 0.0 when nothing matched."""
+    if matched == 0:
         return 0.0
-    precision, recall = common / len(pred), common / len(gold)
+    precision, recall = matched / predicted, matched / reference
     return 2 * precision * recall / (precision + recall)
 
 
@@ -83,11 +87,7 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1: LCS of the normalized token sequences, F = 2PR / (P + R) (0.0 when either is empty)."""
     pred, ref = _tokens(prediction), _tokens(reference)
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(_lcs_length(pred, ref), len(pred), len(ref))
 
 
 def _as_list(answers: str | Sequence[str]) -> list[str]:
