@@ -23,7 +23,8 @@ from transformers import DynamicCache
 
 
 def load(args):
-    from headscore.model import load_model, quiet_transformers
+    from headscore.core.assets import quiet_transformers
+    from headscore.core.model import load_model
 
     quiet_transformers()
     if not args.config_dir:
@@ -31,7 +32,7 @@ def load(args):
         return model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from headscore.model import resolve_dtype
+    from headscore.core.model import resolve_dtype
 
     config = AutoConfig.from_pretrained(args.config_dir)
     torch.manual_seed(0)
@@ -43,7 +44,7 @@ def load(args):
 
 def synthetic_scores(geometry, seed: int = 0):
     """Skewed per-head scores (a few strong heads), the shape real head scores have."""
-    from headscore.headscores import HeadScores
+    from headscore.scoring.head_scores import HeadScores
 
     generator = torch.Generator().manual_seed(seed)
     strength = torch.rand(geometry.layers, geometry.query_heads, generator=generator) ** 4
@@ -51,9 +52,9 @@ def synthetic_scores(geometry, seed: int = 0):
 
 
 def main() -> None:
-    from headscore.generation import _forward, decode, make_press, prefill_compressed
-    from headscore.headscores import read_head_scores
-    from headscore.model import Geometry, input_device
+    from headscore.compression.generation import _forward, decode, make_press, prefill_compressed
+    from headscore.core.model import Geometry, input_device
+    from headscore.scoring.head_scores import read_head_scores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")

@@ -36,10 +36,10 @@ def rss_mb() -> float:
 def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> dict:
     import torch
 
-    from headscore.attention import attention_capture
-    from headscore.estimate import decode_trial, encode_trial, teacher_forced_trial
-    from headscore.model import Geometry, load_model
-    from headscore.scoring import r2_scores
+    from headscore.core.model import Geometry, load_model
+    from headscore.scoring.capture import attention_capture
+    from headscore.scoring.estimate import decode_trial, encode_trial, teacher_forced_trial
+    from headscore.scoring.rules import r2_scores
 
     trial = json.loads(trial_path.read_text())
     impl = "eager" if approach == "eager" else "sdpa"
@@ -109,7 +109,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.trial, args.tokens, args.device)))
         return
 
-    from headscore.needles import build_needle_trials
+    from headscore.scoring.trials import build_needle_trials
 
     trial = build_needle_trials("smollm2-135m", min_length=args.length, max_length=args.length, lengths=1,
                                 depths=1)[0]

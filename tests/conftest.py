@@ -38,6 +38,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model and tokenizer (converted from the GGUF once, then cached)."""
-    from headscore.model import load_model
+    from headscore.core.model import load_model
 
     return load_model("smollm2-135m")

@@ -1,7 +1,7 @@
 """headscore: find the attention heads that retrieve and reason over long contexts (HeadKV),
 and give each head its own KV-cache budget."""
 
-from headscore.errors import HeadscoreError
+from headscore.core.errors import HeadscoreError
 
 __version__ = "0.1.0"
 

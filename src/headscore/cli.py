@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from headscore.assets import DEFAULT_MODEL
-from headscore.errors import HeadscoreError
-from headscore.reproduce import STAGES
+from headscore.core.assets import DEFAULT_MODEL
+from headscore.core.errors import HeadscoreError
+from headscore.study.reproduce import STAGES
 
 app = typer.Typer(
     help="Find the attention heads that retrieve and reason over long contexts (HeadKV), "
@@ -85,7 +85,7 @@ def build_needles(
                                  "tokenizer's chat template."),
 ) -> None:
     """Write the needle-in-a-haystack trial set (lengths × depths × needles) as JSONL."""
-    from headscore.needles import build_needle_trials, write_trials
+    from headscore.scoring.trials import build_needle_trials, write_trials
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task("building trials", total=None)
@@ -152,9 +152,9 @@ def allocate_command(
     top: int = typer.Option(10, help="Heads listed in the summary."),
 ) -> None:
     """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines."""
-    from headscore import allocation
-    from headscore.headscores import read_head_scores
-    from headscore.plots import figure_format
+    from headscore.compression import budgets as allocation
+    from headscore.core.plots import figure_format
+    from headscore.scoring.head_scores import read_head_scores
 
     budgets_list = _number_list(budget, int, "--budget")
     betas = _number_list(beta, float, "--beta")
@@ -237,7 +237,7 @@ def ablate_command(
                                      "bfloat16 on CUDA]."),
 ) -> None:
     """Check the head scores: NIAH accuracy with the top-k, k random or the k lowest-scoring heads removed."""
-    from headscore import ablate
+    from headscore.evaluation import ablate
 
     ks_list = _number_list([ks], int, "--ks")
     seed_list = _number_list([seeds], int, "--seeds")
@@ -295,8 +295,8 @@ def compress_command(
 ) -> None:
     """Answer a question about a context on a head-level compressed KV cache; print the answer and a KV
     report."""
-    from headscore.files import write_json
-    from headscore.generation import compress_files
+    from headscore.compression.generation import compress_files
+    from headscore.core.files import write_json
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"{method}", total=None)
@@ -374,7 +374,7 @@ def estimate_command(
                                           "one device over all devices (accelerate)."),
 ) -> None:
     """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
-    from headscore.estimate import EstimateOptions, run_estimate
+    from headscore.scoring.estimate import EstimateOptions, run_estimate
 
     options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
                               rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
@@ -400,7 +400,7 @@ def merge_command(
                              "one unsharded run)."),
 ) -> None:
     """Combine estimate shard folders into one run."""
-    from headscore.estimate import merge_runs
+    from headscore.scoring.estimate import merge_runs
 
     result = merge_runs(dirs, out)
     _estimate_summary(result, f"merged {len(dirs)} runs")
@@ -448,7 +448,7 @@ def evaluate_command(
                                      "on CUDA]."),
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
-    from headscore.evaluate import EvaluateOptions, evaluate, prepare_evaluate
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate
 
     scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
     options = EvaluateOptions(methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -489,7 +489,7 @@ def reproduce_command(
 ) -> None:
     """Run the whole study from a config (needles, estimate, allocate, evaluate, β sweep, ablation, latency)
     and write report.md with every figure. Rerunning continues an interrupted study."""
-    from headscore.reproduce import run_study
+    from headscore.study.reproduce import run_study
 
     report = run_study(config, results=results, stages=[s.strip() for s in stages.split(",") if s.strip()],
                        force=force, log=lambda line: console.print(line, markup=False, highlight=False))

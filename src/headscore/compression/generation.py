@@ -1,0 +1,357 @@
+"""Generation on a head-level compressed KV cache: prefill with selection, then greedy decode.
+
+Two ways in, identical by construction (both compress with `HeadwiseCache.compress_layer` on the same
+full keys/values and window scores):
+
+- `prefill_compressed(model, input_ids, press)`: one prefill that compresses each layer as soon as its exact
+  output is computed (the full keys/values of one layer at a time are alive);
+- `prefill(model, input_ids, window)` -> `PrefillState` (every layer's full keys/values and window scores),
+  then `compress_state(state, press)` for any number of methods/budgets ("prefill once, compress many").
+
+`decode(model, cache, logits, ...)` continues greedily from the prefill's last logits. `compress_generate`
+does it all for a context and a question and returns the answer with a `KVReport`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from headscore.compression.attention import HEADWISE_ATTENTION
+from headscore.compression.budgets import allocate, check_budget, read_budgets
+from headscore.compression.cache import HeadwiseCache, check_full_attention
+from headscore.compression.presses import (
+    METHODS,
+    AdaSnapKVPress,
+    FullPress,
+    HeadKVPress,
+    Press,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingPress,
+)
+from headscore.core.attention import use_attention
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import fingerprint_file, versions
+from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model
+from headscore.core.prompts import encode_prompt, render_prompt
+from headscore.scoring.head_scores import HeadScores, read_head_scores
+
+# ---------------------------------------------------------------------------------------------- presses
+
+
+def make_press(method: str, geometry: Geometry, *, budget: int = 128, window: int = 8, kernel: int = 7,
+               alpha: float = 0.2, sinks: int = 4, pyramid_beta: float = 20.0, beta: float = 1.01,
+               temp: float = 1.0, granularity: str | None = None, scores: Any = None,
+               budgets: Any = None) -> Press:
+    """The press for `method` (one of `METHODS`). `budget`: entries per head, window included.
+
+    headkv takes `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score
+    file; budgets are then allocated here with `beta`, `temp`, `granularity`).
+    """
+
+    if method not in METHODS:
+        raise HeadscoreError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise HeadscoreError(f"kernel must be a positive integer, got {kernel!r}")
+    if method == "full":
+        return FullPress(window=window, kernel=kernel)
+    if method == "headkv":
+        if budgets is not None:
+            chosen = budgets if not isinstance(budgets, (str, Path)) else read_budgets(budgets, geometry)
+        elif scores is not None:
+
+            head_scores = scores if isinstance(scores, HeadScores) else read_head_scores(scores)
+            chosen = allocate("headkv", geometry, budget, window=window, beta=beta, temp=temp,
+                              granularity=granularity, scores=head_scores)
+            if scores is not None and not isinstance(scores, HeadScores):
+                chosen.source_scores = str(scores)
+        else:
+            raise HeadscoreError("method headkv needs head scores (--scores) or a budgets file (--budgets)")
+        press = HeadKVPress(kernel=kernel, budgets=chosen)
+        press.check(geometry)
+        return press
+    check_budget(budget, window)
+    if method == "streaming":
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise HeadscoreError(f"sinks must be a non-negative integer, got {sinks!r}")
+        return StreamingPress(window=window, kernel=kernel, budget=budget, sinks=sinks)
+    if method == "snapkv":
+        return SnapKVPress(window=window, kernel=kernel, budget=budget)
+    if method == "pyramidkv":
+        return PyramidKVPress(window=window, kernel=kernel, budget=budget, pyramid_beta=pyramid_beta)
+    if not 0 <= alpha <= 1:
+        raise HeadscoreError(f"alpha must lie in [0, 1], got {alpha!r}")
+    return AdaSnapKVPress(window=window, kernel=kernel, budget=budget, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+@dataclass
+class PrefillState:
+    """One full prefill: per layer the full `keys`/`values` `[kv_heads, n, d]` and the window scores
+    `[q_heads, n − window]` (float32), plus the last prompt token's `logits` `[vocab]`."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    window: int
+    logits: torch.Tensor
+    geometry: Geometry
+    seconds: float
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise HeadscoreError(f"compressed generation supports batch size 1 only, got a batch of "
+                             f"{input_ids.shape[0]}")
+    if input_ids.shape[1] == 0:
+        raise HeadscoreError("the prompt is empty")
+    check_full_attention(model.config)
+    return input_ids.to(input_device(model))
+
+
+def _forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, float]:
+    """Prefill `input_ids` into `cache`: (last logits [vocab], seconds)."""
+    device = input_device(model)
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1]
+        _sync(device)
+    return logits, time.perf_counter() - start
+
+
+def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tuple[Any, torch.Tensor, float]:
+    """Prefill with compression on the fly: `(cache, last logits [vocab], seconds)`.
+
+    Full attention keeps a plain `DynamicCache`; every other method a `HeadwiseCache`.
+    """
+    input_ids = _check_input(model, input_ids)
+    geometry = Geometry.from_config(model.config)
+    if isinstance(press, HeadKVPress):
+        press.check(geometry)
+    cache = DynamicCache(config=model.config) if isinstance(press, FullPress) else HeadwiseCache(geometry, press)
+    logits, seconds = _forward(model, input_ids, cache)
+    return cache, logits, seconds
+
+
+def prefill(model: Any, input_ids: torch.Tensor, window: int = 8) -> PrefillState:
+    """One full prefill recording every layer's keys/values and window scores (only the `window` query rows
+    are scored; no n × n attention)."""
+    input_ids = _check_input(model, input_ids)
+    geometry = Geometry.from_config(model.config)
+    cache = HeadwiseCache(geometry, None, window=window)
+    logits, seconds = _forward(model, input_ids, cache)
+    if any(item is None for item in cache.recorded):
+        raise HeadscoreError("some layers did not call the registered attention function; this model type "
+                             "cannot use the head-wise cache")
+    keys, values, scores = (list(parts) for parts in zip(*cache.recorded, strict=True))
+    return PrefillState(keys=keys, values=values, scores=scores, window=window, logits=logits,
+                        geometry=geometry, seconds=seconds)
+
+
+def compress_state(state: PrefillState, press: Press) -> Any:
+    """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely)."""
+    if isinstance(press, FullPress):
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(state.keys, state.values, strict=True)):
+            cache.update(keys[None], values[None], layer)
+        return cache
+    if press.window != state.window:
+        raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
+                             f"for window {press.window}")
+    if isinstance(press, HeadKVPress):
+        press.check(state.geometry)
+    recorded = list(zip(state.keys, state.values, state.scores, strict=True))
+    return HeadwiseCache.from_prefill(state.geometry, press, recorded)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
+           eos: Sequence[int] | set[int] = (), line_end: Sequence[int] | set[int] = ()
+           ) -> tuple[list[int], list[float]]:
+    """Greedy decode from the prefill's last `logits`: `(tokens, seconds of each decode step)`.
+
+    Stops after `max_new_tokens` tokens, an `eos` token, or a `line_end` token once some other token has
+    been generated (leading line breaks do not end an answer); the stop token is included.
+    """
+    if max_new_tokens < 1:
+        raise HeadscoreError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    device = input_device(model)
+    eos, line_end = set(eos), set(line_end)
+    token = int(logits.argmax())
+    tokens, seconds = [token], []
+    content = False  # a token other than a line end came before the last one
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        while len(tokens) < max_new_tokens and token not in eos and not (content and token in line_end):
+            content = content or token not in line_end
+            start = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            seconds.append(time.perf_counter() - start)
+            tokens.append(token)
+    return tokens, seconds
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class KVReport:
+    """What the compressed cache held after generation, and how long it took."""
+
+    method: str
+    press: dict
+    context_tokens: int
+    generated_tokens: int
+    kept: list[list[int]]  # [layers][heads], prompt entries kept per cache head, window included
+    kv_bytes: int  # keys + values stored (kept prompt entries + generated tail)
+    full_kv_bytes: int  # what the full cache holds for the same tokens
+    index_bytes: int  # head index and per-head counts of the head-wise cache
+    prefill_seconds: float
+    decode_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def kept_per_layer(self) -> list[int]:
+        return [sum(row) for row in self.kept]
+
+    @property
+    def ratio(self) -> float:
+        """Compressed over full KV bytes."""
+        return self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
+
+    @property
+    def decode_per_token(self) -> float | None:
+        return sum(self.decode_seconds) / len(self.decode_seconds) if self.decode_seconds else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "press": self.press, "context_tokens": self.context_tokens,
+                "generated_tokens": self.generated_tokens, "kept_per_layer": self.kept_per_layer,
+                "kept": self.kept, "kv_bytes": self.kv_bytes, "full_kv_bytes": self.full_kv_bytes,
+                "ratio": self.ratio, "index_bytes": self.index_bytes, "prefill_seconds": self.prefill_seconds,
+                "decode_seconds_per_token": self.decode_per_token, "decode_seconds": self.decode_seconds}
+
+
+def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: int, generated_tokens: int,
+                 prefill_seconds: float, decode_seconds: list[float]) -> KVReport:
+    """Measure `cache` (a `HeadwiseCache` or the full `DynamicCache`) into a `KVReport`."""
+    if isinstance(cache, HeadwiseCache):
+        kept = cache.kept().tolist()
+        kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
+        layer = cache.layers[0]
+        cached, element, dim = layer.get_seq_length(), layer.keys.element_size(), layer.keys.shape[-1]
+    else:
+        keys = [layer.keys for layer in cache.layers]
+        kept = [[context_tokens] * k.shape[1] for k in keys]
+        kv_bytes = sum(2 * k.numel() * k.element_size() for k in keys)
+        index_bytes, cached, element, dim = 0, keys[0].shape[2], keys[0].element_size(), keys[0].shape[-1]
+    full = geometry.layers * geometry.kv_heads * cached * dim * 2 * element
+    return KVReport(method=press.name, press=press.describe(), context_tokens=context_tokens,
+                    generated_tokens=generated_tokens, kept=kept, kv_bytes=kv_bytes, full_kv_bytes=full,
+                    index_bytes=index_bytes, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+@dataclass
+class CompressResult:
+    answer: str
+    tokens: list[int]
+    report: KVReport
+
+
+def generate_ids(model: Any, input_ids: torch.Tensor, press: Press, *, max_new_tokens: int = 64,
+                 eos: Sequence[int] | set[int] = ()) -> tuple[list[int], KVReport]:
+    """Prefill `input_ids` `[1, n]` with `press`, decode greedily: `(tokens, report)`."""
+    cache, logits, prefill_seconds = prefill_compressed(model, input_ids, press)
+    tokens, seconds = decode(model, cache, logits, max_new_tokens, eos)
+    report = cache_report(cache, press, Geometry.from_config(model.config), input_ids.shape[-1], len(tokens),
+                          prefill_seconds, seconds)
+    return tokens, report
+
+
+def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *, press: Press | None = None,
+                      method: str = "headkv", max_new_tokens: int = 64, template: str = "raw",
+                      **press_options: Any) -> CompressResult:
+    """Answer `question` about `context` on a compressed KV cache.
+
+    Give a ready `press`, or a `method` and `make_press` options (budget, window, kernel, alpha, sinks,
+    pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `needles.render_prompt`'s.
+    """
+
+    if not context or not context.strip():
+        raise HeadscoreError("the context is empty")
+    if not question or not question.strip():
+        raise HeadscoreError("the question is empty")
+    geometry = Geometry.from_config(model.config)
+    if press is None:
+        press = make_press(method, geometry, **press_options)
+    prompt = render_prompt(tokenizer, context, question, template)
+    ids = encode_prompt(tokenizer, prompt, template)["input_ids"]
+    if geometry.max_context and len(ids) + max_new_tokens > geometry.max_context:
+        raise HeadscoreError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the "
+                             f"model's context of {geometry.max_context}")
+    tokens, report = generate_ids(model, torch.tensor([ids]), press, max_new_tokens=max_new_tokens,
+                                  eos=eos_ids(model, tokenizer))
+    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return CompressResult(answer=answer, tokens=tokens, report=report)
+
+
+def compress_files(model_name: str, context_file: str | Path, question: str, *, method: str = "headkv",
+                   max_new_tokens: int = 64, template: str = "raw", device: str = "cpu",
+                   dtype: str | None = None, progress: Callable[[str], None] | None = None,
+                   **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
+    """The `compress` command: check the inputs and build the press (before loading any weights), load the
+    model, answer. Returns the result and a metadata dict (model, geometry, parameters, versions,
+    fingerprints)."""
+
+    path = Path(context_file)
+    if not path.is_file():
+        raise HeadscoreError(f"context file not found: {path}")
+    context = path.read_text(encoding="utf-8")
+    if not context.strip():
+        raise HeadscoreError(f"context file {path} is empty")
+    if not question.strip():
+        raise HeadscoreError("the question is empty")
+    geometry = load_geometry(model_name)
+    press = make_press(method, geometry, **press_options)
+    if progress:
+        progress("loading the model")
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    if progress:
+        progress(f"{method}: prefill + decode")
+    result = compress_generate(model, tokenizer, context, question, press=press, max_new_tokens=max_new_tokens,
+                               template=template)
+    files = {"context_file": str(path), "context_fingerprint": fingerprint_file(path)}
+    for key in ("scores", "budgets"):
+        source = press_options.get(key)
+        if isinstance(source, (str, Path)):
+            files[f"{key}_file"], files[f"{key}_fingerprint"] = str(source), fingerprint_file(source)
+    metadata = {"model": model_name, "geometry": geometry.to_dict(), "question": question,
+                "template": template, "max_new_tokens": max_new_tokens, "device": device,
+                "dtype": str(next(model.parameters()).dtype), "press": press.describe(), **files,
+                "versions": versions()}
+    return result, metadata

@@ -1,0 +1,274 @@
+"""Head ablation: zero the output of chosen query heads and measure needle-in-a-haystack accuracy.
+
+If the head scores mean something, removing the `k` highest-scoring heads hurts retrieval far more than
+removing `k` random heads, and removing the `k` lowest-scoring heads hurts least. A head is removed by a
+forward pre-hook on each layer's `self_attn.o_proj` that multiplies its `[..., heads * head_dim]` input by a
+per-head 0/1 mask (one `[heads, 1]` tensor per layer, broadcast over `head_dim`; no loop over heads).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
+from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer
+from headscore.core.plots import line_plot
+from headscore.core.prompts import encode_prompt
+from headscore.evaluation.tasks import Sample, get_task, score
+from headscore.scoring.head_scores import read_head_scores
+
+CONDITIONS = ("top", "random", "lowest")
+CSV_FIELDS = ("condition", "k", "seed", "accuracy", "n")
+
+
+def select_heads(importance: torch.Tensor, k: int, condition: str, seed: int = 0) -> torch.Tensor:
+    """Flat indices `layer * heads + head` (`[k]`, int64) of the heads to remove, from `[layers, heads]`.
+
+    `top`: the k highest scores; `lowest`: the k lowest; `random`: k heads drawn uniformly with `seed`.
+    Ties in `top`/`lowest` are broken by one fixed random order (seed 0), not by layer, so heads tied at zero
+    are not all taken from the first layers.
+    """
+    total = importance.numel()
+    if not 0 <= k <= total:
+        raise HeadscoreError(f"cannot remove {k} heads: the model has {total} query heads")
+    if condition == "random":
+        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:k]
+    if condition not in ("top", "lowest"):
+        raise HeadscoreError(f"unknown ablation condition '{condition}': use one of {', '.join(CONDITIONS)}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0))
+    ranked = torch.argsort(importance.flatten().double()[order], descending=condition == "top", stable=True)
+    return order[ranked[:k]]
+
+
+def ablation_mask(heads: torch.Tensor, layers: int, num_heads: int) -> torch.Tensor:
+    """`[layers, heads]` float mask: 0 at the flat head indices in `heads`, 1 elsewhere."""
+    mask = torch.ones(layers * num_heads)
+    mask[heads.long()] = 0.0
+    return mask.view(layers, num_heads)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each decoder layer's `self_attn` module, in layer order."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj")
+                                 for layer in layers):
+        raise HeadscoreError("head ablation needs decoder layers with self_attn.o_proj (llama-style models)")
+    return [layer.self_attn for layer in layers]
+
+
+class HeadAblation:
+    """Context manager that zeroes the heads where `mask` (`[layers, heads]`) is 0, by o_proj pre-hooks.
+
+    Only layers with a removed head get a hook; hooks are removed on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, mask: torch.Tensor):
+        self.modules = attention_modules(model)
+        if mask.shape[0] != len(self.modules):
+            raise HeadscoreError(f"ablation mask has {mask.shape[0]} layers, the model {len(self.modules)}")
+        self.mask = mask
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> HeadAblation:
+        heads = self.mask.shape[1]
+        for attn, layer_mask in zip(self.modules, self.mask, strict=True):
+            if bool((layer_mask != 1).any()):
+                weight = attn.o_proj.weight
+                factor = layer_mask.to(weight.device, weight.dtype).view(heads, 1)  # [heads, 1]
+                self.handles.append(attn.o_proj.register_forward_pre_hook(_masking_hook(factor, heads)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _masking_hook(factor: torch.Tensor, heads: int) -> Callable:
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]  # [..., heads * head_dim], head-major
+        masked = (x.unflatten(-1, (heads, x.shape[-1] // heads)) * factor).flatten(-2)
+        return (masked, *args[1:])
+
+    return hook
+
+
+@torch.inference_mode()
+def greedy_answer(model: torch.nn.Module, tokenizer: Any, sample: Sample,
+                  max_new_tokens: int | None = None) -> str:
+    """Plain greedy generation (`generate`, do_sample=False) for one sample; the new text only."""
+    ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
+    input_ids = torch.tensor([ids], device=input_device(model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=max_new_tokens or sample.max_new_tokens, pad_token_id=pad,
+                            temperature=None, top_p=None, top_k=None)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ablation run: remove `heads` (flat indices) chosen by `condition` with `k` and `seed`."""
+
+    condition: str
+    k: int
+    seed: int | None
+    heads: torch.Tensor
+
+
+def plan_conditions(importance: torch.Tensor, ks: Sequence[int], seeds: Sequence[int],
+                    conditions: Iterable[str] = CONDITIONS) -> list[Condition]:
+    """The baseline (`none`, k=0), then for each k: top, one random run per seed, lowest."""
+    plan = [Condition("none", 0, None, torch.empty(0, dtype=torch.long))]
+    conditions = list(conditions)
+    for k in ks:
+        for condition in conditions:
+            for seed in (seeds if condition == "random" else [None]):
+                plan.append(Condition(condition, k, seed, select_heads(importance, k, condition, seed or 0)))
+    return plan
+
+
+def run_ablation(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], importance: torch.Tensor,
+                 plan: Sequence[Condition], progress: Callable[[], None] | None = None,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Generate every sample under every condition; returns (table rows, per-sample predictions).
+
+    A row's accuracy is the mean sample score (the task's metric: for niah, ROUGE-1 recall of the fact).
+    """
+    layers, heads = importance.shape
+    rows, predictions = [], []
+    for cond in plan:
+        scores = []
+        with HeadAblation(model, ablation_mask(cond.heads, layers, heads)):
+            for sample in samples:
+                answer = greedy_answer(model, tokenizer, sample)
+                value = score(sample, answer)
+                scores.append(value)
+                predictions.append({"condition": cond.condition, "k": cond.k, "seed": cond.seed,
+                                    "sample": sample.id, "prediction": answer, "score": value})
+                if progress:
+                    progress()
+        rows.append({"condition": cond.condition, "k": cond.k, "seed": cond.seed,
+                     "accuracy": sum(scores) / len(scores) if scores else 0.0, "n": len(scores)})
+    return rows, predictions
+
+
+def table_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "seed": "" if row["seed"] is None else row["seed"],
+                         "accuracy": f"{row['accuracy']:.6f}"})
+    return buffer.getvalue()
+
+
+def curves(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float], list[float] | None]]:
+    """Accuracy vs k per condition (random: mean and standard deviation over seeds), the baseline at k=0."""
+    base = [r["accuracy"] for r in rows if r["condition"] == "none"][:1]
+    out = {}
+    for condition in CONDITIONS:
+        ks = sorted({r["k"] for r in rows if r["condition"] == condition})
+        if not ks:
+            continue
+        groups = [[r["accuracy"] for r in rows if r["condition"] == condition and r["k"] == k] for k in ks]
+        xs = [0.0] * len(base) + [float(k) for k in ks]
+        means = base + [statistics.fmean(g) for g in groups]
+        spreads = [0.0] * len(base) + [statistics.pstdev(g) for g in groups]
+        out[condition] = (xs, means, spreads if condition == "random" else None)
+    return out
+
+
+def write_outputs(out_dir: str | Path, rows: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]],
+                  metadata: dict[str, Any], title: str) -> dict[str, Path]:
+    """ablation.csv, ablation.png, predictions.jsonl, metadata.json in `out_dir` (each written atomically)."""
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ("ablation.csv", "ablation.png", "predictions.jsonl", "metadata.json")
+    paths = {name: out / name for name in names}
+    atomic_write_text(paths["ablation.csv"], table_csv(rows))
+    atomic_write_text(paths["predictions.jsonl"],
+                      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    line_plot(curves(rows), paths["ablation.png"], title=title, xlabel="heads removed (k)",
+              ylabel="NIAH accuracy")
+    write_json(paths["metadata.json"], metadata)
+    return paths
+
+
+@dataclass
+class AblationSetup:
+    """Everything a run needs: the loaded model, the NIAH samples, the importance matrix and the plan."""
+
+    model: Any
+    tokenizer: Any
+    samples: list[Sample]
+    importance: torch.Tensor
+    plan: list[Condition]
+    metadata: dict[str, Any]
+
+    @property
+    def total(self) -> int:
+        """Number of generations the run makes."""
+        return len(self.plan) * len(self.samples)
+
+
+def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seeds: Sequence[int],
+            conditions: Sequence[str] = CONDITIONS, lengths: Sequence[int] = (1000, 2000),
+            depths: Sequence[float] = (0, 50, 100), needles: str | None = None,
+            num_needles: int | None = None, haystack: str | None = None, template: str = "chat",
+            max_new_tokens: int = 32, device: str = "cpu", dtype: str | None = None) -> AblationSetup:
+    """Load the model and scores, build the NIAH samples and the list of ablation conditions."""
+
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise HeadscoreError(f"unknown ablation condition {', '.join(unknown)}: use {', '.join(CONDITIONS)}")
+    geometry = load_geometry(model_name)  # everything is checked before the weights load
+    scores = read_head_scores(scores_path, layers=geometry.layers, heads=geometry.query_heads)
+    importance = scores.importance()
+    bad = [k for k in ks if not 1 <= k <= importance.numel()]
+    if bad:
+        raise HeadscoreError(f"--ks {bad[0]} is outside 1..{importance.numel()} (the model's query heads)")
+    plan = plan_conditions(importance, ks, seeds, conditions)
+    task = get_task("niah", lengths=tuple(lengths), depths=tuple(depths), needles=needles,
+                    num_needles=num_needles, haystack=haystack, template=template,
+                    max_new_tokens=max_new_tokens)
+    samples = task.samples(load_tokenizer(model_name))
+    lm, tokenizer = load_model(model_name, device=device, dtype=dtype, attn_implementation="sdpa")
+    per_layer = geometry.query_heads
+    metadata = {
+        "command": "ablate",
+        "model": model_name,
+        "geometry": geometry.to_dict(),
+        "scores": {"path": str(scores_path), "fingerprint": fingerprint_file(scores_path),
+                   "trials": scores.num_trials},
+        "parameters": {"ks": list(ks), "seeds": list(seeds), "conditions": list(conditions), "device": device,
+                       "dtype": str(lm.dtype).removeprefix("torch."), "generation": "greedy, sdpa"},
+        "task": {**task.settings(), "samples": len(samples), "sample_ids": [s.id for s in samples]},
+        "heads_removed": {f"{c.condition}-k{c.k}" + ("" if c.seed is None else f"-s{c.seed}"):
+                          [f"{h // per_layer}-{h % per_layer}" for h in c.heads.tolist()]
+                          for c in plan if c.k},
+        "versions": versions(),
+    }
+    return AblationSetup(lm, tokenizer, samples, importance, plan, metadata)
+
+
+def execute(setup: AblationSetup, out_dir: str | Path, progress: Callable[[], None] | None = None,
+            ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Run every condition and write the outputs; returns (table rows, output paths)."""
+    rows, predictions = run_ablation(setup.model, setup.tokenizer, setup.samples, setup.importance,
+                                     setup.plan, progress)
+    title = f"Head ablation: {setup.metadata['model']}, {len(setup.samples)} NIAH samples"
+    paths = write_outputs(out_dir, rows, predictions, {**setup.metadata, "results": rows}, title)
+    return rows, paths

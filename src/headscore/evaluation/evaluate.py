@@ -1,0 +1,327 @@
+"""`headscore evaluate`: methods × budgets over long-context tasks, each sample prefilled once.
+
+Every sample is prefilled once (`generation.prefill`: full keys/values plus the window scores of every layer);
+each (method, budget) condition then builds its own compressed cache from that one state
+(`generation.compress_state`) and decodes greedily from it. The results equal separate runs of each method
+(tested), at the cost of one prefill per sample instead of one per condition.
+
+Outputs in the run folder: `results.csv` (one row per sample × condition), `summary.md` (mean score per
+method × budget, overall and per task), `metadata.json`, `niah_<method>_<budget>.png` heatmaps (length ×
+depth) and `score_vs_kv.png` (mean score against KV size). `journal.jsonl` makes the run resumable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from headscore.compression.generation import cache_report, compress_state, decode, make_press, prefill
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import (
+    atomic_open,
+    atomic_write_text,
+    fingerprint_bytes,
+    fingerprint_file,
+    versions,
+    write_json,
+)
+from headscore.core.journal import append_journal, open_journal
+from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model
+from headscore.core.plots import grid_heatmap, line_plot
+from headscore.core.prompts import encode_prompt
+from headscore.evaluation.tasks import expand_specs, get_task, score, task_settings
+from headscore.scoring.head_scores import read_head_scores
+
+JOURNAL = "journal.jsonl"
+RESULTS_FILE = "results.csv"
+SUMMARY_FILE = "summary.md"
+METADATA_FILE = "metadata.json"
+CURVE_FILE = "score_vs_kv.png"
+
+# evaluation method name -> (compression method, key of the head-score file it needs or None)
+EVAL_METHODS: dict[str, tuple[str, str | None]] = {
+    "full": ("full", None),
+    "streaming": ("streaming", None),
+    "snapkv": ("snapkv", None),
+    "pyramidkv": ("pyramidkv", None),
+    "ada-snapkv": ("ada-snapkv", None),
+    "headkv-r": ("headkv", "retrieval"),
+    "headkv-r2": ("headkv", "r2"),
+}
+SCORE_OPTIONS = {"retrieval": "--scores-r (retrieval head scores: estimate --method retrieval)",
+                 "r2": "--scores-r2 (retrieval-reasoning head scores: estimate --method r2)"}
+
+
+@dataclass
+class EvaluateOptions:
+    """What to compare. `budgets`: average KV entries per head (window included), the paper's KV size.
+
+    `scores` maps "retrieval" / "r2" to head-score files for headkv-r / headkv-r2. `betas`: HeadKV's pool
+    control; several values make a β sweep (each headkv method runs at every β). The other compression
+    parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
+    `headscore compress`.
+    """
+
+    methods: Sequence[str] = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2")
+    budgets: Sequence[int] = (32, 64, 128, 256)
+    scores: dict[str, str] = field(default_factory=dict)
+    window: int = 8
+    kernel: int = 7
+    alpha: float = 0.2
+    betas: Sequence[float] = (1.01,)
+    temp: float = 1.0
+    granularity: str | None = None
+    pyramid_beta: float = 20.0
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One compared setting: an evaluation method at a budget (None for full), β for headkv, and its press.
+
+    `label` names it in tables and figures: the method, with β appended in a β sweep.
+    """
+
+    method: str
+    budget: int | None
+    beta: float | None
+    press: Any
+    label: str
+
+
+def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
+    """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets)."""
+
+    unknown = [m for m in options.methods if m not in EVAL_METHODS]
+    if unknown:
+        raise HeadscoreError(f"evaluate: unknown method '{unknown[0]}': use some of {', '.join(EVAL_METHODS)}")
+    if not options.methods:
+        raise HeadscoreError("evaluate: no method given")
+    if not options.budgets and any(m != "full" for m in options.methods):
+        raise HeadscoreError("evaluate: no budget given")
+    if not options.betas:
+        raise HeadscoreError("evaluate: no beta given")
+    loaded: dict[str, Any] = {}
+    conditions = []
+    sweep = len(options.betas) > 1
+    for method in options.methods:
+        kind, needs = EVAL_METHODS[method]
+        if needs is not None and needs not in loaded:
+            path = options.scores.get(needs)
+            if not path:
+                raise HeadscoreError(f"evaluate: method {method} needs {SCORE_OPTIONS[needs]}")
+            loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
+        betas = options.betas if kind == "headkv" else [None]
+        for budget in [None] if kind == "full" else options.budgets:
+            for beta in betas:
+                press = make_press(kind, geometry, budget=budget or 128, window=options.window,
+                                   kernel=options.kernel, alpha=options.alpha, beta=beta or 1.01,
+                                   temp=options.temp, granularity=options.granularity,
+                                   pyramid_beta=options.pyramid_beta, scores=loaded.get(needs) if needs else None)
+                label = f"{method} (β={beta:g})" if sweep and beta is not None else method
+                conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
+    return conditions
+
+
+def newline_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokens whose text holds a newline: answers end at the first line break."""
+    ids = list(range(len(tokenizer)))
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return {i for i, text in zip(ids, texts, strict=True) if "\n" in text}
+
+
+def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
+                    stops: set[int], window: int, line_end: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Prefill `sample` once, then compress and decode for every condition: one result row per condition."""
+
+    ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
+    geometry = Geometry.from_config(model.config)
+    state = prefill(model, torch.tensor([ids], device=input_device(model)), window)
+    rows = []
+    for condition in conditions:
+        cache = compress_state(state, condition.press)
+        tokens, seconds = decode(model, cache, state.logits, sample.max_new_tokens, stops, line_end)
+        prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        report = cache_report(cache, condition.press, geometry, len(ids), len(tokens), state.seconds, seconds)
+        rows.append({
+            "task": sample.task, "sample": sample.id, "length": len(ids), "target_length": sample.target_length,
+            "depth": sample.depth, "method": condition.label, "budget": condition.budget,
+            "beta": condition.beta,
+            "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
+            "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
+            "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
+        })
+    return rows
+
+
+@dataclass
+class EvaluateResult:
+    out_dir: Path
+    samples: int
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    figures: list[Path]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean score and KV ratio per (method, budget), overall and per task, in plan order."""
+
+    frame = pd.DataFrame(rows)
+    frame["budget"] = frame["budget"].astype("Int64")
+    order = {m: i for i, m in enumerate(dict.fromkeys(frame["method"]))}
+    table = []
+    for (method, budget), group in frame.groupby(["method", "budget"], dropna=False, sort=False):
+        entry = {"method": method, "budget": None if pd.isna(budget) else int(budget),
+                 "score": float(group["score"].mean()), "kv_ratio": float(group["kv_ratio"].mean()),
+                 "samples": int(group["sample"].nunique())}
+        entry.update({f"score[{task}]": float(g["score"].mean()) for task, g in group.groupby("task", sort=True)})
+        table.append(entry)
+    table.sort(key=lambda e: (order[e["method"]], -1 if e["budget"] is None else e["budget"]))
+    return table
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a markdown table: method × budget rows, overall and per-task mean scores."""
+    tasks = sorted({key for entry in summary for key in entry if key.startswith("score[")})
+    header = ["method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in summary:
+        cells = [entry["method"], "all" if entry["budget"] is None else str(entry["budget"]),
+                 f"{entry['kv_ratio']:.3f}", f"{entry['score']:.3f}",
+                 *[f"{entry[t]:.3f}" if t in entry else "" for t in tasks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """NIAH heatmaps (length × depth) per method and budget, and the score-vs-KV-size curves."""
+
+    frame = pd.DataFrame(rows)
+    figures = []
+    niah = frame[frame["task"] == "niah"]
+    if not niah.empty:
+        lengths = sorted(niah["target_length"].unique())
+        depths = sorted(niah["depth"].unique())
+        for (method, budget), group in niah.groupby(["method", "budget"], dropna=False, sort=False):
+            grid = group.pivot_table(index="depth", columns="target_length", values="score", aggfunc="mean")
+            grid = grid.reindex(index=depths, columns=lengths)
+            label = "full" if pd.isna(budget) else f"{int(budget)}"
+            path = out_dir / f"niah_{method}_{label}.png"
+            grid_heatmap(torch.tensor(grid.to_numpy(dtype=float)), path,
+                         title=f"NIAH {method}" + ("" if pd.isna(budget) else f", KV size {int(budget)}"),
+                         xlabel="context length (tokens)", ylabel="depth (%)", cbar_label="score",
+                         xticklabels=[str(int(v)) for v in lengths], yticklabels=[f"{v:g}" for v in depths],
+                         vmin=0.0, vmax=1.0, cmap="RdYlGn")
+            figures.append(path)
+    compressed = frame[frame["budget"].notna()]
+    if not compressed.empty:
+        series = {}
+        for method, group in compressed.groupby("method", sort=False):
+            means = group.groupby("budget")["score"].mean().sort_index()
+            series[method] = ([float(b) for b in means.index], [float(v) for v in means], None)
+        full = frame[frame["method"] == "full"]
+        if not full.empty:
+            budgets = sorted(float(b) for b in compressed["budget"].unique())
+            series["full"] = (budgets, [float(full["score"].mean())] * len(budgets), None)
+        path = out_dir / CURVE_FILE
+        line_plot(series, path, title="score vs KV size", xlabel="KV size (entries per head)",
+                  ylabel="mean score", xscale="log")
+        figures.append(path)
+    return figures
+
+
+def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *,
+             options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
+             progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
+    """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs."""
+
+    out_dir = Path(out_dir)
+    geometry = Geometry.from_config(model.config)
+    conditions = plan_conditions(geometry, options)
+    limit = geometry.max_context
+    too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
+    if too_long:
+        raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens")
+    header = {"model": model_name, "geometry": geometry.to_dict(),
+              "options": {**asdict(options), "methods": list(options.methods), "budgets": list(options.budgets),
+                          "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
+              "samples_fingerprint": fingerprint_bytes(*(s.id + "\0" + s.prompt for s in samples)),
+              "samples": len(samples)}
+    done = {r["sample"]: r["rows"] for r in open_journal(out_dir / JOURNAL, header)}
+    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    if progress:
+        progress(sum(s.id in done for s in samples), len(samples))
+    began = time.perf_counter()
+    for sample in samples:
+        if sample.id in done:
+            continue
+        rows = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end)
+        append_journal(out_dir / JOURNAL, {"sample": sample.id, "rows": rows})
+        done[sample.id] = rows
+        if progress:
+            progress(len(done), len(samples))
+    rows = [row for sample in samples for row in done[sample.id]]
+    summary = summarize(rows)
+    with atomic_open(out_dir / RESULTS_FILE) as handle:
+        pd.DataFrame(rows).to_csv(handle, index=False)
+    atomic_write_text(out_dir / SUMMARY_FILE, f"# Evaluation: {model_name}\n\n" + summary_markdown(summary))
+    figures = write_figures(out_dir, rows)
+    write_json(out_dir / METADATA_FILE, {
+        **header, "options": {**header["options"], "scores_files": dict(options.scores)},
+        "tasks": list(task_settings),
+        "conditions": [{"method": c.method, "label": c.label, "budget": c.budget, "beta": c.beta,
+                        "press": c.press.describe()} for c in conditions],
+        "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
+        "seconds_this_run": round(time.perf_counter() - began, 2), "versions": versions(),
+    })
+    return EvaluateResult(out_dir=out_dir, samples=len(samples), rows=rows, summary=summary, figures=figures)
+
+
+@dataclass
+class EvaluationSetup:
+    """A checked plan with its loaded model and built samples, ready for `evaluate`."""
+
+    model: Any
+    tokenizer: Any
+    samples: list[Any]
+    task_settings: list[dict[str, Any]]
+
+
+def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
+                     task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                     limit: int | None = None) -> EvaluationSetup:
+    """Check the tasks and the plan (before loading weights), load the model, build the task samples.
+
+    `tasks`: comma-separated specs (`niah`, `synthetic` or its parts, `longbench:PATH_OR_HF_ID`);
+    `task_options`: settings passed to every task that takes them (e.g. lengths, depths, samples_per_length).
+    """
+
+    specs = expand_specs(tasks)
+    task_options = {k: v for k, v in (task_options or {}).items() if v is not None}
+    built = []
+    for spec in specs:
+        accepted = set(task_settings(spec))
+        built.append(get_task(spec, **{k: v for k, v in task_options.items() if k in accepted}))
+    plan_conditions(load_geometry(model_name), options)  # bad methods or scores fail before loading weights
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    samples = [sample for task in built for sample in task.samples(tokenizer)]
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise HeadscoreError("evaluate: the tasks produced no samples")
+    return EvaluationSetup(model, tokenizer, samples, [task.settings() for task in built])
+
+
+def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
+                 task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                 limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
+    """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate`."""
+    setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
+                             dtype=dtype, limit=limit)
+    return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
+                    task_settings=setup.task_settings, progress=progress)

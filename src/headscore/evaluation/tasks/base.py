@@ -1,0 +1,105 @@
+"""The Sample every task yields, the Task interface, scoring, and needle placement in haystack filler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.metrics import score_answers
+from headscore.core.prompts import HaystackTokens, encode_prompt, insertion_point, render_prompt
+
+MIN_FILLER = 16  # fewest haystack tokens a generated prompt may hold
+
+
+@dataclass
+class Sample:
+    """One evaluation example.
+
+    `prompt` is the full model input text for `template` (tokenize it with `needles.encode_prompt`);
+    `length` is its token count. `answers` are the gold answers scored by the metric called `metric` (see
+    `metrics.score_answers`). `target_length` / `depth` are set by generated tasks; `meta` holds the rest.
+    """
+
+    id: str
+    task: str
+    context: str
+    question: str
+    answers: list[str]
+    metric: str
+    prompt: str
+    length: int
+    template: str = "raw"
+    max_new_tokens: int = 32
+    target_length: int | None = None
+    depth: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(sample: Sample, prediction: str) -> float:
+    """The sample's metric applied to a prediction: a float in [0, 1]."""
+    return score_answers(sample.metric, prediction, sample.answers)
+
+
+class Task:
+    """A task: `samples(tokenizer)` builds its samples, `score(sample, prediction)` scores an answer."""
+
+    name: ClassVar[str] = ""
+
+    def samples(self, tokenizer: Any) -> list[Sample]:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, prediction: str) -> float:
+        return score(sample, prediction)
+
+    def settings(self) -> dict[str, Any]:
+        """The task's parameters (for metadata files)."""
+        return {"task": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Texts to place in haystack filler so that the whole prompt is about `target_length` tokens.
+
+    `texts[i]` goes at the sentence boundary at or before `depths[i]` % of the filler (texts sharing a
+    boundary keep their order).
+    """
+
+    target_length: int
+    texts: tuple[str, ...]
+    depths: tuple[float, ...]
+    question: str
+
+
+def place_in_haystack(tokenizer: Any, haystack_text: str, placements: Sequence[Placement],
+                      template: str = "raw") -> list[tuple[str, str, int]]:
+    """`(context, prompt, prompt_tokens)` for each placement; the haystack is tokenized once for all."""
+    fillers = []
+    for p in placements:
+        overhead = len(encode_prompt(tokenizer, render_prompt(tokenizer, "", p.question, template),
+                                     template)["input_ids"])
+        inserted = sum(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in p.texts)
+        filler = p.target_length - overhead - inserted
+        if filler < MIN_FILLER:
+            raise HeadscoreError(f"length {p.target_length} is too short for the task's needles and question "
+                                 f"(needs at least {p.target_length - filler + MIN_FILLER} tokens)")
+        fillers.append(filler)
+    hay = HaystackTokens(tokenizer, haystack_text, max(fillers, default=1))
+    results = []
+    for p, filler in zip(placements, fillers, strict=True):
+        context = hay.prefix(filler)
+        cuts = [insertion_point(context, hay.char_at(int(filler * d / 100))) for d in p.depths]
+        pieces, previous = [], 0
+        for cut, text in sorted(zip(cuts, p.texts, strict=True), key=lambda pair: pair[0]):  # stable sort
+            pieces.append(context[previous:cut])
+            pieces.append(f"{text} " if cut == 0 else f" {text}")
+            previous = cut
+        pieces.append(context[previous:])
+        context = "".join(pieces)
+        prompt = render_prompt(tokenizer, context, p.question, template)
+        results.append((context, prompt, len(encode_prompt(tokenizer, prompt, template)["input_ids"])))
+    return results

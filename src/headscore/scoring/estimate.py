@@ -1,0 +1,390 @@
+"""`estimate`: run the model over needle trials, capture attention rows, score every head; resume; merge.
+
+Per trial (decode mode, as the official HeadKV code): prefill `prompt[:-1]` with sdpa, then feed the last
+prompt token and decode greedily; every step's query (first: the last prompt token) is scored against the
+answer span. Teacher-forced mode: one forward pass over `prompt + answer[:-1]` (answer = the span's own
+tokens); the N queries that predict the N answer tokens are scored, each over every position it sees, with
+the gold answer token as "the token just generated". Results go to a JSONL journal in the output folder, one
+line per finished trial, and the final files are rebuilt from the journal, so an interrupted run continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import DynamicCache
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import atomic_open, versions, write_json
+from headscore.core.journal import append_journal, open_journal, read_journal
+from headscore.core.metrics import qa_f1, rouge1_recall
+from headscore.core.model import Geometry, eos_ids, input_device, load_model
+from headscore.core.plots import head_heatmap
+from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
+from headscore.scoring.capture import attention_capture
+from headscore.scoring.head_scores import HeadScores, normalized_importance, write_head_scores
+from headscore.scoring.rules import METHODS, scorer
+from headscore.scoring.trials import read_trials, trials_fingerprint
+
+MODES = ("decode", "teacher-forced")
+JOURNAL = "journal.jsonl"
+SCORES_FILE = "head_scores.json"
+TABLE_FILE = "trials.csv"
+METADATA_FILE = "metadata.json"
+HEATMAP_FILE = "heatmap.png"
+TABLE_COLUMNS = ("index", "id", "length", "depth", "needle", "response", "success", "f1", "rouge1_recall",
+                 "counted", "steps", "nan")
+MODE_NOTES = {
+    "decode": "greedy decoding; steps scored from the last prompt token on; only successful trials counted",
+    "teacher-forced": "one pass over prompt + gold answer tokens; the queries predicting each answer token "
+                      "are scored; every trial counted (no success filter)",
+}
+
+
+@dataclass(frozen=True)
+class EstimateOptions:
+    """How heads are scored. `max_new_tokens` caps decoding (also capped by the answer span length)."""
+
+    method: str = "r2"
+    mode: str = "decode"
+    f1_threshold: float = 0.5
+    rouge_threshold: float = 0.5
+    max_new_tokens: int = 50
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise HeadscoreError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise HeadscoreError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1:
+            raise HeadscoreError("--max-new-tokens must be at least 1")
+
+    def success(self, f1: float, rouge: float) -> bool:
+        """r2: QA F1 > f1_threshold; retrieval: ROUGE-1 recall > rouge_threshold."""
+        return f1 > self.f1_threshold if self.method == "r2" else rouge > self.rouge_threshold
+
+
+@dataclass
+class EstimateResult:
+    """What a run produced: counts, the ten best heads `(layer, head, share)`, warnings for the summary."""
+
+    out_dir: Path
+    run: int
+    counted: int
+    total: int
+    top_heads: list[tuple[int, int, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- trial selection and checks
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' (0 <= i < n) -> (i, n); None -> (0, 1), the whole set."""
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise HeadscoreError(f"--shard '{text}' is not 'i/n' (e.g. 0/4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise HeadscoreError(f"--shard '{text}': need 0 <= i < n")
+    return index, count
+
+
+def select_trials(count: int, shard: tuple[int, int], limit: int | None) -> list[int]:
+    """Trial indices one run handles: every n-th trial from i (shards interleave lengths), first `limit`."""
+    if limit is not None and limit < 1:
+        raise HeadscoreError("--limit must be at least 1")
+    chosen = list(range(shard[0], count, shard[1]))
+    return chosen[:limit] if limit is not None else chosen
+
+
+def check_tokenizer(trials: Sequence[dict[str, Any]], tokenizer: Any) -> None:
+    """Trials built for another tokenizer are an error (their answer spans would point at wrong tokens)."""
+
+    expected = tokenizer_fingerprint(tokenizer)
+    found = sorted({t["tokenizer_fingerprint"] for t in trials})
+    if found != [expected]:
+        raise HeadscoreError(f"the trials were built for another tokenizer (fingerprint {', '.join(found)}; "
+                             f"this model's is {expected}); rebuild them with build-needles --model <model>")
+
+
+def encode_trial(trial: dict[str, Any], tokenizer: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Prompt ids [prompt] and the answer span, checked against the trial file."""
+
+    ids = encode_prompt(tokenizer, trial["prompt"], trial["template"])["input_ids"]
+    if "length" in trial and len(ids) != trial["length"]:
+        raise HeadscoreError(f"trial {trial['id']}: the prompt tokenizes to {len(ids)} tokens, the trial "
+                             f"file says {trial['length']} (built for another tokenizer?)")
+    start, end = (int(v) for v in trial["answer_span"])
+    if not 0 <= start < end < len(ids):
+        raise HeadscoreError(f"trial {trial['id']}: answer span [{start}, {end}) is not inside the "
+                             f"{len(ids)}-token prompt")
+    return torch.tensor(ids, dtype=torch.long), (start, end)
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def check_context(probs: torch.Tensor, expected: int) -> None:
+    """The captured rows must cover every position (a sliding-window cache drops some: positions shift)."""
+    if probs.shape[-1] != expected:
+        raise HeadscoreError(f"the attention saw {probs.shape[-1]} positions, not the {expected} of the "
+                             "context (a sliding-window cache?); positions would not line up with the span")
+
+
+@torch.no_grad()
+def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                 method: str, max_new_tokens: int, forced: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[int], bool]:
+    """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
+
+    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
+    a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
+    greedy choices (scores a given continuation).
+    """
+
+    score = scorer(method)
+    device = input_device(model)
+    prompt_ids = prompt_ids.to(device)
+    stops = eos_ids(model, tokenizer)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt_ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = prompt_ids[None, -1:]
+    total = torch.zeros((), device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    generated: list[int] = []
+    steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
+    for step in range(steps):
+        capture.arm(1)
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        probs = capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
+        check_context(probs, prompt_ids.shape[0] + step)
+        chosen = logits[0, -1].argmax() if forced is None else forced[step].to(device)
+        total = total + score(probs[None], span, chosen[None], prompt_ids)
+        bad = bad | ~torch.isfinite(probs).all()
+        generated.append(int(chosen))
+        if forced is None and (generated[-1] in stops or "\n" in tokenizer.decode(generated[-1:])):
+            break
+        token = chosen.view(1, 1)
+    return total, generated, bool(bad)
+
+
+@torch.no_grad()
+def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                         method: str) -> tuple[torch.Tensor, list[int], bool]:
+    """Teacher-forced mode: one pass over `prompt + answer[:-1]`, answer = `prompt[start:end]` (N tokens).
+
+    The scored queries are the N positions `P-1 .. P+N-2` that predict the answer tokens; each row covers
+    every position the query sees. Returns (scores [layers, heads], greedy predictions at those positions [N],
+    any non-finite attention). Memory: O(layers × heads × N × context).
+    """
+    device = input_device(model)
+    prompt_ids = prompt_ids.to(device)
+    start, end = span
+    answer = prompt_ids[start:end]
+    inputs = torch.cat([prompt_ids, answer[:-1]])[None]
+    capture.arm(end - start)
+    logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
+    probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
+    check_context(probs, inputs.shape[1])
+    total = scorer(method)(probs, span, answer, prompt_ids)
+    return total, logits[0].argmax(-1).tolist(), not bool(torch.isfinite(probs).all())
+
+
+def score_trial(model: Any, tokenizer: Any, trial: dict[str, Any], index: int, options: EstimateOptions,
+                capture: Any) -> dict[str, Any]:
+    """Run one trial; returns its journal record (scores: [layers][heads] floats, None if not counted)."""
+
+    began = time.perf_counter()
+    prompt_ids, span = encode_trial(trial, tokenizer)
+    if options.mode == "teacher-forced":
+        scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method)
+    else:
+        limit = min(span[1] - span[0], options.max_new_tokens)
+        scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
+                                              limit)
+    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    f1, rouge = qa_f1(response, trial["answer"]), rouge1_recall(response, trial["answer"])
+    success = options.success(f1, rouge)
+    bad = bad or not bool(torch.isfinite(scores).all())
+    counted = not bad and (success or options.mode == "teacher-forced")
+    return {
+        "index": index, "id": trial["id"], "length": int(prompt_ids.shape[0]), "depth": trial.get("depth"),
+        "needle": trial.get("needle_id", ""), "response": response, "success": success, "f1": f1,
+        "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
+        "scores": scores.double().cpu().tolist() if counted else None,
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, Any]],
+                  extra: dict[str, Any]) -> EstimateResult:
+    """Rebuild head_scores.json, trials.csv, metadata.json and heatmap.png from the journal's records."""
+
+    records = sorted(records, key=lambda r: r["index"])
+    geometry = Geometry(**header["geometry"])
+    counted = [r for r in records if r["counted"]]
+    if counted:
+        scores = HeadScores.from_tensor(torch.tensor([r["scores"] for r in counted], dtype=torch.float64))
+    else:
+        scores = HeadScores(layers=geometry.layers, heads=geometry.query_heads)
+    write_head_scores(out_dir / SCORES_FILE, scores)
+    table = pd.DataFrame([{column: r[column] for column in TABLE_COLUMNS} for r in records],
+                         columns=list(TABLE_COLUMNS))
+    with atomic_open(out_dir / TABLE_FILE) as handle:
+        table.to_csv(handle, index=False, lineterminator="\n")
+
+    warnings = []
+    nan = [r["id"] for r in records if r["nan"]]
+    if nan:
+        warnings.append(f"{len(nan)} trial(s) had non-finite (NaN/inf) attention and were not counted: "
+                        f"{', '.join(nan[:5])}{' ...' if len(nan) > 5 else ''} (try --dtype float32)")
+    top: list[tuple[int, int, float]] = []
+    mean = scores.mean()
+    if counted and mean.sum() > 0:
+        share = normalized_importance(mean)
+        values, flat = share.flatten().topk(min(10, share.numel()))
+        top = [(int(i) // geometry.query_heads, int(i) % geometry.query_heads, float(v))
+               for v, i in zip(values, flat, strict=True)]
+        head_heatmap(share, out_dir / HEATMAP_FILE, cbar_label="share of total score",
+                     title=f"{header['model']}: {header['method']} head scores, {header['mode']} "
+                           f"({len(counted)} trials)")
+    else:
+        (out_dir / HEATMAP_FILE).unlink(missing_ok=True)
+        reason = "every trial's attention was non-finite" if len(nan) == len(records) else (
+            "no response passed the success check; try --mode teacher-forced or a lower threshold")
+        warnings.append(f"no trial counted ({len(records)} run): {reason}; head_scores.json holds empty lists "
+                        f"(allocate will refuse it) and no heatmap was drawn; see {TABLE_FILE}")
+    metadata = {
+        "command": "estimate", **header,
+        "mode_note": MODE_NOTES[header["mode"]],
+        "trials_run": len(records), "trials_counted": len(counted), "trials_nan": len(nan),
+        "files": {"scores": SCORES_FILE, "table": TABLE_FILE, "heatmap": HEATMAP_FILE if top else None,
+                  "journal": JOURNAL},
+        "versions": versions(), **extra,
+        "timing": {"trial_seconds_total": round(sum(r["seconds"] for r in records), 3)},
+    }
+    write_json(out_dir / METADATA_FILE, metadata)
+    return EstimateResult(out_dir=out_dir, run=len(records), counted=len(counted),
+                          total=header["trials_count"], top_heads=top, warnings=warnings, metadata=metadata)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def estimate(
+    model: Any,
+    tokenizer: Any,
+    trials: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    options: EstimateOptions = EstimateOptions(),
+    model_name: str,
+    shard: tuple[int, int] = (0, 1),
+    limit: int | None = None,
+    progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+) -> EstimateResult:
+    """Score every head on the selected trials, continuing the journal in `out_dir` if there is one.
+
+    `progress(done, total, record)` is called once at the start (record None) and after every trial.
+    """
+
+    out_dir = Path(out_dir)
+    check_tokenizer(trials, tokenizer)
+    geometry = Geometry.from_config(model.config)
+    header = {"model": model_name, "geometry": geometry.to_dict(), **asdict(options),
+              "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
+              "shard": f"{shard[0]}/{shard[1]}"}
+    chosen = select_trials(len(trials), shard, limit)
+    records = {r["index"]: r for r in open_journal(out_dir / JOURNAL, header)}
+    done = sum(index in records for index in chosen)
+    if progress:
+        progress(done, len(chosen), None)
+    with attention_capture(model, geometry.layers) as capture:
+        for index in chosen:
+            if index in records:
+                continue
+            record = score_trial(model, tokenizer, trials[index], index, options, capture)
+            append_journal(out_dir / JOURNAL, record)
+            records[index] = record
+            done += 1
+            if progress:
+                progress(done, len(chosen), record)
+    extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
+             "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model))}
+    return build_outputs(out_dir, header, [records[i] for i in chosen], extra)
+
+
+def run_estimate(
+    model: str,
+    trials_path: str | Path,
+    out_dir: str | Path,
+    *,
+    options: EstimateOptions = EstimateOptions(),
+    device: str = "cpu",
+    dtype: str | None = None,
+    device_map: str | None = None,
+    shard: str | None = None,
+    limit: int | None = None,
+    progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+) -> EstimateResult:
+    """`headscore estimate`: read the trials, load the model, run `estimate`."""
+
+    trials = read_trials(trials_path)
+    shard_spec = parse_shard(shard)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    return estimate(lm, tokenizer, trials, out_dir, options=options, model_name=model, shard=shard_spec,
+                    limit=limit, progress=progress)
+
+
+def merge_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> EstimateResult:
+    """Combine the journals of shard runs of one trial set into one run in `out_dir` (files as one run)."""
+    if not dirs:
+        raise HeadscoreError("merge needs at least one run folder")
+    out_dir = Path(out_dir)
+    header: dict[str, Any] | None = None
+    records: dict[int, dict[str, Any]] = {}
+    shards = []
+    for folder in map(Path, dirs):
+        found, entries = read_journal(folder / JOURNAL)
+        if found is None:
+            raise HeadscoreError(f"{folder} holds no {JOURNAL} (not an estimate output folder)")
+        base = {key: value for key, value in found.items() if key != "shard"}
+        if header is None:
+            header = base
+        elif base != header:
+            differing = sorted(key for key in set(base) | set(header) if base.get(key) != header.get(key))
+            raise HeadscoreError(f"{folder} is a different run (differs in {', '.join(differing)}); "
+                                 "cannot merge")
+        shards.append(found["shard"])
+        for entry in entries:
+            records.setdefault(entry["index"], entry)
+    assert header is not None
+    header = {**header, "shard": "0/1"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = [records[i] for i in sorted(records)]
+    with atomic_open(out_dir / JOURNAL) as handle:
+        for entry in [{"header": header}, *ordered]:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    extra = {"selection": {"shard": "0/1", "limit": None, "selected": len(ordered)},
+             "merged_from": [{"dir": str(d), "shard": s} for d, s in zip(dirs, shards, strict=True)]}
+    result = build_outputs(out_dir, header, ordered, extra)
+    missing = header["trials_count"] - len(ordered)
+    if missing:
+        result.warnings.append(f"{missing} of {header['trials_count']} trials are in none of the merged "
+                               f"runs; run `headscore estimate ... --out {out_dir}` to complete them")
+    return result

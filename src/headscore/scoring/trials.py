@@ -1,0 +1,228 @@
+"""Needle definitions and needle-in-a-haystack trial construction with exact answer token spans."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import atomic_write_text, fingerprint_bytes, read_jsonl
+from headscore.core.haystack import Haystack, load_haystack
+from headscore.core.model import load_geometry, load_tokenizer
+from headscore.core.prompts import (
+    TEMPLATES,
+    HaystackTokens,
+    answer_token_span,
+    encode_prompt,
+    evenly_spaced,
+    insertion_point,
+    render_prompt,
+    tokenizer_fingerprint,
+)
+
+NEEDLE_FILES = {"reasoning": "reasoning.jsonl", "retrieval": "retrieval.jsonl"}
+CONTEXT_BUFFER = 200  # tokens kept free below the model's context for the answer
+
+
+@dataclass(frozen=True)
+class Needle:
+    """One needle: the inserted text, its question, and the answer the model should give.
+
+    `answer` is the text scored against the response and located (case-insensitively) inside `needle`.
+    """
+
+    id: str
+    needle: str
+    question: str
+    answer: str
+
+
+def needles_dir() -> Path:
+    """`needles/` at the repository root (editable installs) or inside the installed package."""
+    package = Path(__file__).resolve().parents[1]  # src/headscore (editable) or site-packages/headscore
+    for candidate in (package / "needles", package.parents[1] / "needles"):
+        if candidate.is_dir():
+            return candidate
+    raise HeadscoreError("needle definitions not found (expected a 'needles/' folder)")
+
+
+def load_needles(kind_or_path: str) -> tuple[list[Needle], str]:
+    """Needles of a kind (`reasoning`, `retrieval`) or from a JSONL file; returns (needles, fingerprint).
+
+    Each line: {"id"?, "needle", "question", "answer" or "real_needle"}; the answer must occur in the needle.
+    """
+    path = needles_dir() / NEEDLE_FILES[kind_or_path] if kind_or_path in NEEDLE_FILES else Path(kind_or_path)
+    if not path.is_file():
+        raise HeadscoreError(f"needle file not found: {kind_or_path}")
+    raw = path.read_text(encoding="utf-8")
+    needles = []
+    for number, record in read_jsonl(path, "needle file"):
+        where = f"needle file {path} line {number}"
+        if not isinstance(record, dict):
+            raise HeadscoreError(f"{where} is not a JSON object")
+        answer = record.get("answer", record.get("real_needle"))
+        for field, value in (("needle", record.get("needle")), ("question", record.get("question")),
+                             ("answer", answer)):
+            if not isinstance(value, str) or not value.strip():
+                raise HeadscoreError(f"{where} has no non-empty string field '{field}'")
+        if answer.lower() not in record["needle"].lower():
+            raise HeadscoreError(f"{where}: the answer does not occur in the needle")
+        needles.append(Needle(id=str(record.get("id", f"{path.stem}-{len(needles)}")),
+                              needle=record["needle"], question=record["question"], answer=answer))
+    if not needles:
+        raise HeadscoreError(f"needle file {path} holds no needles")
+    return needles, fingerprint_bytes(raw)
+
+
+def context_lengths(min_length: int, max_length: int | None, count: int, max_context: int | None) -> list[int]:
+    """`count` target prompt lengths evenly spaced over [min_length, max_length] (in model tokens).
+
+    The default `max_length` (None) is 8000 capped at the model's context minus a 200-token buffer;
+    an explicit value above that cap is an error.
+    """
+    cap = max_context - CONTEXT_BUFFER if max_context else None
+    if max_length is None:
+        max_length = min(8000, cap) if cap else 8000
+    elif cap is not None and max_length > cap:
+        raise HeadscoreError(f"--max-length {max_length} is above the model's context "
+                             f"({max_context} tokens, minus a {CONTEXT_BUFFER}-token buffer = {cap})")
+    if count < 1:
+        raise HeadscoreError("--lengths must be at least 1")
+    if min_length > max_length:
+        raise HeadscoreError(f"--min-length {min_length} is above the maximum length {max_length}")
+    return evenly_spaced(min_length, max_length, count)
+
+
+def depth_percents(count: int) -> list[float]:
+    """`count` depths evenly spaced over 0–100 %."""
+    if count < 1:
+        raise HeadscoreError("--depths must be at least 1")
+    return [0.0] if count == 1 else [round(100 * i / (count - 1), 2) for i in range(count)]
+
+
+def build_trials(
+    tokenizer: Any,
+    haystack: Haystack,
+    needles: Sequence[Needle],
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    kind: str,
+    template: str = "raw",
+    model_name: str = "",
+    needles_fingerprint: str = "",
+    progress: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One trial per (length, depth, needle), in that nesting order.
+
+    Each record's `answer_span` is the token span `[start, end)` of the answer inside the tokenized prompt
+    (`encode_prompt`), found from the tokenizer's character offsets.
+    """
+    overheads = {n.id: len(encode_prompt(tokenizer, render_prompt(tokenizer, "", n.question, template),
+                                         template)["input_ids"]) for n in needles}
+    needle_tokens = {n.id: len(tokenizer(n.needle, add_special_tokens=False)["input_ids"]) for n in needles}
+    budgets = {(length, n.id): length - overheads[n.id] - needle_tokens[n.id] for length in lengths
+               for n in needles}
+    for (length, needle_id), budget in budgets.items():
+        if budget < 16:
+            raise HeadscoreError(f"length {length} is too short to hold needle '{needle_id}' and its "
+                                 f"question (needs at least {length - budget + 16} tokens)")
+    hay = HaystackTokens(tokenizer, haystack.text, max(budgets.values()))
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    trials = []
+    for length in lengths:
+        for depth in depths:
+            for number, needle in enumerate(needles):
+                budget = budgets[(length, needle.id)]
+                context = hay.prefix(budget)
+                cut = insertion_point(context, hay.char_at(int(budget * depth / 100)))
+                sep = "" if cut == 0 or needle.needle[:1].isspace() else " "
+                with_needle = context[:cut] + sep + needle.needle + context[cut:]
+                prompt = render_prompt(tokenizer, with_needle, needle.question, template)
+                needle_at = prompt.index(with_needle) + cut + len(sep)
+                answer_at = needle_at + needle.needle.lower().index(needle.answer.lower())
+                answer_chars = (answer_at, answer_at + len(needle.answer))
+                encoded = encode_prompt(tokenizer, prompt, template, offsets=True)
+                span = answer_token_span(encoded["offset_mapping"], *answer_chars)
+                trials.append({
+                    "id": f"{kind}-L{length}-D{depth:g}-N{number}",
+                    "kind": kind,
+                    "needle_id": needle.id,
+                    "target_length": length,
+                    "length": len(encoded["input_ids"]),
+                    "depth": depth,
+                    "template": template,
+                    "question": needle.question,
+                    "answer": needle.answer,
+                    "answer_span": list(span),
+                    "answer_chars": list(answer_chars),
+                    "tokenizer": model_name,
+                    "tokenizer_fingerprint": tok_fp,
+                    "haystack_fingerprint": haystack.fingerprint,
+                    "needles_fingerprint": needles_fingerprint,
+                    "prompt": prompt,
+                })
+                if progress:
+                    progress()
+    return trials
+
+
+def write_trials(path: str | Path, trials: Sequence[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in trials))
+
+
+TRIAL_FIELDS = ("id", "prompt", "answer", "answer_span", "template", "tokenizer_fingerprint")
+
+
+def read_trials(path: str | Path) -> list[dict[str, Any]]:
+    """Read a trials JSONL file written by `build-needles`, checking the fields later stages need."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadscoreError(f"trial file not found: {path}")
+    trials = []
+    for number, record in read_jsonl(path, "trial file"):
+        if not isinstance(record, dict):
+            raise HeadscoreError(f"trial file {path} line {number} is not a JSON object")
+        missing = [f for f in TRIAL_FIELDS if f not in record]
+        if missing:
+            raise HeadscoreError(f"trial file {path} line {number} lacks {', '.join(missing)}")
+        trials.append(record)
+    if not trials:
+        raise HeadscoreError(f"trial file {path} holds no trials")
+    return trials
+
+
+def trials_fingerprint(trials: Sequence[dict[str, Any]]) -> str:
+    return fingerprint_bytes(*(json.dumps(t, sort_keys=True) for t in trials))
+
+
+def build_needle_trials(
+    model: str,
+    *,
+    kind: str = "reasoning",
+    haystack: str | None = None,
+    needles: str | None = None,
+    min_length: int = 1000,
+    max_length: int | None = None,
+    lengths: int = 5,
+    depths: int = 10,
+    template: str = "raw",
+    progress: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`)."""
+    if kind not in NEEDLE_FILES:
+        raise HeadscoreError(f"unknown needle kind '{kind}': use one of {', '.join(NEEDLE_FILES)}")
+    if template not in TEMPLATES:
+        raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(TEMPLATES)}")
+    needle_list, needle_fp = load_needles(needles or kind)
+    geometry = load_geometry(model)
+    target_lengths = context_lengths(min_length, max_length, lengths, geometry.max_context)
+    depth_list = depth_percents(depths)
+    tokenizer = load_tokenizer(model)
+    hay = load_haystack(haystack)
+    return build_trials(tokenizer, hay, needle_list, lengths=target_lengths, depths=depth_list, kind=kind,
+                        template=template, model_name=model, needles_fingerprint=needle_fp,
+                        progress=progress)

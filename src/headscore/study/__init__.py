@@ -1,0 +1,1 @@
+"""The whole study from one config: `reproduce` runs the stages, `report` writes the report."""

@@ -1,0 +1,185 @@
+"""`report.md` for a reproduce run: every figure, with every number read from the run's own result files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import atomic_write_text, hardware
+from headscore.core.plots import line_plot
+from headscore.scoring.head_scores import read_head_scores
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def top_heads(scores_path: Path, k: int = 10) -> list[tuple[int, int, float]]:
+
+    importance = read_head_scores(scores_path).importance()
+    values, flat = importance.flatten().topk(min(k, importance.numel()))
+    heads = importance.shape[1]
+    return [(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(values, flat, strict=True)]
+
+
+def beta_sweep_figure(results_csv: Path, out: Path) -> list[list[Any]]:
+    """Mean score against β from the β-sweep results; returns the table rows (β, score, KV ratio)."""
+
+
+    frame = pd.read_csv(results_csv)
+    grouped = frame.groupby("beta").agg(score=("score", "mean"), kv_ratio=("kv_ratio", "mean")).sort_index()
+    method = frame["method"].iloc[0].split(" ")[0]
+    budget = int(frame["budget"].iloc[0])
+    line_plot({f"{method}, KV size {budget}": ([float(b) for b in grouped.index],
+                                               [float(v) for v in grouped["score"]], None)},
+              out, title=f"β sweep: {method} at KV size {budget}", xlabel="β (larger = smaller shared pool)",
+              ylabel="mean score", xscale="log")
+    return [[f"{b:g}", f"{r.score:.3f}", f"{r.kv_ratio:.4f}"] for b, r in grouped.iterrows()]
+
+
+def write_report(study: Any) -> Path:
+    """Write `results/<config>/report.md` from the files the stages wrote (missing ones are named)."""
+
+    root: Path = study.root
+    config = study.config
+    top = config.top
+    need = {
+        "estimate": [root / "scores-r2" / "metadata.json", root / "scores-retrieval" / "metadata.json"],
+        "allocate": [root / "budgets"],
+        "evaluate": [root / "evaluate" / "summary.md", root / "evaluate" / "results.csv"],
+        "beta_sweep": [root / "beta-sweep" / "results.csv"],
+        "ablate": [root / "ablate" / "ablation.csv"],
+        "latency": [root / "latency" / "latency.csv"],
+    }
+    for stage, paths in need.items():
+        study.require(f"report (needs {stage})", *paths)
+    stages = read_json(root / "stages.json") if (root / "stages.json").is_file() else {}
+    meta_r2 = read_json(root / "scores-r2" / "metadata.json")
+    meta_ret = read_json(root / "scores-retrieval" / "metadata.json")
+    out: list[str] = [f"# headscore study: {config.name}\n"]
+    if top.get("note"):
+        out.append(str(top["note"]).strip() + "\n")
+
+    # ---- setup
+    machine = hardware()
+    out.append("## Setup\n")
+    versions = meta_r2.get("versions", {})
+    geometry = meta_r2["geometry"]
+    out.append(markdown_table(["item", "value"], [
+        ["model", f"`{top['model']}`: {geometry['layers']} layers × {geometry['query_heads']} query heads, "
+                  f"{geometry['kv_heads']} KV heads, head_dim {geometry['head_dim']}"],
+        ["device / dtype", f"{top['device']} / {meta_r2.get('dtype', '?')}"],
+        ["hardware", f"{machine['processor']}, {machine['cpu_count']} CPUs ({machine['torch_threads']} torch "
+                     f"threads){', ' + machine['cuda'] if machine['cuda'] else ''}; {machine['platform']}"],
+        ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
+        ["seed", top["seed"]],
+        ["config", f"`{config.path}`"],
+    ]))
+    timing_rows = [[stage, f"{entry.get('seconds_total', entry.get('seconds', 0)):.1f}"]
+                   for stage, entry in stages.items() if stage != "report"]
+    out.append("Wall time of each stage (seconds, summed over resumed runs):\n\n")
+    out.append(markdown_table(["stage", "seconds"], timing_rows))
+    out.append(f"Total: {sum(float(r[1]) for r in timing_rows):.0f} s.\n")
+
+    # ---- head scores
+    out.append("## Head scores\n")
+    for name, meta, folder in (("retrieval-reasoning (r2)", meta_r2, "scores-r2"),
+                               ("retrieval", meta_ret, "scores-retrieval")):
+        out.append(f"### {name}\n")
+        out.append(f"Mode **{meta['mode']}**: {meta['mode_note']}. Trials counted: {meta['trials_counted']} of "
+                   f"{meta['trials_run']} run.\n")
+        if meta["mode"] == "teacher-forced":
+            out.append("This model does not answer the needle question reliably, so its scores come from "
+                       "teacher-forced mode: the gold answer is appended and the queries that predict each "
+                       "answer token are scored (no success filter).\n")
+        if (root / folder / "heatmap.png").is_file():
+            out.append(f"![{name} head scores]({folder}/heatmap.png)\n")
+        if meta["trials_counted"]:
+            rows = [[layer, head, f"{share:.4f}"] for layer, head, share in
+                    top_heads(root / folder / "head_scores.json")]
+            out.append(markdown_table(["layer", "head", "share of total score"], rows))
+    if meta_r2["trials_counted"] and meta_ret["trials_counted"]:
+        r2 = {(layer, head) for layer, head, _ in top_heads(root / "scores-r2" / "head_scores.json", 20)}
+        ret = {(layer, head) for layer, head, _ in top_heads(root / "scores-retrieval" / "head_scores.json", 20)}
+        out.append(f"Top-20 overlap between retrieval and retrieval-reasoning heads: {len(r2 & ret)} of 20.\n")
+
+    # ---- budgets
+    out.append("## Budgets\n")
+    budget_files = sorted((root / "budgets").glob("*.json"))
+    rows = []
+    for path in budget_files:
+        data = read_json(path)
+        matrix = [v for row in data["matrix"] for v in row]
+        rows.append([data["budget"], f"{data['beta']:g}", data["granularity"], data["total_entries"],
+                     min(matrix), sorted(matrix)[len(matrix) // 2], max(matrix)])
+    out.append("HeadKV budgets (prompt entries per head, window excluded) from the r2 scores. A larger β gives a "
+               "smaller shared pool, so budgets flatten towards uniform.\n\n")
+    out.append(markdown_table(["B", "β", "granularity", "total entries", "min", "median", "max"], rows))
+    for path in budget_files:
+        figure = path.with_suffix(".png")
+        if figure.is_file():
+            out.append(f"![{path.stem}](budgets/{figure.name})\n")
+
+    # ---- evaluation
+    out.append("## Accuracy vs KV size\n")
+    summary = (root / "evaluate" / "summary.md").read_text(encoding="utf-8")
+    out.append(summary.split("\n", 2)[2] if summary.startswith("# ") else summary)
+    if (root / "evaluate" / "score_vs_kv.png").is_file():
+        out.append("\n![score vs KV size](evaluate/score_vs_kv.png)\n")
+    results = pd.read_csv(root / "evaluate" / "results.csv")
+    budgets = sorted(int(b) for b in results["budget"].dropna().unique())
+    out.append("\n### NIAH heatmaps (length × depth)\n")
+    shown = [("full", "full")] + [(m, str(budgets[0])) for m in results["method"].unique() if m != "full"]
+    for method, label in shown:
+        figure = root / "evaluate" / f"niah_{method}_{label}.png"
+        if figure.is_file():
+            out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
+    out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
+               f"({budgets[0] if budgets else '-'}).\n")
+
+    # ---- beta sweep
+    out.append("## β sweep\n")
+    sweep_rows = beta_sweep_figure(root / "beta-sweep" / "results.csv", root / "beta-sweep" / "beta_sweep.png")
+    out.append(markdown_table(["β", "mean score", "KV ratio"], sweep_rows))
+    out.append("![beta sweep](beta-sweep/beta_sweep.png)\n")
+
+    # ---- ablation
+    out.append("## Head ablation\n")
+    ablation = pd.read_csv(root / "ablate" / "ablation.csv")
+    if "seed" in ablation:
+        ablation["seed"] = ablation["seed"].astype("Int64")
+    if "accuracy" in ablation:
+        ablation["accuracy"] = ablation["accuracy"].round(3)
+    out.append("Zeroing the outputs of the k highest-scoring heads vs k random heads vs the k lowest; NIAH "
+               "accuracy of each.\n\n")
+    out.append(markdown_table(list(ablation.columns), ablation.astype(object).where(ablation.notna(), "")
+                              .values.tolist()))
+    out.append("![ablation](ablate/ablation.png)\n")
+
+    # ---- latency
+    out.append("## Latency and memory vs context length\n")
+    latency = pd.read_csv(root / "latency" / "latency.csv")
+    out.append(markdown_table(["context tokens", "method", "prefill s", "decode ms/token", "KV MiB", "KV ratio"],
+                              [[r.context_tokens, r.method, f"{r.prefill_seconds:.2f}",
+                                f"{1000 * r.decode_seconds_per_token:.1f}", f"{r.kv_bytes / 2**20:.2f}",
+                                f"{r.kv_ratio:.4f}"] for r in latency.itertuples()]))
+    out.append("![latency](latency/latency.png)\n\n![KV bytes](latency/kv_bytes.png)\n")
+
+    text = "\n".join(out)
+    missing = [link for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text) if not (root / link).is_file()]
+    if missing:
+        raise HeadscoreError(f"report: figure missing: {missing[0]}")
+    path = root / "report.md"
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,308 @@
+"""`headscore reproduce` / `make reproduce`: the whole study from one YAML config, then `report.md`.
+
+Stages, each writing its own folder under `results/<config>/` (every stage readable alone):
+
+| stage | output | what |
+|---|---|---|
+| needles | `trials-r2.jsonl`, `trials-retrieval.jsonl` | build-needles for both needle kinds |
+| estimate | `scores-r2/`, `scores-retrieval/` | head scores (HeadKV format) + heatmaps |
+| allocate | `budgets/` | budget files and heatmaps for a few β |
+| evaluate | `evaluate/` | methods × budgets on niah + synthetic tasks |
+| beta_sweep | `beta-sweep/` | headkv-r2 at one budget over a β grid |
+| ablate | `ablate/` | top-k vs random vs lowest head ablation |
+| latency | `latency/` | prefill, decode and KV bytes vs context length, full vs compressed |
+| report | `report.md` | every figure, with the numbers read from the files above |
+
+Estimate, evaluate and latency resume from their journals; a stage whose outputs exist for the same config
+section is skipped, so rerunning after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from headscore.compression.budgets import allocate, plot_budgets, write_budgets
+from headscore.core.errors import HeadscoreError
+from headscore.core.files import fingerprint_bytes, write_json
+from headscore.core.model import load_geometry
+from headscore.evaluation.ablate import execute, prepare
+from headscore.evaluation.evaluate import EVAL_METHODS, EvaluateOptions, run_evaluate
+from headscore.evaluation.latency import run_latency
+from headscore.scoring.estimate import EstimateOptions, run_estimate
+from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.trials import build_needle_trials, write_trials
+from headscore.study.report import write_report
+
+STAGES = ("needles", "estimate", "allocate", "evaluate", "beta_sweep", "ablate", "latency", "report")
+
+# section -> allowed keys (with their defaults); any other key is an error naming the section and key
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "cpu", "dtype": None, "note": ""},
+    "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw"},
+    "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
+                 "f1_threshold": 0.5, "rouge_threshold": 0.5},
+    "allocate": {"budgets": [128], "betas": [1.005, 1.01, 1.2, 2.0], "window": 8, "scores": "r2"},
+    "evaluate": {"tasks": "niah,synthetic", "methods": ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r",
+                                                        "headkv-r2"],
+                 "budgets": [32, 64, 128, 256], "beta": 1.01, "window": 8, "kernel": 7, "alpha": 0.2,
+                 "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
+                 "max_length": None, "limit": None, "template": "chat", "num_needles": None},
+    "beta_sweep": {"method": "headkv-r2", "budget": 64, "betas": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10],
+                   "tasks": "niah", "lengths": None, "depths": None},
+    "ablate": {"scores": "r2", "ks": [1, 4, 16, 64], "seeds": [0, 1], "conditions": ["top", "random", "lowest"],
+               "lengths": [1000, 2000], "depths": [0, 50, 100], "template": "chat", "max_new_tokens": 24,
+               "num_needles": None},
+    "latency": {"lengths": [1000, 2000, 4000, 8000], "method": "headkv-r2", "budget": 128, "beta": 1.01,
+                "max_new_tokens": 16},
+}
+SECTIONS = tuple(s for s in SCHEMA if s)
+
+
+@dataclass
+class StudyConfig:
+    """A validated config: `values[section][key]`, defaults filled in; `name` names the results folder."""
+
+    path: Path
+    values: dict[str, dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.values[""]["name"] or self.path.stem
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.values[name]
+
+    @property
+    def top(self) -> dict[str, Any]:
+        return self.values[""]
+
+    def fingerprint(self, section: str) -> str:
+        """What a stage's outputs depend on: its section plus the model settings."""
+        return fingerprint_bytes(json.dumps([self.top, self.values.get(section, {})], sort_keys=True,
+                                            default=str))
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a reproduce config: unknown sections or keys are errors naming them."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadscoreError(f"reproduce: config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise HeadscoreError(f"reproduce: config {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(raw, dict):
+        raise HeadscoreError(f"reproduce: config {path} must be a mapping of settings")
+    values: dict[str, dict[str, Any]] = {section: dict(defaults) for section, defaults in SCHEMA.items()}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise HeadscoreError(f"reproduce: config {path}: section '{key}' must be a mapping")
+            for inner, setting in value.items():
+                if inner not in SCHEMA[key]:
+                    raise HeadscoreError(f"reproduce: config {path}: unknown key '{key}.{inner}' (stage {key} "
+                                         f"takes: {', '.join(SCHEMA[key])})")
+                values[key][inner] = setting
+        elif key in SCHEMA[""]:
+            values[""][key] = value
+        else:
+            raise HeadscoreError(f"reproduce: config {path}: unknown key '{key}' (top-level keys: "
+                                 f"{', '.join([*SCHEMA[''], *SECTIONS])})")
+    for section, key in (("evaluate", "methods"), ("evaluate", "budgets"), ("allocate", "betas"),
+                         ("allocate", "budgets"), ("beta_sweep", "betas"), ("ablate", "ks"), ("ablate", "seeds"),
+                         ("latency", "lengths")):
+        if not isinstance(values[section][key], list) or not values[section][key]:
+            raise HeadscoreError(f"reproduce: config {path}: '{section}.{key}' must be a non-empty list")
+    return StudyConfig(path=path, values=values)
+
+
+class Study:
+    """Runs the stages of one config into `results/<name>/`, recording what ran in `stages.json`."""
+
+    def __init__(self, config: StudyConfig, results: str | Path = "results",
+                 log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.root = Path(results) / config.name
+        self.log = log
+        self.record_path = self.root / "stages.json"
+        self.record: dict[str, Any] = (json.loads(self.record_path.read_text()) if self.record_path.is_file()
+                                       else {})
+
+    # ------------------------------------------------------------------------------------- bookkeeping
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def require(self, stage: str, *paths: Path) -> None:
+        """Missing inputs from an earlier stage: one line naming this stage and the missing piece."""
+        for path in paths:
+            if not path.exists():
+                raise HeadscoreError(f"reproduce stage '{stage}': missing {path} (run the earlier stages first)")
+
+    def done(self, stage: str) -> bool:
+        entry = self.record.get(stage)
+        return bool(entry) and entry.get("config") == self.config.fingerprint(stage)
+
+    def mark(self, stage: str, seconds: float, **details: Any) -> None:
+        previous = self.record.get(stage, {})
+        self.record[stage] = {"config": self.config.fingerprint(stage), "seconds": round(seconds, 1),
+                              "seconds_total": round(previous.get("seconds_total", 0) + seconds, 1)
+                              if previous.get("config") == self.config.fingerprint(stage) else round(seconds, 1),
+                              **details}
+        write_json(self.record_path, self.record)
+
+    def run(self, stages: Sequence[str] = STAGES, force: bool = False) -> Path:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise HeadscoreError(f"reproduce: unknown stage '{unknown[0]}': use some of {', '.join(STAGES)}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            if stage != "report" and self.done(stage) and not force:
+                self.log(f"[{stage}] done already (same config); skipped")
+                continue
+            self.log(f"[{stage}] running")
+            began = time.perf_counter()
+            try:
+                details = getattr(self, f"stage_{stage}")() or {}
+            except HeadscoreError as error:
+                if str(error).startswith("reproduce"):
+                    raise
+                raise HeadscoreError(f"reproduce stage '{stage}': {error}") from error
+            self.mark(stage, time.perf_counter() - began, **details)
+            self.log(f"[{stage}] finished in {time.perf_counter() - began:.1f} s")
+        return self.path("report.md")
+
+    # ------------------------------------------------------------------------------------- stages
+
+    def stage_needles(self) -> dict[str, Any]:
+
+        settings = self.config.section("needles")
+        counts = {}
+        for kind, short in (("reasoning", "r2"), ("retrieval", "retrieval")):
+            trials = build_needle_trials(self.config.top["model"], kind=kind, **settings)
+            write_trials(self.path(f"trials-{short}.jsonl"), trials)
+            counts[short] = len(trials)
+        return {"trials": counts}
+
+    def stage_estimate(self) -> dict[str, Any]:
+
+        settings = self.config.section("estimate")
+        top = self.config.top
+        found = {}
+        for method in ("r2", "retrieval"):
+            trials = self.path(f"trials-{'r2' if method == 'r2' else 'retrieval'}.jsonl")
+            self.require("estimate", trials)
+            options = EstimateOptions(method=method, mode=settings[f"{method}_mode"],
+                                      f1_threshold=settings["f1_threshold"],
+                                      rouge_threshold=settings["rouge_threshold"],
+                                      max_new_tokens=settings["max_new_tokens"])
+            result = run_estimate(top["model"], trials, self.path(f"scores-{method}"), options=options,
+                                  device=top["device"], dtype=top["dtype"], limit=settings["limit"])
+            found[method] = {"run": result.run, "counted": result.counted, "mode": options.mode}
+        return {"estimate": found}
+
+    def scores_file(self, which: str, stage: str) -> Path:
+        path = self.path(f"scores-{which}", "head_scores.json")
+        self.require(stage, path)
+        return path
+
+    def stage_allocate(self) -> dict[str, Any]:
+
+        settings = self.config.section("allocate")
+        geometry = load_geometry(self.config.top["model"])
+        scores = read_head_scores(self.scores_file(settings["scores"], "allocate"), geometry.layers,
+                                  geometry.query_heads)
+        out = self.path("budgets")
+        files = []
+        for budget in settings["budgets"]:
+            for beta in settings["betas"]:
+                result = allocate("headkv", geometry, int(budget), window=settings["window"], beta=float(beta),
+                                  scores=scores)
+                stem = f"budgets_B{budget}_beta{float(beta):g}"
+                write_budgets(out / f"{stem}.json", result)
+                plot_budgets(result, out / f"{stem}.png")
+                files.append(stem)
+        return {"files": files}
+
+    def _evaluate(self, stage: str, out: Path, *, tasks: str, methods: Sequence[str], budgets: Sequence[int],
+                  betas: Sequence[float], lengths: Any, depths: Any) -> dict[str, Any]:
+
+        settings = self.config.section("evaluate")
+        top = self.config.top
+        scores = {}
+        for method in methods:
+            needs = EVAL_METHODS.get(method, (None, None))[1]
+            if needs:
+                scores[needs] = str(self.scores_file(needs, stage))
+        options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
+                                  window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
+                                  betas=[float(b) for b in betas])
+        task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
+                        "num_needles": settings["num_needles"],
+                        "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
+        result = run_evaluate(top["model"], tasks, out, options=options, task_options=task_options,
+                              device=top["device"], dtype=top["dtype"], limit=settings["limit"])
+        return {"samples": result.samples}
+
+    def stage_evaluate(self) -> dict[str, Any]:
+        s = self.config.section("evaluate")
+        return self._evaluate("evaluate", self.path("evaluate"), tasks=s["tasks"], methods=s["methods"],
+                              budgets=s["budgets"], betas=[s["beta"]], lengths=s["lengths"], depths=s["depths"])
+
+    def stage_beta_sweep(self) -> dict[str, Any]:
+        s, e = self.config.section("beta_sweep"), self.config.section("evaluate")
+        return self._evaluate("beta_sweep", self.path("beta-sweep"), tasks=s["tasks"], methods=[s["method"]],
+                              budgets=[s["budget"]], betas=s["betas"], lengths=s["lengths"] or e["lengths"],
+                              depths=s["depths"] or e["depths"])
+
+    def stage_ablate(self) -> dict[str, Any]:
+
+        s = self.config.section("ablate")
+        top = self.config.top
+        setup = prepare(top["model"], self.scores_file(s["scores"], "ablate"), ks=s["ks"], seeds=s["seeds"],
+                        conditions=s["conditions"], lengths=s["lengths"], depths=s["depths"],
+                        template=s["template"], max_new_tokens=s["max_new_tokens"], num_needles=s["num_needles"],
+                        device=top["device"],
+                        dtype=top["dtype"])
+        rows, _ = execute(setup, self.path("ablate"))
+        return {"generations": setup.total}
+
+    def stage_latency(self) -> dict[str, Any]:
+
+        s = self.config.section("latency")
+        top = self.config.top
+        kind, needs = ("headkv", s["method"].split("-", 1)[1]) if s["method"].startswith("headkv-") else \
+            (s["method"], None)
+        scores = str(self.scores_file(needs, "latency")) if needs else None
+        rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=kind,
+                           label=s["method"], budget=s["budget"], beta=s["beta"], scores=scores,
+                           max_new_tokens=s["max_new_tokens"], device=top["device"], dtype=top["dtype"])
+        return {"lengths": len(rows)}
+
+    def stage_report(self) -> dict[str, Any]:
+
+        write_report(self)
+        return {}
+
+
+def run_study(config_path: str | Path, *, results: str | Path = "results", stages: Sequence[str] = STAGES,
+              force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run (or continue) the study of `config_path`; returns the path of its report."""
+
+    config = load_config(config_path)
+    torch.manual_seed(config.top["seed"])
+    return Study(config, results, log).run(stages, force)
+

@@ -1,0 +1,225 @@
+"""Generation on the head-wise cache: exactness against full attention, budgets, bytes, the API and the CLI."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from headscore.compression.attention import HEADWISE_ATTENTION
+from headscore.compression.budgets import allocate
+from headscore.compression.cache import HeadwiseCache
+from headscore.compression.generation import (
+    compress_generate,
+    compress_state,
+    decode,
+    generate_ids,
+    make_press,
+    prefill,
+)
+from headscore.compression.presses import METHODS
+from headscore.core.attention import use_attention
+from headscore.core.errors import HeadscoreError
+from headscore.core.model import Geometry
+from headscore.scoring.head_scores import HeadScores
+
+COMPRESSING = [m for m in METHODS if m != "full"]
+
+
+@pytest.fixture
+def tiny_neox():
+    """A tiny random GPT-NeoX (multi-head attention, partial rotary, fused QKV): another architecture."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=512, rotary_pct=0.5,
+                           bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.fixture(params=["llama", "neox"])
+def tiny_model(request, tiny_llama, tiny_neox):
+    return tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8) if request.param == "llama" else tiny_neox
+
+
+def random_scores(geometry: Geometry, seed: int = 0) -> HeadScores:
+    generator = torch.Generator().manual_seed(seed)
+    return HeadScores.from_tensor(torch.rand(3, geometry.layers, geometry.query_heads, generator=generator))
+
+
+def press_for(method: str, geometry: Geometry, budget: int, **options):
+    scores = random_scores(geometry) if method == "headkv" else None
+    return make_press(method, geometry, budget=budget, window=4, scores=scores, **options)
+
+
+def plain_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_above_context_generates_the_full_tokens(tiny_model, method):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (1, 48))
+    want = plain_greedy(tiny_model, ids, 12)
+    geometry = Geometry.from_config(tiny_model.config)
+    tokens, report = generate_ids(tiny_model, ids, press_for(method, geometry, 2000), max_new_tokens=12)
+    assert tokens == want
+    assert report.kept == [[48] * geometry.kv_heads] * geometry.layers
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method):
+    torch.manual_seed(2)
+    ids = torch.randint(3, 128, (1, 64))
+    geometry = Geometry.from_config(tiny_model.config)
+    press = press_for(method, geometry, 20)
+    tokens, report = generate_ids(tiny_model, ids, press, max_new_tokens=6)
+    kept = torch.tensor(report.kept)
+    if method == "ada-snapkv":
+        assert kept.sum(1).tolist() == [20 * geometry.kv_heads] * geometry.layers
+        assert int(kept.min()) >= 4 + int(0.2 * 16)
+    else:
+        assert torch.equal(kept, press_matrix(press, geometry) + 4)
+    generated_in_cache = len(tokens) - 1
+    element = 4  # float32
+    want = (int(kept.sum()) + geometry.layers * geometry.kv_heads * generated_in_cache) * geometry.head_dim * 2
+    assert report.kv_bytes == want * element
+    assert report.full_kv_bytes == (geometry.layers * geometry.kv_heads * (64 + generated_in_cache)
+                                    * geometry.head_dim * 2 * element)
+    assert report.ratio < 0.5
+
+
+def press_matrix(press, geometry):
+    if press.name == "headkv":
+        return press.budgets.matrix
+    return press.budget_matrix(geometry)
+
+
+def test_headkv_budgets_are_head_level(tiny_llama):
+    """Different heads keep different numbers of entries, exactly the allocated budgets."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    geometry = Geometry.from_config(model.config)
+    scores = HeadScores.from_tensor(torch.tensor([[[0.9, 0.8, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]]] * 2))
+    press = make_press("headkv", geometry, budget=24, window=4, beta=1.5, scores=scores)
+    torch.manual_seed(3)
+    _, report = generate_ids(model, torch.randint(3, 128, (1, 90)), press, max_new_tokens=3)
+    assert torch.equal(torch.tensor(report.kept), press.budgets.matrix + 4)
+    assert len({v for row in report.kept for v in row}) > 1
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method):
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(4)
+    ids = torch.randint(3, 128, (1, 60))
+    state = prefill(model, ids, window=4)
+    for budget in (12, 30):
+        press = press_for(method, geometry, budget)
+        direct, report = generate_ids(model, ids, press, max_new_tokens=10)
+        cache = compress_state(state, press)
+        tokens, _ = decode(model, cache, state.logits, 10)
+        assert tokens == direct
+        assert cache.kept().tolist() == report.kept
+    full, _ = decode(model, compress_state(state, make_press("full", geometry)), state.logits, 10)
+    assert full == plain_greedy(model, ids, 10)
+    with pytest.raises(HeadscoreError, match="window 4"):
+        compress_state(state, make_press("snapkv", geometry, budget=30, window=8))
+
+
+def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama):
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(5)
+    ids = torch.randint(3, 128, (1, 50))
+    press = press_for("snapkv", geometry, 16)
+    ours, _ = generate_ids(model, ids, press, max_new_tokens=8)
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        cache = HeadwiseCache(geometry, press)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert out[0, 50:].tolist() == ours
+    assert cache.kept().tolist() == [[16, 16]] * 2
+
+
+def test_query_granularity_budgets_on_gqa(tiny_llama):
+    """Official behaviour: each query head keeps its own selection of the shared KV head."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(6)
+    ids = torch.randint(3, 128, (1, 40))
+    press = make_press("headkv", geometry, budget=2000, window=4, scores=random_scores(geometry),
+                       granularity="query")
+    tokens, report = generate_ids(model, ids, press, max_new_tokens=8)
+    assert tokens == plain_greedy(model, ids, 8)
+    assert report.kept == [[40] * 4] * 2
+    small = make_press("headkv", geometry, budget=12, window=4, scores=random_scores(geometry),
+                       granularity="query")
+    _, report = generate_ids(model, ids, small, max_new_tokens=2)
+    assert torch.equal(torch.tensor(report.kept), small.budgets.matrix + 4)
+
+
+@pytest.mark.slow
+def test_smollm2_headkv(smollm2):
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    context = " ".join(f"Fact {i}: the code of box {i} is {1000 + 37 * i}." for i in range(20))
+    question = "What is the code of box 7?"
+    scores = random_scores(geometry, seed=1)
+    full = compress_generate(model, tokenizer, context, question, method="full", max_new_tokens=8,
+                             template="chat")
+    large = compress_generate(model, tokenizer, context, question, method="headkv", budget=4000, scores=scores,
+                              max_new_tokens=8, template="chat")
+    assert large.tokens == full.tokens and large.answer == full.answer
+    context_tokens = full.report.context_tokens
+    assert 300 < context_tokens < 600
+    small = compress_generate(model, tokenizer, context, question, method="headkv", budget=32, scores=scores,
+                              max_new_tokens=4, template="chat")
+    budgets = allocate("headkv", geometry, 32, window=8, scores=scores)
+    assert torch.equal(torch.tensor(small.report.kept), budgets.matrix + 8)
+    cached = context_tokens + len(small.tokens) - 1
+    tail = geometry.layers * geometry.kv_heads * (len(small.tokens) - 1)
+    assert small.report.kv_bytes == (budgets.total_entries + tail) * 64 * 2 * 4
+    assert small.report.full_kv_bytes == geometry.layers * geometry.kv_heads * cached * 64 * 2 * 4
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from headscore.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["headscore", "compress", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unknown-method", "unknown method 'nope'"),
+    ("no-scores", "needs head scores"),
+    ("other-geometry", "budgets file"),
+    ("empty-context", "is empty"),
+    ("missing-context", "context file not found"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, case, message):
+    from headscore.compression.budgets import write_budgets
+
+    context = tmp_path / "doc.txt"
+    context.write_text("" if case == "empty-context" else "Some text.", encoding="utf-8")
+    args = ["--context-file", str(context if case != "missing-context" else tmp_path / "none.txt"),
+            "--question", "What?", "--method", "nope" if case == "unknown-method" else "headkv"]
+    if case == "other-geometry":
+        other = allocate("uniform", Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=8), 16)
+        write_budgets(tmp_path / "budgets.json", other)
+        args += ["--budgets", str(tmp_path / "budgets.json")]
+    elif case not in ("no-scores",):
+        args += ["--scores", str(tmp_path / "unused.json")]
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert err.startswith("headscore: error: ") and message in err and "\n" not in err

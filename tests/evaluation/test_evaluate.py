@@ -1,0 +1,151 @@
+"""evaluate: prefill once, compress many == separate runs; outputs, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from headscore.compression.generation import generate_ids
+from headscore.core.errors import HeadscoreError
+from headscore.core.model import Geometry, eos_ids
+from headscore.core.prompts import encode_prompt
+from headscore.evaluation.evaluate import EvaluateOptions, evaluate, evaluate_sample, newline_token_ids, plan_conditions
+from headscore.evaluation.tasks import get_task
+from headscore.scoring.head_scores import HeadScores, write_head_scores
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from headscore.core.model import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def model(tiny_llama, tokenizer):
+    return tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer))
+
+
+def score_files(tmp_path, geometry: Geometry) -> dict[str, str]:
+    generator = torch.Generator().manual_seed(3)
+    paths = {}
+    for kind in ("retrieval", "r2"):
+        per_trial = torch.rand(5, geometry.layers, geometry.query_heads, generator=generator, dtype=torch.float64)
+        paths[kind] = str(tmp_path / f"{kind}.json")
+        write_head_scores(paths[kind], HeadScores.from_tensor(per_trial))
+    return paths
+
+
+def small_samples(tokenizer):
+    niah = get_task("niah", lengths=[160, 220], depths=[0, 50, 100], num_needles=1, max_new_tokens=6)
+    twohop = get_task("twohop", lengths=[200], samples_per_length=1, max_new_tokens=6)
+    return niah.samples(tokenizer) + twohop.samples(tokenizer)
+
+
+def test_prefill_once_equals_separate_runs(model, tokenizer, tmp_path):
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(methods=["full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r",
+                                       "headkv-r2"], budgets=[16, 48], scores=score_files(tmp_path, geometry))
+    conditions = plan_conditions(geometry, options)
+    assert len(conditions) == 1 + 6 * 2
+    sweep = plan_conditions(geometry, EvaluateOptions(methods=["snapkv", "headkv-r2"], budgets=[16], betas=[1.01, 2],
+                                                     scores=options.scores))
+    assert [c.label for c in sweep] == ["snapkv", "headkv-r2 (β=1.01)", "headkv-r2 (β=2)"]
+    spread = [c.press.budgets.matrix.max() - c.press.budgets.matrix.min() for c in sweep[1:]]
+    assert spread[0] > spread[1]  # a larger beta shares a smaller pool
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 5
+    stops = eos_ids(model, tokenizer)  # no newline stop: more decode steps to compare
+    rows = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    ids = torch.tensor([encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]])
+    outputs = set()
+    for condition, row in zip(conditions, rows, strict=True):
+        tokens, report = generate_ids(model, ids, condition.press, max_new_tokens=5, eos=stops)
+        assert row["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True).strip(), condition
+        assert row["kv_bytes"] == report.kv_bytes
+        outputs.add((row["method"], row["budget"], row["kv_bytes"]))
+    assert len(outputs) == len(conditions)
+
+
+def test_evaluate_writes_outputs(model, tokenizer, tmp_path):
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[16, 32],
+                              scores=score_files(tmp_path, geometry))
+    samples = small_samples(tokenizer)
+    out = tmp_path / "run"
+    result = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny")
+    assert len(result.rows) == len(samples) * (1 + 2 * 2)
+    assert {p.name for p in out.iterdir()} >= {"results.csv", "summary.md", "metadata.json", "score_vs_kv.png",
+                                              "niah_full_full.png", "niah_snapkv_16.png", "niah_headkv-r2_32.png"}
+    summary = (out / "summary.md").read_text()
+    assert "| headkv-r2 | 32 |" in summary and "niah" in summary and "twohop" in summary
+    means = {(e["method"], e["budget"]): e["score"] for e in result.summary}
+    by_hand = [r["score"] for r in result.rows if r["method"] == "snapkv" and r["budget"] == 16]
+    assert means[("snapkv", 16)] == pytest.approx(sum(by_hand) / len(by_hand))
+    assert all(0 < r["kv_ratio"] < 1.0 for r in result.rows if r["method"] != "full")
+    assert all(r["kv_ratio"] == 1.0 for r in result.rows if r["method"] == "full")
+    # rerunning the finished command computes nothing and rewrites the same results
+    before = (out / "results.csv").read_bytes()
+    calls = []
+    evaluate(model, tokenizer, samples, out, options=options, model_name="tiny",
+             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(len(samples), len(samples))]
+    assert (out / "results.csv").read_bytes() == before
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["geometry"]["query_heads"] == 4 and len(metadata["conditions"]) == 5
+
+
+def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
+    options = EvaluateOptions(methods=["full", "snapkv"], budgets=[16], scores={})
+    samples = small_samples(tokenizer)[:4]
+    calls = []
+    full = evaluate(model, tokenizer, samples, tmp_path / "a", options=options, model_name="tiny")
+    journal = (tmp_path / "a" / "journal.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "b").mkdir()
+    # keep the header and two finished samples, plus half a line from a killed write
+    (tmp_path / "b" / "journal.jsonl").write_text("".join(journal[:3]) + journal[3][:40])
+    resumed = evaluate(model, tokenizer, samples, tmp_path / "b", options=options, model_name="tiny",
+                       progress=lambda done, total: calls.append(done))
+    assert calls[0] == 2
+    assert resumed.rows == full.rows
+    assert (tmp_path / "a" / "results.csv").read_bytes() == (tmp_path / "b" / "results.csv").read_bytes()
+
+
+def test_bad_plans(model, tmp_path):
+    geometry = Geometry.from_config(model.config)
+    with pytest.raises(HeadscoreError, match="unknown method 'magic'"):
+        plan_conditions(geometry, EvaluateOptions(methods=["magic"]))
+    with pytest.raises(HeadscoreError, match="needs --scores-r2"):
+        plan_conditions(geometry, EvaluateOptions(methods=["headkv-r2"], budgets=[32]))
+    with pytest.raises(HeadscoreError, match="exceed the observation window"):
+        plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[4]))
+    other = score_files(tmp_path, Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8))
+    with pytest.raises(HeadscoreError, match="not the expected"):
+        plan_conditions(geometry, EvaluateOptions(methods=["headkv-r"], budgets=[32], scores=other))
+
+
+def test_newline_tokens(tokenizer):
+    ids = newline_token_ids(tokenizer)
+    assert tokenizer("\n", add_special_tokens=False)["input_ids"][0] in ids
+    assert tokenizer(" Mary", add_special_tokens=False)["input_ids"][0] not in ids
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "sudoku"], "unknown task 'sudoku'"),
+    (["--methods", "full,magic"], "unknown method 'magic'"),
+    (["--methods", "headkv-r2"], "needs --scores-r2"),
+    (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
+])
+def test_cli_bad_input_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    out = tmp_path / "evaluation"
+    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()

@@ -1,0 +1,83 @@
+"""Vectorized head scores equal a plain loop-based computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headscore.core.errors import HeadscoreError
+from headscore.scoring.rules import r2_scores, retrieval_scores, scorer
+
+
+def loop_r2(probs, span):
+    start, end = span
+    n = end - start
+    steps, layers, heads, _ = probs.shape
+    out = torch.zeros(layers, heads, dtype=torch.float64)
+    for s in range(steps):
+        for layer in range(layers):
+            for head in range(heads):
+                row = probs[s, layer, head].tolist()
+                ranked = sorted(range(len(row)), key=lambda i: -row[i])[:n]
+                for position in ranked:
+                    if start <= position < end:
+                        out[layer, head] += row[position] / n
+    return out
+
+
+def loop_retrieval(probs, span, tokens, prompt_ids):
+    start, end = span
+    n = end - start
+    steps, layers, heads, _ = probs.shape
+    out = torch.zeros(layers, heads, dtype=torch.float64)
+    for s in range(steps):
+        for layer in range(layers):
+            for head in range(heads):
+                row = probs[s, layer, head].tolist()
+                top = max(range(len(row)), key=lambda i: row[i])
+                if start <= top < end and int(prompt_ids[top]) == int(tokens[s]):
+                    out[layer, head] += 1 / n
+    return out
+
+
+def random_probs(steps=4, layers=3, heads=5, context=30, seed=0, span=(10, 16)):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(steps, layers, heads, context, generator=generator) * 2
+    logits[..., span[0]:span[1]] += torch.rand(steps, layers, heads, span[1] - span[0], generator=generator) * 3
+    return torch.softmax(logits, dim=-1)
+
+
+def test_r2_matches_loop():
+    probs = random_probs()
+    got = r2_scores(probs, (10, 16))
+    assert got.shape == (3, 5)
+    assert got.sum() > 0
+    torch.testing.assert_close(got.double(), loop_r2(probs, (10, 16)), atol=1e-6, rtol=1e-5)
+
+
+def test_retrieval_matches_loop():
+    span = (10, 16)
+    probs = random_probs(seed=1, span=span)
+    prompt_ids = torch.randint(0, 4, (30,), generator=torch.Generator().manual_seed(5))  # many repeated ids
+    tokens = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(6))
+    got = retrieval_scores(probs, span, tokens, prompt_ids)
+    expected = loop_retrieval(probs, span, tokens, prompt_ids)
+    assert expected.sum() > 0  # the check is not vacuous
+    torch.testing.assert_close(got.double(), expected, atol=1e-7, rtol=0)
+
+
+def test_retrieval_top1_beyond_prompt_never_scores():
+    """Rows longer than the prompt (generated positions): a top-1 there is outside the span."""
+    probs = torch.zeros(1, 1, 2, 12)
+    probs[0, 0, 0, 11] = 1.0  # a generated position
+    probs[0, 0, 1, 3] = 1.0  # in the span, holding the token 7
+    prompt_ids = torch.tensor([0, 0, 0, 7, 7, 0, 0, 0, 0, 0])
+    got = retrieval_scores(probs, (3, 5), torch.tensor([7]), prompt_ids)
+    assert got.tolist() == [[0.0, 0.5]]
+
+
+def test_bad_span_and_method():
+    with pytest.raises(HeadscoreError, match="span"):
+        r2_scores(random_probs(), (20, 40))
+    with pytest.raises(HeadscoreError, match="unknown method"):
+        scorer("nope")

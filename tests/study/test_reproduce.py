@@ -1,0 +1,104 @@
+"""reproduce: config validation for every shipped config, and the quick study end to end (smoke test)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headscore.core.errors import HeadscoreError
+from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["quick", "smollm2-135m", "llama3-8b-instruct", "mistral-7b-instruct"])
+def test_shipped_configs_validate(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.name == name
+    for section, defaults in SCHEMA.items():
+        assert set(config.values[section]) == set(defaults)
+    if name in ("llama3-8b-instruct", "mistral-7b-instruct"):
+        assert config.top["device"] == "cuda" and "/" in config.top["model"]
+        assert config.section("beta_sweep")["betas"] == [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]
+        assert min(config.section("evaluate")["budgets"]) == 64
+        assert max(config.section("evaluate")["budgets"]) == 1024
+    if name == "smollm2-135m":
+        assert config.section("estimate")["r2_mode"] == "teacher-forced"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("evaluate:\n  budgetz: [1]\n", "unknown key 'evaluate.budgetz'"),
+        ("colour: red\n", "unknown key 'colour'"),
+        ("evaluate: [1, 2]\n", "section 'evaluate' must be a mapping"),
+        ("ablate:\n  ks: []\n", "'ablate.ks' must be a non-empty list"),
+        ("model: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(HeadscoreError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_missing_config_and_stage_inputs(tmp_path):
+    with pytest.raises(HeadscoreError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(HeadscoreError, match="unknown stage 'train'"):
+        run_study(CONFIGS / "quick.yaml", results=tmp_path, stages=["train"])
+    result = subprocess.run([sys.executable, "-m", "headscore", "reproduce", "--config", str(CONFIGS / "quick.yaml"),
+                             "--results", str(tmp_path), "--stages", "allocate"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "reproduce stage 'allocate': missing" in result.stderr and "head_scores.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    """The whole pipeline on the quick config: every stage's files, and a report whose figures exist and whose
+    numbers come from the result files."""
+    import pandas as pd
+
+    lines: list[str] = []
+    report = run_study(CONFIGS / "quick.yaml", results=tmp_path, log=lines.append)
+    root = tmp_path / "quick"
+    assert report == root / "report.md"
+    text = report.read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(figures) >= 10
+    assert all((root / f).is_file() for f in figures)
+    for expected in ("scores-r2/heatmap.png", "scores-retrieval/heatmap.png", "evaluate/score_vs_kv.png",
+                     "beta-sweep/beta_sweep.png", "ablate/ablation.png", "latency/latency.png",
+                     "latency/kv_bytes.png"):
+        assert expected in figures
+    assert "teacher-forced" in text
+    stages = json.loads((root / "stages.json").read_text())
+    assert set(stages) == set(STAGES)
+    # numbers in the report are the result files' numbers
+    summary = pd.read_csv(root / "evaluate" / "results.csv")
+    full = summary[summary["method"] == "full"]["score"].mean()
+    assert f"| full | all | 1.000 | {full:.3f} |" in text
+    latency = pd.read_csv(root / "latency" / "latency.csv")
+    assert f"{latency['kv_bytes'].iloc[0] / 2**20:.2f}" in text
+    # rerunning continues: every stage but the report is skipped
+    lines.clear()
+    run_study(CONFIGS / "quick.yaml", results=tmp_path, log=lines.append)
+    assert sum("skipped" in line for line in lines) == len(STAGES) - 1
+
+
+def test_stage_errors_name_the_stage(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text((CONFIGS / "quick.yaml").read_text().replace("tasks: niah,twohop", "tasks: niah,twohops"))
+    scores = tmp_path / "quick"
+    for which in ("r2", "retrieval"):
+        (scores / f"scores-{which}").mkdir(parents=True)
+        (scores / f"scores-{which}" / "head_scores.json").write_text(
+            json.dumps({f"{layer}-{head}": [1.0 + head] for layer in range(30) for head in range(9)}))
+    with pytest.raises(HeadscoreError, match="reproduce stage 'evaluate': unknown task 'twohops'"):
+        run_study(config, results=tmp_path, stages=["evaluate"])
