@@ -412,7 +412,9 @@ def evaluate_command(
                              "metadata.json, NIAH heatmaps, score_vs_kv.png; journal.jsonl makes reruns resume."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     tasks: str = typer.Option("niah,synthetic", help="Comma-separated tasks: niah, synthetic (= multikey, "
-                              "multivalue, vartrack, twohop) or any of those, longbench:PATH_OR_HF_ID."),
+                              "multivalue, vartrack, twohop) or any of those; longbench (the 16 English datasets "
+                              "from the hub), longbench:DIR (their <dataset>.jsonl files), longbench:FILE_OR_HF_ID, "
+                              "longbench-e[:DIR], loogle[:FILE_OR_HF_ID] (see docs/longbench.md)."),
     methods: str = typer.Option("full,snapkv,pyramidkv,ada-snapkv,headkv-r,headkv-r2",
                                 help="Comma-separated: full, streaming, snapkv, pyramidkv, ada-snapkv, headkv-r "
                                 "(needs --scores-r), headkv-r2 (needs --scores-r2)."),
@@ -438,10 +440,16 @@ def evaluate_command(
     samples_per_length: int | None = typer.Option(None, help="Synthetic samples per length [default: 4]."),
     num_needles: int | None = typer.Option(None, help="niah: use only the first N evaluation needles "
                                            "[default: all 3]."),
-    template: str = typer.Option("chat", help="Prompt template of every task: chat (the tokenizer's chat "
-                                 "template; instruct models answer) or raw (context, then the question)."),
-    max_length: int | None = typer.Option(None, help="LongBench: middle-truncate contexts to this many "
-                                          "tokens."),
+    template: str | None = typer.Option(None, help="Prompt template: chat (the tokenizer's chat template), "
+                                        "raw (no template) or llama2 ([INST] ... [/INST]) [default: chat for "
+                                        "niah and synthetic; raw for LongBench and LooGLE, as the authors ran "
+                                        "Llama-3 and Mistral]."),
+    max_length: int | None = typer.Option(None, help="LongBench/LooGLE: middle-truncate the whole prompt to "
+                                          "this many tokens (the authors: 7500 for Llama-3-8B-Instruct, 31500 "
+                                          "for Mistral-7B-Instruct-v0.2)."),
+    dump_prompts: Path | None = typer.Option(None, "--dump-prompts", help="Write the rendered prompts (after "
+                                             "truncation) and generation settings as JSONL to this file, "
+                                             "loading only the tokenizer, and exit."),
     limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
@@ -449,6 +457,7 @@ def evaluate_command(
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
     from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate
+    from headscore.evaluation.evaluate import dump_prompts as write_prompts
 
     scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
     options = EvaluateOptions(methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -459,6 +468,10 @@ def evaluate_command(
                     "depths": _number_list([depths], float, "--depths") if depths else None,
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,
                     "num_needles": num_needles}
+    if dump_prompts is not None:
+        count = write_prompts(model, tasks, dump_prompts, task_options=task_options, limit=limit)
+        stdout.print(f"{count} prompts -> {dump_prompts}")
+        return
     setup = prepare_evaluate(model, tasks, options=options, task_options=task_options, device=device, dtype=dtype,
                              limit=limit)
     with progress_bar() as bar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from headscore.core.errors import HeadscoreError
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import Sample, expand_specs, get_task, score
-from headscore.evaluation.tasks.longbench import middle_truncate
 from headscore.scoring.trials import load_needles, needles_dir
 
 LENGTHS = (300, 500)
@@ -106,58 +104,6 @@ def test_twohop_answer_follows_the_ages(tokenizer):
 def test_too_short_length_is_an_error(tokenizer):
     with pytest.raises(HeadscoreError, match="too short"):
         get_task("vartrack", lengths=(40,)).samples(tokenizer)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-def test_longbench_jsonl_metrics_and_prompt(tokenizer, tmp_path):
-    path = tmp_path / "hotpotqa.jsonl"
-    write_jsonl(path, [
-        {"context": "Passage 1: Ada lived in Turin.", "input": "Where did Ada live?", "answers": ["Turin"],
-         "_id": "a1"},
-        {"context": "A long report.", "input": "", "answers": ["A summary."], "dataset": "gov_report"},
-    ])
-    samples = get_task(f"longbench:{path}").samples(tokenizer)
-    assert [s.id for s in samples] == ["a1", "gov_report-1"]
-    assert [s.metric for s in samples] == ["qa_f1", "rouge_l"]  # from the file stem, then the record's field
-    assert [s.max_new_tokens for s in samples] == [32, 512]
-    assert "Where did Ada live?" in samples[0].prompt and samples[0].prompt.startswith("Passage 1")
-    assert "summary" in samples[1].prompt.lower()
-    # qa_f1("in turin", "turin") = 2 * (1/2) * 1 / (3/2) = 2/3
-    assert score(samples[0], "In Turin") == pytest.approx(2 / 3)
-    forced = get_task(f"longbench:{path}", metric="contains", limit=1).samples(tokenizer)
-    assert len(forced) == 1 and forced[0].metric == "contains"
-
-
-def test_longbench_middle_truncation(tokenizer, tmp_path):
-    words = " ".join(f"w{i}" for i in range(400))
-    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
-    cut = middle_truncate(tokenizer, words, 100)
-    assert cut.startswith(tokenizer.decode(ids[:50])) and cut.endswith(tokenizer.decode(ids[-50:]))
-    assert abs(len(tokenizer(cut, add_special_tokens=False)["input_ids"]) - 100) <= 2
-    assert "w200" not in cut
-    assert middle_truncate(tokenizer, "short text", 100) == "short text"
-    path = tmp_path / "x.jsonl"
-    write_jsonl(path, [{"context": words, "input": "q", "answers": ["a"]}])
-    s = get_task(f"longbench:{path}", max_length=100, metric="qa_f1").samples(tokenizer)[0]
-    assert s.context == cut
-
-
-def test_longbench_errors(tokenizer, tmp_path):
-    path = tmp_path / "trec.jsonl"
-    write_jsonl(path, [{"context": "c", "input": "q", "answers": ["a"]}])
-    with pytest.raises(HeadscoreError, match="no metric known"):
-        get_task(f"longbench:{path}").samples(tokenizer)
-    write_jsonl(path, [{"context": "c", "input": "q", "answers": []}])
-    with pytest.raises(HeadscoreError, match="answers"):
-        get_task(f"longbench:{path}", metric="qa_f1").samples(tokenizer)
-    path.write_text("{not json\n", encoding="utf-8")
-    with pytest.raises(HeadscoreError, match="not valid JSON"):
-        get_task(f"longbench:{path}", metric="qa_f1").samples(tokenizer)
-    with pytest.raises(HeadscoreError, match="not found"):
-        get_task(f"longbench:{tmp_path / 'missing.jsonl'}").samples(tokenizer)
 
 
 def test_registry():

@@ -190,18 +190,27 @@ def compress_state(state: PrefillState, press: Press) -> Any:
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
-           eos: Sequence[int] | set[int] = (), line_end: Sequence[int] | set[int] = ()
-           ) -> tuple[list[int], list[float]]:
-    """Greedy decode from the prefill's last `logits`: `(tokens, seconds of each decode step)`.
+           eos: Sequence[int] | set[int] = (), line_end: Sequence[int] | set[int] = (),
+           min_new_tokens: int = 0) -> tuple[list[int], list[float]]:
+    """Greedy decode from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each decode step)`.
 
     Stops after `max_new_tokens` tokens, an `eos` token, or a `line_end` token once some other token has
-    been generated (leading line breaks do not end an answer); the stop token is included.
+    been generated (leading line breaks do not end an answer); the stop token is included. The first
+    `min_new_tokens` tokens cannot be `eos` tokens (their logits are set to -inf, as transformers'
+    `min_length` does).
     """
     if max_new_tokens < 1:
         raise HeadscoreError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = input_device(model)
     eos, line_end = set(eos), set(line_end)
-    token = int(logits.argmax())
+    banned = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
+
+    def pick(row: torch.Tensor, step: int) -> int:
+        if step < min_new_tokens and len(banned):
+            row = row.index_fill(0, banned.to(row.device), float("-inf"))
+        return int(row.argmax())
+
+    token = pick(logits, 0)
     tokens, seconds = [token], []
     content = False  # a token other than a line end came before the last one
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
@@ -209,7 +218,7 @@ def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
             content = content or token not in line_end
             start = time.perf_counter()
             out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-            token = int(out.logits[0, -1].argmax())
+            token = pick(out.logits[0, -1], len(tokens))
             seconds.append(time.perf_counter() - start)
             tokens.append(token)
     return tokens, seconds

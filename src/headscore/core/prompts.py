@@ -11,7 +11,7 @@ from typing import Any
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes
 
-TEMPLATES = ("raw", "chat")
+TEMPLATES = ("raw", "chat", "llama2")
 QUESTION_TEMPLATE = "Based on the content of the book, Question: {question}"
 
 
@@ -23,9 +23,12 @@ def render_prompt(tokenizer: Any, context: str, question: str, template: str = "
 
 def apply_template(tokenizer: Any, text: str, template: str, raw_suffix: str = "") -> str:
     """`raw`: the text (plus `raw_suffix`); `chat`: the text as one user turn of the tokenizer's chat
-    template, with the generation prompt."""
+    template, with the generation prompt; `llama2`: `[INST] text [/INST]` (the wrap KVCache-Factory's
+    LongBench script gives Llama-2 models; the tokenizer adds BOS)."""
     if template == "raw":
         return text + raw_suffix
+    if template == "llama2":
+        return f"[INST] {text} [/INST]"
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise HeadscoreError("template 'chat' needs a tokenizer with a chat template")
@@ -35,9 +38,9 @@ def apply_template(tokenizer: Any, text: str, template: str, raw_suffix: str = "
 
 
 def encode_prompt(tokenizer: Any, prompt: str, template: str = "raw", offsets: bool = False) -> dict:
-    """Tokenize a prompt the one way every stage does: raw prompts get the tokenizer's special tokens,
-    chat prompts already carry them as text."""
-    return tokenizer(prompt, add_special_tokens=template == "raw", return_offsets_mapping=offsets)
+    """Tokenize a prompt the one way every stage does: raw and llama2 prompts get the tokenizer's special
+    tokens, chat prompts already carry them as text."""
+    return tokenizer(prompt, add_special_tokens=template != "chat", return_offsets_mapping=offsets)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -7,11 +7,15 @@ each (method, budget) condition then builds its own compressed cache from that o
 
 Outputs in the run folder: `results.csv` (one row per sample × condition), `summary.md` (mean score per
 method × budget, overall and per task), `metadata.json`, `niah_<method>_<budget>.png` heatmaps (length ×
-depth) and `score_vs_kv.png` (mean score against KV size). `journal.jsonl` makes the run resumable.
+depth) and `score_vs_kv.png` (mean score against KV size); with LongBench or LooGLE tasks also
+`longbench.md` / `longbench.csv` (each dataset's score as LongBench reports it, their average, LongBench-E
+buckets). `journal.jsonl` makes the run resumable. `dump_prompts` writes the rendered prompts and generation
+settings without loading weights.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,10 +36,11 @@ from headscore.core.files import (
     write_json,
 )
 from headscore.core.journal import append_journal, open_journal
-from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model
+from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, load_tokenizer
 from headscore.core.plots import grid_heatmap, line_plot
 from headscore.core.prompts import encode_prompt
-from headscore.evaluation.tasks import expand_specs, get_task, score, task_settings
+from headscore.evaluation.tasks import SOURCED, Sample, Task, expand_specs, get_task, score, task_settings
+from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
 
 JOURNAL = "journal.jsonl"
@@ -43,6 +48,9 @@ RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
 METADATA_FILE = "metadata.json"
 CURVE_FILE = "score_vs_kv.png"
+LONGBENCH_FILE = "longbench.md"
+LONGBENCH_CSV = "longbench.csv"
+GENERATED_TASK_TEMPLATE = "chat"  # niah/synthetic prompts unless a template is given (sourced tasks: their own)
 
 # evaluation method name -> (compression method, key of the head-score file it needs or None)
 EVAL_METHODS: dict[str, tuple[str, str | None]] = {
@@ -135,18 +143,37 @@ def newline_token_ids(tokenizer: Any) -> set[int]:
     return {i for i, text in zip(ids, texts, strict=True) if "\n" in text}
 
 
+def tokenizer_eos(tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS id alone (the authors' `eos_token_id=[tokenizer.eos_token_id]`)."""
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise HeadscoreError("the tokenizer has no EOS token; LongBench generation ends at it")
+    return {int(tokenizer.eos_token_id)}
+
+
+def stop_tokens(sample: Sample, tokenizer: Any, stops: set[int], line_end: set[int]) -> tuple[set[int], set[int]]:
+    """`(eos ids, line-end ids)` of the sample's stop rule: `stops` and `line_end` for "line", the tokenizer's
+    EOS id and no line ends for "eos"."""
+    return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
+
+
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
                     stops: set[int], window: int, line_end: set[int] = frozenset()) -> list[dict[str, Any]]:
-    """Prefill `sample` once, then compress and decode for every condition: one result row per condition."""
+    """Prefill `sample` once, then compress and decode for every condition: one result row per condition.
+
+    The sample's stop rule picks the stop tokens (`stop_tokens`); "eos" predictions are kept unstripped.
+    """
 
     ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
     geometry = Geometry.from_config(model.config)
     state = prefill(model, torch.tensor([ids], device=input_device(model)), window)
+    eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
     rows = []
     for condition in conditions:
         cache = compress_state(state, condition.press)
-        tokens, seconds = decode(model, cache, state.logits, sample.max_new_tokens, stops, line_end)
-        prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        tokens, seconds = decode(model, cache, state.logits, sample.max_new_tokens, eos, line_end,
+                                 sample.min_new_tokens)
+        prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+        prediction = prediction if sample.stop == "eos" else prediction.strip()
         report = cache_report(cache, condition.press, geometry, len(ids), len(tokens), state.seconds, seconds)
         rows.append({
             "task": sample.task, "sample": sample.id, "length": len(ids), "target_length": sample.target_length,
@@ -246,7 +273,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
     if too_long:
-        raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens")
+        raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
+                             "(LongBench/LooGLE: --max-length truncates prompts)")
     header = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**asdict(options), "methods": list(options.methods), "budgets": list(options.budgets),
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
@@ -271,6 +299,13 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         pd.DataFrame(rows).to_csv(handle, index=False)
     atomic_write_text(out_dir / SUMMARY_FILE, f"# Evaluation: {model_name}\n\n" + summary_markdown(summary))
     figures = write_figures(out_dir, rows)
+    longbench = longbench_table(samples, rows)
+    if longbench:
+        atomic_write_text(out_dir / LONGBENCH_FILE, f"# LongBench / LooGLE scores: {model_name}\n\n"
+                          "Each dataset: mean score × 100, 2 decimals (LongBench's scorer); average: over the "
+                          "datasets.\n\n" + longbench_markdown(longbench))
+        with atomic_open(out_dir / LONGBENCH_CSV) as handle:
+            pd.DataFrame(longbench).to_csv(handle, index=False)
     write_json(out_dir / METADATA_FILE, {
         **header, "options": {**header["options"], "scores_files": dict(options.scores)},
         "tasks": list(task_settings),
@@ -292,6 +327,50 @@ class EvaluationSetup:
     task_settings: list[dict[str, Any]]
 
 
+def build_tasks(tasks: str, task_options: dict[str, Any] | None = None) -> list[Task]:
+    """The tasks of comma-separated `tasks` specs, each given the `task_options` it accepts.
+
+    Without a `template` option, niah and synthetic tasks use the chat template and LongBench/LooGLE the
+    authors' formatting (their own default, `raw`).
+    """
+    task_options = {k: v for k, v in (task_options or {}).items() if v is not None}
+    built = []
+    for spec in expand_specs(tasks):
+        accepted = set(task_settings(spec))
+        settings = {k: v for k, v in task_options.items() if k in accepted}
+        if "template" in accepted and "template" not in settings and spec.partition(":")[0] not in SOURCED:
+            settings["template"] = GENERATED_TASK_TEMPLATE
+        built.append(get_task(spec, **settings))
+    return built
+
+
+def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: dict[str, Any] | None = None,
+                 limit: int | None = None) -> int:
+    """Write every sample's exact model input (after truncation) and generation settings as JSONL to `out`
+    (atomically), loading only the tokenizer. Returns the number of samples.
+
+    Fields: `id`, `task`, `dataset`, `prompt`, `prompt_tokens` (with the tokenizer's special tokens),
+    `template`, `max_new_tokens`, `min_new_tokens`, `decoding` (greedy), `stop`, `eos_token_ids` (the
+    tokenizer's; "line" samples also stop at the model's generation-config EOS ids and at a line break),
+    `metric`, `first_line`, `answers`.
+    """
+    built = build_tasks(tasks, task_options)
+    tokenizer = load_tokenizer(model_name)
+    samples = [sample for task in built for sample in task.samples(tokenizer)][:limit]
+    if not samples:
+        raise HeadscoreError("evaluate: the tasks produced no samples")
+    with atomic_open(out) as handle:
+        for s in samples:
+            eos = tokenizer_eos(tokenizer) if s.stop == "eos" else eos_ids(None, tokenizer)
+            line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": s.prompt,
+                    "prompt_tokens": s.length, "template": s.template, "max_new_tokens": s.max_new_tokens,
+                    "min_new_tokens": s.min_new_tokens, "decoding": "greedy", "stop": s.stop,
+                    "eos_token_ids": sorted(eos), "metric": s.metric,
+                    "first_line": bool(s.meta.get("first_line")), "answers": s.answers}
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return len(samples)
+
+
 def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
                      task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
                      limit: int | None = None) -> EvaluationSetup:
@@ -301,12 +380,7 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
     `task_options`: settings passed to every task that takes them (e.g. lengths, depths, samples_per_length).
     """
 
-    specs = expand_specs(tasks)
-    task_options = {k: v for k, v in (task_options or {}).items() if v is not None}
-    built = []
-    for spec in specs:
-        accepted = set(task_settings(spec))
-        built.append(get_task(spec, **{k: v for k, v in task_options.items() if k in accepted}))
+    built = build_tasks(tasks, task_options)
     plan_conditions(load_geometry(model_name), options)  # bad methods or scores fail before loading weights
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     samples = [sample for task in built for sample in task.samples(tokenizer)]

@@ -54,7 +54,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                                         "headkv-r2"],
                  "budgets": [32, 64, 128, 256], "beta": 1.01, "window": 8, "kernel": 7, "alpha": 0.2,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
-                 "max_length": None, "limit": None, "template": "chat", "num_needles": None},
+                 "max_length": None, "limit": None, "template": None, "num_needles": None},
     "beta_sweep": {"method": "headkv-r2", "budget": 64, "betas": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10],
                    "tasks": "niah", "lengths": None, "depths": None},
     "ablate": {"scores": "r2", "ks": [1, 4, 16, 64], "seeds": [0, 1], "conditions": ["top", "random", "lowest"],

@@ -1,38 +1,57 @@
 """Evaluation tasks: `get_task(spec, **settings).samples(tokenizer)` -> Samples; `score(sample, prediction)`.
 
-Specs: `niah`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`; `synthetic` names the four
-synthetic tasks (see `expand_specs`).
+Specs: `niah`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`, `loogle:SOURCE`. Shorthands
+(see `expand_specs`): `synthetic` names the four synthetic tasks; `longbench` / `longbench-e` the 16 English
+LongBench datasets / the 13 LongBench-E ones from the hub, `longbench:DIR` / `longbench-e:DIR` the same from a
+folder of `<dataset>.jsonl` files (LongBench's data.zip); `loogle` LooGLE's long-dependency QA from the hub.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
 from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, score
-from headscore.evaluation.tasks.longbench import LongBenchTask
+from headscore.evaluation.tasks.longbench import (
+    HUB_LONGBENCH,
+    HUB_LOOGLE,
+    LongBenchTask,
+    LoogleTask,
+    longbench_datasets,
+    longbench_e_datasets,
+)
 from headscore.evaluation.tasks.niah import NiahTask
 from headscore.evaluation.tasks.synthetic import MultiKeyTask, MultiValueTask, TwoHopTask, VariableTrackingTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NiahTask, MultiKeyTask, MultiValueTask,
                                                           VariableTrackingTask, TwoHopTask)}
 SYNTHETIC = ("multikey", "multivalue", "vartrack", "twohop")
+SOURCED: dict[str, type[LongBenchTask]] = {"longbench": LongBenchTask, "loogle": LoogleTask}
 
-__all__ = ["SYNTHETIC", "TASKS", "LongBenchTask", "Placement", "Sample", "Task", "expand_specs", "get_task",
-           "place_in_haystack", "score", "task_settings"]
+__all__ = ["SYNTHETIC", "TASKS", "LongBenchTask", "LoogleTask", "Placement", "Sample", "Task", "expand_specs",
+           "get_task", "place_in_haystack", "score", "task_settings"]
+
+
+def _sourced(spec: str) -> tuple[type[LongBenchTask], str] | None:
+    """`(task class, source)` for `longbench:SOURCE` / `loogle:SOURCE`, else None."""
+    kind, colon, source = spec.partition(":")
+    return (SOURCED[kind], source) if colon and kind in SOURCED else None
 
 
 def task_settings(spec: str) -> list[str]:
     """The setting names the task named by `spec` accepts."""
-    cls = LongBenchTask if spec.startswith("longbench:") else TASKS.get(spec)
+    sourced = _sourced(spec)
+    cls = sourced[0] if sourced else TASKS.get(spec)
     if cls is None:
         raise HeadscoreError(unknown(spec))
     return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
 
 
 def unknown(spec: str) -> str:
-    return f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, or longbench:PATH_OR_HF_ID"
+    return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, longbench, longbench-e, loogle, "
+            "longbench:PATH_OR_HF_ID or loogle:PATH_OR_HF_ID")
 
 
 def get_task(spec: str, **settings: Any) -> Task:
@@ -46,20 +65,43 @@ def get_task(spec: str, **settings: Any) -> Task:
     if extra:
         raise HeadscoreError(f"task '{spec}' has no setting {', '.join(extra)} (it takes: "
                              f"{', '.join(sorted(allowed))})")
-    if spec.startswith("longbench:"):
-        source = spec[len("longbench:"):]
+    sourced = _sourced(spec)
+    if sourced:
+        cls, source = sourced
         if not source:
-            raise HeadscoreError("longbench needs a source: longbench:PATH_OR_HF_ID")
-        return LongBenchTask(source=source, **settings)
+            raise HeadscoreError(f"{cls.name} needs a source: {cls.name}:PATH_OR_HF_ID")
+        return cls(source=source, **settings)
     return TASKS[spec](**settings)
 
 
+def _expand_one(spec: str) -> list[str]:
+    """One spec, shorthands expanded (see the module docstring)."""
+    kind, colon, folder = spec.partition(":")
+    names = {"longbench": longbench_datasets, "longbench-e": longbench_e_datasets}.get(kind)
+    if spec == "synthetic":
+        return list(SYNTHETIC)
+    if spec == "loogle":
+        return [f"loogle:{HUB_LOOGLE}"]
+    if names and not colon:
+        return [f"longbench:{HUB_LONGBENCH}:{name}" for name in names()]
+    if names and Path(folder).expanduser().is_dir():
+        files = [Path(folder) / f"{name}.jsonl" for name in names()]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise HeadscoreError(f"LongBench folder {folder} lacks {', '.join(missing)}")
+        return [f"longbench:{f}" for f in files]
+    if kind == "longbench-e":
+        raise HeadscoreError(f"longbench-e takes a folder of <dataset>_e.jsonl files, not '{folder}'")
+    return [spec]
+
+
 def expand_specs(specs: str) -> list[str]:
-    """Comma-separated task specs, with `synthetic` expanded to the four synthetic tasks."""
+    """Comma-separated task specs, with the shorthands expanded (`synthetic`, `longbench`, `longbench-e`,
+    `loogle`, `longbench:DIR`, `longbench-e:DIR`)."""
     out: list[str] = []
     for spec in (s.strip() for s in specs.split(",")):
         if spec:
-            out.extend(SYNTHETIC if spec == "synthetic" else [spec])
+            out.extend(_expand_one(spec))
     if not out:
         raise HeadscoreError("no task given")
     return out

@@ -9,17 +9,26 @@ from typing import Any, ClassVar
 from headscore.core.errors import HeadscoreError
 from headscore.core.metrics import score_answers
 from headscore.core.prompts import HaystackTokens, encode_prompt, insertion_point, render_prompt
+from headscore.evaluation.tasks.longbench_metrics import PREFIX as LONGBENCH_PREFIX
+from headscore.evaluation.tasks.longbench_metrics import score_record
 
 MIN_FILLER = 16  # fewest haystack tokens a generated prompt may hold
+
+# decoding stop rules: the model's and the tokenizer's EOS ids, or a line break once the answer has begun
+# ("line": short answers); only the tokenizer's EOS id (or the token limit), no post-processing of the text
+# ("eos": LongBench/LooGLE as the authors generate, the prediction kept unstripped)
+STOP_RULES = ("line", "eos")
 
 
 @dataclass
 class Sample:
     """One evaluation example.
 
-    `prompt` is the full model input text for `template` (tokenize it with `needles.encode_prompt`);
+    `prompt` is the full model input text for `template` (tokenize it with `prompts.encode_prompt`);
     `length` is its token count. `answers` are the gold answers scored by the metric called `metric` (see
-    `metrics.score_answers`). `target_length` / `depth` are set by generated tasks; `meta` holds the rest.
+    `metrics.score_answers`; `longbench:<name>` metrics are LongBench's, see `longbench_metrics`).
+    `stop` is the decoding stop rule (`STOP_RULES`); the first `min_new_tokens` new tokens cannot be EOS.
+    `target_length` / `depth` are set by generated tasks; `meta` holds the rest.
     """
 
     id: str
@@ -32,6 +41,8 @@ class Sample:
     length: int
     template: str = "raw"
     max_new_tokens: int = 32
+    stop: str = "line"
+    min_new_tokens: int = 0
     target_length: int | None = None
     depth: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +52,14 @@ class Sample:
 
 
 def score(sample: Sample, prediction: str) -> float:
-    """The sample's metric applied to a prediction: a float in [0, 1]."""
+    """The sample's metric applied to a prediction: a float in [0, 1].
+
+    LongBench metrics (`longbench:<name>`) score as LongBench's scorer does: the sample's `first_line`
+    post-processing and `all_classes` (in `meta`), then the best over the answers.
+    """
+    if sample.metric.startswith(LONGBENCH_PREFIX):
+        return score_record(sample.metric, prediction, sample.answers, all_classes=sample.meta.get("all_classes"),
+                            first_line_only=bool(sample.meta.get("first_line")))
     return score_answers(sample.metric, prediction, sample.answers)
 
 
