@@ -412,9 +412,10 @@ def evaluate_command(
                              "metadata.json, NIAH heatmaps, score_vs_kv.png; journal.jsonl makes reruns resume."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     tasks: str = typer.Option("niah,synthetic", help="Comma-separated tasks: niah, synthetic (= multikey, "
-                              "multivalue, vartrack, twohop) or any of those; longbench (the 16 English datasets "
-                              "from the hub), longbench:DIR (their <dataset>.jsonl files), longbench:FILE_OR_HF_ID, "
-                              "longbench-e[:DIR], loogle[:FILE_OR_HF_ID] (see docs/longbench.md)."),
+                              "multivalue, vartrack, twohop) or any of those; longbench:DIR (the 16 English "
+                              "LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
+                              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see "
+                              "docs/longbench.md)."),
     methods: str = typer.Option("full,snapkv,pyramidkv,ada-snapkv,headkv-r,headkv-r2",
                                 help="Comma-separated: full, streaming, snapkv, pyramidkv, ada-snapkv, headkv-r "
                                 "(needs --scores-r), headkv-r2 (needs --scores-r2)."),

@@ -26,7 +26,11 @@ def test_shipped_configs_validate(name):
         assert config.top["device"] == "cuda" and "/" in config.top["model"]
         assert config.section("beta_sweep")["betas"] == [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]
         assert min(config.section("evaluate")["budgets"]) == 64
-        assert max(config.section("evaluate")["budgets"]) == 1024
+        assert max(config.section("evaluate")["budgets"]) == 2048
+        evaluate = config.section("evaluate")
+        assert evaluate["tasks"] == "longbench:data/LongBench,loogle:bigai-nlco/LooGLE"
+        assert evaluate["template"] == "raw" and evaluate["beta"] == 1.01
+        assert evaluate["max_length"] == {"llama3-8b-instruct": 7500, "mistral-7b-instruct": 31500}[name]
     if name == "smollm2-135m":
         assert config.section("estimate")["r2_mode"] == "teacher-forced"
 

@@ -137,16 +137,22 @@ def write_report(study: Any) -> Path:
     out.append(summary.split("\n", 2)[2] if summary.startswith("# ") else summary)
     if (root / "evaluate" / "score_vs_kv.png").is_file():
         out.append("\n![score vs KV size](evaluate/score_vs_kv.png)\n")
+    longbench = root / "evaluate" / "longbench.md"
+    if longbench.is_file():
+        out.append("\n### LongBench / LooGLE (the authors' protocol: each dataset × 100, their average)\n")
+        text = longbench.read_text(encoding="utf-8")
+        out.append(text[text.index("|"):])
     results = pd.read_csv(root / "evaluate" / "results.csv")
     budgets = sorted(int(b) for b in results["budget"].dropna().unique())
-    out.append("\n### NIAH heatmaps (length × depth)\n")
-    shown = [("full", "full")] + [(m, str(budgets[0])) for m in results["method"].unique() if m != "full"]
-    for method, label in shown:
-        figure = root / "evaluate" / f"niah_{method}_{label}.png"
-        if figure.is_file():
-            out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
-    out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
-               f"({budgets[0] if budgets else '-'}).\n")
+    if (results["task"] == "niah").any():
+        out.append("\n### NIAH heatmaps (length × depth)\n")
+        shown = [("full", "full")] + [(m, str(budgets[0])) for m in results["method"].unique() if m != "full"]
+        for method, label in shown:
+            figure = root / "evaluate" / f"niah_{method}_{label}.png"
+            if figure.is_file():
+                out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
+        out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
+                   f"({budgets[0] if budgets else '-'}).\n")
 
     # ---- beta sweep
     out.append("## β sweep\n")

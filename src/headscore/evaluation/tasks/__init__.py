@@ -1,9 +1,9 @@
 """Evaluation tasks: `get_task(spec, **settings).samples(tokenizer)` -> Samples; `score(sample, prediction)`.
 
 Specs: `niah`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`, `loogle:SOURCE`. Shorthands
-(see `expand_specs`): `synthetic` names the four synthetic tasks; `longbench` / `longbench-e` the 16 English
-LongBench datasets / the 13 LongBench-E ones from the hub, `longbench:DIR` / `longbench-e:DIR` the same from a
-folder of `<dataset>.jsonl` files (LongBench's data.zip); `loogle` LooGLE's long-dependency QA from the hub.
+(see `expand_specs`): `synthetic` names the four synthetic tasks; `longbench:DIR` / `longbench-e:DIR` the 16
+English LongBench datasets / the 13 LongBench-E ones from a folder of `<dataset>.jsonl` files (LongBench's
+data.zip); `loogle` LooGLE's long-dependency QA from the hub.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def task_settings(spec: str) -> list[str]:
 
 
 def unknown(spec: str) -> str:
-    return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, longbench, longbench-e, loogle, "
-            "longbench:PATH_OR_HF_ID or loogle:PATH_OR_HF_ID")
+    return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, loogle, longbench:DIR, "
+            "longbench-e:DIR, longbench:PATH_OR_HF_ID or loogle:PATH_OR_HF_ID")
 
 
 def get_task(spec: str, **settings: Any) -> Task:
@@ -83,7 +83,8 @@ def _expand_one(spec: str) -> list[str]:
     if spec == "loogle":
         return [f"loogle:{HUB_LOOGLE}"]
     if names and not colon:
-        return [f"longbench:{HUB_LONGBENCH}:{name}" for name in names()]
+        raise HeadscoreError(f"{kind} needs the folder of LongBench's <dataset>.jsonl files ({HUB_LONGBENCH}'s "
+                             f"data.zip): {kind}:DIR (or longbench:FILE, longbench:HF_ID:CONFIG)")
     if names and Path(folder).expanduser().is_dir():
         files = [Path(folder) / f"{name}.jsonl" for name in names()]
         missing = [f.name for f in files if not f.is_file()]
@@ -96,8 +97,8 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def expand_specs(specs: str) -> list[str]:
-    """Comma-separated task specs, with the shorthands expanded (`synthetic`, `longbench`, `longbench-e`,
-    `loogle`, `longbench:DIR`, `longbench-e:DIR`)."""
+    """Comma-separated task specs, with the shorthands expanded (`synthetic`, `loogle`, `longbench:DIR`,
+    `longbench-e:DIR`)."""
     out: list[str] = []
     for spec in (s.strip() for s in specs.split(",")):
         if spec:
