@@ -232,7 +232,7 @@ def ablate_command(
     template: str = typer.Option("chat", help="Prompt template: chat (default; instruct models answer "
                                  "nothing to raw prompts) or raw (as in build-needles)."),
     max_new_tokens: int = typer.Option(32, help="Greedy tokens generated per answer."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                      "bfloat16 on CUDA]."),
 ) -> None:
@@ -287,7 +287,7 @@ def compress_command(
     max_new_tokens: int = typer.Option(64, help="Greedy tokens generated at most."),
     template: str = typer.Option("chat", help="Prompt template: chat (default; the tokenizer's chat template, "
                                  "instruct models answer) or raw (as in build-needles)."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                         "bfloat16 on CUDA]."),
     report: Path | None = typer.Option(None, help="Also write the KV report and the run's metadata as "
@@ -367,7 +367,7 @@ def estimate_command(
     limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
     shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run every n-th trial from the i-th; "
                                      "combine the folders with `headscore merge`."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                      "bfloat16 on CUDA]."),
     device_map: str | None = typer.Option(None, "--device-map", help="'auto': spread a model larger than "
@@ -452,7 +452,7 @@ def evaluate_command(
                                              "truncation) and generation settings as JSONL to this file, "
                                              "loading only the tokenizer, and exit."),
     limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
 ) -> None:

@@ -39,7 +39,7 @@ from headscore.compression.presses import (
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
-from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model
+from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, resolve_device
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
@@ -330,7 +330,7 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
 
 
 def compress_files(model_name: str, context_file: str | Path, question: str, *, method: str = "headkv",
-                   max_new_tokens: int = 64, template: str = "raw", device: str = "cpu",
+                   max_new_tokens: int = 64, template: str = "raw", device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
@@ -360,7 +360,7 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
         if isinstance(source, (str, Path)):
             files[f"{key}_file"], files[f"{key}_fingerprint"] = str(source), fingerprint_file(source)
     metadata = {"model": model_name, "geometry": geometry.to_dict(), "question": question,
-                "template": template, "max_new_tokens": max_new_tokens, "device": device,
+                "template": template, "max_new_tokens": max_new_tokens, "device": resolve_device(device),
                 "dtype": str(next(model.parameters()).dtype), "press": press.describe(), **files,
                 "versions": versions()}
     return result, metadata

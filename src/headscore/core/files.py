@@ -26,6 +26,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     A crash or an exception leaves `path` untouched and no partial file behind.
     """
     path = Path(path)
+    if path.is_dir():
+        raise HeadscoreError(f"cannot write {path}: it is a folder; give a file path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise HeadscoreError(f"cannot write {path}: {path.parent} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions

@@ -48,10 +48,19 @@ class Geometry:
         )
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """`auto` (or None): `cuda` when a CUDA device is available, else `cpu`; any other name is returned as is
+    (torch checks it when the model moves there)."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """`auto` (None) is float32 on CPU and bfloat16 on CUDA."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    device = resolve_device(device)
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if dtype not in DTYPES:
@@ -73,17 +82,19 @@ def load_tokenizer(model: str = DEFAULT_MODEL):
 def load_model(
     model: str = DEFAULT_MODEL,
     *,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
     attn_implementation: str = "sdpa",
 ):
     """Load `(model, tokenizer)` in eval mode. `model` is an alias, folder, .gguf file or hub id.
 
-    `device_map="auto"` spreads a large model over the available devices (accelerate).
+    `device` `auto`: CUDA when available, else CPU (`resolve_device`). `device_map="auto"` spreads a large
+    model over the available devices (accelerate).
     """
 
     quiet_transformers()
+    device = resolve_device(device)
     source = resolve_model(model)
     tokenizer = load_tokenizer(model)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation}

@@ -21,7 +21,7 @@ import torch
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
-from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer
+from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer, resolve_device
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import Sample, get_task, score
@@ -228,7 +228,7 @@ def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seed
             conditions: Sequence[str] = CONDITIONS, lengths: Sequence[int] = (1000, 2000),
             depths: Sequence[float] = (0, 50, 100), needles: str | None = None,
             num_needles: int | None = None, haystack: str | None = None, template: str = "chat",
-            max_new_tokens: int = 32, device: str = "cpu", dtype: str | None = None) -> AblationSetup:
+            max_new_tokens: int = 32, device: str = "auto", dtype: str | None = None) -> AblationSetup:
     """Load the model and scores, build the NIAH samples and the list of ablation conditions."""
 
     unknown = sorted(set(conditions) - set(CONDITIONS))
@@ -253,7 +253,8 @@ def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seed
         "geometry": geometry.to_dict(),
         "scores": {"path": str(scores_path), "fingerprint": fingerprint_file(scores_path),
                    "trials": scores.num_trials},
-        "parameters": {"ks": list(ks), "seeds": list(seeds), "conditions": list(conditions), "device": device,
+        "parameters": {"ks": list(ks), "seeds": list(seeds), "conditions": list(conditions),
+                       "device": resolve_device(device),
                        "dtype": str(lm.dtype).removeprefix("torch."), "generation": "greedy, sdpa"},
         "task": {**task.settings(), "samples": len(samples), "sample_ids": [s.id for s in samples]},
         "heads_removed": {f"{c.condition}-k{c.k}" + ("" if c.seed is None else f"-s{c.seed}"):

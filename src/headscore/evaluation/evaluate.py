@@ -372,7 +372,7 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
 
 
 def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
-                     task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                     task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
                      limit: int | None = None) -> EvaluationSetup:
     """Check the tasks and the plan (before loading weights), load the model, build the task samples.
 
@@ -392,7 +392,7 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
 
 
 def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
-                 task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                 task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
                  limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
     """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate`."""
     setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,

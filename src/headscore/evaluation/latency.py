@@ -18,7 +18,7 @@ import torch
 from headscore.compression.generation import generate_ids, make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
-from headscore.core.model import Geometry, load_model
+from headscore.core.model import Geometry, load_model, resolve_device
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import get_task
@@ -52,7 +52,7 @@ def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses:
 
 def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int], method: str = "headkv",
                 label: str | None = None, budget: int = 128, beta: float = 1.01, scores: str | None = None,
-                max_new_tokens: int = 16, device: str = "cpu", dtype: str | None = None) -> list[dict[str, Any]]:
+                max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None) -> list[dict[str, Any]]:
     """Measure `full` and `method` at every length; write latency.csv, latency.png, kv_bytes.png, metadata."""
 
     out_dir = Path(out_dir)
@@ -79,5 +79,5 @@ def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int],
     write_json(out_dir / "metadata.json", {
         "model": model_name, "geometry": geometry.to_dict(), "method": method, "label": label, "budget": budget,
         "beta": beta, "scores": scores, "lengths": list(lengths), "max_new_tokens": max_new_tokens,
-        "device": device, "dtype": str(model.dtype).removeprefix("torch."), "versions": versions()})
+        "device": resolve_device(device), "dtype": str(model.dtype).removeprefix("torch."), "versions": versions()})
     return rows

@@ -335,7 +335,7 @@ def run_estimate(
     out_dir: str | Path,
     *,
     options: EstimateOptions = EstimateOptions(),
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     device_map: str | None = None,
     shard: str | None = None,

@@ -45,7 +45,7 @@ STAGES = ("needles", "estimate", "allocate", "evaluate", "beta_sweep", "ablate",
 
 # section -> allowed keys (with their defaults); any other key is an error naming the section and key
 SCHEMA: dict[str, dict[str, Any]] = {
-    "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "cpu", "dtype": None, "note": ""},
+    "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "auto", "dtype": None, "note": ""},
     "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
                  "f1_threshold": 0.5, "rouge_threshold": 0.5},
