@@ -83,7 +83,7 @@ def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> d
                     out = model(input_ids=token, past_key_values=cache, use_cache=True, output_attentions=True,
                                 logits_to_keep=1)
                     probs = torch.stack([a[0, :, -1] for a in out.attentions])  # [layers, heads, context]
-                    total = total + r2_scores(probs[None], span)
+                    total = total + r2_scores(probs[None], span, answer_tokens=n)
                     token = forced[step].view(1, 1).to(device)
     if cuda:
         torch.cuda.synchronize()

@@ -141,10 +141,12 @@ def allocate_command(
                                            "query head (the official code's behaviour)."),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Only its config is read "
                                      "(geometry). Default: the geometry in the metadata.json beside "
-                                     f"--scores, else {DEFAULT_MODEL}."),
+                                     f"--scores, else the score file's layer-head keys (add --kv-heads for "
+                                     f"--granularity kv), else {DEFAULT_MODEL}."),
     layers: int | None = typer.Option(None, help="Stated geometry: number of layers (with --heads)."),
     heads: int | None = typer.Option(None, help="Stated geometry: query heads per layer."),
-    kv_heads: int | None = typer.Option(None, help="Stated geometry: KV heads per layer [default: --heads]."),
+    kv_heads: int | None = typer.Option(None, help="Stated geometry: KV heads per layer [default: --heads]; "
+                                        "alone, with the layers × heads of --scores."),
     split: bool = typer.Option(False, "--split", help="For a sweep, write one file per combination "
                                "(OUT_B128_beta1.01.json) instead of one file holding them all."),
     plot: Path | None = typer.Option(None, help="Write a heatmap of the budgets (.png, .svg or .pdf; one "
@@ -161,7 +163,8 @@ def allocate_command(
     if plot is not None:
         figure_format(plot)
     geometry, origin = allocation.resolve_geometry(model=model, layers=layers, heads=heads, kv_heads=kv_heads,
-                                                   scores_path=scores, default_model=DEFAULT_MODEL)
+                                                   scores_path=scores, default_model=DEFAULT_MODEL,
+                                                   granularity=granularity)
     head_scores = None
     if scores is not None:
         head_scores = read_head_scores(scores, geometry.layers, geometry.query_heads)
@@ -290,6 +293,9 @@ def compress_command(
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                         "bfloat16 on CUDA]."),
+    answer_prefix: str = typer.Option("", help="Text that opens the answer (kvpress/RULER convention), placed "
+                                      "after the generation prompt: it lies in the observation window and "
+                                      "the model continues it. The printed answer excludes it."),
     report: Path | None = typer.Option(None, help="Also write the KV report and the run's metadata as "
                                           "JSON to this file (atomically)."),
 ) -> None:
@@ -302,7 +308,8 @@ def compress_command(
         task = bar.add_task(f"{method}", total=None)
         result, metadata = compress_files(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
-            device=device, dtype=dtype, progress=lambda stage: bar.update(task, description=stage),
+            answer_prefix=answer_prefix, device=device, dtype=dtype,
+            progress=lambda stage: bar.update(task, description=stage),
             budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
             pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
             scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
@@ -355,7 +362,8 @@ def estimate_command(
                              "trials.csv, metadata.json, heatmap.png and the resume journal journal.jsonl."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     method: str = typer.Option("r2", help="'r2': retrieval-reasoning scores (HeadKV: top-N positions in the "
-                               "answer span, attention weight / N); 'retrieval': retrieval-head scores "
+                               "answer span, 10 · weight / (N · A), A = answer tokens); 'retrieval': "
+                               "retrieval-head scores "
                                "(top-1 position in the span holding the generated token, 1/N)."),
     mode: str = typer.Option("decode", help="'decode': greedy decoding, only trials that pass the success "
                              "check count (the paper); 'teacher-forced': one pass over prompt + gold answer, "
@@ -364,6 +372,8 @@ def estimate_command(
     rouge_threshold: float = typer.Option(0.5, help="retrieval success check: ROUGE-1 recall above this."),
     max_new_tokens: int = typer.Option(50, help="Decode at most this many tokens (and at most the answer's "
                                        "length); stops earlier at a newline or EOS."),
+    stop_after_failures: int = typer.Option(5, help="Decode mode: stop (exit 2, journal kept) when the first "
+                                            "K trials all fail the success check; 0 never stops."),
     limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
     shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run every n-th trial from the i-th; "
                                      "combine the folders with `headscore merge`."),
@@ -388,7 +398,8 @@ def estimate_command(
                 bar.update(task, description=f"scoring heads ({method}, {mode}) {record['id']}: {counted}")
 
         result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
-                              device_map=device_map, shard=shard, limit=limit, progress=advance)
+                              device_map=device_map, shard=shard, limit=limit,
+                              stop_after_failures=stop_after_failures, progress=advance)
     _estimate_summary(result, f"estimate ({method}, {mode})")
 
 
@@ -452,6 +463,9 @@ def evaluate_command(
                                              "truncation) and generation settings as JSONL to this file, "
                                              "loading only the tokenizer, and exit."),
     limit: int | None = typer.Option(None, help="Evaluate only the first N samples."),
+    answer_prefix: str = typer.Option("", help="Text that opens every answer (kvpress/RULER convention), "
+                                      "placed after the generation prompt, inside the observation window; "
+                                      "predictions exclude it."),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
@@ -464,7 +478,8 @@ def evaluate_command(
     options = EvaluateOptions(methods=[m.strip() for m in methods.split(",") if m.strip()],
                               budgets=_number_list([budgets], int, "--budgets"), scores=scores, window=window,
                               kernel=kernel, alpha=alpha, betas=_number_list([beta], float, "--beta"),
-                              temp=temp, granularity=granularity, pyramid_beta=pyramid_beta)
+                              temp=temp, granularity=granularity, pyramid_beta=pyramid_beta,
+                              answer_prefix=answer_prefix)
     task_options = {"lengths": _number_list([lengths], int, "--lengths") if lengths else None,
                     "depths": _number_list([depths], float, "--depths") if depths else None,
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,

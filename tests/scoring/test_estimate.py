@@ -54,10 +54,14 @@ def tiny(tiny_llama):
 
 
 def reference_scores(eager, tokenizer, trial, method, mode, max_new_tokens=50):
-    """Plain loop over steps, layers and heads on an eager model's `output_attentions` (full recompute)."""
+    """Plain loop over steps, layers and heads on an eager model's `output_attentions` (full recompute).
+
+    r2 is the official rule: 10 · weight / (N · A) per top-N hit, A = the answer's token count; r2 decoding
+    stops after A tokens, retrieval decoding after N."""
     ids = encode_prompt(tokenizer, trial["prompt"], trial["template"])["input_ids"]
     start, end = trial["answer_span"]
     n = end - start
+    a = len(tokenizer(trial["answer"], add_special_tokens=False)["input_ids"])
     config = eager.config
     scores = torch.zeros(config.num_hidden_layers, config.num_attention_heads, dtype=torch.float64)
 
@@ -69,7 +73,7 @@ def reference_scores(eager, tokenizer, trial, method, mode, max_new_tokens=50):
                 if method == "r2":
                     for position in ranked[:n]:
                         if start <= position < end:
-                            scores[layer, head] += row[position] / n
+                            scores[layer, head] += 10 * row[position] / (n * a)
                 elif start <= ranked[0] < end and ids[ranked[0]] == token:
                     scores[layer, head] += 1 / n
 
@@ -83,7 +87,7 @@ def reference_scores(eager, tokenizer, trial, method, mode, max_new_tokens=50):
             return scores, out.logits[0, len(ids) - 1:].argmax(-1).tolist()
         sequence = list(ids)
         stops = eos_ids(eager, tokenizer)
-        for _ in range(min(n, max_new_tokens)):
+        for _ in range(min(a if method == "r2" else n, max_new_tokens)):
             out = eager(torch.tensor([sequence]), output_attentions=True)
             token = int(out.logits[0, -1].argmax())
             add(out.attentions, -1, token)
@@ -257,3 +261,47 @@ def test_cli_on_smollm2(tmp_path):
     result = runner.invoke(app, ["estimate", "--needles", str(trials_path), "--out", str(tmp_path / "dec"),
                                  "--limit", "1"])
     assert result.exit_code == 0 and "no trial counted" in result.output
+
+
+def test_r2_decoding_stops_after_the_answers_token_count(tiny, tokenizer, trials, tmp_path):
+    """A short answer (A < N): r2 decodes at most A tokens and divides by N · A, as the official code."""
+    model, eager = tiny(), tiny("eager")
+    trial = {**trials[0], "answer": "Mary's favorite"}
+    a = len(tokenizer(trial["answer"], add_special_tokens=False)["input_ids"])
+    n = trial["answer_span"][1] - trial["answer_span"][0]
+    assert a < n
+    options = EstimateOptions(method="r2", f1_threshold=-1, max_new_tokens=50)
+    estimate(model, tokenizer, [trial], tmp_path, options=options, model_name="tiny")
+    record = read_journal_records(tmp_path)[0]
+    expected, generated = reference_scores(eager, tokenizer, trial, "r2", "decode", max_new_tokens=50)
+    assert record["steps"] == len(generated) <= a
+    assert (record["answer_tokens"], record["span_tokens"]) == (a, n)
+    torch.testing.assert_close(torch.tensor(record["scores"], dtype=torch.float64), expected, atol=1e-5,
+                               rtol=1e-4)
+    assert max(max(row) for row in record["scores"]) <= 10 / n + 1e-6  # the per-trial maximum
+
+
+def test_decode_stops_when_the_first_trials_all_fail_and_the_journal_continues(tiny, tokenizer, trials, tmp_path):
+    """The tiny model never answers: decode mode stops after K failures with the fixes named; rerunning with
+    --stop-after-failures 0 continues from the journal; teacher-forced mode never stops."""
+    model = tiny()
+    assert len(trials) > 3
+    with pytest.raises(HeadscoreError) as stopped:
+        estimate(model, tokenizer, trials, tmp_path, model_name="tiny", stop_after_failures=3)
+    message = str(stopped.value)
+    assert "first 3 trials all failed" in message and "--mode teacher-forced" in message
+    assert "--template chat" in message and "\n" not in message
+    assert [r["index"] for r in read_journal_records(tmp_path)] == [0, 1, 2]
+    assert not (tmp_path / "head_scores.json").exists()
+    with pytest.raises(HeadscoreError, match="first 3 trials"):  # a rerun stops at once, running nothing new
+        estimate(model, tokenizer, trials, tmp_path, model_name="tiny", stop_after_failures=3)
+    assert len(read_journal_records(tmp_path)) == 3
+    seen = []
+    result = estimate(model, tokenizer, trials, tmp_path, model_name="tiny", stop_after_failures=0,
+                      progress=lambda done, total, record: seen.append(done))
+    assert seen[0] == 3 and result.run == len(trials) and result.counted == 0
+    tf = estimate(model, tokenizer, trials, tmp_path / "tf", model_name="tiny", stop_after_failures=1,
+                  options=EstimateOptions(mode="teacher-forced"))
+    assert tf.counted == len(trials)
+    with pytest.raises(HeadscoreError, match="stop-after-failures"):
+        estimate(model, tokenizer, trials, tmp_path / "neg", model_name="tiny", stop_after_failures=-1)

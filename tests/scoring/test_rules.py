@@ -9,7 +9,9 @@ from headscore.core.errors import HeadscoreError
 from headscore.scoring.rules import r2_scores, retrieval_scores, scorer
 
 
-def loop_r2(probs, span):
+def loop_r2(probs, span, answer_tokens):
+    """The official rule (HeadKV `retrieval_calculate`) as a plain loop: per step, per head, top-N positions;
+    each one inside the span adds 10 * weight / (N * A)."""
     start, end = span
     n = end - start
     steps, layers, heads, _ = probs.shape
@@ -21,7 +23,7 @@ def loop_r2(probs, span):
                 ranked = sorted(range(len(row)), key=lambda i: -row[i])[:n]
                 for position in ranked:
                     if start <= position < end:
-                        out[layer, head] += row[position] / n
+                        out[layer, head] += 10 * row[position] * 1 / (n * answer_tokens)
     return out
 
 
@@ -47,12 +49,32 @@ def random_probs(steps=4, layers=3, heads=5, context=30, seed=0, span=(10, 16)):
     return torch.softmax(logits, dim=-1)
 
 
-def test_r2_matches_loop():
-    probs = random_probs()
-    got = r2_scores(probs, (10, 16))
-    assert got.shape == (3, 5)
-    assert got.sum() > 0
-    torch.testing.assert_close(got.double(), loop_r2(probs, (10, 16)), atol=1e-6, rtol=1e-5)
+def test_r2_matches_the_official_loop_for_two_needles_of_different_answer_lengths():
+    """Two needles (different spans N and answer lengths A): per-trial scores and their mean over trials (what
+    the head-score file's consumers use) equal the official loop; the needles weigh differently by 1/A."""
+    trials = [(random_probs(steps=4, seed=0, span=(10, 16)), (10, 16), 4),
+              (random_probs(steps=7, seed=3, context=40, span=(20, 29)), (20, 29), 7)]
+    ours, official = [], []
+    for probs, span, answer_tokens in trials:
+        got = r2_scores(probs, span, answer_tokens=answer_tokens)
+        assert got.shape == (3, 5) and got.sum() > 0
+        expected = loop_r2(probs, span, answer_tokens)
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+        ours.append(got.double())
+        official.append(expected)
+    torch.testing.assert_close(torch.stack(ours).mean(0), torch.stack(official).mean(0), atol=1e-6, rtol=1e-5)
+    probs, span, _ = trials[1]
+    torch.testing.assert_close(r2_scores(probs, span, answer_tokens=14) * 2, r2_scores(probs, span, answer_tokens=7))
+
+
+def test_r2_per_trial_maximum_is_10_over_n():
+    """A steps that put all their top-N weight inside the span score exactly 10 / N."""
+    n, a = 6, 5
+    probs = torch.zeros(a, 1, 2, 20)
+    probs[:, 0, 0, 4:4 + n] = 1 / n  # head 0: everything in the span
+    probs[:, 0, 1, 0] = 1.0  # head 1: nothing in it
+    got = r2_scores(probs, (4, 4 + n), answer_tokens=a)
+    torch.testing.assert_close(got, torch.tensor([[10 / n, 0.0]]))
 
 
 def test_retrieval_matches_loop():
@@ -78,6 +100,8 @@ def test_retrieval_top1_beyond_prompt_never_scores():
 
 def test_bad_span_and_method():
     with pytest.raises(HeadscoreError, match="span"):
-        r2_scores(random_probs(), (20, 40))
+        r2_scores(random_probs(), (20, 40), answer_tokens=3)
+    with pytest.raises(HeadscoreError, match="answer has 0 tokens"):
+        r2_scores(random_probs(), (10, 16), answer_tokens=0)
     with pytest.raises(HeadscoreError, match="unknown method"):
         scorer("nope")

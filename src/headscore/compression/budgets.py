@@ -25,7 +25,7 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, read_json, versions
 from headscore.core.model import Geometry, load_geometry
 from headscore.core.plots import head_heatmap
-from headscore.scoring.head_scores import HeadScores, group_by_kv_head
+from headscore.scoring.head_scores import HeadScores, group_by_kv_head, read_head_scores
 
 METHODS = ("headkv", "uniform", "pyramid")
 GRANULARITIES = ("kv", "query")
@@ -435,15 +435,16 @@ def score_file_geometry(scores_path: str | os.PathLike) -> Geometry | None:
 
 def resolve_geometry(*, model: str | None = None, layers: int | None = None, heads: int | None = None,
                      kv_heads: int | None = None, scores_path: str | os.PathLike | None = None,
-                     default_model: str | None = None) -> tuple[Geometry, str]:
+                     default_model: str | None = None, granularity: str | None = None) -> tuple[Geometry, str]:
     """The geometry to allocate over and where it came from.
 
     Stated `layers` + `heads` (+ `kv_heads`, default `heads`) win; else `model`'s config; else the
-    metadata.json beside the score file; else `default_model`'s config.
+    metadata.json beside the score file; else `default_model`'s config if its shape matches the score file's
+    `"layer-head"` keys, else those keys themselves (an authors' file as is), with `kv_heads` if stated
+    (granularity `kv` needs it); without a score file, `default_model`'s config.
     """
 
-    stated = (layers, heads, kv_heads)
-    if any(value is not None for value in stated):
+    if layers is not None or heads is not None:
         if model is not None:
             raise HeadscoreError("give either --model or a stated geometry (--layers/--heads/--kv-heads), "
                                  "not both")
@@ -455,11 +456,29 @@ def resolve_geometry(*, model: str | None = None, layers: int | None = None, hea
         check_geometry(geometry)
         return geometry, "stated"
     if model is not None:
+        if kv_heads is not None:
+            raise HeadscoreError("give either --model or a stated geometry (--layers/--heads/--kv-heads), "
+                                 "not both")
         return load_geometry(model), f"model {model}"
     if scores_path is not None:
         geometry = score_file_geometry(scores_path)
-        if geometry is not None:
+        if geometry is not None and kv_heads is None:
             return geometry, f"{Path(scores_path).with_name('metadata.json')}"
+        found = read_head_scores(scores_path)
+        if kv_heads is None and default_model is not None:
+            default = load_geometry(default_model)
+            if (default.layers, default.query_heads) == (found.layers, found.heads):
+                return default, f"model {default_model}"
+        if kv_heads is None and granularity == "kv":
+            raise HeadscoreError(f"--granularity kv needs the number of KV heads: the score file {scores_path} "
+                                 f"gives {found.layers} layers × {found.heads} query heads only; add --kv-heads "
+                                 "(e.g. 8 for Llama-3-8B and Mistral-7B) or --model")
+        geometry = Geometry(layers=found.layers, query_heads=found.heads,
+                            kv_heads=found.heads if kv_heads is None else kv_heads, head_dim=0)
+        check_geometry(geometry)
+        return geometry, "the score file's keys" + ("" if kv_heads is None else " and --kv-heads")
+    if kv_heads is not None:
+        raise HeadscoreError("--kv-heads alone needs --scores or --layers/--heads")
     if default_model is None:
         raise HeadscoreError("no geometry: give --model or --layers/--heads/--kv-heads")
     return load_geometry(default_model), f"model {default_model}"

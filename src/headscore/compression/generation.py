@@ -304,11 +304,12 @@ def generate_ids(model: Any, input_ids: torch.Tensor, press: Press, *, max_new_t
 
 def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *, press: Press | None = None,
                       method: str = "headkv", max_new_tokens: int = 64, template: str = "raw",
-                      **press_options: Any) -> CompressResult:
+                      answer_prefix: str = "", **press_options: Any) -> CompressResult:
     """Answer `question` about `context` on a compressed KV cache.
 
     Give a ready `press`, or a `method` and `make_press` options (budget, window, kernel, alpha, sinks,
-    pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `needles.render_prompt`'s.
+    pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `prompts.render_prompt`'s, ending
+    with `answer_prefix` (text that opens the answer; the model continues it, the answer excludes it).
     """
 
     if not context or not context.strip():
@@ -318,7 +319,7 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
     geometry = Geometry.from_config(model.config)
     if press is None:
         press = make_press(method, geometry, **press_options)
-    prompt = render_prompt(tokenizer, context, question, template)
+    prompt = render_prompt(tokenizer, context, question, template, answer_prefix)
     ids = encode_prompt(tokenizer, prompt, template)["input_ids"]
     if geometry.max_context and len(ids) + max_new_tokens > geometry.max_context:
         raise HeadscoreError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the "
@@ -330,7 +331,8 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
 
 
 def compress_files(model_name: str, context_file: str | Path, question: str, *, method: str = "headkv",
-                   max_new_tokens: int = 64, template: str = "raw", device: str = "auto",
+                   max_new_tokens: int = 64, template: str = "raw", answer_prefix: str = "",
+                   device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
@@ -353,14 +355,15 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
     if progress:
         progress(f"{method}: prefill + decode")
     result = compress_generate(model, tokenizer, context, question, press=press, max_new_tokens=max_new_tokens,
-                               template=template)
+                               template=template, answer_prefix=answer_prefix)
     files = {"context_file": str(path), "context_fingerprint": fingerprint_file(path)}
     for key in ("scores", "budgets"):
         source = press_options.get(key)
         if isinstance(source, (str, Path)):
             files[f"{key}_file"], files[f"{key}_fingerprint"] = str(source), fingerprint_file(source)
     metadata = {"model": model_name, "geometry": geometry.to_dict(), "question": question,
-                "template": template, "max_new_tokens": max_new_tokens, "device": resolve_device(device),
+                "template": template, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
+                "device": resolve_device(device),
                 "dtype": str(next(model.parameters()).dtype), "press": press.describe(), **files,
                 "versions": versions()}
     return result, metadata

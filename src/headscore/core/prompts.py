@@ -15,10 +15,15 @@ TEMPLATES = ("raw", "chat", "llama2")
 QUESTION_TEMPLATE = "Based on the content of the book, Question: {question}"
 
 
-def render_prompt(tokenizer: Any, context: str, question: str, template: str = "raw") -> str:
-    """The prompt text: context, then the question (raw), or the same as one chat user turn (chat)."""
+def render_prompt(tokenizer: Any, context: str, question: str, template: str = "raw",
+                  answer_prefix: str = "") -> str:
+    """The prompt text: context, then the question (raw), or the same as one chat user turn (chat).
+
+    `answer_prefix` (the kvpress / RULER convention) opens the answer: it follows the generation prompt, so
+    it lies in the observation window and the model continues it.
+    """
     ask = QUESTION_TEMPLATE.format(question=question)
-    return apply_template(tokenizer, f"{context}\n\n{ask}", template, raw_suffix="\nAnswer:")
+    return apply_template(tokenizer, f"{context}\n\n{ask}", template, raw_suffix="\nAnswer:") + answer_prefix
 
 
 def apply_template(tokenizer: Any, text: str, template: str, raw_suffix: str = "") -> str:

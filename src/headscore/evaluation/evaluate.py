@@ -73,7 +73,8 @@ class EvaluateOptions:
     `scores` maps "retrieval" / "r2" to head-score files for headkv-r / headkv-r2. `betas`: HeadKV's pool
     control; several values make a β sweep (each headkv method runs at every β). The other compression
     parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
-    `headscore compress`.
+    `headscore compress`. `answer_prefix` is appended to every prompt (after the generation prompt, so the
+    observation window covers it); the model continues it and the prediction excludes it.
     """
 
     methods: Sequence[str] = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2")
@@ -86,6 +87,7 @@ class EvaluateOptions:
     temp: float = 1.0
     granularity: str | None = None
     pyramid_beta: float = 20.0
+    answer_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,15 @@ def stop_tokens(sample: Sample, tokenizer: Any, stops: set[int], line_end: set[i
 
 
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
-                    stops: set[int], window: int, line_end: set[int] = frozenset()) -> list[dict[str, Any]]:
-    """Prefill `sample` once, then compress and decode for every condition: one result row per condition.
+                    stops: set[int], window: int, line_end: set[int] = frozenset(),
+                    answer_prefix: str = "") -> list[dict[str, Any]]:
+    """Prefill `sample` (its prompt followed by `answer_prefix`) once, then compress and decode for every
+    condition: one result row per condition.
 
     The sample's stop rule picks the stop tokens (`stop_tokens`); "eos" predictions are kept unstripped.
     """
 
-    ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
+    ids = encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
     geometry = Geometry.from_config(model.config)
     state = prefill(model, torch.tensor([ids], device=input_device(model)), window)
     eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
@@ -288,7 +292,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     for sample in samples:
         if sample.id in done:
             continue
-        rows = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end)
+        rows = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end,
+                               options.answer_prefix)
         append_journal(out_dir / JOURNAL, {"sample": sample.id, "rows": rows})
         done[sample.id] = rows
         if progress:

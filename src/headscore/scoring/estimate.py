@@ -2,11 +2,18 @@
 
 Per trial (decode mode, as the official HeadKV code): prefill `prompt[:-1]` with sdpa, then feed the last
 prompt token and decode greedily; every step's query (first: the last prompt token) is scored against the
-answer span. Teacher-forced mode: one forward pass over `prompt + answer[:-1]` (answer = the span's own
-tokens); the N queries that predict the N answer tokens are scored, each over every position it sees, with
-the gold answer token as "the token just generated". Results go to a JSONL journal in the output folder, one
-line per finished trial, and the final files are rebuilt from the journal, so an interrupted run continues
-where it stopped.
+answer span. r2 decoding stops at a newline, at EOS, or once A tokens were generated (A: the answer's token
+count, `tokenizer(answer, add_special_tokens=False)`; never more than `max_new_tokens`, default 50), as
+`retrieval_head_detection_r2.py` does; retrieval decoding stops at a newline, EOS or N tokens (the span).
+Teacher-forced mode: one forward pass over `prompt + answer[:-1]` (answer = the span's own tokens); the N
+queries that predict the N answer tokens are scored (they play the decoding steps of the r2 rule, with the
+same A), each over every position it sees, with the gold answer token as "the token just generated".
+The score rules themselves (with their sources) are in `scoring.rules`.
+
+Results go to a JSONL journal in the output folder, one line per finished trial, and the final files are
+rebuilt from the journal, so an interrupted run continues where it stopped. In decode mode a run stops early
+(`stop_after_failures`, default 5) when its first K trials all fail the success check: the model does not
+answer these prompts, and the error names the fixes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ METADATA_FILE = "metadata.json"
 HEATMAP_FILE = "heatmap.png"
 TABLE_COLUMNS = ("index", "id", "length", "depth", "needle", "response", "success", "f1", "rouge1_recall",
                  "counted", "steps", "nan")
+RULES = {"r2": "10 * weight / (N * A) per top-N position inside the span, summed over steps (HeadKV r2)",
+         "retrieval": "1 / N per step whose top-1 position is in the span and holds the generated token "
+                      "(Retrieval-Head)"}
+STOP_AFTER_FAILURES = 5
 MODE_NOTES = {
     "decode": "greedy decoding; steps scored from the last prompt token on; only successful trials counted",
     "teacher-forced": "one pass over prompt + gold answer tokens; the queries predicting each answer token "
@@ -143,18 +154,24 @@ def check_context(probs: torch.Tensor, expected: int) -> None:
                              "context (a sliding-window cache?); positions would not line up with the span")
 
 
+def answer_token_count(tokenizer: Any, answer: str) -> int:
+    """A of the r2 rule: the answer's token count without special tokens (as the official code counts it)."""
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                 method: str, max_new_tokens: int, forced: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, list[int], bool]:
+                 method: str, max_new_tokens: int, forced: torch.Tensor | None = None,
+                 answer_tokens: int | None = None) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
 
     Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
     a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
-    greedy choices (scores a given continuation).
+    greedy choices (scores a given continuation). `answer_tokens`: A of the r2 rule (default: the span's N).
     """
 
     score = scorer(method)
+    answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
     stops = eos_ids(model, tokenizer)
@@ -171,7 +188,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
         probs = capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
         check_context(probs, prompt_ids.shape[0] + step)
         chosen = logits[0, -1].argmax() if forced is None else forced[step].to(device)
-        total = total + score(probs[None], span, chosen[None], prompt_ids)
+        total = total + score(probs[None], span, chosen[None], prompt_ids, answer_tokens=answer_tokens)
         bad = bad | ~torch.isfinite(probs).all()
         generated.append(int(chosen))
         if forced is None and (generated[-1] in stops or "\n" in tokenizer.decode(generated[-1:])):
@@ -182,12 +199,13 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
 
 @torch.no_grad()
 def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                         method: str) -> tuple[torch.Tensor, list[int], bool]:
+                         method: str, answer_tokens: int | None = None) -> tuple[torch.Tensor, list[int], bool]:
     """Teacher-forced mode: one pass over `prompt + answer[:-1]`, answer = `prompt[start:end]` (N tokens).
 
     The scored queries are the N positions `P-1 .. P+N-2` that predict the answer tokens; each row covers
-    every position the query sees. Returns (scores [layers, heads], greedy predictions at those positions [N],
-    any non-finite attention). Memory: O(layers × heads × N × context).
+    every position the query sees; `answer_tokens` is A of the r2 rule (default: N). Returns (scores
+    [layers, heads], greedy predictions at those positions [N], any non-finite attention).
+    Memory: O(layers × heads × N × context).
     """
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
@@ -198,7 +216,7 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
-    total = scorer(method)(probs, span, answer, prompt_ids)
+    total = scorer(method)(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
     return total, logits[0].argmax(-1).tolist(), not bool(torch.isfinite(probs).all())
 
 
@@ -208,12 +226,14 @@ def score_trial(model: Any, tokenizer: Any, trial: dict[str, Any], index: int, o
 
     began = time.perf_counter()
     prompt_ids, span = encode_trial(trial, tokenizer)
+    answer_tokens = answer_token_count(tokenizer, trial["answer"])
     if options.mode == "teacher-forced":
-        scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method)
+        scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method,
+                                                      answer_tokens)
     else:
-        limit = min(span[1] - span[0], options.max_new_tokens)
+        length = answer_tokens if options.method == "r2" else span[1] - span[0]
         scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
-                                              limit)
+                                              min(length, options.max_new_tokens), answer_tokens=answer_tokens)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
     f1, rouge = qa_f1(response, trial["answer"]), rouge1_recall(response, trial["answer"])
     success = options.success(f1, rouge)
@@ -223,6 +243,7 @@ def score_trial(model: Any, tokenizer: Any, trial: dict[str, Any], index: int, o
         "index": index, "id": trial["id"], "length": int(prompt_ids.shape[0]), "depth": trial.get("depth"),
         "needle": trial.get("needle_id", ""), "response": response, "success": success, "f1": f1,
         "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
+        "answer_tokens": answer_tokens, "span_tokens": span[1] - span[0],
         "scores": scores.double().cpu().tolist() if counted else None,
         "seconds": round(time.perf_counter() - began, 3),
     }
@@ -286,6 +307,19 @@ def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
 # ---------------------------------------------------------------- runs
 
 
+def check_first_failures(records: dict[int, dict[str, Any]], first: Sequence[int], journal: Path) -> None:
+    """Stop a decode run whose `first` trials all ran and all failed the success check (the model does not
+    answer these prompts): one error line naming the fixes. The journal keeps the trials done."""
+    if not first or any(i not in records or records[i]["success"] for i in first):
+        return
+    response = records[first[0]]["response"]
+    raise HeadscoreError(
+        f"stopped: the first {len(first)} trials all failed the success check (first response: "
+        f"{response[:40]!r}), so no head would be scored; fix: estimate --mode teacher-forced, or rebuild the "
+        f"trials with build-needles --template chat; or --stop-after-failures 0 to run every trial anyway "
+        f"(the {len(records)} trials done are kept in {journal})")
+
+
 def estimate(
     model: Any,
     tokenizer: Any,
@@ -296,22 +330,31 @@ def estimate(
     model_name: str,
     shard: tuple[int, int] = (0, 1),
     limit: int | None = None,
+    stop_after_failures: int = STOP_AFTER_FAILURES,
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
 ) -> EstimateResult:
     """Score every head on the selected trials, continuing the journal in `out_dir` if there is one.
 
-    `progress(done, total, record)` is called once at the start (record None) and after every trial.
+    Decode mode stops with a HeadscoreError (the journal kept) once the first `stop_after_failures` selected
+    trials all failed the success check (0: never stop). `progress(done, total, record)` is called once at
+    the start (record None) and after every trial.
     """
 
     out_dir = Path(out_dir)
     check_tokenizer(trials, tokenizer)
     geometry = Geometry.from_config(model.config)
+    if stop_after_failures < 0:
+        raise HeadscoreError("--stop-after-failures must be 0 (never stop) or more")
     header = {"model": model_name, "geometry": geometry.to_dict(), **asdict(options),
+              "rule": RULES[options.method],
               "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
               "shard": f"{shard[0]}/{shard[1]}"}
     chosen = select_trials(len(trials), shard, limit)
     records = {r["index"]: r for r in open_journal(out_dir / JOURNAL, header)}
     done = sum(index in records for index in chosen)
+    stops = options.mode == "decode" and 0 < stop_after_failures <= len(chosen)  # shorter runs just finish
+    first = chosen[:stop_after_failures] if stops else []
+    check_first_failures(records, first, out_dir / JOURNAL)
     if progress:
         progress(done, len(chosen), None)
     with attention_capture(model, geometry.layers) as capture:
@@ -324,6 +367,7 @@ def estimate(
             done += 1
             if progress:
                 progress(done, len(chosen), record)
+            check_first_failures(records, first, out_dir / JOURNAL)
     extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
              "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model))}
     return build_outputs(out_dir, header, [records[i] for i in chosen], extra)
@@ -340,6 +384,7 @@ def run_estimate(
     device_map: str | None = None,
     shard: str | None = None,
     limit: int | None = None,
+    stop_after_failures: int = STOP_AFTER_FAILURES,
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
 ) -> EstimateResult:
     """`headscore estimate`: read the trials, load the model, run `estimate`."""
@@ -348,7 +393,7 @@ def run_estimate(
     shard_spec = parse_shard(shard)
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return estimate(lm, tokenizer, trials, out_dir, options=options, model_name=model, shard=shard_spec,
-                    limit=limit, progress=progress)
+                    limit=limit, stop_after_failures=stop_after_failures, progress=progress)
 
 
 def merge_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> EstimateResult:

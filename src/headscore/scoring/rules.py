@@ -3,6 +3,14 @@
 `probs` is [steps, layers, heads, context]: at each scored step, every head's attention distribution over the
 positions it sees (zeros at positions it cannot see). The answer span `[start, end)` holds N = end - start
 positions of the prompt. Every function returns the [layers, heads] sum over the steps.
+
+The two rules are the authors' own:
+- `r2` (HeadKV, `retrieval_head_detection_r2.py`, `retrieval_calculate`, FYYFU/HeadKV): at every step, for
+  each of a head's top-N positions that lies inside the span, add `10 · weight / (N · A)`, where A is the
+  answer's token count, `len(tokenizer(answer, add_special_tokens=False).input_ids)`. A trial scores at most
+  `10 / N` (every step puts all its top-N weight in the span, over at most A steps).
+- `retrieval` (Wu et al., `retrieval_head_detection.py`, nightdessert/Retrieval_Head): a head whose top-1
+  position lies in the span and holds the token just generated adds `1 / N`.
 """
 
 from __future__ import annotations
@@ -24,20 +32,24 @@ def _span(span: tuple[int, int], context: int) -> tuple[int, int, int]:
 
 
 def r2_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor | None = None,
-              prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+              prompt_ids: torch.Tensor | None = None, *, answer_tokens: int) -> torch.Tensor:
     """Retrieval-reasoning (HeadKV): each head's top-N positions per step; every one inside the span adds
-    its attention weight / N. `tokens` and `prompt_ids` are unused (same signature as `retrieval_scores`).
+    `10 · weight / (N · A)`, A = `answer_tokens` (the answer's token count without special tokens).
+    `tokens` and `prompt_ids` are unused (same signature as `retrieval_scores`).
     """
     start, end, n = _span(span, probs.shape[-1])
+    if answer_tokens < 1:
+        raise HeadscoreError(f"the answer has {answer_tokens} tokens; r2 needs at least one")
     values, positions = probs.topk(n, dim=-1)  # [steps, layers, heads, N]
     inside = (positions >= start) & (positions < end)
-    return (values * inside).sum(dim=(0, -1)) / n
+    return (values * inside).sum(dim=(0, -1)) * (10.0 / (n * answer_tokens))
 
 
 def retrieval_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor,
-                     prompt_ids: torch.Tensor) -> torch.Tensor:
+                     prompt_ids: torch.Tensor, *, answer_tokens: int = 1) -> torch.Tensor:
     """Retrieval heads (Wu et al.): a head whose top-1 position at a step lies in the span and holds the token
-    generated at that step (`tokens` [steps]) adds 1/N. `prompt_ids` [prompt] are the prompt's token ids.
+    generated at that step (`tokens` [steps]) adds 1/N. `prompt_ids` [prompt] are the prompt's token ids;
+    `answer_tokens` is unused (same signature as `r2_scores`).
     """
     start, end, n = _span(span, probs.shape[-1])
     top = probs.argmax(dim=-1)  # [steps, layers, heads]
