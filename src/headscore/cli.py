@@ -82,7 +82,9 @@ def build_needles(
     depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
     template: str = typer.Option("raw", help="'raw': context, then 'Based on the content of the book, "
                                  "Question: ...\\nAnswer:'; 'chat': the same as one user turn of the "
-                                 "tokenizer's chat template."),
+                                 "tokenizer's chat template; 'official': the authors' prompt byte for byte "
+                                 "(needle at a period token, context within length - 200 tokens, the question "
+                                 "right after it; depths rounded to whole percents)."),
 ) -> None:
     """Write the needle-in-a-haystack trial set (lengths × depths × needles) as JSONL."""
     from headscore.scoring.trials import build_needle_trials, write_trials

@@ -1,5 +1,7 @@
 """Prompts, the one way every stage builds them: rendering (raw or chat template), encoding, haystack
-tokenization and needle placement at a sentence boundary, and answer token spans from character offsets.
+tokenization and needle placement at a sentence boundary (`place_texts`, for needle trials and evaluation
+tasks alike), the authors' own needle prompt (`OfficialHaystack`), and answer token spans from character
+offsets.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes
 
 TEMPLATES = ("raw", "chat", "llama2")
+NEEDLE_TEMPLATES = (*TEMPLATES, "official")  # build-needles also builds the authors' prompt
 QUESTION_TEMPLATE = "Based on the content of the book, Question: {question}"
+OFFICIAL_QUESTION = "Based on the content of the book, Question: {question}\nAnswer:"
+OFFICIAL_BUFFER = 200  # tokens the authors keep free below the context length (final_context_length_buffer)
 
 
 def render_prompt(tokenizer: Any, context: str, question: str, template: str = "raw",
@@ -43,8 +48,8 @@ def apply_template(tokenizer: Any, text: str, template: str, raw_suffix: str = "
 
 
 def encode_prompt(tokenizer: Any, prompt: str, template: str = "raw", offsets: bool = False) -> dict:
-    """Tokenize a prompt the one way every stage does: raw and llama2 prompts get the tokenizer's special
-    tokens, chat prompts already carry them as text."""
+    """Tokenize a prompt the one way every stage does: raw, llama2 and official prompts get the tokenizer's
+    special tokens, chat prompts already carry them as text."""
     return tokenizer(prompt, add_special_tokens=template != "chat", return_offsets_mapping=offsets)
 
 
@@ -85,6 +90,99 @@ class HaystackTokens:
 
     def char_at(self, token: int) -> int:
         return self.starts[token] if token < len(self.starts) else len(self.text)
+
+
+def place_texts(hay: HaystackTokens, filler: int, texts: Sequence[str], depths: Sequence[float], *,
+                pad_start: bool = False) -> tuple[str, list[int]]:
+    """The one placement of texts in haystack filler (needle trials and evaluation tasks).
+
+    Takes the first `filler` haystack tokens and puts `texts[i]` at the sentence boundary at or before
+    `depths[i]` % of them (texts sharing a boundary keep their order). A text follows a space unless it opens
+    the filler or starts with whitespace; `pad_start` adds a space after a text that opens the filler.
+    Returns (context, character offset of each text in it).
+    """
+    context = hay.prefix(filler)
+    cuts = [insertion_point(context, hay.char_at(int(filler * depth / 100))) for depth in depths]
+    pieces, starts, previous, written = [], [0] * len(texts), 0, 0
+    for i in sorted(range(len(texts)), key=lambda i: cuts[i]):  # stable: equal cuts keep their order
+        cut, text = cuts[i], texts[i]
+        lead = "" if cut == 0 or text[:1].isspace() else " "
+        piece = lead + text + (" " if cut == 0 and pad_start else "")
+        pieces += [context[previous:cut], piece]
+        starts[i] = written + cut - previous + len(lead)
+        written += cut - previous + len(piece)
+        previous = cut
+    pieces.append(context[previous:])
+    return "".join(pieces), starts
+
+
+def period_token_ids(tokenizer: Any) -> set[int]:
+    """The tokens that end a sentence for the authors' needle placement: `.` and `▁.` where the vocabulary has
+    them. This gives their hard-coded lists: Llama-2 [29889, 869], Llama-3 [13], Mistral [842, 28723]."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[token] for token in (".", "\u2581.") if token in vocab}
+
+
+class OfficialHaystack:
+    """The authors' needle prompt (HeadKV `retrieval_head_detection_r2.py`, FYYFU/HeadKV), step for step.
+
+    1. `read_context_files`: the haystack text, repeated whole until it holds `max_length` whitespace-separated
+       words. 2. `encode_and_trim`: encode it with the tokenizer's special tokens and, if longer than `length`
+       tokens, decode the first `length` (special tokens kept as text). 3. `insert_needle`: encode that context
+       and the needle (special tokens again), cut the context to `length - 200 - len(needle)` tokens, and put
+       the needle at the last period token at or before `int(len(context) * depth / 100)` (at the end for depth
+       100); decode. 4. The prompt is that text followed directly by `OFFICIAL_QUESTION`, tokenized with the
+       tokenizer's special tokens. With a BOS-adding tokenizer the decoded text holds BOS strings at the start
+       and just before the needle, as theirs does. The trimmed context is encoded once per length.
+    """
+
+    def __init__(self, tokenizer: Any, text: str, max_length: int):
+        context = text
+        while len(context.split()) < max_length:
+            context += text
+        self.tokenizer = tokenizer
+        self.context = context
+        self.tokens = tokenizer.encode(context)
+        self.periods = period_token_ids(tokenizer)
+        self._trimmed: dict[int, list[int]] = {}
+
+    def trimmed(self, length: int) -> list[int]:
+        """Token ids of the context trimmed to `length` tokens, re-encoded (steps 2 and 3)."""
+        if length not in self._trimmed:
+            context = self.tokenizer.decode(self.tokens[:length]) if len(self.tokens) > length else self.context
+            self._trimmed[length] = self.tokenizer.encode(context)
+        return self._trimmed[length]
+
+    def insert(self, needle: str, length: int, depth: float) -> tuple[str, int, int]:
+        """(context with the needle, character window `[start, end)` of the context that holds the needle)."""
+        needle_ids = self.tokenizer.encode(needle)
+        room = length - OFFICIAL_BUFFER - len(needle_ids)
+        if room < 16:
+            raise HeadscoreError(f"length {length} is too short for the official prompt (needs at least "
+                                 f"{OFFICIAL_BUFFER + len(needle_ids) + 16} tokens: {OFFICIAL_BUFFER} kept free "
+                                 "and the needle)")
+        context = self.trimmed(length)
+        if len(context) + len(needle_ids) > length - OFFICIAL_BUFFER:
+            context = context[:room]
+        point = len(context)
+        if depth != 100:
+            point = int(len(context) * (depth / 100))
+            while point > 0 and context[point - 1] not in self.periods:
+                point -= 1
+        before = self.tokenizer.decode(context[:point])
+        through = self.tokenizer.decode(context[:point] + needle_ids)
+        text = self.tokenizer.decode(context[:point] + needle_ids + context[point:])
+        return text, max(0, len(before) - 8), len(through) + 8  # decoding may join tokens differently
+
+    def prompt(self, needle: str, question: str, answer: str, length: int, depth: float
+               ) -> tuple[str, tuple[int, int]]:
+        """(the official prompt, the characters `[start, end)` of `answer` in the needle inside it)."""
+        context, start, end = self.insert(needle, length, depth)
+        at = context.lower().find(answer.lower(), start, end)
+        if at < 0:
+            raise HeadscoreError(f"the answer '{answer[:40]}' is not found in the decoded needle (the tokenizer "
+                                 "does not decode the needle back to its text); use --template raw or chat")
+        return context + OFFICIAL_QUESTION.format(question=question), (at, at + len(answer))
 
 
 def insertion_point(context: str, char: int) -> int:

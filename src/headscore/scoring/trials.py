@@ -13,12 +13,13 @@ from headscore.core.files import atomic_write_text, fingerprint_bytes, read_json
 from headscore.core.haystack import Haystack, load_haystack
 from headscore.core.model import load_geometry, load_tokenizer
 from headscore.core.prompts import (
-    TEMPLATES,
+    NEEDLE_TEMPLATES,
     HaystackTokens,
+    OfficialHaystack,
     answer_token_span,
     encode_prompt,
     evenly_spaced,
-    insertion_point,
+    place_texts,
     render_prompt,
     tokenizer_fingerprint,
 )
@@ -96,11 +97,15 @@ def context_lengths(min_length: int, max_length: int | None, count: int, max_con
     return evenly_spaced(min_length, max_length, count)
 
 
-def depth_percents(count: int) -> list[float]:
-    """`count` depths evenly spaced over 0–100 %."""
+def depth_percents(count: int, whole: bool = False) -> list[float]:
+    """`count` depths evenly spaced over 0–100 %; `whole`: rounded to whole percents, as the authors' grid
+    (`np.round(np.linspace(0, 100, count))`: 0, 11, 22, ... for 10)."""
     if count < 1:
         raise HeadscoreError("--depths must be at least 1")
-    return [0.0] if count == 1 else [round(100 * i / (count - 1), 2) for i in range(count)]
+    if count == 1:
+        return [0.0]
+    return [float(round(100 * i / (count - 1))) if whole else round(100 * i / (count - 1), 2)
+            for i in range(count)]
 
 
 def build_trials(
@@ -118,33 +123,29 @@ def build_trials(
 ) -> list[dict[str, Any]]:
     """One trial per (length, depth, needle), in that nesting order.
 
-    Each record's `answer_span` is the token span `[start, end)` of the answer inside the tokenized prompt
-    (`encode_prompt`), found from the tokenizer's character offsets.
+    `raw` and `chat` prompts hold about `length` tokens, the needle placed by `prompts.place_texts`;
+    `official` prompts are the authors' construction (`prompts.OfficialHaystack`: at most `length - 200`
+    context tokens, then the question). Each record's `answer_span` is the token span `[start, end)` of the
+    answer inside the tokenized prompt (`encode_prompt`), found from the tokenizer's character offsets.
     """
-    overheads = {n.id: len(encode_prompt(tokenizer, render_prompt(tokenizer, "", n.question, template),
-                                         template)["input_ids"]) for n in needles}
-    needle_tokens = {n.id: len(tokenizer(n.needle, add_special_tokens=False)["input_ids"]) for n in needles}
-    budgets = {(length, n.id): length - overheads[n.id] - needle_tokens[n.id] for length in lengths
-               for n in needles}
-    for (length, needle_id), budget in budgets.items():
-        if budget < 16:
-            raise HeadscoreError(f"length {length} is too short to hold needle '{needle_id}' and its "
-                                 f"question (needs at least {length - budget + 16} tokens)")
-    hay = HaystackTokens(tokenizer, haystack.text, max(budgets.values()))
+    if template == "official":
+        official = OfficialHaystack(tokenizer, haystack.text, max(lengths))
+        hay, budgets = None, {}
+    else:
+        official, hay, budgets = None, *filler_budgets(tokenizer, haystack, needles, lengths, template)
     tok_fp = tokenizer_fingerprint(tokenizer)
     trials = []
     for length in lengths:
         for depth in depths:
             for number, needle in enumerate(needles):
-                budget = budgets[(length, needle.id)]
-                context = hay.prefix(budget)
-                cut = insertion_point(context, hay.char_at(int(budget * depth / 100)))
-                sep = "" if cut == 0 or needle.needle[:1].isspace() else " "
-                with_needle = context[:cut] + sep + needle.needle + context[cut:]
-                prompt = render_prompt(tokenizer, with_needle, needle.question, template)
-                needle_at = prompt.index(with_needle) + cut + len(sep)
-                answer_at = needle_at + needle.needle.lower().index(needle.answer.lower())
-                answer_chars = (answer_at, answer_at + len(needle.answer))
+                if official is not None:
+                    prompt, answer_chars = official.prompt(needle.needle, needle.question, needle.answer, length,
+                                                           depth)
+                else:
+                    context, (at,) = place_texts(hay, budgets[(length, needle.id)], [needle.needle], [depth])
+                    prompt = render_prompt(tokenizer, context, needle.question, template)
+                    answer_at = prompt.index(context) + at + needle.needle.lower().index(needle.answer.lower())
+                    answer_chars = (answer_at, answer_at + len(needle.answer))
                 encoded = encode_prompt(tokenizer, prompt, template, offsets=True)
                 span = answer_token_span(encoded["offset_mapping"], *answer_chars)
                 trials.append({
@@ -168,6 +169,22 @@ def build_trials(
                 if progress:
                     progress()
     return trials
+
+
+def filler_budgets(tokenizer: Any, haystack: Haystack, needles: Sequence[Needle], lengths: Sequence[int],
+                   template: str) -> tuple[HaystackTokens, dict[tuple[int, str], int]]:
+    """Raw/chat prompts: the haystack tokens and, per (length, needle id), how many of them fill the prompt
+    to about `length` tokens with the needle and the question."""
+    overheads = {n.id: len(encode_prompt(tokenizer, render_prompt(tokenizer, "", n.question, template),
+                                         template)["input_ids"]) for n in needles}
+    needle_tokens = {n.id: len(tokenizer(n.needle, add_special_tokens=False)["input_ids"]) for n in needles}
+    budgets = {(length, n.id): length - overheads[n.id] - needle_tokens[n.id] for length in lengths
+               for n in needles}
+    for (length, needle_id), budget in budgets.items():
+        if budget < 16:
+            raise HeadscoreError(f"length {length} is too short to hold needle '{needle_id}' and its "
+                                 f"question (needs at least {length - budget + 16} tokens)")
+    return HaystackTokens(tokenizer, haystack.text, max(budgets.values())), budgets
 
 
 def write_trials(path: str | Path, trials: Sequence[dict[str, Any]]) -> None:
@@ -215,12 +232,12 @@ def build_needle_trials(
     """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`)."""
     if kind not in NEEDLE_FILES:
         raise HeadscoreError(f"unknown needle kind '{kind}': use one of {', '.join(NEEDLE_FILES)}")
-    if template not in TEMPLATES:
-        raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(TEMPLATES)}")
+    if template not in NEEDLE_TEMPLATES:
+        raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(NEEDLE_TEMPLATES)}")
     needle_list, needle_fp = load_needles(needles or kind)
     geometry = load_geometry(model)
     target_lengths = context_lengths(min_length, max_length, lengths, geometry.max_context)
-    depth_list = depth_percents(depths)
+    depth_list = depth_percents(depths, whole=template == "official")
     tokenizer = load_tokenizer(model)
     hay = load_haystack(haystack)
     return build_trials(tokenizer, hay, needle_list, lengths=target_lengths, depths=depth_list, kind=kind,

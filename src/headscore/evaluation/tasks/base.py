@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.metrics import score_answers
-from headscore.core.prompts import HaystackTokens, encode_prompt, insertion_point, render_prompt
+from headscore.core.prompts import HaystackTokens, encode_prompt, place_texts, render_prompt
 from headscore.evaluation.tasks.longbench_metrics import PREFIX as LONGBENCH_PREFIX
 from headscore.evaluation.tasks.longbench_metrics import score_record
 
@@ -84,7 +84,7 @@ class Placement:
     """Texts to place in haystack filler so that the whole prompt is about `target_length` tokens.
 
     `texts[i]` goes at the sentence boundary at or before `depths[i]` % of the filler (texts sharing a
-    boundary keep their order).
+    boundary keep their order; `prompts.place_texts`).
     """
 
     target_length: int
@@ -109,15 +109,7 @@ def place_in_haystack(tokenizer: Any, haystack_text: str, placements: Sequence[P
     hay = HaystackTokens(tokenizer, haystack_text, max(fillers, default=1))
     results = []
     for p, filler in zip(placements, fillers, strict=True):
-        context = hay.prefix(filler)
-        cuts = [insertion_point(context, hay.char_at(int(filler * d / 100))) for d in p.depths]
-        pieces, previous = [], 0
-        for cut, text in sorted(zip(cuts, p.texts, strict=True), key=lambda pair: pair[0]):  # stable sort
-            pieces.append(context[previous:cut])
-            pieces.append(f"{text} " if cut == 0 else f" {text}")
-            previous = cut
-        pieces.append(context[previous:])
-        context = "".join(pieces)
+        context, _ = place_texts(hay, filler, p.texts, p.depths, pad_start=True)
         prompt = render_prompt(tokenizer, context, p.question, template)
         results.append((context, prompt, len(encode_prompt(tokenizer, prompt, template)["input_ids"])))
     return results
