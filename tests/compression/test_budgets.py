@@ -59,8 +59,10 @@ def reference_budgets(raw: dict, layers: int, heads: int, kv_heads: int, budget:
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
-def test_headkv_rule_on_official_files(reference_dir, name):
-    path = reference_dir / "headkv" / name
+def test_headkv_rule_on_official_files(data_dir, name):
+    """On the authors' four score files (reduced to per-head means, tests/data/headkv: allocation depends on
+    nothing else) the rule equals a plain re-computation."""
+    path = data_dir / "headkv" / name
     raw = json.loads(path.read_text())
     scores = read_head_scores(path, 32, 32)
     for budget, beta, granularity in [(128, 1.01, "query"), (128, 1.01, "kv"), (256, 1.005, "kv"),
@@ -78,8 +80,8 @@ def test_headkv_rule_on_official_files(reference_dir, name):
         assert int(result.matrix.min()) >= (budget - 8) - math.floor((budget - 8) / beta)
 
 
-def test_temp_sharpens_and_matches_reference(reference_dir):
-    path = reference_dir / "headkv" / OFFICIAL[1]
+def test_temp_sharpens_and_matches_reference(data_dir):
+    path = data_dir / "headkv" / OFFICIAL[1]
     raw = json.loads(path.read_text())
     scores = read_head_scores(path)
     flat = allocate("headkv", LLAMA, 256, beta=1.01, temp=1.0, scores=scores, granularity="query")
@@ -88,13 +90,51 @@ def test_temp_sharpens_and_matches_reference(reference_dir):
     assert sharp.matrix.max() > flat.matrix.max()
 
 
-def test_larger_beta_means_smaller_pool(reference_dir):
-    scores = read_head_scores(reference_dir / "headkv" / OFFICIAL[0])
+def test_larger_beta_means_smaller_pool(data_dir):
+    scores = read_head_scores(data_dir / "headkv" / OFFICIAL[0])
     small_beta = allocate("headkv", LLAMA, 128, beta=1.01, scores=scores)
     large_beta = allocate("headkv", LLAMA, 128, beta=4.0, scores=scores)
     assert large_beta.pool_entries < small_beta.pool_entries
     assert large_beta.floor_entries > small_beta.floor_entries
     assert large_beta.matrix.max() < small_beta.matrix.max()
+
+
+def test_fixtures_describe_the_official_files(data_dir):
+    """The committed fixtures hold what tests/data/README.md says: 32 × 32 heads, one mean per head; the
+    summary records the full files' trials per head, zeros and largest per-trial value (r2: at most 10 / N,
+    below 0.5 for answers of 20+ tokens)."""
+    summary = json.loads((data_dir / "headkv" / "summary.json").read_text())
+    assert sorted(summary) == sorted(OFFICIAL)
+    for name in OFFICIAL:
+        scores = read_head_scores(data_dir / "headkv" / name)
+        facts = summary[name]
+        assert (scores.layers, scores.heads) == (facts["layers"], facts["heads"]) == (32, 32)
+        assert scores.num_trials == 1 and len(facts["trials_per_head"]) == 1
+        assert 0 < facts["zeros"] < 32 * 32 * facts["trials_per_head"][0]
+        assert float(scores.mean().max()) <= facts["max"]
+        if "reasoning" in name:
+            assert facts["max"] < 0.5
+    assert summary[OFFICIAL[1]]["trials_per_head"] == [74]  # the count DESIGN.md quotes for Llama-3 r2
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_fixtures_equal_the_full_files(data_dir, reference_dir, name):
+    """Extra, where the authors' full files exist: the fixture is their per-head mean, so every budget is the
+    same, and the summary matches the file."""
+    import hashlib
+
+    full_path = reference_dir / "headkv" / name
+    full, reduced = read_head_scores(full_path), read_head_scores(data_dir / "headkv" / name)
+    assert torch.equal(full.mean(), reduced.mean())
+    for granularity in ("query", "kv"):
+        assert torch.equal(allocate("headkv", LLAMA, 256, beta=1.01, granularity=granularity, scores=full).matrix,
+                           allocate("headkv", LLAMA, 256, beta=1.01, granularity=granularity,
+                                    scores=reduced).matrix)
+    facts = json.loads((data_dir / "headkv" / "summary.json").read_text())[name]
+    raw = json.loads(full_path.read_text())
+    assert facts["sha256"] == hashlib.sha256(full_path.read_bytes()).hexdigest()
+    assert facts["zeros"] == sum(v == 0 for values in raw.values() for v in values)
+    assert facts["trials_per_head"] == sorted({len(values) for values in raw.values()})
 
 
 def random_scores(layers: int, heads: int, trials: int = 5, seed: int = 0) -> HeadScores:
@@ -249,8 +289,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_cli_official_file_with_plot(reference_dir, tmp_path):
-    scores = reference_dir / "headkv" / OFFICIAL[3]
+def test_cli_official_file_with_plot(data_dir, tmp_path):
+    scores = data_dir / "headkv" / OFFICIAL[3]
     out, plot = tmp_path / "budgets.json", tmp_path / "budgets.png"
     done = run_cli("--scores", scores, "--layers", 32, "--heads", 32, "--kv-heads", 8, "--budget", "128,256",
                    "--beta", 1.01, "--out", out, "--plot", plot)
@@ -288,3 +328,46 @@ def test_cli_bad_input_one_line_no_output(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("headscore: error: "), done.stderr
     assert not out.exists() and not (tmp_path / "b.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head_scores.json"]
+
+
+def test_cli_reads_an_authors_file_as_is(data_dir, tmp_path):
+    """No --model, no metadata: layers × heads come from the file's keys; kv granularity asks for --kv-heads."""
+    scores = tmp_path / OFFICIAL[1]
+    scores.write_bytes((data_dir / "headkv" / OFFICIAL[1]).read_bytes())
+    out = tmp_path / "budgets.json"
+    done = run_cli("--scores", scores, "--out", out)
+    assert done.returncode == 0, done.stderr
+    budgets = read_budgets(out)
+    assert (budgets.layers, budgets.heads, budgets.granularity) == (32, 32, "query")
+    raw = json.loads(scores.read_text())
+    assert budgets.matrix.tolist() == reference_budgets(raw, 32, 32, 32, 128, 8, 1.01, 1.0, "query")
+    assert "score file's keys" in done.stdout
+
+    refused = run_cli("--scores", scores, "--granularity", "kv", "--out", tmp_path / "kv.json")
+    assert refused.returncode == 2 and not (tmp_path / "kv.json").exists()
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--kv-heads" in lines[0] and "--model" in lines[0], refused.stderr
+
+    done = run_cli("--scores", scores, "--kv-heads", 8, "--out", tmp_path / "kv.json")
+    assert done.returncode == 0, done.stderr
+    kv = read_budgets(tmp_path / "kv.json")
+    assert (kv.layers, kv.heads, kv.granularity) == (32, 8, "kv")
+    assert kv.matrix.tolist() == reference_budgets(raw, 32, 32, 8, 128, 8, 1.01, 1.0, "kv")
+
+
+@pytest.mark.parametrize("command", ["allocate", "build-needles"])
+def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command):
+    scores = tmp_path / "head_scores.json"
+    write_head_scores(scores, random_scores(30, 9))
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    args = ["--scores", scores] if command == "allocate" else ["--min-length", 300, "--max-length", 300,
+                                                               "--lengths", 1, "--depths", 1]
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "headscore", command, *map(str, args), "--out", str(folder)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"headscore: error: cannot write {folder}: it is a folder; give a " \
+                                           "file path", done.stderr
+    assert list(folder.iterdir()) == []

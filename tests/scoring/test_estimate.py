@@ -226,15 +226,24 @@ def test_trials_of_another_tokenizer_are_refused(tiny, tokenizer, trials, tmp_pa
         estimate(tiny(), tokenizer, shifted, tmp_path / "b", model_name="tiny")
 
 
-def test_official_and_our_files_load_through_one_reader(reference_dir, tiny, tokenizer, trials, tmp_path):
+def test_official_and_our_files_load_through_one_reader(data_dir, tiny, tokenizer, trials, tmp_path):
     estimate(tiny(), tokenizer, trials[:2], tmp_path, options=EstimateOptions(mode="teacher-forced"),
              model_name="tiny")
     ours = read_head_scores(tmp_path / "head_scores.json")
     assert (ours.layers, ours.heads, ours.num_trials) == (2, 4, 2)
     assert (tmp_path / "head_scores.json").read_text().count("\n") == 0
-    for path in sorted((reference_dir / "headkv").glob("*_heads.json")):
+    paths = sorted((data_dir / "headkv").glob("*_heads.json"))
+    assert len(paths) == 4
+    for path in paths:
         official = read_head_scores(path)
         assert (official.layers, official.heads) == (32, 32)
+
+
+def test_the_authors_full_files_load(reference_dir):
+    """Extra, where the authors' full files exist: the one reader takes them as they are."""
+    for path in sorted((reference_dir / "headkv").glob("*_heads.json")):
+        official = read_head_scores(path)
+        assert (official.layers, official.heads) == (32, 32) and official.num_trials > 50
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -26,16 +27,41 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "headscore", *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_needle_files_match_the_official_strings(reference_dir):
-    for kind, official in (("reasoning", "headkv/needles_retrieval_reasoning.jsonl"),
-                           ("retrieval", "retrieval_head/needles.jsonl")):
-        ours, _ = load_needles(kind)
-        theirs = [json.loads(line) for line in (reference_dir / official).read_text().splitlines() if line.strip()]
-        assert [n.needle for n in ours] == [t["needle"] for t in theirs]
-        assert [n.question for n in ours] == [t["question"] for t in theirs]
-        assert [n.answer for n in ours] == [t.get("answer", t["real_needle"]) for t in theirs]
+# SHA-256 over each official needle's needle, question and answer (else real_needle) strings, NUL-separated,
+# in file order: HeadKV Important_Head/haystack_for_detect_r2/needles.jsonl and Retrieval_Head
+# haystack_for_detect/needles.jsonl (tests/data/derive_reference.py prints them; see tests/data/README.md).
+OFFICIAL_NEEDLES = {
+    "reasoning": ("headkv/needles_retrieval_reasoning.jsonl",
+                  "c2cf88e02bdb584f0d67f731e3ca07501d66f7b20a5f8822bc99e57ec43542f5"),
+    "retrieval": ("retrieval_head/needles.jsonl", "bec35744130b6092d822837d4f704c807c18572d875ac8457f4a2a632483d6ea"),
+}
+
+
+def needle_digest(needles) -> str:
+    digest = hashlib.sha256()
+    for needle in needles:
+        for text in (needle.needle, needle.question, needle.answer):
+            digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("kind", sorted(OFFICIAL_NEEDLES))
+def test_needle_files_match_the_official_strings(kind):
+    ours, _ = load_needles(kind)
+    assert needle_digest(ours) == OFFICIAL_NEEDLES[kind][1]
     reasoning, _ = load_needles("reasoning")
     assert "evening.  John is 12" in reasoning[1].needle  # the official double space is kept
+
+
+@pytest.mark.parametrize("kind", sorted(OFFICIAL_NEEDLES))
+def test_needle_files_equal_the_authors_files(reference_dir, kind):
+    """Extra, where the authors' files exist: field by field, and the stored digest is theirs."""
+    official = reference_dir / OFFICIAL_NEEDLES[kind][0]
+    theirs = [json.loads(line) for line in official.read_text().splitlines() if line.strip()]
+    ours, _ = load_needles(kind)
+    assert [n.needle for n in ours] == [t["needle"] for t in theirs]
+    assert [n.question for n in ours] == [t["question"] for t in theirs]
+    assert [n.answer for n in ours] == [t.get("answer", t["real_needle"]) for t in theirs]
 
 
 def test_lengths_and_depths_follow_the_paper():
