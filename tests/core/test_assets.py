@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from headscore.core.assets import cache_dir, default_haystack_dir, resolve_model
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import Geometry, load_geometry
+from headscore.core.model import Geometry, load_geometry, resolve_device, resolve_dtype
 
 
 def test_cache_dir_honours_environment(monkeypatch, tmp_path):
@@ -44,3 +45,12 @@ def test_model_specs(tmp_path):
 
 def test_default_haystack_is_installed():
     assert len(list(default_haystack_dir().glob("*.txt"))) >= 40
+
+
+def test_device_auto_resolves_to_cuda_when_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == "cpu"
+    assert resolve_dtype(None, "auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_dtype(None, "auto") == torch.bfloat16
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from headscore.compression.generation import generate_ids
+from headscore.compression.generation import compress_generate, generate_ids, make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry, eos_ids
-from headscore.core.prompts import encode_prompt
+from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import EvaluateOptions, evaluate, evaluate_sample, newline_token_ids, plan_conditions
 from headscore.evaluation.tasks import get_task
 from headscore.scoring.head_scores import HeadScores, write_head_scores
@@ -149,3 +149,34 @@ def test_cli_bad_input_one_line(tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("template", ["raw", "chat"])
+def test_answer_prefix_ends_the_prompt_inside_the_window(model, tokenizer, template):
+    """--answer-prefix (compress and evaluate): the prompt ends with it, after the generation prompt; the
+    observation window's tokens hold it; the model continues it (the same tokens as generating from the
+    prefixed prompt by hand)."""
+    prefix, window = " The secret ingredient is", 8
+    geometry = Geometry.from_config(model.config)
+    press = make_press("snapkv", geometry, budget=24, window=window)
+    prompt = render_prompt(tokenizer, "Some context. " * 20, "What is the secret?", template, prefix)
+    plain = render_prompt(tokenizer, "Some context. " * 20, "What is the secret?", template)
+    assert prompt == plain + prefix and prompt.endswith(prefix)
+    ids = encode_prompt(tokenizer, prompt, template)["input_ids"]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    assert len(prefix_ids) <= window and ids[-len(prefix_ids):] == prefix_ids  # the window covers it
+    stops = eos_ids(model, tokenizer)
+    expected, _ = generate_ids(model, torch.tensor([ids]), press, max_new_tokens=5, eos=stops)
+    result = compress_generate(model, tokenizer, "Some context. " * 20, "What is the secret?", press=press,
+                               max_new_tokens=5, template=template, answer_prefix=prefix)
+    assert result.tokens == expected
+
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 5
+    condition = plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[24], window=window))
+    row = evaluate_sample(model, tokenizer, sample, condition, stops, window, answer_prefix=prefix)[0]
+    ids = encode_prompt(tokenizer, sample.prompt + prefix, sample.template)["input_ids"]
+    assert ids[-len(prefix_ids):] == prefix_ids
+    tokens, _ = generate_ids(model, torch.tensor([ids]), condition[0].press, max_new_tokens=5, eos=stops)
+    assert row["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert row["length"] == len(ids)
