@@ -487,7 +487,8 @@ def evaluate_command(
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,
                     "num_needles": num_needles}
     if dump_prompts is not None:
-        count = write_prompts(model, tasks, dump_prompts, task_options=task_options, limit=limit)
+        count = write_prompts(model, tasks, dump_prompts, task_options=task_options, limit=limit,
+                              answer_prefix=answer_prefix)
         stdout.print(f"{count} prompts -> {dump_prompts}")
         return
     setup = prepare_evaluate(model, tasks, options=options, task_options=task_options, device=device, dtype=dtype,

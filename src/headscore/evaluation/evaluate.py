@@ -350,9 +350,9 @@ def build_tasks(tasks: str, task_options: dict[str, Any] | None = None) -> list[
 
 
 def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: dict[str, Any] | None = None,
-                 limit: int | None = None) -> int:
-    """Write every sample's exact model input (after truncation) and generation settings as JSONL to `out`
-    (atomically), loading only the tokenizer. Returns the number of samples.
+                 limit: int | None = None, answer_prefix: str = "") -> int:
+    """Write every sample's exact model input (after truncation, ending with `answer_prefix`) and generation
+    settings as JSONL to `out` (atomically), loading only the tokenizer. Returns the number of samples.
 
     Fields: `id`, `task`, `dataset`, `prompt`, `prompt_tokens` (with the tokenizer's special tokens),
     `template`, `max_new_tokens`, `min_new_tokens`, `decoding` (greedy), `stop`, `eos_token_ids` (the
@@ -367,8 +367,10 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
     with atomic_open(out) as handle:
         for s in samples:
             eos = tokenizer_eos(tokenizer) if s.stop == "eos" else eos_ids(None, tokenizer)
-            line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": s.prompt,
-                    "prompt_tokens": s.length, "template": s.template, "max_new_tokens": s.max_new_tokens,
+            prompt = s.prompt + answer_prefix
+            tokens = len(encode_prompt(tokenizer, prompt, s.template)["input_ids"]) if answer_prefix else s.length
+            line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": prompt,
+                    "prompt_tokens": tokens, "template": s.template, "max_new_tokens": s.max_new_tokens,
                     "min_new_tokens": s.min_new_tokens, "decoding": "greedy", "stop": s.stop,
                     "eos_token_ids": sorted(eos), "metric": s.metric,
                     "first_line": bool(s.meta.get("first_line")), "answers": s.answers}
