@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from headscore.core.assets import DEFAULT_MODEL
+from headscore.core.distributed import from_env, shutdown
 from headscore.core.errors import HeadscoreError
 from headscore.study.reproduce import STAGES
 
@@ -58,10 +59,13 @@ class LazyProgress(Progress):
 
 
 def progress_bar(transient: bool = False) -> LazyProgress:
-    """The one progress bar style: description, bar, done/total, elapsed, ETA (on stderr)."""
+    """The one progress bar style: description, bar, done/total, elapsed, ETA (on stderr).
+
+    Under torchrun only rank 0 draws it (its own share of the work).
+    """
     return LazyProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        transient=transient)
+                        transient=transient, disable=not from_env().is_main)
 
 
 @app.command("build-needles")
@@ -378,8 +382,10 @@ def estimate_command(
                                             "K trials all fail the success check; 0 never stops."),
     limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
     shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run every n-th trial from the i-th; "
-                                     "combine the folders with `headscore merge`."),
-    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
+                                     "combine the folders with `headscore merge`. Under torchrun the ranks "
+                                     "split the shard's trials."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, "
+                               "... (under torchrun, auto and cuda mean cuda:LOCAL_RANK)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                      "bfloat16 on CUDA]."),
     device_map: str | None = typer.Option(None, "--device-map", help="'auto': spread a model larger than "
@@ -402,7 +408,8 @@ def estimate_command(
         result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
                               device_map=device_map, shard=shard, limit=limit,
                               stop_after_failures=stop_after_failures, progress=advance)
-    _estimate_summary(result, f"estimate ({method}, {mode})")
+    if result is not None:  # None on ranks other than 0 under torchrun
+        _estimate_summary(result, f"estimate ({method}, {mode})")
 
 
 @app.command("merge")
@@ -498,6 +505,8 @@ def evaluate_command(
         result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=model,
                           task_settings=setup.task_settings,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if result is None:  # a rank other than 0 under torchrun
+        return
     table = Table(title=f"{result.samples} samples -> {out}")
     tasks_seen = sorted({key for entry in result.summary for key in entry if key.startswith("score[")})
     for column in ("method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks_seen]):
@@ -528,13 +537,24 @@ def reproduce_command(
     stdout.print(f"report: {report}")
 
 
+def _rank_tag() -> str:
+    """'[rank K] ' under torchrun (which rank's line it is), '' in one process or with a broken environment."""
+    try:
+        where = from_env()
+    except HeadscoreError:
+        return ""
+    return f"[rank {where.rank}] " if where.distributed else ""
+
+
 def main() -> None:
     """Console entry point: a HeadscoreError becomes one line on stderr and exit status 2."""
     try:
         app(prog_name="headscore")
     except HeadscoreError as error:
-        print(f"headscore: error: {error}", file=sys.stderr)
+        print(f"headscore: error: {_rank_tag()}{error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("headscore: interrupted; rerun the same command to continue", file=sys.stderr)
+        print(f"headscore: {_rank_tag()}interrupted; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
+    finally:
+        shutdown()

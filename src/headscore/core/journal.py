@@ -2,26 +2,38 @@
 
 Line 1 holds `{"header": {...}}` (what the run is); every later line is one finished record. A trailing partial
 line (a write cut off by a kill) is dropped on reading, so a rerun continues where the last one stopped.
+
+`run_journaled` is the loop around a journal that estimate and evaluate share: one process appends to
+`OUT/journal.jsonl`; under a launcher each rank appends to its own `OUT/ranks/rank-K/journal.jsonl`, and at the
+end rank 0 writes every record into `OUT/journal.jsonl` and removes `OUT/ranks/`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
+from headscore.core.files import atomic_open
+
+JOURNAL = "journal.jsonl"
+RANKS_DIR = "ranks"
 
 
-def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(header, records) of a journal; a trailing partial line (an interrupted write) is cut off the file."""
+def read_journal(path: Path, repair: bool = True) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(header, records) of a journal; a trailing partial line (an interrupted write) is cut off the file, or
+    only skipped with `repair=False` (reading a journal another process is appending to)."""
     if not path.is_file():
         return None, []
     raw = path.read_bytes()
     good = raw.rfind(b"\n") + 1
     lines = raw[:good].decode("utf-8").splitlines()
-    if good < len(raw):
+    if good < len(raw) and repair:
         with open(path, "r+b") as handle:
             handle.truncate(good)
     entries = []
@@ -52,8 +64,92 @@ def open_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         append_journal(path, {"header": header})
         return []
+    check_header(path, found, header)
+    return records
+
+
+def check_header(path: Path, found: dict[str, Any], header: dict[str, Any]) -> None:
+    """A journal written for another run (other options, model or inputs) is an error naming the differences."""
     differing = sorted(key for key in set(found) | set(header) if found.get(key) != header.get(key))
     if differing:
         details = "; ".join(f"{key}: {found.get(key)!r} there, {header.get(key)!r} now" for key in differing)
         raise HeadscoreError(f"{path.parent} holds another run ({details}); use another --out folder")
+
+
+def write_journal(path: Path, header: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """Write a whole journal (header line, then one line per record) atomically."""
+    with atomic_open(path) as handle:
+        for entry in [{"header": header}, *records]:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _journals(out_dir: Path) -> list[Path]:
+    """The run's journals: the main one, then every rank's (also those of ranks an earlier run had)."""
+    return [out_dir / JOURNAL, *sorted((out_dir / RANKS_DIR).glob(f"rank-*/{JOURNAL}"))]
+
+
+def _collect(out_dir: Path, header: dict[str, Any], field: str, repair: bool = True
+             ) -> dict[Hashable, dict[str, Any]]:
+    """Every finished record of the run in `out_dir` (main and rank journals), by `record[field]`.
+
+    `repair=False` reads while other ranks append (their partial last lines are skipped, not cut).
+    """
+    header = json.loads(json.dumps(header))
+    records: dict[Hashable, dict[str, Any]] = {}
+    for path in _journals(out_dir):
+        found, entries = read_journal(path, repair)
+        if found is None:
+            continue
+        check_header(path, found, header)
+        for entry in entries:
+            records.setdefault(entry[field], entry)
     return records
+
+
+def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[Hashable], field: str,
+                  work: Callable[[Hashable], dict[str, Any]],
+                  progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+                  check: Callable[[dict[Hashable, dict[str, Any]]], None] | None = None
+                  ) -> dict[Hashable, dict[str, Any]] | None:
+    """Run `work(key)` for every key not yet in the run's journals; returns every record by key.
+
+    `work` returns a JSON-able record with `record[field] == key`; each is journaled as soon as it finishes.
+    Under a launcher the unfinished keys are split over the ranks (`Ranks.part`) and only rank 0 gets the
+    records back (None on the others), once every rank is done and the main journal holds them all, in `keys`
+    order. `progress(done, total, record)` reports this process's work: once at the start (record None), then
+    after every key; `done` counts the keys finished before this run. `check(records)` sees every record
+    finished so far (all ranks') at the start and after each of this process's keys, and may raise to stop
+    the run (the journals keep what was done).
+    """
+
+    out_dir = Path(out_dir)
+    where = ranks()
+    own = out_dir / RANKS_DIR / f"rank-{where.rank}" / JOURNAL if where.distributed else out_dir / JOURNAL
+    open_journal(own, header)  # creates this process's journal, drops a partial last line, checks the header
+    where.barrier()  # every journal is whole before any rank reads the others
+    done = _collect(out_dir, header, field)
+    where.barrier()  # ... and read by every rank before any rank appends
+    todo = where.part([key for key in keys if key not in done])
+    before = sum(key in done for key in keys)
+    if check:
+        check(done)
+    if progress:
+        progress(before, before + len(todo), None)
+    for count, key in enumerate(todo, start=1):
+        record = work(key)
+        append_journal(own, record)
+        done[key] = record
+        if progress:
+            progress(before + count, before + len(todo), record)
+        if check:
+            check({**_collect(out_dir, header, field, repair=False), **done} if where.distributed else done)
+    where.barrier()
+    if not where.is_main:
+        return None
+    if (out_dir / RANKS_DIR).is_dir():
+        done = _collect(out_dir, header, field)
+        order = {key: position for position, key in enumerate(keys)}
+        records = sorted(done.values(), key=lambda r: order.get(r[field], len(order)))
+        write_journal(out_dir / JOURNAL, json.loads(json.dumps(header)), records)
+        shutil.rmtree(out_dir / RANKS_DIR)
+    return done

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from headscore.compression.generation import cache_report, compress_state, decode, make_press, prefill
+from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
     atomic_open,
@@ -35,7 +36,7 @@ from headscore.core.files import (
     versions,
     write_json,
 )
-from headscore.core.journal import append_journal, open_journal
+from headscore.core.journal import run_journaled
 from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, load_tokenizer
 from headscore.core.plots import grid_heatmap, line_plot
 from headscore.core.prompts import encode_prompt
@@ -43,7 +44,6 @@ from headscore.evaluation.tasks import SOURCED, Sample, Task, expand_specs, get_
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
 
-JOURNAL = "journal.jsonl"
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
 METADATA_FILE = "metadata.json"
@@ -268,8 +268,12 @@ def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
 
 def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *,
              options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
-             progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
-    """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs."""
+             progress: Callable[[int, int], None] | None = None) -> EvaluateResult | None:
+    """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs.
+
+    Under a launcher the samples are split over the ranks; rank 0 writes the outputs (equal to one process's)
+    and returns the result, the other ranks None.
+    """
 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)
@@ -284,20 +288,24 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
               "samples_fingerprint": fingerprint_bytes(*(s.id + "\0" + s.prompt for s in samples)),
               "samples": len(samples)}
-    done = {r["sample"]: r["rows"] for r in open_journal(out_dir / JOURNAL, header)}
     stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
-    if progress:
-        progress(sum(s.id in done for s in samples), len(samples))
-    began = time.perf_counter()
+    by_id: dict[str, Any] = {}
     for sample in samples:
-        if sample.id in done:
-            continue
-        rows = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end,
+        by_id.setdefault(sample.id, sample)
+
+    def work(sample_id: str) -> dict[str, Any]:
+        rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
                                options.answer_prefix)
-        append_journal(out_dir / JOURNAL, {"sample": sample.id, "rows": rows})
-        done[sample.id] = rows
-        if progress:
-            progress(len(done), len(samples))
+        return {"sample": sample_id, "rows": rows}
+
+    began = time.perf_counter()
+    report = None if progress is None else (lambda done, total, record: progress(done, total))
+    records = run_journaled(out_dir, header, list(by_id), "sample", work, report)
+    where = ranks()
+    if records is None:  # a rank other than 0: rank 0 writes the outputs
+        where.barrier()
+        return None
+    done = {key: record["rows"] for key, record in records.items()}
     rows = [row for sample in samples for row in done[sample.id]]
     summary = summarize(rows)
     with atomic_open(out_dir / RESULTS_FILE) as handle:
@@ -318,7 +326,9 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
                         "press": c.press.describe()} for c in conditions],
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
         "seconds_this_run": round(time.perf_counter() - began, 2), "versions": versions(),
+        **({"processes": where.world} if where.distributed else {}),
     })
+    where.barrier()  # every rank returns once the files are there
     return EvaluateResult(out_dir=out_dir, samples=len(samples), rows=rows, summary=summary, figures=figures)
 
 
@@ -389,7 +399,7 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
 
     built = build_tasks(tasks, task_options)
     plan_conditions(load_geometry(model_name), options)  # bad methods or scores fail before loading weights
-    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    model, tokenizer = load_model(model_name, device=rank_device(device, ranks()), dtype=dtype)
     samples = [sample for task in built for sample in task.samples(tokenizer)]
     if limit is not None:
         samples = samples[:limit]
@@ -400,8 +410,9 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
 
 def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
                  task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
-                 limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvaluateResult:
-    """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate`."""
+                 limit: int | None = None, progress: Callable[[int, int], None] | None = None
+                 ) -> EvaluateResult | None:
+    """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate` (None on ranks other than 0)."""
     setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
                              dtype=dtype, limit=limit)
     return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,

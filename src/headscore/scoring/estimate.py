@@ -14,11 +14,12 @@ Results go to a JSONL journal in the output folder, one line per finished trial,
 rebuilt from the journal, so an interrupted run continues where it stopped. In decode mode a run stops early
 (`stop_after_failures`, default 5) when its first K trials all fail the success check: the model does not
 answer these prompts, and the error names the fixes.
+Under torchrun / accelerate launch the selected trials are split over the ranks, each with its own journal,
+and rank 0 writes the same files one process would (`core.journal.run_journaled`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,9 +30,10 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
-from headscore.core.journal import append_journal, open_journal, read_journal
+from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
 from headscore.core.metrics import qa_f1, rouge1_recall
 from headscore.core.model import Geometry, eos_ids, input_device, load_model
 from headscore.core.plots import head_heatmap
@@ -42,7 +44,6 @@ from headscore.scoring.rules import METHODS, scorer
 from headscore.scoring.trials import read_trials, trials_fingerprint
 
 MODES = ("decode", "teacher-forced")
-JOURNAL = "journal.jsonl"
 SCORES_FILE = "head_scores.json"
 TABLE_FILE = "trials.csv"
 METADATA_FILE = "metadata.json"
@@ -332,12 +333,14 @@ def estimate(
     limit: int | None = None,
     stop_after_failures: int = STOP_AFTER_FAILURES,
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-) -> EstimateResult:
+) -> EstimateResult | None:
     """Score every head on the selected trials, continuing the journal in `out_dir` if there is one.
 
     Decode mode stops with a HeadscoreError (the journal kept) once the first `stop_after_failures` selected
     trials all failed the success check (0: never stop). `progress(done, total, record)` is called once at
     the start (record None) and after every trial.
+    Under a launcher the selected trials are split over the ranks; rank 0 returns the result of the whole run
+    (the files equal one process's), the other ranks None.
     """
 
     out_dir = Path(out_dir)
@@ -350,27 +353,22 @@ def estimate(
               "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
               "shard": f"{shard[0]}/{shard[1]}"}
     chosen = select_trials(len(trials), shard, limit)
-    records = {r["index"]: r for r in open_journal(out_dir / JOURNAL, header)}
-    done = sum(index in records for index in chosen)
     stops = options.mode == "decode" and 0 < stop_after_failures <= len(chosen)  # shorter runs just finish
     first = chosen[:stop_after_failures] if stops else []
-    check_first_failures(records, first, out_dir / JOURNAL)
-    if progress:
-        progress(done, len(chosen), None)
     with attention_capture(model, geometry.layers) as capture:
-        for index in chosen:
-            if index in records:
-                continue
-            record = score_trial(model, tokenizer, trials[index], index, options, capture)
-            append_journal(out_dir / JOURNAL, record)
-            records[index] = record
-            done += 1
-            if progress:
-                progress(done, len(chosen), record)
-            check_first_failures(records, first, out_dir / JOURNAL)
-    extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
-             "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model))}
-    return build_outputs(out_dir, header, [records[i] for i in chosen], extra)
+        records = run_journaled(
+            out_dir, header, chosen, "index",
+            lambda index: score_trial(model, tokenizer, trials[index], index, options, capture), progress,
+            check=lambda found: check_first_failures(found, first, out_dir / JOURNAL))
+    where = ranks()
+    result = None
+    if records is not None:  # rank 0 (or the only process) writes the outputs
+        extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
+                 "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
+                 **({"processes": where.world} if where.distributed else {})}
+        result = build_outputs(out_dir, header, [records[i] for i in chosen], extra)
+    where.barrier()  # every rank returns once the files are there
+    return result
 
 
 def run_estimate(
@@ -386,12 +384,15 @@ def run_estimate(
     limit: int | None = None,
     stop_after_failures: int = STOP_AFTER_FAILURES,
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-) -> EstimateResult:
-    """`headscore estimate`: read the trials, load the model, run `estimate`."""
+) -> EstimateResult | None:
+    """`headscore estimate`: read the trials, load the model (on this rank's device), run `estimate`.
+
+    Returns None on ranks other than 0 of a distributed run.
+    """
 
     trials = read_trials(trials_path)
     shard_spec = parse_shard(shard)
-    lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm, tokenizer = load_model(model, device=rank_device(device, ranks()), dtype=dtype, device_map=device_map)
     return estimate(lm, tokenizer, trials, out_dir, options=options, model_name=model, shard=shard_spec,
                     limit=limit, stop_after_failures=stop_after_failures, progress=progress)
 
@@ -422,9 +423,7 @@ def merge_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> EstimateResul
     header = {**header, "shard": "0/1"}
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = [records[i] for i in sorted(records)]
-    with atomic_open(out_dir / JOURNAL) as handle:
-        for entry in [{"header": header}, *ordered]:
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    write_journal(out_dir / JOURNAL, header, ordered)
     extra = {"selection": {"shard": "0/1", "limit": None, "selected": len(ordered)},
              "merged_from": [{"dir": str(d), "shard": s} for d, s in zip(dirs, shards, strict=True)]}
     result = build_outputs(out_dir, header, ordered, extra)
