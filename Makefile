@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 .PHONY: setup test lint bench reproduce clean
 
 CONFIG ?= configs/smollm2-135m.yaml
+NPROC ?= 1
 
 ## setup: create .venv, install torch (CPU 2.13.0) first, then headscore (editable) with dev tools and the default assets
 setup:
@@ -27,9 +28,14 @@ bench:
 	$(BIN)/python bench/bench_estimate.py --length 4000
 	$(BIN)/python bench/bench_compress.py
 
-## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md
+## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
+## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)
 reproduce:
+ifeq ($(NPROC),1)
 	$(BIN)/headscore reproduce --config $(CONFIG)
+else
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m headscore reproduce --config $(CONFIG)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist

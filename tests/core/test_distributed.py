@@ -184,3 +184,32 @@ def test_ranks_from_environment(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(HeadscoreError, match="not an integer"):
         from_env()
+
+
+def test_reproduce_under_torchrun(tiny_folder, tmp_path, one_thread):
+    """`NPROC=2 make reproduce`: estimate and evaluate split over the ranks, the other stages on rank 0; the
+    files equal a one-process study's."""
+    from headscore.study.reproduce import run_study
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""name: tiny
+model: {tiny_folder}
+needles: {{min_length: 150, max_length: 200, lengths: 1, depths: 1}}
+estimate: {{r2_mode: teacher-forced, retrieval_mode: teacher-forced}}
+allocate: {{budgets: [16], betas: [1.01]}}
+evaluate: {{tasks: niah, methods: [full, snapkv, headkv-r2], budgets: [16], lengths: [160], depths: [0, 100],
+           num_needles: 1, template: raw}}
+""")
+    stages = "needles,estimate,allocate,evaluate"
+    run_study(config, results=tmp_path / "one", stages=stages.split(","), log=lambda line: None)
+    run = headscore("reproduce", "--config", str(config), "--results", str(tmp_path / "two"), "--stages", stages,
+                    ranks=2)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("[allocate] running") == 1  # rank 0 alone runs and logs the other stages
+    one, two = outputs(tmp_path / "one" / "tiny"), outputs(tmp_path / "two" / "tiny")
+    assert set(two) == set(one)
+    stages_json = json.loads(two.pop("stages.json"))
+    assert set(stages_json) == set(stages.split(","))
+    for name in ("scores-r2/head_scores.json", "scores-retrieval/trials.csv", "budgets/budgets_B16_beta1.01.json",
+                 "evaluate/results.csv", "evaluate/summary.md", "evaluate/score_vs_kv.png"):
+        assert two[name] == one[name], name

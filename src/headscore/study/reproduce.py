@@ -14,7 +14,9 @@ Stages, each writing its own folder under `results/<config>/` (every stage reada
 | report | `report.md` | every figure, with the numbers read from the files above |
 
 Estimate, evaluate and latency resume from their journals; a stage whose outputs exist for the same config
-section is skipped, so rerunning after an interruption continues where it stopped.
+section is skipped, so rerunning after an interruption continues where it stopped. Under torchrun
+(`NPROC=N make reproduce`) every rank takes part in the estimate, evaluate and beta_sweep stages (trials and
+samples split over the ranks); rank 0 alone runs the other stages while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import yaml
 
 from headscore.compression.budgets import allocate, plot_budgets, write_budgets
+from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
@@ -42,6 +45,7 @@ from headscore.scoring.trials import build_needle_trials, write_trials
 from headscore.study.report import write_report
 
 STAGES = ("needles", "estimate", "allocate", "evaluate", "beta_sweep", "ablate", "latency", "report")
+SHARED_STAGES = ("estimate", "evaluate", "beta_sweep")  # every rank takes part under torchrun
 
 # section -> allowed keys (with their defaults); any other key is an error naming the section and key
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -166,14 +170,23 @@ class Study:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise HeadscoreError(f"reproduce: unknown stage '{unknown[0]}': use some of {', '.join(STAGES)}")
-        self.root.mkdir(parents=True, exist_ok=True)
+        where = ranks()
+        if where.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
             if stage not in stages:
                 continue
+            where.barrier()  # the previous stage's files (and stages.json) are written
+            if where.distributed:
+                self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
             if stage != "report" and self.done(stage) and not force:
-                self.log(f"[{stage}] done already (same config); skipped")
+                if where.is_main:
+                    self.log(f"[{stage}] done already (same config); skipped")
                 continue
-            self.log(f"[{stage}] running")
+            if not where.is_main and stage not in SHARED_STAGES:
+                continue
+            if where.is_main:
+                self.log(f"[{stage}] running")
             began = time.perf_counter()
             try:
                 details = getattr(self, f"stage_{stage}")() or {}
@@ -181,8 +194,10 @@ class Study:
                 if str(error).startswith("reproduce"):
                     raise
                 raise HeadscoreError(f"reproduce stage '{stage}': {error}") from error
-            self.mark(stage, time.perf_counter() - began, **details)
-            self.log(f"[{stage}] finished in {time.perf_counter() - began:.1f} s")
+            if where.is_main:
+                self.mark(stage, time.perf_counter() - began, **details)
+                self.log(f"[{stage}] finished in {time.perf_counter() - began:.1f} s")
+        where.barrier()
         return self.path("report.md")
 
     # ------------------------------------------------------------------------------------- stages
@@ -211,7 +226,8 @@ class Study:
                                       max_new_tokens=settings["max_new_tokens"])
             result = run_estimate(top["model"], trials, self.path(f"scores-{method}"), options=options,
                                   device=top["device"], dtype=top["dtype"], limit=settings["limit"])
-            found[method] = {"run": result.run, "counted": result.counted, "mode": options.mode}
+            if result is not None:  # None on ranks other than 0
+                found[method] = {"run": result.run, "counted": result.counted, "mode": options.mode}
         return {"estimate": found}
 
     def scores_file(self, which: str, stage: str) -> Path:
@@ -255,7 +271,7 @@ class Study:
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
         result = run_evaluate(top["model"], tasks, out, options=options, task_options=task_options,
                               device=top["device"], dtype=top["dtype"], limit=settings["limit"])
-        return {"samples": result.samples}
+        return {"samples": result.samples} if result is not None else {}
 
     def stage_evaluate(self) -> dict[str, Any]:
         s = self.config.section("evaluate")
