@@ -161,6 +161,16 @@ def test_run_journaled_one_process_resumes_rank_journals(tmp_path):
     with pytest.raises(HeadscoreError, match="another run"):
         run_journaled(tmp_path, {"what": "cubes"}, [1], "key", work)
 
+    def stop_at_two(records):
+        if len(records) >= 2:
+            raise HeadscoreError("enough")
+
+    calls.clear()
+    with pytest.raises(HeadscoreError, match="enough"):  # a check stops the run; the journal keeps the work
+        run_journaled(tmp_path / "stop", header, [1, 2, 3, 4], "key", work, check=stop_at_two)
+    assert calls == [1, 2]
+    assert len((tmp_path / "stop" / JOURNAL).read_text().splitlines()) == 3
+
 
 def test_ranks_from_environment(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
