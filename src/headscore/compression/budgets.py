@@ -49,6 +49,7 @@ class Budgets:
     temp: float | None = None
     pyramid_beta: float | None = None
     source_scores: str | None = None
+    tuning: dict[str, Any] | None = None
 
     @property
     def layers(self) -> int:
@@ -105,6 +106,7 @@ class Budgets:
             "total_entries": self.total_entries,
             "uniform_entries": self.uniform_entries,
             "source_scores": self.source_scores,
+            **({"tuning": self.tuning} if self.tuning is not None else {}),
             "matrix": self.matrix.tolist(),
         }
 
@@ -178,12 +180,13 @@ def pool_share(inner: int, beta: float) -> int:
 
 
 def headkv_rule(importance: torch.Tensor, inner: int, beta: float) -> torch.Tensor:
-    """`[layers, heads]` importance (sums to 1) -> int64 budgets round(score × pool + floor), B' = `inner`.
+    """`[..., layers, heads]` importance (each `[layers, heads]` sums to 1) -> int64 budgets
+    round(score × pool + floor), B' = `inner`; leading dimensions are independent allocations.
 
     Rounding is half-to-even (torch.round), as in the official code; no clamp to a prompt length.
     """
     share = pool_share(inner, beta)
-    pool = share * importance.numel()
+    pool = share * importance.shape[-2] * importance.shape[-1]
     return torch.round(importance.double() * pool + (inner - share)).to(torch.int64)
 
 
@@ -368,7 +371,8 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
                       beta=_number(item.get("beta"), where, "beta", optional=True),
                       temp=_number(item.get("temp"), where, "temp", optional=True),
                       pyramid_beta=_number(item.get("pyramid_beta"), where, "pyramid_beta", optional=True),
-                      source_scores=item.get("source_scores"))
+                      source_scores=item.get("source_scores"),
+                      tuning=item.get("tuning") if isinstance(item.get("tuning"), dict) else None)
     check_budget(budgets.budget, budgets.window)
     return budgets
 

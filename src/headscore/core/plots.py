@@ -110,3 +110,25 @@ def line_plot(series: dict[str, tuple[list[float], list[float], list[float] | No
     axes.grid(True, alpha=0.3)
     axes.legend()
     save_figure(figure, path)
+
+
+def scatter_plot(xs: list[float], ys: list[float], path: str | os.PathLike, *, title: str, xlabel: str,
+                 ylabel: str, log: bool = False) -> None:
+    """Points (x, y) with the y = x diagonal. `log`: symmetric-log axes, linear below the smallest non-zero
+    value, so values spanning decades show and zeros stay on the plot."""
+    if len(xs) != len(ys) or not xs:
+        raise HeadscoreError("scatter plot needs two equally long, non-empty lists of values")
+    figure = _new_figure(5.4, 5.0)
+    axes = figure.add_subplot()
+    axes.scatter(xs, ys, s=10, alpha=0.6)
+    low, high = min(min(xs), min(ys)), max(max(xs), max(ys))
+    axes.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+    positive = [v for v in (*xs, *ys) if v > 0]
+    if log and positive:
+        axes.set_xscale("symlog", linthresh=min(positive))
+        axes.set_yscale("symlog", linthresh=min(positive))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    save_figure(figure, path)

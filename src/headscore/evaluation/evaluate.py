@@ -268,16 +268,20 @@ def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
 
 def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *,
              options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
-             progress: Callable[[int, int], None] | None = None) -> EvaluateResult | None:
+             progress: Callable[[int, int], None] | None = None, conditions: Sequence[Condition] | None = None,
+             figures: bool = True) -> EvaluateResult | None:
     """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs.
 
+    `conditions`: an explicit plan instead of `plan_conditions(options)` (e.g. `tune`'s per-budget β); its
+    presses are part of the journal header. `figures=False` skips the NIAH heatmaps and the KV curve.
     Under a launcher the samples are split over the ranks; rank 0 writes the outputs (equal to one process's)
     and returns the result, the other ranks None.
     """
 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)
-    conditions = plan_conditions(geometry, options)
+    explicit = conditions is not None
+    conditions = list(conditions) if explicit else plan_conditions(geometry, options)
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
     if too_long:
@@ -288,6 +292,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
               "samples_fingerprint": fingerprint_bytes(*(s.id + "\0" + s.prompt for s in samples)),
               "samples": len(samples)}
+    if explicit:
+        header["conditions"] = [[c.label, c.budget, c.press.describe()] for c in conditions]
     stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
     by_id: dict[str, Any] = {}
     for sample in samples:
@@ -311,7 +317,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     with atomic_open(out_dir / RESULTS_FILE) as handle:
         pd.DataFrame(rows).to_csv(handle, index=False)
     atomic_write_text(out_dir / SUMMARY_FILE, f"# Evaluation: {model_name}\n\n" + summary_markdown(summary))
-    figures = write_figures(out_dir, rows)
+    figures = write_figures(out_dir, rows) if figures else []
     longbench = longbench_table(samples, rows)
     if longbench:
         atomic_write_text(out_dir / LONGBENCH_FILE, f"# LongBench / LooGLE scores: {model_name}\n\n"

@@ -43,6 +43,14 @@ class HeadScores:
             for head, value in enumerate(row):
                 self.trials[layer][head].append(value)
 
+    def to_tensor(self) -> torch.Tensor:
+        """Per-trial scores as `[trials, layers, heads]` float64; every head must hold the same number."""
+        counts = {len(values) for row in self.trials for values in row}
+        if len(counts) != 1:
+            raise HeadscoreError(f"head scores hold different numbers of trials per head ({min(counts)} to "
+                                 f"{max(counts)}): per-trial scores need one count for all heads")
+        return torch.tensor(self.trials, dtype=torch.float64).permute(2, 0, 1)
+
     @property
     def num_trials(self) -> int:
         """Number of trials of the head with the most entries (official files hold equal-length lists)."""
@@ -63,23 +71,24 @@ class HeadScores:
 
 
 def normalized_importance(mean: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
-    """`mean / sum`, then `** temp`, renormalized. All-zero scores raise a HeadscoreError."""
-    total = mean.sum()
-    if not total > 0:
+    """`[..., layers, heads]` mean scores -> `mean / sum`, then `** temp`, renormalized, each `[layers, heads]`
+    on its own (leading dimensions: independent score sets). All-zero scores raise a HeadscoreError."""
+    total = mean.sum((-2, -1), keepdim=True)
+    if not bool((total > 0).all()):
         raise HeadscoreError("head scores are all zero: no head has any score to normalize")
     weights = (mean / total) ** temp
-    return weights / weights.sum()
+    return weights / weights.sum((-2, -1), keepdim=True)
 
 
 def group_by_kv_head(importance: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum `[layers, query_heads]` over the query heads that share a KV head: `[layers, kv_heads]`.
+    """Sum `[..., layers, query_heads]` over the query heads that share a KV head: `[..., layers, kv_heads]`.
 
     Query head `h` uses KV head `h // (query_heads // kv_heads)` (transformers' `repeat_kv` layout).
     """
-    layers, query_heads = importance.shape
+    query_heads = importance.shape[-1]
     if query_heads % kv_heads:
         raise HeadscoreError(f"{query_heads} query heads do not split evenly over {kv_heads} KV heads")
-    return importance.reshape(layers, kv_heads, query_heads // kv_heads).sum(-1)
+    return importance.unflatten(-1, (kv_heads, query_heads // kv_heads)).sum(-1)
 
 
 def to_json_line(scores: HeadScores) -> str:
