@@ -24,7 +24,7 @@ def test_shipped_configs_validate(name):
         assert set(config.values[section]) == set(defaults)
     if name in ("llama3-8b-instruct", "mistral-7b-instruct"):
         assert config.top["device"] == "cuda" and "/" in config.top["model"]
-        assert config.section("beta_sweep")["betas"] == [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]
+        assert config.section("tune")["betas"] == [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]
         assert min(config.section("evaluate")["budgets"]) == 64
         assert max(config.section("evaluate")["budgets"]) == 2048
         evaluate = config.section("evaluate")
@@ -42,6 +42,7 @@ def test_shipped_configs_validate(name):
         ("colour: red\n", "unknown key 'colour'"),
         ("evaluate: [1, 2]\n", "section 'evaluate' must be a mapping"),
         ("ablate:\n  ks: []\n", "'ablate.ks' must be a non-empty list"),
+        ("beta_sweep:\n  budget: 64\n", "section 'beta_sweep' was replaced by 'tune'"),
         ("model: [unclosed\n", "not valid YAML"),
     ],
 )
@@ -78,8 +79,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert len(figures) >= 10
     assert all((root / f).is_file() for f in figures)
     for expected in ("scores-r2/heatmap.png", "scores-retrieval/heatmap.png", "evaluate/score_vs_kv.png",
-                     "beta-sweep/beta_sweep.png", "ablate/ablation.png", "latency/latency.png",
-                     "latency/kv_bytes.png"):
+                     "tune/validation_vs_beta.png", "stability/stability.png", "ablate/ablation.png",
+                     "latency/latency.png", "latency/kv_bytes.png"):
         assert expected in figures
     assert "teacher-forced" in text
     stages = json.loads((root / "stages.json").read_text())
@@ -90,6 +91,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert f"| full | all | 1.000 | {full:.3f} |" in text
     latency = pd.read_csv(root / "latency" / "latency.csv")
     assert f"{latency['kv_bytes'].iloc[0] / 2**20:.2f}" in text
+    tuned = pd.read_csv(root / "tune" / "comparison.csv").iloc[0]
+    assert f"B={tuned['budget']}: β={tuned['chosen_beta']:g} ({tuned['test_gain']:+.3f})" in text
+    stability = json.loads((root / "stability" / "stability.json").read_text())
+    assert stability["trials"] > 0 and f"| {stability['rows'][-1]['overlap_mean']:.3f} |" in text
     # rerunning continues: every stage but the report is skipped
     lines.clear()
     run_study(CONFIGS / "quick.yaml", results=tmp_path, log=lines.append)

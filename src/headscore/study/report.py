@@ -11,7 +11,7 @@ import pandas as pd
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
-from headscore.core.plots import line_plot
+from headscore.evaluation.tune import comparison_markdown, validation_markdown
 from headscore.scoring.head_scores import read_head_scores
 
 
@@ -33,19 +33,45 @@ def top_heads(scores_path: Path, k: int = 10) -> list[tuple[int, int, float]]:
     return [(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(values, flat, strict=True)]
 
 
-def beta_sweep_figure(results_csv: Path, out: Path) -> list[list[Any]]:
-    """Mean score against β from the β-sweep results; returns the table rows (β, score, KV ratio)."""
+def stability_section(folder: Path) -> list[str]:
+    """The bootstrap table, the stable trial count and the figure, from `stability/stability.json`."""
+    data = read_json(folder / "stability.json")
+    if not data["trials"]:
+        return [f"The {data['source']} scores hold no counted trial: nothing to resample.\n"]
+    k, overlap, share = data["k"], data["overlap"], data["share"]
+    lines = [f"`headscore compare --bootstrap` on `{data['source']}`: its {data['trials']} counted trials resampled "
+             f"with replacement, {data['draws']} draws per n (seed {data['seed']}); each draw's top-{k} heads and "
+             f"budgets (B={data['budget']}, β={data['beta']:g}, per {data['granularity']} head) against those of "
+             "all trials.\n\n",
+             markdown_table(["trials n", f"top-{k} overlap mean", "5th percentile", f"draws with overlap ≥ "
+                             f"{overlap:g}", "budget L1 share mean", "95th percentile"],
+                            [[r["trials"], f"{r['overlap_mean']:.3f}", f"{r['overlap_p05']:.3f}",
+                              f"{r['share_stable']:.1%}", f"{r['l1_mean']:.3f}", f"{r['l1_p95']:.3f}"]
+                             for r in data["rows"]])]
+    stable = data["stable_at"]
+    lines.append(f"Stable (top-{k} overlap ≥ {overlap:g} in at least {share:.0%} of draws) from **{stable} trials**.\n"
+                 if stable else f"Not stable (top-{k} overlap ≥ {overlap:g} in {share:.0%} of draws) at any n up to "
+                 f"{data['trials']} trials: more trials are needed.\n")
+    lines.append("![stability vs trials](stability/stability.png)\n")
+    return lines
 
 
-    frame = pd.read_csv(results_csv)
-    grouped = frame.groupby("beta").agg(score=("score", "mean"), kv_ratio=("kv_ratio", "mean")).sort_index()
-    method = frame["method"].iloc[0].split(" ")[0]
-    budget = int(frame["budget"].iloc[0])
-    line_plot({f"{method}, KV size {budget}": ([float(b) for b in grouped.index],
-                                               [float(v) for v in grouped["score"]], None)},
-              out, title=f"β sweep: {method} at KV size {budget}", xlabel="β (larger = smaller shared pool)",
-              ylabel="mean score", xscale="log")
-    return [[f"{b:g}", f"{r.score:.3f}", f"{r.kv_ratio:.4f}"] for b, r in grouped.iterrows()]
+def tune_section(folder: Path) -> list[str]:
+    """Validation table, chosen β per budget and the held-out comparison, from the files `tune` wrote."""
+    meta = read_json(folder / "metadata.json")
+    validation = pd.read_csv(folder / "validation.csv").to_dict("records")
+    comparison = pd.read_csv(folder / "comparison.csv").to_dict("records")
+    baselines = meta["options"]["baselines"]
+    split = meta["split"]
+    lines = [f"`headscore tune`: every β of the grid ran on the {len(split['validation'])} validation samples only "
+             f"(seed {meta['options']['seed']}, val fraction {meta['options']['val_fraction']:g}); the chosen β "
+             f"then ran on the {len(split['test'])} held-out test samples beside the default β "
+             f"({meta['options']['default_beta']:g}) and the baselines. Rule: {meta['rule']}.\n\n",
+             validation_markdown(validation), "\n![validation score vs beta](tune/validation_vs_beta.png)\n\n",
+             "Held-out test split:\n\n", comparison_markdown(comparison, baselines)]
+    chosen = ", ".join(f"B={r['budget']}: β={r['chosen_beta']:g} ({r['test_gain']:+.3f})" for r in comparison)
+    lines.append(f"\nChosen β per budget (held-out gain over the default β): {chosen}.\n")
+    return lines
 
 
 def write_report(study: Any) -> Path:
@@ -58,7 +84,8 @@ def write_report(study: Any) -> Path:
         "estimate": [root / "scores-r2" / "metadata.json", root / "scores-retrieval" / "metadata.json"],
         "allocate": [root / "budgets"],
         "evaluate": [root / "evaluate" / "summary.md", root / "evaluate" / "results.csv"],
-        "beta_sweep": [root / "beta-sweep" / "results.csv"],
+        "stability": [root / "stability" / "stability.json"],
+        "tune": [root / "tune" / "comparison.csv", root / "tune" / "validation.csv", root / "tune" / "metadata.json"],
         "ablate": [root / "ablate" / "ablation.csv"],
         "latency": [root / "latency" / "latency.csv"],
     }
@@ -114,6 +141,10 @@ def write_report(study: Any) -> Path:
         ret = {(layer, head) for layer, head, _ in top_heads(root / "scores-retrieval" / "head_scores.json", 20)}
         out.append(f"Top-20 overlap between retrieval and retrieval-reasoning heads: {len(r2 & ret)} of 20.\n")
 
+    # ---- stability
+    out.append("## Head-score stability: how many trials?\n")
+    out.extend(stability_section(root / "stability"))
+
     # ---- budgets
     out.append("## Budgets\n")
     budget_files = sorted((root / "budgets").glob("*.json"))
@@ -154,11 +185,9 @@ def write_report(study: Any) -> Path:
         out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
                    f"({budgets[0] if budgets else '-'}).\n")
 
-    # ---- beta sweep
-    out.append("## β sweep\n")
-    sweep_rows = beta_sweep_figure(root / "beta-sweep" / "results.csv", root / "beta-sweep" / "beta_sweep.png")
-    out.append(markdown_table(["β", "mean score", "KV ratio"], sweep_rows))
-    out.append("![beta sweep](beta-sweep/beta_sweep.png)\n")
+    # ---- tune
+    out.append("## β chosen on a validation split\n")
+    out.extend(tune_section(root / "tune"))
 
     # ---- ablation
     out.append("## Head ablation\n")

@@ -6,16 +6,17 @@ Stages, each writing its own folder under `results/<config>/` (every stage reada
 |---|---|---|
 | needles | `trials-r2.jsonl`, `trials-retrieval.jsonl` | build-needles for both needle kinds |
 | estimate | `scores-r2/`, `scores-retrieval/` | head scores (HeadKV format) + heatmaps |
+| stability | `stability/` | bootstrap of the r2 scores: how many trials a stable top-k needs (`compare --bootstrap`) |
 | allocate | `budgets/` | budget files and heatmaps for a few β |
 | evaluate | `evaluate/` | methods × budgets on niah + synthetic tasks |
-| beta_sweep | `beta-sweep/` | headkv-r2 at one budget over a β grid |
+| tune | `tune/` | β chosen per budget on a validation split, checked on the held-out test split (`tune`) |
 | ablate | `ablate/` | top-k vs random vs lowest head ablation |
 | latency | `latency/` | prefill, decode and KV bytes vs context length, full vs compressed |
 | report | `report.md` | every figure, with the numbers read from the files above |
 
 Estimate, evaluate and latency resume from their journals; a stage whose outputs exist for the same config
 section is skipped, so rerunning after an interruption continues where it stopped. Under torchrun
-(`NPROC=N make reproduce`) every rank takes part in the estimate, evaluate and beta_sweep stages (trials and
+(`NPROC=N make reproduce`) every rank takes part in the estimate, evaluate and tune stages (trials and
 samples split over the ranks); rank 0 alone runs the other stages while the others wait at a barrier.
 """
 
@@ -37,15 +38,17 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
 from headscore.evaluation.ablate import execute, prepare
+from headscore.evaluation.compare import bootstrap_stability, write_stability
 from headscore.evaluation.evaluate import EVAL_METHODS, EvaluateOptions, run_evaluate
 from headscore.evaluation.latency import run_latency
+from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
 from headscore.scoring.estimate import EstimateOptions, run_estimate
 from headscore.scoring.head_scores import read_head_scores
 from headscore.scoring.trials import build_needle_trials, write_trials
 from headscore.study.report import write_report
 
-STAGES = ("needles", "estimate", "allocate", "evaluate", "beta_sweep", "ablate", "latency", "report")
-SHARED_STAGES = ("estimate", "evaluate", "beta_sweep")  # every rank takes part under torchrun
+STAGES = ("needles", "estimate", "stability", "allocate", "evaluate", "tune", "ablate", "latency", "report")
+SHARED_STAGES = ("estimate", "evaluate", "tune")  # every rank takes part under torchrun
 
 # section -> allowed keys (with their defaults); any other key is an error naming the section and key
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -53,14 +56,17 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
                  "f1_threshold": 0.5, "rouge_threshold": 0.5},
+    "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
+                  "budget": 128, "beta": 1.01},
     "allocate": {"budgets": [128], "betas": [1.005, 1.01, 1.2, 2.0], "window": 8, "scores": "r2"},
     "evaluate": {"tasks": "niah,synthetic", "methods": ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r",
                                                         "headkv-r2"],
                  "budgets": [32, 64, 128, 256], "beta": 1.01, "window": 8, "kernel": 7, "alpha": 0.2,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
                  "max_length": None, "limit": None, "template": None, "num_needles": None},
-    "beta_sweep": {"method": "headkv-r2", "budget": 64, "betas": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10],
-                   "tasks": "niah", "lengths": None, "depths": None},
+    "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
+             "baselines": ["snapkv", "ada-snapkv"], "val_fraction": 0.5, "seed": 0, "tasks": "niah",
+             "lengths": None, "depths": None},
     "ablate": {"scores": "r2", "ks": [1, 4, 16, 64], "seeds": [0, 1], "conditions": ["top", "random", "lowest"],
                "lengths": [1000, 2000], "depths": [0, 50, 100], "template": "chat", "max_new_tokens": 24,
                "num_needles": None},
@@ -68,6 +74,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "max_new_tokens": 16},
 }
 SECTIONS = tuple(s for s in SCHEMA if s)
+# sections that were renamed: old name -> what to write instead
+RENAMED = {"beta_sweep": "section 'beta_sweep' was replaced by 'tune' (β chosen on a validation split, checked on "
+                         "held-out samples): rename it and give 'budgets' as a list"}
 
 
 @dataclass
@@ -108,6 +117,8 @@ def load_config(path: str | Path) -> StudyConfig:
         raise HeadscoreError(f"reproduce: config {path} must be a mapping of settings")
     values: dict[str, dict[str, Any]] = {section: dict(defaults) for section, defaults in SCHEMA.items()}
     for key, value in raw.items():
+        if key in RENAMED:
+            raise HeadscoreError(f"reproduce: config {path}: {RENAMED[key]}")
         if key in SECTIONS:
             if value is None:
                 continue
@@ -124,7 +135,8 @@ def load_config(path: str | Path) -> StudyConfig:
             raise HeadscoreError(f"reproduce: config {path}: unknown key '{key}' (top-level keys: "
                                  f"{', '.join([*SCHEMA[''], *SECTIONS])})")
     for section, key in (("evaluate", "methods"), ("evaluate", "budgets"), ("allocate", "betas"),
-                         ("allocate", "budgets"), ("beta_sweep", "betas"), ("ablate", "ks"), ("ablate", "seeds"),
+                         ("allocate", "budgets"), ("tune", "betas"),
+                         ("tune", "budgets"), ("tune", "methods"), ("ablate", "ks"), ("ablate", "seeds"),
                          ("latency", "lengths")):
         if not isinstance(values[section][key], list) or not values[section][key]:
             raise HeadscoreError(f"reproduce: config {path}: '{section}.{key}' must be a non-empty list")
@@ -235,6 +247,21 @@ class Study:
         self.require(stage, path)
         return path
 
+    def stage_stability(self) -> dict[str, Any]:
+        s = self.config.section("stability")
+        geometry = load_geometry(self.config.top["model"])
+        scores = read_head_scores(self.scores_file(s["scores"], "stability"), geometry.layers, geometry.query_heads)
+        if not scores.num_trials:  # nothing counted: the report says so
+            write_json(self.path("stability", "stability.json"), {"source": s["scores"], "trials": 0, "rows": []})
+            return {"trials": 0, "stable_at": None}
+        result = bootstrap_stability(scores, geometry=geometry, draws=int(s["draws"]), seed=int(s["seed"]),
+                                     k=int(s["k"]), overlap=float(s["overlap"]), share=float(s["share"]),
+                                     budget=int(s["budget"]), beta=float(s["beta"]),
+                                     window=self.config.section("evaluate")["window"],
+                                     source=f"scores-{s['scores']}/head_scores.json")
+        write_stability(result, self.path("stability"))
+        return {"trials": result.trials, "stable_at": result.stable_at}
+
     def stage_allocate(self) -> dict[str, Any]:
 
         settings = self.config.section("allocate")
@@ -278,11 +305,25 @@ class Study:
         return self._evaluate("evaluate", self.path("evaluate"), tasks=s["tasks"], methods=s["methods"],
                               budgets=s["budgets"], betas=[s["beta"]], lengths=s["lengths"], depths=s["depths"])
 
-    def stage_beta_sweep(self) -> dict[str, Any]:
-        s, e = self.config.section("beta_sweep"), self.config.section("evaluate")
-        return self._evaluate("beta_sweep", self.path("beta-sweep"), tasks=s["tasks"], methods=[s["method"]],
-                              budgets=[s["budget"]], betas=s["betas"], lengths=s["lengths"] or e["lengths"],
-                              depths=s["depths"] or e["depths"])
+    def stage_tune(self) -> dict[str, Any]:
+        s, e = self.config.section("tune"), self.config.section("evaluate")
+        top = self.config.top
+        scores = {}
+        for method in s["methods"]:
+            needs = EVAL_METHODS.get(method, (None, None))[1]
+            if needs:
+                scores[needs] = str(self.scores_file(needs, "tune"))
+        options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
+                              betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
+                              baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
+                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"])
+        task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
+                        "template": e["template"], "num_needles": e["num_needles"],
+                        "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
+        result = run_tune(top["model"], s["tasks"], self.path("tune"), options=options, task_options=task_options,
+                          device=top["device"], dtype=top["dtype"], limit=e["limit"])
+        return {"validation_samples": result.val_samples, "test_samples": result.test_samples,
+                "chosen": {f"{r['method']} B{r['budget']}": r["chosen_beta"] for r in result.comparison}}
 
     def stage_ablate(self) -> dict[str, Any]:
 
