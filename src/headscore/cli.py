@@ -680,7 +680,7 @@ def reproduce_command(
     stages: str = typer.Option(",".join(STAGES), help="Comma-separated stages to run, in pipeline order."),
     force: bool = typer.Option(False, "--force", help="Rerun stages already done with the same config."),
 ) -> None:
-    """Run the whole study from a config (needles, estimate, allocate, evaluate, β sweep, ablation, latency)
+    """Run the whole study from a config (needles, estimate, stability, allocate, evaluate, tune, ablation, latency)
     and write report.md with every figure. Rerunning continues an interrupted study."""
     from headscore.study.reproduce import run_study
 
