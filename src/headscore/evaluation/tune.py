@@ -201,12 +201,12 @@ def tuned_budgets(geometry: Geometry, table: Sequence[dict[str, Any]], options: 
             chosen = next(r["beta"] for r in rows if r["chosen"])
             budgets = allocate("headkv", geometry, int(budget), window=options.window, beta=chosen,
                                temp=options.temp, granularity=options.granularity, scores=loaded[needs])
-            budgets.source_scores = str(options.scores[needs])
             budgets.tuning = {
                 "method": method, "chosen_beta": chosen, "default_beta": float(options.default_beta),
                 "rule": RULE, "validation_scores": {f"{r['beta']:g}": r["score"] for r in rows},
                 "validation_samples": val_samples, "val_fraction": float(options.val_fraction),
-                "seed": int(options.seed), "scores_fingerprint": fingerprint_file(options.scores[needs]),
+                "seed": int(options.seed), "scores_file": str(options.scores[needs]),
+                "scores_file_fingerprint": fingerprint_file(options.scores[needs]),
             }
             result.append(budgets)
     return result
