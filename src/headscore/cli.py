@@ -562,7 +562,7 @@ def tune_command(
 ) -> None:
     """Choose HeadKV's β per budget on a validation split, then compare it with the default β and the
     baselines on the held-out test split."""
-    from headscore.evaluation.tune import TuneOptions, comparison_markdown, run_tune
+    from headscore.evaluation.tune import TuneOptions, run_tune
 
     scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
     methods = [m for m, key in (("headkv-r", "retrieval"), ("headkv-r2", "r2")) if key in scores]
@@ -594,8 +594,15 @@ def tune_command(
             table.add_row(method, str(budget), *[f"[bold]{r['score']:.3f}[/]" if r["chosen"] else f"{r['score']:.3f}"
                                                  for r in rows])
     stdout.print(table)
-    stdout.print(f"test split ({result.test_samples} samples):")
-    stdout.print(comparison_markdown(result.comparison, options.baselines), markup=False, highlight=False)
+    test = Table(title=f"held-out test split ({result.test_samples} samples)")
+    for column in ("method", "budget", "chosen β", "tuned", f"β={options.default_beta:g}", "gain",
+                   *options.baselines):
+        test.add_column(column, justify="right")
+    for row in result.comparison:
+        test.add_row(row["method"], str(row["budget"]), f"{row['chosen_beta']:g}", f"{row['test_tuned']:.3f}",
+                     f"{row['test_default']:.3f}", f"{row['test_gain']:+.3f}",
+                     *[f"{row[f'test[{b}]']:.3f}" for b in options.baselines])
+    stdout.print(test)
     stdout.print(f"files: {', '.join(str(p) for p in result.files)}")
 
 

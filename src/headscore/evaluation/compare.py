@@ -213,7 +213,7 @@ def plot_stability(stability: Stability, path: str | os.PathLike) -> None:
                f"top-{k} overlap, 5th percentile": (xs, [row["overlap_p05"] for row in stability.rows], None),
                "budget L1 share, mean": (xs, [row["l1_mean"] for row in stability.rows], None)},
               path, title=f"stability of {Path(stability.source).name} ({stability.draws} draws)",
-              xlabel="trials resampled", ylabel="vs all trials", xscale="log")
+              xlabel="trials resampled", ylabel="vs all trials", xscale="symlog")
 
 
 def write_stability(stability: Stability, out_dir: str | Path) -> list[Path]:

@@ -324,7 +324,7 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
             rows = [r for r in validation if r["method"] == method and r["budget"] == int(budget)]
             series[f"{method}, KV size {budget}"] = ([r["beta"] for r in rows], [r["score"] for r in rows], None)
     line_plot(series, out_dir / VALIDATION_FIGURE, title=f"validation score vs β ({len(val)} samples)",
-              xlabel="β (larger = smaller shared pool)", ylabel="mean validation score", xscale="log")
+              xlabel="β (larger = smaller shared pool)", ylabel="mean validation score", xscale="linear")
     atomic_write_text(out_dir / SUMMARY_FILE, (
         f"# β tuning: {model_name}\n\n{len(val)} validation and {len(test)} test samples (val fraction "
         f"{options.val_fraction:g}, seed {options.seed}). Rule: {RULE}.\n\n## Validation\n\n"
