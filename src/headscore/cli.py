@@ -556,7 +556,7 @@ def tune_command(
     max_length: int | None = typer.Option(None, help="LongBench: middle-truncate contexts to this many "
                                           "tokens."),
     limit: int | None = typer.Option(None, help="Use only the first N samples (before the split)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
 ) -> None:
@@ -585,6 +585,8 @@ def tune_command(
 
         result = run_tune(model, tasks, out, options=options, task_options=task_options, device=device,
                           dtype=dtype, limit=limit, progress=advance)
+    if result is None:  # a rank other than 0 under a launcher: rank 0 reports
+        return
     table = Table(title=f"validation score vs β ({result.val_samples} validation samples)")
     for column in ("method", "budget", *[f"β={b:g}" for b in options.betas]):
         table.add_column(column, justify="right")

@@ -35,9 +35,11 @@ from headscore.compression.budgets import (
     check_beta,
     check_budget,
     pool_share,
+    read_budget_sweep,
     write_budgets,
 )
 from headscore.compression.generation import make_press
+from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
 from headscore.core.model import Geometry, input_device
@@ -280,10 +282,12 @@ def validation_markdown(validation: Sequence[dict[str, Any]]) -> str:
 
 def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *, options: TuneOptions,
          model_name: str, task_settings: Sequence[dict[str, Any]] = (),
-         progress: Callable[[str, int, int], None] | None = None) -> TuneResult:
+         progress: Callable[[str, int, int], None] | None = None) -> TuneResult | None:
     """Split, evaluate the grid on validation, choose β per budget, evaluate on test; write the outputs.
 
-    `progress(phase, done, total)` with phase "validation" or "test". Resumes both phases' journals.
+    `progress(phase, done, total)` with phase "validation" or "test". Resumes both phases' journals. Under a
+    launcher both phases split their samples over the ranks; rank 0 chooses β and writes the outputs (the
+    others read its choice) and returns the result, the other ranks None.
     """
     options.check()
     out_dir = Path(out_dir)
@@ -297,14 +301,19 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
     grid = options.evaluate_options(options.methods, options.betas)
     val_result = evaluate(model, tokenizer, val, out_dir / VALIDATION_DIR, options=grid, model_name=model_name,
                           task_settings=task_settings, progress=phase("validation"), figures=False)
-    validation = validation_table(val_result.rows, options)
-    tuned = tuned_budgets(geometry, validation, options, len(val))
-    write_budgets(out_dir / TUNED_FILE, tuned)
+    where = ranks()
     files = [out_dir / TUNED_FILE]
-    for budgets in tuned:
-        path = out_dir / f"tuned_budgets_{budgets.tuning['method']}_B{budgets.budget}.json"
-        write_budgets(path, budgets)
-        files.append(path)
+    if val_result is not None:  # rank 0 (or one process) holds the validation rows and chooses
+        validation = validation_table(val_result.rows, options)
+        tuned = tuned_budgets(geometry, validation, options, len(val))
+        write_budgets(out_dir / TUNED_FILE, tuned)
+        for budgets in tuned:
+            path = out_dir / f"tuned_budgets_{budgets.tuning['method']}_B{budgets.budget}.json"
+            write_budgets(path, budgets)
+            files.append(path)
+    where.barrier()
+    if val_result is None:  # the other ranks take rank 0's choice from its file
+        tuned = read_budget_sweep(out_dir / TUNED_FILE, geometry)
 
     conditions = test_conditions(geometry, tuned, options)
     test_result = evaluate(model, tokenizer, test, out_dir / TEST_DIR,
@@ -312,6 +321,8 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
                                                             [options.default_beta]),
                            model_name=model_name, task_settings=task_settings, progress=phase("test"),
                            conditions=conditions)
+    if test_result is None:  # a rank other than 0: rank 0 writes the outputs
+        return None
     comparison = comparison_table(test_result.rows, validation, tuned, options)
 
     with atomic_open(out_dir / VALIDATION_TABLE) as handle:
@@ -347,8 +358,8 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
 
 
 def run_tune(model_name: str, tasks: str, out_dir: str | Path, *, options: TuneOptions,
-             task_options: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
-             limit: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> TuneResult:
+             task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
+             limit: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> TuneResult | None:
     """`headscore tune` from Python: check the options, load the model and the task samples, `tune`."""
     options.check()
     setup = prepare_evaluate(model_name, tasks, options=options.evaluate_options(

@@ -322,6 +322,8 @@ class Study:
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
         result = run_tune(top["model"], s["tasks"], self.path("tune"), options=options, task_options=task_options,
                           device=top["device"], dtype=top["dtype"], limit=e["limit"])
+        if result is None:  # a rank other than 0
+            return {}
         return {"validation_samples": result.val_samples, "test_samples": result.test_samples,
                 "chosen": {f"{r['method']} B{r['budget']}": r["chosen_beta"] for r in result.comparison}}
 
