@@ -52,7 +52,8 @@ def synthetic_scores(geometry, seed: int = 0):
 
 
 def main() -> None:
-    from headscore.compression.generation import _forward, decode, make_press, prefill_compressed
+    from headscore.compression.generation import _forward, decode, prefill_compressed
+    from headscore.compression.presses import make_press
     from headscore.core.model import Geometry, input_device
     from headscore.scoring.head_scores import read_head_scores
 

@@ -177,17 +177,7 @@ def allocate_command(
     results = allocation.allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
                                         granularity=granularity, scores=head_scores,
                                         pyramid_beta=pyramid_beta)
-    many = len(results) > 1
-    if split and many:
-        written = [allocation.sweep_path(out, result) for result in results]
-        for path, result in zip(written, results, strict=True):
-            allocation.write_budgets(path, result)
-    else:
-        written = [out]
-        allocation.write_budgets(out, results if many else results[0])
-    if plot is not None:
-        for result in results:
-            allocation.plot_budgets(result, allocation.sweep_path(plot, result) if many else plot)
+    written = allocation.write_allocations(results, out, split=split, plot=plot)
 
     first = results[0]
     unit = "KV head" if first.granularity == "kv" else "query head"
@@ -208,7 +198,7 @@ def allocate_command(
                       "-" if summary["pool_entries"] is None else f"{summary['pool_entries']:,}",
                       "-" if summary["top_pool_share"] is None else f"{summary['top_pool_share']:.1%}")
     stdout.print(table)
-    if not many and method == "headkv":
+    if len(results) == 1 and first.pool_entries is not None:  # HeadKV's shared pool
         heads_table = Table(title=f"top {top} of {first.layers * first.heads} heads "
                             "(budgets exclude the window)")
         for column in ("layer", unit, "budget", "share of pool"):
@@ -217,7 +207,7 @@ def allocate_command(
             heads_table.add_row(str(row["layer"]), str(row["head"]), str(row["budget"]),
                                 f"{row['pool_share']:.2%}")
         stdout.print(heads_table)
-    stdout.print(f"window={window} temp={temp if method == 'headkv' else '-'} "
+    stdout.print(f"window={window} temp={'-' if first.temp is None else first.temp} "
                  f"granularity={first.granularity} scores={first.source_scores or '-'}")
 
 
@@ -480,7 +470,7 @@ def evaluate_command(
                                      "on CUDA]."),
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
-    from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate, summary_table
     from headscore.evaluation.evaluate import dump_prompts as write_prompts
 
     scores = {key: str(path) for key, path in (("retrieval", scores_r), ("r2", scores_r2)) if path is not None}
@@ -508,13 +498,11 @@ def evaluate_command(
     if result is None:  # a rank other than 0 under torchrun
         return
     table = Table(title=f"{result.samples} samples -> {out}")
-    tasks_seen = sorted({key for entry in result.summary for key in entry if key.startswith("score[")})
-    for column in ("method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks_seen]):
+    header, rows = summary_table(result.summary)
+    for column in header:
         table.add_column(column, justify="right")
-    for entry in result.summary:
-        table.add_row(entry["method"], "all" if entry["budget"] is None else str(entry["budget"]),
-                      f"{entry['kv_ratio']:.3f}", f"{entry['score']:.3f}",
-                      *[f"{entry[t]:.3f}" if t in entry else "" for t in tasks_seen])
+    for cells in rows:
+        table.add_row(*cells)
     stdout.print(table)
     stdout.print(f"figures: {', '.join(p.name for p in result.figures)}")
 

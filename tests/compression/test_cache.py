@@ -8,8 +8,8 @@ import torch
 from headscore.compression.attention import headwise_attention
 from headscore.compression.budgets import allocate
 from headscore.compression.cache import HeadwiseCache, select_entries
-from headscore.compression.generation import make_press, prefill, prefill_compressed
-from headscore.compression.presses import HeadKVPress
+from headscore.compression.generation import prefill, prefill_compressed
+from headscore.compression.presses import HeadKVPress, make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 

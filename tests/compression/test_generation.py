@@ -15,15 +15,15 @@ from headscore.compression.generation import (
     compress_state,
     decode,
     generate_ids,
-    make_press,
     prefill,
 )
-from headscore.compression.presses import METHODS
+from headscore.compression.presses import PRESSES, make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores
 
+METHODS = list(PRESSES)
 COMPRESSING = [m for m in METHODS if m != "full"]
 
 
@@ -95,9 +95,7 @@ def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method):
 
 
 def press_matrix(press, geometry):
-    if press.name == "headkv":
-        return press.budgets.matrix
-    return press.budget_matrix(geometry)
+    return press.budgets_for(geometry).matrix
 
 
 def test_headkv_budgets_are_head_level(tiny_llama):

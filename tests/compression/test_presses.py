@@ -10,6 +10,7 @@ from headscore.compression.presses import (
     adaptive_budgets,
     group_scores,
     kept_positions,
+    make_press,
     pool_scores,
     streaming_scores,
     window_scores,
@@ -104,8 +105,6 @@ def test_headkv_press_rejects_another_geometry():
 
 
 def test_make_press_errors():
-    from headscore.compression.generation import make_press
-
     with pytest.raises(HeadscoreError, match="unknown method 'nope'"):
         make_press("nope", GEOMETRY)
     with pytest.raises(HeadscoreError, match="needs head scores"):

@@ -3,7 +3,8 @@
 Every method produces one `Budgets`: a `[layers, heads]` int64 matrix of the prompt entries each head keeps
 (the observation window's `window` entries come on top), at KV-head (`"kv"`) or query-head (`"query"`)
 granularity, plus every parameter that produced it. `write_budgets` / `read_budgets` are the one reader and
-writer of `budgets.json`.
+writer of `budgets.json`. The methods are a registry (`ALLOCATIONS`, filled by `@register_allocation(name)`);
+`allocate(method, ...)` looks it up, and every check and default of a budget lives in this module.
 
 The HeadKV rule (official code): with B the average budget per head and w the window, B' = B − w;
 pool = floor(B' / β) × layers × heads; floor = B' − floor(B' / β); budget = round(score × pool + floor).
@@ -15,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,7 +29,6 @@ from headscore.core.model import Geometry, load_geometry
 from headscore.core.plots import head_heatmap
 from headscore.scoring.head_scores import HeadScores, group_by_kv_head, read_head_scores
 
-METHODS = ("headkv", "uniform", "pyramid")
 GRANULARITIES = ("kv", "query")
 FORMAT = "headscore-budgets/1"
 SWEEP_FORMAT = "headscore-budget-sweep/1"
@@ -114,9 +115,14 @@ class Budgets:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def check_budget(budget: int, window: int) -> None:
+def check_window(window: int) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise HeadscoreError(f"window must be a non-negative integer, got {window!r}")
+
+
+def check_budget(budget: int, window: int) -> None:
+    """B, entries per head with the window, must be an integer above the window `w`."""
+    check_window(window)
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise HeadscoreError(f"budget must be an integer number of KV entries per head, got {budget!r}")
     if budget <= window:
@@ -133,6 +139,12 @@ def check_beta(beta: float) -> None:
 def check_temp(temp: float) -> None:
     if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not math.isfinite(temp) or temp <= 0:
         raise HeadscoreError(f"temp must be a finite number > 0, got {temp!r}")
+
+
+def check_pyramid_beta(pyramid_beta: float) -> None:
+    pb = pyramid_beta
+    if not isinstance(pb, (int, float)) or isinstance(pb, bool) or not math.isfinite(pb) or pb < 1:
+        raise HeadscoreError(f"pyramid beta must be a finite number >= 1, got {pb!r}")
 
 
 def resolve_granularity(geometry: Geometry, granularity: str | None) -> str:
@@ -203,6 +215,23 @@ def pyramid_layer_budgets(layers: int, inner: int, pyramid_beta: float) -> torch
     return torch.round(high - drop.double() / (layers - 1)).to(torch.int64)
 
 
+ALLOCATIONS: dict[str, type] = {}
+A = TypeVar("A", bound=type)
+
+
+def register_allocation(name: str) -> Callable[[A], A]:
+    """Class decorator: register an allocation method under `name` (`allocate --method NAME`). The class is a
+    dataclass whose fields are its parameters (taken from `allocate`'s keywords of the same names) with an
+    `allocate(geometry, budget, window, granularity, scores) -> Budgets` method."""
+
+    def add(cls: A) -> A:
+        ALLOCATIONS[name] = cls
+        return cls
+
+    return add
+
+
+@register_allocation("headkv")
 @dataclass
 class HeadKVAllocation:
     """HeadKV: a floor for every head plus a shared pool split in proportion to head importance.
@@ -230,6 +259,7 @@ class HeadKVAllocation:
                        source_scores=scores.fingerprint)
 
 
+@register_allocation("uniform")
 @dataclass
 class UniformAllocation:
     """SnapKV: every head keeps B − w prompt entries (plus the window). Scores are ignored."""
@@ -244,6 +274,7 @@ class UniformAllocation:
                        geometry=geometry)
 
 
+@register_allocation("pyramid")
 @dataclass
 class PyramidAllocation:
     """PyramidKV: per-layer budgets falling linearly from 2B' − min (first layer) to min = floor(B'/β_p)
@@ -259,8 +290,7 @@ class PyramidAllocation:
         check_geometry(geometry)
         check_budget(budget, window)
         pb = self.pyramid_beta
-        if not isinstance(pb, (int, float)) or isinstance(pb, bool) or not math.isfinite(pb) or pb < 1:
-            raise HeadscoreError(f"pyramid beta must be a finite number >= 1, got {pb!r}")
+        check_pyramid_beta(pb)
         per_layer = pyramid_layer_budgets(geometry.layers, budget - window, pb)
         matrix = per_layer[:, None].expand(-1, heads_at(geometry, granularity)).contiguous()
         return Budgets(matrix=matrix, method="pyramid", budget=budget, window=window, granularity=granularity,
@@ -270,16 +300,14 @@ class PyramidAllocation:
 def allocate(method: str, geometry: Geometry, budget: int, *, window: int = 8, beta: float = 1.01,
              temp: float = 1.0, granularity: str | None = None, scores: HeadScores | None = None,
              pyramid_beta: float = 20.0) -> Budgets:
-    """Budgets for `method` ("headkv", "uniform" or "pyramid"); granularity None = "kv" under GQA."""
+    """Budgets for `method` (a name in `ALLOCATIONS`: headkv, uniform, pyramid); granularity None = "kv" under
+    GQA. Each method takes the parameters among `beta`, `temp`, `pyramid_beta` that are its fields."""
     granularity = resolve_granularity(geometry, granularity)
-    if method == "headkv":
-        builder = HeadKVAllocation(beta=beta, temp=temp)
-    elif method == "uniform":
-        builder = UniformAllocation()
-    elif method == "pyramid":
-        builder = PyramidAllocation(pyramid_beta=pyramid_beta)
-    else:
-        raise HeadscoreError(f"unknown allocation method '{method}': use {', '.join(METHODS)}")
+    cls = ALLOCATIONS.get(method)
+    if cls is None:
+        raise HeadscoreError(f"unknown allocation method '{method}': use {', '.join(ALLOCATIONS)}")
+    parameters = {"beta": beta, "temp": temp, "pyramid_beta": pyramid_beta}
+    builder = cls(**{f.name: parameters[f.name] for f in fields(cls)})
     return builder.allocate(geometry, budget, window, granularity, scores)
 
 
@@ -352,7 +380,7 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
         method, granularity, rows = item["method"], item["granularity"], item["matrix"]
     except (KeyError, TypeError, ValueError) as error:
         raise HeadscoreError(f"{where}: missing or malformed field {error}") from None
-    if method not in METHODS:
+    if method not in ALLOCATIONS:
         raise HeadscoreError(f"{where}: unknown method '{method}'")
     if granularity not in GRANULARITIES:
         raise HeadscoreError(f"{where}: unknown granularity '{granularity}'")
@@ -379,8 +407,7 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
 
 def _check_against(budgets: Budgets, geometry: Geometry, where: str) -> None:
     file_geo, want = budgets.geometry, geometry
-    if (file_geo.layers, file_geo.query_heads, file_geo.kv_heads) != (want.layers, want.query_heads,
-                                                                      want.kv_heads):
+    if file_geo.grid != want.grid:
         raise HeadscoreError(f"{where} is for {file_geo.layers} layers × {file_geo.query_heads} query heads "
                              f"/ {file_geo.kv_heads} KV heads, but the model has {want.layers} layers × "
                              f"{want.query_heads} query heads / {want.kv_heads} KV heads")
@@ -524,3 +551,24 @@ def sweep_path(path: str | os.PathLike, budgets: Budgets) -> Path:
     path = Path(path)
     tag = f"_B{budgets.budget}" + (f"_beta{budgets.beta:g}" if budgets.beta is not None else "")
     return path.with_name(f"{path.stem}{tag}{path.suffix}")
+
+
+def write_allocations(results: list[Budgets], out: str | os.PathLike, *, split: bool = False,
+                      plot: str | os.PathLike | None = None) -> list[Path]:
+    """Write the budgets of `allocate_sweep`: one file `out` (one `Budgets`, or the whole sweep), or with `split`
+    and several combinations one file each, named by `sweep_path`; with `plot`, one heatmap per combination
+    (named by `sweep_path` when there are several). Returns the budgets files written."""
+    if not results:
+        raise HeadscoreError("no budgets to write")
+    many = len(results) > 1
+    if split and many:
+        written = [sweep_path(out, result) for result in results]
+        for path, result in zip(written, results, strict=True):
+            write_budgets(path, result)
+    else:
+        written = [Path(out)]
+        write_budgets(out, results if many else results[0])
+    if plot is not None:
+        for result in results:
+            plot_budgets(result, sweep_path(plot, result) if many else plot)
+    return written

@@ -24,72 +24,13 @@ import torch
 from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.budgets import allocate, check_budget, read_budgets
 from headscore.compression.cache import HeadwiseCache, check_full_attention
-from headscore.compression.presses import (
-    METHODS,
-    AdaSnapKVPress,
-    FullPress,
-    HeadKVPress,
-    Press,
-    PyramidKVPress,
-    SnapKVPress,
-    StreamingPress,
-)
+from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
 from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, resolve_device
 from headscore.core.prompts import encode_prompt, render_prompt
-from headscore.scoring.head_scores import HeadScores, read_head_scores
-
-# ---------------------------------------------------------------------------------------------- presses
-
-
-def make_press(method: str, geometry: Geometry, *, budget: int = 128, window: int = 8, kernel: int = 7,
-               alpha: float = 0.2, sinks: int = 4, pyramid_beta: float = 20.0, beta: float = 1.01,
-               temp: float = 1.0, granularity: str | None = None, scores: Any = None,
-               budgets: Any = None) -> Press:
-    """The press for `method` (one of `METHODS`). `budget`: entries per head, window included.
-
-    headkv takes `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score
-    file; budgets are then allocated here with `beta`, `temp`, `granularity`).
-    """
-
-    if method not in METHODS:
-        raise HeadscoreError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
-        raise HeadscoreError(f"kernel must be a positive integer, got {kernel!r}")
-    if method == "full":
-        return FullPress(window=window, kernel=kernel)
-    if method == "headkv":
-        if budgets is not None:
-            chosen = budgets if not isinstance(budgets, (str, Path)) else read_budgets(budgets, geometry)
-        elif scores is not None:
-
-            head_scores = scores if isinstance(scores, HeadScores) else read_head_scores(scores)
-            chosen = allocate("headkv", geometry, budget, window=window, beta=beta, temp=temp,
-                              granularity=granularity, scores=head_scores)
-            if scores is not None and not isinstance(scores, HeadScores):
-                chosen.source_scores = str(scores)
-        else:
-            raise HeadscoreError("method headkv needs head scores (--scores) or a budgets file (--budgets)")
-        press = HeadKVPress(kernel=kernel, budgets=chosen)
-        press.check(geometry)
-        return press
-    check_budget(budget, window)
-    if method == "streaming":
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise HeadscoreError(f"sinks must be a non-negative integer, got {sinks!r}")
-        return StreamingPress(window=window, kernel=kernel, budget=budget, sinks=sinks)
-    if method == "snapkv":
-        return SnapKVPress(window=window, kernel=kernel, budget=budget)
-    if method == "pyramidkv":
-        return PyramidKVPress(window=window, kernel=kernel, budget=budget, pyramid_beta=pyramid_beta)
-    if not 0 <= alpha <= 1:
-        raise HeadscoreError(f"alpha must lie in [0, 1], got {alpha!r}")
-    return AdaSnapKVPress(window=window, kernel=kernel, budget=budget, alpha=alpha)
-
 
 # ---------------------------------------------------------------------------------------------- prefill
 
@@ -148,8 +89,7 @@ def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tup
     """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
-    if isinstance(press, HeadKVPress):
-        press.check(geometry)
+    press.check(geometry)
     cache = DynamicCache(config=model.config) if isinstance(press, FullPress) else HeadwiseCache(geometry, press)
     logits, seconds = _forward(model, input_ids, cache)
     return cache, logits, seconds
@@ -180,8 +120,7 @@ def compress_state(state: PrefillState, press: Press) -> Any:
     if press.window != state.window:
         raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
                              f"for window {press.window}")
-    if isinstance(press, HeadKVPress):
-        press.check(state.geometry)
+    press.check(state.geometry)
     recorded = list(zip(state.keys, state.values, state.scores, strict=True))
     return HeadwiseCache.from_prefill(state.geometry, press, recorded)
 
@@ -307,9 +246,9 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
                       answer_prefix: str = "", **press_options: Any) -> CompressResult:
     """Answer `question` about `context` on a compressed KV cache.
 
-    Give a ready `press`, or a `method` and `make_press` options (budget, window, kernel, alpha, sinks,
-    pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `prompts.render_prompt`'s, ending
-    with `answer_prefix` (text that opens the answer; the model continues it, the answer excludes it).
+    Give a ready `press`, or a `method` and `presses.make_press` parameters (budget, window, kernel, alpha,
+    sinks, pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `prompts.render_prompt`'s,
+    ending with `answer_prefix` (text that opens the answer; the model continues it, the answer excludes it).
     """
 
     if not context or not context.strip():

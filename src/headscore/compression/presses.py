@@ -5,26 +5,36 @@ The last `window` prompt tokens form the observation window. Their queries' atte
 (`pool_scores`), averaged over the query heads of each KV group (`group_scores`), and each head keeps its top
 `budget` positions (`kept_positions`) plus the window, in original order.
 
-A press is a small dataclass: `head_scores` turns the window scores of one layer into per-head selection
-scores `[heads, m]`, `layer_budgets` says how many positions each head keeps `[heads]` (excluding the
-window). Budgets are in the budget format of `headscore.allocation` (`Budgets.matrix`, window excluded).
+A press is a small dataclass registered under its CLI name (`@register_press("snapkv")`, `PRESSES`) that
+checks its own parameters in `__post_init__`: `head_scores` turns the window scores of one layer into
+per-head selection scores `[heads, m]`, `layer_budgets` says how many positions each head keeps `[heads]`
+(excluding the window). Presses with a fixed budget matrix (streaming, snapkv, pyramidkv, headkv) are
+`BudgetPress`es and differ only in where their `Budgets` come from. `make_press(name, geometry, **params)`
+builds any of them from one set of parameters (the CLI's options).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from headscore.compression.budgets import allocate, check_budget
+from headscore.compression.budgets import (
+    Budgets,
+    allocate,
+    check_budget,
+    check_pyramid_beta,
+    check_window,
+    read_budgets,
+)
 from headscore.core.attention import attention_rows
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
-
-METHODS = ("full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "headkv")
-
+from headscore.scoring.head_scores import HeadScores, read_head_scores
 
 # ---------------------------------------------------------------------------------------------- tensors
 
@@ -63,9 +73,10 @@ def kept_positions(scores: torch.Tensor, budgets: torch.Tensor,
                    window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each head's top `budgets[h]` positions by `scores` `[heads, m]`, plus the `window` positions after them.
 
-    `budgets`: int64 `[heads]` on the CPU (clamped to m). Returns `(head, position, kept)`: int64 `[total]`
-    head and position of every kept entry on the scores' device, head-major with positions ascending
-    (original order), and the CPU int64 `[heads]` count per head (window included). Variable-length
+    `budgets`: int64 `[heads]` on the CPU, clamped here to [0, m] (the one clamp of every press's budgets).
+    Returns `(head, position, kept)`: int64 `[total]` head and position of every kept entry on the scores'
+    device, head-major with positions ascending (original order), and the CPU int64 `[heads]` count per head
+    (window included). Variable-length
     without loops over heads and without device syncs: the lengths are known on the CPU.
     """
     heads, m = scores.shape
@@ -114,6 +125,27 @@ def streaming_scores(heads: int, m: int, sinks: int, device: torch.device | str 
 
 # ---------------------------------------------------------------------------------------------- presses
 
+PRESSES: dict[str, type[Press]] = {}
+P = TypeVar("P", bound="type[Press]")
+
+
+def register_press(name: str) -> Callable[[P], P]:
+    """Class decorator: register a press dataclass under its CLI name (`--method NAME`)."""
+
+    def add(cls: P) -> P:
+        cls.name = name
+        PRESSES[name] = cls
+        return cls
+
+    return add
+
+
+def check_count(value: Any, what: str, minimum: int) -> None:
+    """An integer parameter of a press, at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise HeadscoreError(f"{what} must be {kind}, got {value!r}")
+
 
 @dataclass
 class Press:
@@ -123,6 +155,19 @@ class Press:
     window: int = 8
     kernel: int = 7
     name: ClassVar[str] = "press"
+    options: ClassVar[tuple[str, ...]] = ()  # parameters `build` takes besides the fields
+
+    def __post_init__(self) -> None:
+        check_window(self.window)
+        check_count(self.kernel, "kernel", 1)
+
+    @classmethod
+    def build(cls, geometry: Geometry, **params: Any) -> Press:
+        """The press from `make_press` parameters (only its fields and `options` are passed)."""
+        return cls(**params)
+
+    def check(self, geometry: Geometry) -> None:
+        """Raise if the press cannot run on a model of `geometry`."""
 
     def cache_heads(self, geometry: Geometry) -> int:
         """Heads the cache stores a selection for: KV heads, or query heads for query-granularity budgets."""
@@ -133,144 +178,196 @@ class Press:
         return group_scores(pool_scores(scores, self.kernel), heads)
 
     def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """Positions each head keeps before the window: int64 `[heads]` on the CPU, at most `m`."""
+        """Positions each head keeps before the window: int64 `[heads]` on the CPU (`kept_positions` clamps
+        them to the `m` positions of `scores` `[heads, m]`)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"method": self.name, "window": self.window, "kernel": self.kernel}
+        """The method and its parameters (the dataclass fields), for reports and metadata."""
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
 
 
+def press_options(cls: type[Press]) -> set[str]:
+    """The `make_press` parameters a press takes: its fields and its `options`."""
+    return {f.name for f in fields(cls) if f.init} | set(cls.options)
+
+
+def make_press(name: str, geometry: Geometry, **params: Any) -> Press:
+    """The press registered as `name`, built for `geometry` from `params` (window, kernel, budget, alpha, sinks,
+    pyramid_beta, and headkv's budgets / scores / beta / temp / granularity).
+
+    One set of parameters serves every method, as the CLI's options do: a parameter that only other presses
+    take is ignored; one that no press takes is an error.
+    """
+    cls = PRESSES.get(name)
+    if cls is None:
+        raise HeadscoreError(f"unknown method '{name}': use one of {', '.join(PRESSES)}")
+    known = set().union(*(press_options(c) for c in PRESSES.values()))
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise HeadscoreError(f"no method takes the parameter '{unknown[0]}'")
+    taken = press_options(cls)
+    return cls.build(geometry, **{k: v for k, v in params.items() if k in taken})
+
+
+@register_press("full")
 @dataclass
 class FullPress(Press):
     """No compression: the plain transformers cache keeps every token (the reference)."""
-
-    name: ClassVar[str] = "full"
 
     def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64)
 
 
 @dataclass
-class _MatrixPress(Press):
-    """A press whose budgets are a fixed `[layers, heads]` matrix from `headscore.allocation`."""
+class BudgetPress(Press):
+    """A press whose budgets are one fixed `Budgets` matrix `[layers, heads]` (window excluded), with SnapKV
+    selection. Subclasses differ only in where the matrix comes from: `provide_budgets`."""
 
-    budget: int = 128
-    _matrix: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _budgets: Budgets | None = field(default=None, init=False, repr=False, compare=False)
 
-    def budget_matrix(self, geometry: Geometry) -> torch.Tensor:
+    def provide_budgets(self, geometry: Geometry) -> Budgets:
+        """The budgets for a model of `geometry`."""
         raise NotImplementedError
 
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        if self._matrix is None:
-            self._matrix = self.budget_matrix(geometry)
-        return self._matrix[layer].clamp(max=scores.shape[1])
-
-    def describe(self) -> dict:
-        return {**super().describe(), "budget": self.budget}
-
-
-def uniform_matrix(geometry: Geometry, budget: int, window: int) -> torch.Tensor:
-
-    return allocate("uniform", geometry, budget, window=window, granularity="kv").matrix
-
-
-@dataclass
-class StreamingPress(_MatrixPress):
-    """StreamingLLM: `sinks` attention-sink tokens plus the most recent tokens, `budget` per head (window
-    included)."""
-
-    sinks: int = 4
-    name: ClassVar[str] = "streaming"
-
-    def budget_matrix(self, geometry: Geometry) -> torch.Tensor:
-        return uniform_matrix(geometry, self.budget, self.window)
-
-    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-        return streaming_scores(heads, scores.shape[1], self.sinks, scores.device)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "sinks": self.sinks}
-
-
-@dataclass
-class SnapKVPress(_MatrixPress):
-    """SnapKV: every head keeps `budget` entries (window included), chosen by its window scores."""
-
-    name: ClassVar[str] = "snapkv"
-
-    def budget_matrix(self, geometry: Geometry) -> torch.Tensor:
-        return uniform_matrix(geometry, self.budget, self.window)
-
-
-@dataclass
-class PyramidKVPress(_MatrixPress):
-    """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection."""
-
-    pyramid_beta: float = 20.0
-    name: ClassVar[str] = "pyramidkv"
-
-    def budget_matrix(self, geometry: Geometry) -> torch.Tensor:
-
-        return allocate("pyramid", geometry, self.budget, window=self.window, granularity="kv",
-                        pyramid_beta=self.pyramid_beta).matrix
-
-    def describe(self) -> dict:
-        return {**super().describe(), "pyramid_beta": self.pyramid_beta}
-
-
-@dataclass
-class AdaSnapKVPress(_MatrixPress):
-    """AdaKV on SnapKV: per layer, the top `(budget − window) × heads` scores over all heads jointly, with a
-    floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill."""
-
-    alpha: float = 0.2
-    name: ClassVar[str] = "ada-snapkv"
-
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-
-        check_budget(self.budget, self.window)
-        return adaptive_budgets(scores, self.budget - self.window, self.alpha).cpu()
-
-    def describe(self) -> dict:
-        return {**super().describe(), "alpha": self.alpha}
-
-
-@dataclass
-class HeadKVPress(Press):
-    """HeadKV: per-head budgets from `headscore.allocation` (`Budgets`, window excluded), SnapKV selection.
-
-    Budgets at "query" granularity on a GQA model are supported as in the official code: each query head
-    keeps its own selection of its KV head's entries (stored once per query head, so shared entries are
-    stored several times).
-    """
-
-    budgets: object = None  # headscore.allocation.Budgets
-    name: ClassVar[str] = "headkv"
-
-    def __post_init__(self) -> None:
-        if self.budgets is None:
-            raise HeadscoreError("method headkv needs budgets: give --budgets or --scores")
-        self.window = self.budgets.window
+    def budgets_for(self, geometry: Geometry) -> Budgets:
+        """`provide_budgets`, computed once per geometry."""
+        given = self._budgets
+        if given is None or given.geometry.grid != geometry.grid:
+            self._budgets = self.provide_budgets(geometry)
+        return self._budgets
 
     def check(self, geometry: Geometry) -> None:
         """A budgets matrix for another geometry is an error."""
+        budgets = self.budgets_for(geometry)
         want = (geometry.layers, self.cache_heads(geometry))
-        got = tuple(self.budgets.matrix.shape)
-        given = self.budgets.geometry
-        if (given.layers, given.query_heads, given.kv_heads) != (geometry.layers, geometry.query_heads,
-                                                                 geometry.kv_heads) or got != want:
+        got = tuple(budgets.matrix.shape)
+        given = budgets.geometry
+        if given.grid != geometry.grid or got != want:
             raise HeadscoreError(f"budgets are for {given.layers} layers × {given.query_heads} query heads / "
                                  f"{given.kv_heads} KV heads ({got[0]} × {got[1]} matrix), but the model has "
                                  f"{geometry.layers} layers × {geometry.query_heads} query heads / "
                                  f"{geometry.kv_heads} KV heads")
 
     def cache_heads(self, geometry: Geometry) -> int:
-        return geometry.query_heads if self.budgets.granularity == "query" else geometry.kv_heads
+        query = self.budgets_for(geometry).granularity == "query"
+        return geometry.query_heads if query else geometry.kv_heads
 
     def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        return self.budgets.matrix[layer].clamp(max=scores.shape[1])
+        return self.budgets_for(geometry).matrix[layer]
+
+
+@register_press("snapkv")
+@dataclass
+class SnapKVPress(BudgetPress):
+    """SnapKV: every head keeps `budget` entries (window included), chosen by its window scores."""
+
+    budget: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget(self.budget, self.window)
+
+    def provide_budgets(self, geometry: Geometry) -> Budgets:
+        return allocate("uniform", geometry, self.budget, window=self.window, granularity="kv")
+
+
+@register_press("streaming")
+@dataclass
+class StreamingPress(SnapKVPress):
+    """StreamingLLM: SnapKV's budgets, filled with `sinks` attention-sink tokens plus the most recent tokens."""
+
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.sinks, "sinks", 0)
+
+    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
+        return streaming_scores(heads, scores.shape[1], self.sinks, scores.device)
+
+
+@register_press("pyramidkv")
+@dataclass
+class PyramidKVPress(SnapKVPress):
+    """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection."""
+
+    pyramid_beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_pyramid_beta(self.pyramid_beta)
+
+    def provide_budgets(self, geometry: Geometry) -> Budgets:
+        return allocate("pyramid", geometry, self.budget, window=self.window, granularity="kv",
+                        pyramid_beta=self.pyramid_beta)
+
+
+@register_press("ada-snapkv")
+@dataclass
+class AdaSnapKVPress(Press):
+    """AdaKV on SnapKV: per layer, the top `(budget − window) × heads` scores over all heads jointly, with a
+    floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill."""
+
+    budget: int = 128
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget(self.budget, self.window)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise HeadscoreError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+
+    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        return adaptive_budgets(scores, self.budget - self.window, self.alpha).cpu()
+
+
+@register_press("headkv")
+@dataclass
+class HeadKVPress(BudgetPress):
+    """HeadKV: per-head budgets from `compression.budgets` (`Budgets`, window excluded), SnapKV selection.
+    The press's window is the budgets' window.
+
+    Budgets at "query" granularity on a GQA model are supported as in the official code: each query head
+    keeps its own selection of its KV head's entries (stored once per query head, so shared entries are
+    stored several times).
+    """
+
+    budgets: Budgets = None  # type: ignore[assignment]  # required; None gets the one-line error below
+    options: ClassVar[tuple[str, ...]] = ("budget", "beta", "temp", "granularity", "scores")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, Budgets):
+            raise HeadscoreError("method headkv needs budgets: give --budgets or --scores")
+        self.window = self.budgets.window
+        super().__post_init__()
+
+    @classmethod
+    def build(cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
+              scores: HeadScores | str | os.PathLike | None = None, budget: int = 128, window: int = 8,
+              kernel: int = 7, beta: float = 1.01, temp: float = 1.0,
+              granularity: str | None = None) -> HeadKVPress:
+        """From `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score file;
+        budgets are then allocated here with `budget`, `window`, `beta`, `temp`, `granularity`)."""
+        if budgets is not None:
+            chosen = budgets if isinstance(budgets, Budgets) else read_budgets(budgets, geometry)
+        elif scores is not None:
+            head_scores = scores if isinstance(scores, HeadScores) else read_head_scores(scores)
+            chosen = allocate("headkv", geometry, budget, window=window, beta=beta, temp=temp,
+                              granularity=granularity, scores=head_scores)
+            if not isinstance(scores, HeadScores):
+                chosen.source_scores = str(scores)
+        else:
+            raise HeadscoreError("method headkv needs head scores (--scores) or a budgets file (--budgets)")
+        press = cls(kernel=kernel, budgets=chosen)
+        press.check(geometry)
+        return press
+
+    def provide_budgets(self, geometry: Geometry) -> Budgets:
+        return self.budgets
 
     def describe(self) -> dict:
         b = self.budgets
-        return {**super().describe(), "budget": b.budget, "beta": b.beta, "granularity": b.granularity,
-                "budget_method": b.method, "source_scores": b.source_scores}
+        return {"method": self.name, "window": self.window, "kernel": self.kernel, "budget": b.budget,
+                "beta": b.beta, "granularity": b.granularity, "budget_method": b.method,
+                "source_scores": b.source_scores}

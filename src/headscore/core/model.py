@@ -26,6 +26,11 @@ class Geometry:
     max_context: int | None = None
 
     @property
+    def grid(self) -> tuple[int, int, int]:
+        """(layers, query heads, KV heads): what budgets and head scores must match."""
+        return self.layers, self.query_heads, self.kv_heads
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.query_heads // self.kv_heads

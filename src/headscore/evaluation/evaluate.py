@@ -25,7 +25,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from headscore.compression.generation import cache_report, compress_state, decode, make_press, prefill
+from headscore.compression.generation import cache_report, compress_state, decode, prefill
+from headscore.compression.presses import PRESSES, make_press, press_options
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
@@ -52,16 +53,33 @@ LONGBENCH_FILE = "longbench.md"
 LONGBENCH_CSV = "longbench.csv"
 GENERATED_TASK_TEMPLATE = "chat"  # niah/synthetic prompts unless a template is given (sourced tasks: their own)
 
-# evaluation method name -> (compression method, key of the head-score file it needs or None)
-EVAL_METHODS: dict[str, tuple[str, str | None]] = {
-    "full": ("full", None),
-    "streaming": ("streaming", None),
-    "snapkv": ("snapkv", None),
-    "pyramidkv": ("pyramidkv", None),
-    "ada-snapkv": ("ada-snapkv", None),
-    "headkv-r": ("headkv", "retrieval"),
-    "headkv-r2": ("headkv", "r2"),
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """What an evaluation method name stands for: a press (its `PRESSES` name) and, for presses built from head
+    scores, which head-score file it needs (`"retrieval"` or `"r2"`, the estimate method that made it)."""
+
+    press: str
+    scores: str | None = None
+
+
+# every press that needs no head scores under its own name; headkv once per kind of head scores (the paper's
+# HeadKV-R and HeadKV-R2)
+EVAL_METHODS: dict[str, EvalMethod] = {
+    **{name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)},
+    "headkv-r": EvalMethod("headkv", "retrieval"),
+    "headkv-r2": EvalMethod("headkv", "r2"),
 }
+
+
+def eval_method(name: str) -> EvalMethod:
+    """The `EvalMethod` named `name`; an unknown name is an error listing the known ones."""
+    if name not in EVAL_METHODS:
+        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(EVAL_METHODS)}")
+    return EVAL_METHODS[name]
+
+
 SCORE_OPTIONS = {"retrieval": "--scores-r (retrieval head scores: estimate --method retrieval)",
                  "r2": "--scores-r2 (retrieval-reasoning head scores: estimate --method r2)"}
 
@@ -107,27 +125,26 @@ class Condition:
 def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
     """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets)."""
 
-    unknown = [m for m in options.methods if m not in EVAL_METHODS]
-    if unknown:
-        raise HeadscoreError(f"evaluate: unknown method '{unknown[0]}': use some of {', '.join(EVAL_METHODS)}")
+    entries = [(name, eval_method(name)) for name in options.methods]
+    takes = {entry.press: press_options(PRESSES[entry.press]) for _, entry in entries}
     if not options.methods:
         raise HeadscoreError("evaluate: no method given")
-    if not options.budgets and any(m != "full" for m in options.methods):
+    if not options.budgets and any("budget" in taken for taken in takes.values()):
         raise HeadscoreError("evaluate: no budget given")
     if not options.betas:
         raise HeadscoreError("evaluate: no beta given")
     loaded: dict[str, Any] = {}
     conditions = []
     sweep = len(options.betas) > 1
-    for method in options.methods:
-        kind, needs = EVAL_METHODS[method]
+    for method, entry in entries:
+        kind, needs = entry.press, entry.scores
         if needs is not None and needs not in loaded:
             path = options.scores.get(needs)
             if not path:
                 raise HeadscoreError(f"evaluate: method {method} needs {SCORE_OPTIONS[needs]}")
             loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
-        betas = options.betas if kind == "headkv" else [None]
-        for budget in [None] if kind == "full" else options.budgets:
+        betas = options.betas if "beta" in takes[kind] else [None]
+        for budget in options.budgets if "budget" in takes[kind] else [None]:
             for beta in betas:
                 press = make_press(kind, geometry, budget=budget or 128, window=options.window,
                                    kernel=options.kernel, alpha=options.alpha, beta=beta or 1.01,
@@ -216,16 +233,22 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as a markdown table: method × budget rows, overall and per-task mean scores."""
+def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The summary as `(header, rows)` of formatted cells: method × budget rows, KV ratio, overall and
+    per-task mean scores (the columns of `summary.md` and of the CLI's table)."""
     tasks = sorted({key for entry in summary for key in entry if key.startswith("score[")})
     header = ["method", "budget", "KV ratio", "mean score", *[t[6:-1] for t in tasks]]
+    rows = [[entry["method"], "all" if entry["budget"] is None else str(entry["budget"]),
+             f"{entry['kv_ratio']:.3f}", f"{entry['score']:.3f}",
+             *[f"{entry[t]:.3f}" if t in entry else "" for t in tasks]] for entry in summary]
+    return header, rows
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a markdown table (`summary_table`)."""
+    header, rows = summary_table(summary)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in summary:
-        cells = [entry["method"], "all" if entry["budget"] is None else str(entry["budget"]),
-                 f"{entry['kv_ratio']:.3f}", f"{entry['score']:.3f}",
-                 *[f"{entry[t]:.3f}" if t in entry else "" for t in tasks]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines.extend("| " + " | ".join(cells) + " |" for cells in rows)
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from headscore.compression.generation import generate_ids, make_press
+from headscore.compression.generation import generate_ids
+from headscore.compression.presses import make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.model import Geometry, load_model, resolve_device

@@ -38,7 +38,7 @@ from headscore.compression.budgets import (
     read_budget_sweep,
     write_budgets,
 )
-from headscore.compression.generation import make_press
+from headscore.compression.presses import PRESSES, make_press, press_options
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
@@ -57,7 +57,8 @@ from headscore.scoring.head_scores import read_head_scores
 
 DEFAULT_GRID = (1.005, 1.01, 1.1, 1.2, 1.5, 2.0)
 DEFAULT_BETA = 1.01
-TUNABLE = ("headkv-r", "headkv-r2")
+# the evaluation methods whose press takes a β (headkv-r, headkv-r2)
+TUNABLE = tuple(name for name, entry in EVAL_METHODS.items() if "beta" in press_options(PRESSES[entry.press]))
 TIE = 1e-9
 TUNED_FILE = "tuned_budgets.json"
 VALIDATION_DIR = "validation"
@@ -100,7 +101,7 @@ class TuneOptions:
         for method in self.methods:
             if method not in TUNABLE:
                 raise HeadscoreError(f"tune: method '{method}' has no β to tune: use {' or '.join(TUNABLE)}")
-            needs = EVAL_METHODS[method][1]
+            needs = EVAL_METHODS[method].scores
             if not self.scores.get(needs):
                 raise HeadscoreError(f"tune: method {method} needs {SCORE_OPTIONS[needs]}")
         for method in self.baselines:
@@ -195,7 +196,7 @@ def tuned_budgets(geometry: Geometry, table: Sequence[dict[str, Any]], options: 
     loaded = {}
     result = []
     for method in options.methods:
-        needs = EVAL_METHODS[method][1]
+        needs = EVAL_METHODS[method].scores
         if needs not in loaded:
             loaded[needs] = read_head_scores(options.scores[needs], geometry.layers, geometry.query_heads)
         for budget in options.budgets:

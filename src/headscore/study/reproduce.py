@@ -32,14 +32,14 @@ from typing import Any
 import torch
 import yaml
 
-from headscore.compression.budgets import allocate, plot_budgets, write_budgets
+from headscore.compression.budgets import allocate_sweep, write_allocations
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
 from headscore.evaluation.ablate import execute, prepare
 from headscore.evaluation.compare import bootstrap_stability, write_stability
-from headscore.evaluation.evaluate import EVAL_METHODS, EvaluateOptions, run_evaluate
+from headscore.evaluation.evaluate import EVAL_METHODS, EvaluateOptions, eval_method, run_evaluate
 from headscore.evaluation.latency import run_latency
 from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
 from headscore.scoring.estimate import EstimateOptions, run_estimate
@@ -268,17 +268,11 @@ class Study:
         geometry = load_geometry(self.config.top["model"])
         scores = read_head_scores(self.scores_file(settings["scores"], "allocate"), geometry.layers,
                                   geometry.query_heads)
+        results = allocate_sweep("headkv", geometry, [int(b) for b in settings["budgets"]],
+                                 [float(b) for b in settings["betas"]], window=settings["window"], scores=scores)
         out = self.path("budgets")
-        files = []
-        for budget in settings["budgets"]:
-            for beta in settings["betas"]:
-                result = allocate("headkv", geometry, int(budget), window=settings["window"], beta=float(beta),
-                                  scores=scores)
-                stem = f"budgets_B{budget}_beta{float(beta):g}"
-                write_budgets(out / f"{stem}.json", result)
-                plot_budgets(result, out / f"{stem}.png")
-                files.append(stem)
-        return {"files": files}
+        files = write_allocations(results, out / "budgets.json", split=True, plot=out / "budgets.png")
+        return {"files": [path.stem for path in files]}
 
     def _evaluate(self, stage: str, out: Path, *, tasks: str, methods: Sequence[str], budgets: Sequence[int],
                   betas: Sequence[float], lengths: Any, depths: Any) -> dict[str, Any]:
@@ -287,7 +281,7 @@ class Study:
         top = self.config.top
         scores = {}
         for method in methods:
-            needs = EVAL_METHODS.get(method, (None, None))[1]
+            needs = eval_method(method).scores
             if needs:
                 scores[needs] = str(self.scores_file(needs, stage))
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
@@ -310,7 +304,7 @@ class Study:
         top = self.config.top
         scores = {}
         for method in s["methods"]:
-            needs = EVAL_METHODS.get(method, (None, None))[1]
+            needs = EVAL_METHODS[method].scores if method in EVAL_METHODS else None  # tune names unknown ones
             if needs:
                 scores[needs] = str(self.scores_file(needs, "tune"))
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
@@ -343,10 +337,9 @@ class Study:
 
         s = self.config.section("latency")
         top = self.config.top
-        kind, needs = ("headkv", s["method"].split("-", 1)[1]) if s["method"].startswith("headkv-") else \
-            (s["method"], None)
-        scores = str(self.scores_file(needs, "latency")) if needs else None
-        rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=kind,
+        entry = eval_method(s["method"])
+        scores = str(self.scores_file(entry.scores, "latency")) if entry.scores else None
+        rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=entry.press,
                            label=s["method"], budget=s["budget"], beta=s["beta"], scores=scores,
                            max_new_tokens=s["max_new_tokens"], device=top["device"], dtype=top["dtype"])
         return {"lengths": len(rows)}
