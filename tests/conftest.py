@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny randomly initialised models built in the test, and the real SmolLM2."""
+"""Shared fixtures: tiny randomly initialised models of several architectures built in the test, random head
+scores, the SmolLM2 tokenizer, and the real SmolLM2 (tests that load it are marked `slow`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,58 @@ def tiny_llama():
         return LlamaForCausalLM(config).eval()
 
     return make
+
+
+@pytest.fixture
+def tiny_neox():
+    """A tiny random GPT-NeoX (multi-head attention, partial rotary, fused QKV): another architecture."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=512, rotary_pct=0.5,
+                           bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_qwen2():
+    """Factory for a tiny random Qwen2 (GQA 6 query heads / 2 KV heads, 3 layers, biased QKV), eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def make(attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
+        torch.manual_seed(1)
+        config = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                             attn_implementation=attn_implementation)
+        return Qwen2ForCausalLM(config).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_scores():
+    """Factory for `HeadScores` of `trials` uniform random per-trial scores on a `layers × heads` grid;
+    `zero_below` zeroes the smaller ones (sparse, like real retrieval scores)."""
+    from headscore.scoring.head_scores import HeadScores
+
+    def make(layers: int, heads: int, *, trials: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+             zero_below: float | None = None) -> HeadScores:
+        generator = torch.Generator().manual_seed(seed)
+        per_trial = torch.rand(trials, layers, heads, generator=generator, dtype=dtype)
+        if zero_below is not None:
+            per_trial[per_trial < zero_below] = 0.0
+        return HeadScores.from_tensor(per_trial)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (no weights are loaded): token counts and chat templates of real text."""
+    from headscore.core.model import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

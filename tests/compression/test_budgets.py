@@ -137,15 +137,18 @@ def test_fixtures_equal_the_full_files(data_dir, reference_dir, name):
     assert facts["trials_per_head"] == sorted({len(values) for values in raw.values()})
 
 
-def random_scores(layers: int, heads: int, trials: int = 5, seed: int = 0) -> HeadScores:
-    generator = torch.Generator().manual_seed(seed)
-    per_trial = torch.rand(trials, layers, heads, generator=generator, dtype=torch.float64)
-    per_trial[per_trial < 0.6] = 0.0  # sparse, like real retrieval scores
-    return HeadScores.from_tensor(per_trial)
+@pytest.fixture
+def sparse_scores(random_scores):
+    """Factory: float64 head scores of 5 trials, zero below 0.6 (sparse, like real retrieval scores)."""
+
+    def make(layers: int, heads: int, seed: int = 0):
+        return random_scores(layers, heads, trials=5, seed=seed, dtype=torch.float64, zero_below=0.6)
+
+    return make
 
 
-def test_kv_granularity_on_smollm2_geometry():
-    scores = random_scores(30, 9)
+def test_kv_granularity_on_smollm2_geometry(sparse_scores):
+    scores = sparse_scores(30, 9)
     scores.trials[4][5] = []  # a head with no counted trial scores 0
     result = allocate("headkv", SMOL, 128, beta=1.01, scores=scores)
     assert result.granularity == "kv" and tuple(result.matrix.shape) == (30, 3)
@@ -180,8 +183,8 @@ def test_uniform_and_pyramid():
             assert all(abs(v - (2 * inner - low - i * step)) <= 0.5 for i, v in enumerate(per_layer))
 
 
-def test_builders_are_the_convenience_function():
-    scores = random_scores(30, 9, seed=3)
+def test_builders_are_the_convenience_function(sparse_scores):
+    scores = sparse_scores(30, 9, seed=3)
     direct = HeadKVAllocation(beta=1.2, temp=1.5).allocate(SMOL, 200, 16, "query", scores)
     via = allocate("headkv", SMOL, 200, window=16, beta=1.2, temp=1.5, granularity="query", scores=scores)
     assert torch.equal(direct.matrix, via.matrix)
@@ -199,11 +202,11 @@ def test_builders_are_the_convenience_function():
     ({"scores": None}, "needs head scores"), ({"method": "snapkv"}, "unknown allocation method"),
     ({"scores": "wrong-grid"}, "query heads, but the model has"),
 ])
-def test_bad_input_raises(kwargs, message):
-    args = {"method": "headkv", "budget": 128, "scores": random_scores(30, 9)}
+def test_bad_input_raises(kwargs, message, sparse_scores):
+    args = {"method": "headkv", "budget": 128, "scores": sparse_scores(30, 9)}
     args.update(kwargs)
     if args["scores"] == "wrong-grid":
-        args["scores"] = random_scores(30, 8)
+        args["scores"] = sparse_scores(30, 8)
     method, budget = args.pop("method"), args.pop("budget")
     with pytest.raises(HeadscoreError, match=message):
         allocate(method, SMOL, budget, **args)
@@ -214,8 +217,8 @@ def test_all_zero_scores_raise():
         allocate("headkv", SMOL, 128, scores=HeadScores(30, 9))
 
 
-def test_write_read_roundtrip_and_determinism(tmp_path):
-    scores = random_scores(30, 9)
+def test_write_read_roundtrip_and_determinism(tmp_path, sparse_scores):
+    scores = sparse_scores(30, 9)
     budgets = allocate("headkv", SMOL, 128, scores=scores)
     write_budgets(tmp_path / "a.json", budgets)
     write_budgets(tmp_path / "b.json", budgets)
@@ -234,8 +237,8 @@ def test_write_read_roundtrip_and_determinism(tmp_path):
         read_budgets(tmp_path / "a.json", other)
 
 
-def test_sweep_file_and_selector(tmp_path):
-    scores = random_scores(30, 9)
+def test_sweep_file_and_selector(tmp_path, sparse_scores):
+    scores = sparse_scores(30, 9)
     sweep = allocate_sweep("headkv", SMOL, [128, 256], [1.01, 1.5, 1.01], scores=scores)
     assert [(b.budget, b.beta) for b in sweep] == [(128, 1.01), (128, 1.5), (256, 1.01), (256, 1.5)]
     write_budgets(tmp_path / "sweep.json", sweep)
@@ -265,9 +268,9 @@ def test_read_rejects_malformed(tmp_path, edit, message):
         read_budgets(tmp_path / "empty.json")
 
 
-def test_geometry_resolution(tmp_path):
+def test_geometry_resolution(tmp_path, sparse_scores):
     scores_path = tmp_path / "head_scores.json"
-    write_head_scores(scores_path, random_scores(4, 6))
+    write_head_scores(scores_path, sparse_scores(4, 6))
     (tmp_path / "metadata.json").write_text(json.dumps({"geometry": {"layers": 4, "query_heads": 6,
                                                                     "kv_heads": 2, "head_dim": 16}}))
     geometry, origin = resolve_geometry(scores_path=scores_path)
@@ -305,9 +308,9 @@ def test_cli_official_file_with_plot(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["beta", "budget", "negative", "nan", "empty", "geometry"])
-def test_cli_bad_input_one_line_no_output(tmp_path, case):
+def test_cli_bad_input_one_line_no_output(tmp_path, case, sparse_scores):
     scores = tmp_path / "head_scores.json"
-    write_head_scores(scores, random_scores(30, 9))
+    write_head_scores(scores, sparse_scores(30, 9))
     args = ["--scores", scores, "--layers", 30, "--heads", 9, "--kv-heads", 3]
     if case == "beta":
         args += ["--beta", "1.0"]
@@ -356,9 +359,9 @@ def test_cli_reads_an_authors_file_as_is(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["allocate", "build-needles"])
-def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command):
+def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command, sparse_scores):
     scores = tmp_path / "head_scores.json"
-    write_head_scores(scores, random_scores(30, 9))
+    write_head_scores(scores, sparse_scores(30, 9))
     folder = tmp_path / "existing"
     folder.mkdir()
     args = ["--scores", scores] if command == "allocate" else ["--min-length", 300, "--max-length", 300,

@@ -27,31 +27,20 @@ METHODS = list(PRESSES)
 COMPRESSING = [m for m in METHODS if m != "full"]
 
 
-@pytest.fixture
-def tiny_neox():
-    """A tiny random GPT-NeoX (multi-head attention, partial rotary, fused QKV): another architecture."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=512, rotary_pct=0.5,
-                           bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
-    return GPTNeoXForCausalLM(config).eval()
-
-
 @pytest.fixture(params=["llama", "neox"])
 def tiny_model(request, tiny_llama, tiny_neox):
     return tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8) if request.param == "llama" else tiny_neox
 
 
-def random_scores(geometry: Geometry, seed: int = 0) -> HeadScores:
-    generator = torch.Generator().manual_seed(seed)
-    return HeadScores.from_tensor(torch.rand(3, geometry.layers, geometry.query_heads, generator=generator))
+@pytest.fixture
+def press_for(random_scores):
+    """Factory: the press of `method` at `budget` with window 4 (headkv: budgets from random head scores)."""
 
+    def make(method: str, geometry: Geometry, budget: int, **options):
+        scores = random_scores(geometry.layers, geometry.query_heads) if method == "headkv" else None
+        return make_press(method, geometry, budget=budget, window=4, scores=scores, **options)
 
-def press_for(method: str, geometry: Geometry, budget: int, **options):
-    scores = random_scores(geometry) if method == "headkv" else None
-    return make_press(method, geometry, budget=budget, window=4, scores=scores, **options)
+    return make
 
 
 def plain_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
@@ -62,7 +51,7 @@ def plain_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_budget_above_context_generates_the_full_tokens(tiny_model, method):
+def test_budget_above_context_generates_the_full_tokens(tiny_model, method, press_for):
     torch.manual_seed(1)
     ids = torch.randint(3, 128, (1, 48))
     want = plain_greedy(tiny_model, ids, 12)
@@ -73,7 +62,7 @@ def test_budget_above_context_generates_the_full_tokens(tiny_model, method):
 
 
 @pytest.mark.parametrize("method", COMPRESSING)
-def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method):
+def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method, press_for):
     torch.manual_seed(2)
     ids = torch.randint(3, 128, (1, 64))
     geometry = Geometry.from_config(tiny_model.config)
@@ -111,7 +100,7 @@ def test_headkv_budgets_are_head_level(tiny_llama):
 
 
 @pytest.mark.parametrize("method", COMPRESSING)
-def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method):
+def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method, press_for):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
     geometry = Geometry.from_config(model.config)
     torch.manual_seed(4)
@@ -130,7 +119,7 @@ def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method):
         compress_state(state, make_press("snapkv", geometry, budget=30, window=8))
 
 
-def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama):
+def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama, press_for):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
     geometry = Geometry.from_config(model.config)
     torch.manual_seed(5)
@@ -145,30 +134,29 @@ def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama):
     assert cache.kept().tolist() == [[16, 16]] * 2
 
 
-def test_query_granularity_budgets_on_gqa(tiny_llama):
+def test_query_granularity_budgets_on_gqa(tiny_llama, random_scores):
     """Official behaviour: each query head keeps its own selection of the shared KV head."""
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
     geometry = Geometry.from_config(model.config)
     torch.manual_seed(6)
     ids = torch.randint(3, 128, (1, 40))
-    press = make_press("headkv", geometry, budget=2000, window=4, scores=random_scores(geometry),
-                       granularity="query")
+    scores = random_scores(geometry.layers, geometry.query_heads)
+    press = make_press("headkv", geometry, budget=2000, window=4, scores=scores, granularity="query")
     tokens, report = generate_ids(model, ids, press, max_new_tokens=8)
     assert tokens == plain_greedy(model, ids, 8)
     assert report.kept == [[40] * 4] * 2
-    small = make_press("headkv", geometry, budget=12, window=4, scores=random_scores(geometry),
-                       granularity="query")
+    small = make_press("headkv", geometry, budget=12, window=4, scores=scores, granularity="query")
     _, report = generate_ids(model, ids, small, max_new_tokens=2)
     assert torch.equal(torch.tensor(report.kept), small.budgets.matrix + 4)
 
 
 @pytest.mark.slow
-def test_smollm2_headkv(smollm2):
+def test_smollm2_headkv(smollm2, random_scores):
     model, tokenizer = smollm2
     geometry = Geometry.from_config(model.config)
     context = " ".join(f"Fact {i}: the code of box {i} is {1000 + 37 * i}." for i in range(20))
     question = "What is the code of box 7?"
-    scores = random_scores(geometry, seed=1)
+    scores = random_scores(geometry.layers, geometry.query_heads, seed=1)
     full = compress_generate(model, tokenizer, context, question, method="full", max_new_tokens=8,
                              template="chat")
     large = compress_generate(model, tokenizer, context, question, method="headkv", budget=4000, scores=scores,

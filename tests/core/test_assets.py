@@ -18,6 +18,7 @@ def test_cache_dir_honours_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "headscore"
 
 
+@pytest.mark.slow
 def test_alias_converts_once_and_reuses_the_cache():
     first = resolve_model("smollm2-135m")
     marker = (cache_dir() / "models")

@@ -118,15 +118,14 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_smollm2(tmp_path, one_thread):
+def test_cli_end_to_end_on_smollm2(tmp_path, one_thread, random_scores):
     from typer.testing import CliRunner
 
     from headscore.cli import app
-    from headscore.scoring.head_scores import HeadScores, write_head_scores
+    from headscore.scoring.head_scores import write_head_scores
 
     scores = tmp_path / "head_scores.json"
-    random_scores = torch.rand(2, 30, 9, generator=torch.Generator().manual_seed(0))
-    write_head_scores(scores, HeadScores.from_tensor(random_scores))
+    write_head_scores(scores, random_scores(30, 9, trials=2, seed=0))
     out = tmp_path / "ablation"
     args = ["ablate", "--scores", str(scores), "--out", str(out), "--ks", "20", "--seeds", "0",
             "--conditions", "top,random", "--lengths", "300", "--depths", "50", "--num-needles", "2",
@@ -144,7 +143,7 @@ def test_cli_end_to_end_on_smollm2(tmp_path, one_thread):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
 
     bad = tmp_path / "bad.json"
-    write_head_scores(bad, HeadScores.from_tensor(torch.rand(1, 2, 4)))
+    write_head_scores(bad, random_scores(2, 4, trials=1, seed=1))
     for extra, message in (([], "2 layers × 4 heads"), (["--ks", "300"], "outside 1..270")):
         scores_file = bad if not extra else scores
         result = CliRunner().invoke(app, ["ablate", "--scores", str(scores_file), "--out", str(tmp_path / "x"),

@@ -13,14 +13,7 @@ from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import EvaluateOptions, evaluate, evaluate_sample, newline_token_ids, plan_conditions
 from headscore.evaluation.tasks import get_task
-from headscore.scoring.head_scores import HeadScores, write_head_scores
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
+from headscore.scoring.head_scores import write_head_scores
 
 
 @pytest.fixture
@@ -28,14 +21,19 @@ def model(tiny_llama, tokenizer):
     return tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer))
 
 
-def score_files(tmp_path, geometry: Geometry) -> dict[str, str]:
-    generator = torch.Generator().manual_seed(3)
-    paths = {}
-    for kind in ("retrieval", "r2"):
-        per_trial = torch.rand(5, geometry.layers, geometry.query_heads, generator=generator, dtype=torch.float64)
-        paths[kind] = str(tmp_path / f"{kind}.json")
-        write_head_scores(paths[kind], HeadScores.from_tensor(per_trial))
-    return paths
+@pytest.fixture
+def score_files(tmp_path, random_scores):
+    """Factory: random retrieval and r2 head-score files for `geometry`: {"retrieval": path, "r2": path}."""
+
+    def make(geometry: Geometry) -> dict[str, str]:
+        paths = {}
+        for seed, kind in enumerate(("retrieval", "r2"), start=3):
+            paths[kind] = str(tmp_path / f"{kind}-{geometry.layers}.json")
+            write_head_scores(paths[kind], random_scores(geometry.layers, geometry.query_heads, trials=5, seed=seed,
+                                                         dtype=torch.float64))
+        return paths
+
+    return make
 
 
 def small_samples(tokenizer):
@@ -44,10 +42,10 @@ def small_samples(tokenizer):
     return niah.samples(tokenizer) + twohop.samples(tokenizer)
 
 
-def test_prefill_once_equals_separate_runs(model, tokenizer, tmp_path):
+def test_prefill_once_equals_separate_runs(model, tokenizer, score_files):
     geometry = Geometry.from_config(model.config)
     options = EvaluateOptions(methods=["full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r",
-                                       "headkv-r2"], budgets=[16, 48], scores=score_files(tmp_path, geometry))
+                                       "headkv-r2"], budgets=[16, 48], scores=score_files(geometry))
     conditions = plan_conditions(geometry, options)
     assert len(conditions) == 1 + 6 * 2
     sweep = plan_conditions(geometry, EvaluateOptions(methods=["snapkv", "headkv-r2"], budgets=[16], betas=[1.01, 2],
@@ -69,10 +67,10 @@ def test_prefill_once_equals_separate_runs(model, tokenizer, tmp_path):
     assert len(outputs) == len(conditions)
 
 
-def test_evaluate_writes_outputs(model, tokenizer, tmp_path):
+def test_evaluate_writes_outputs(model, tokenizer, tmp_path, score_files):
     geometry = Geometry.from_config(model.config)
     options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[16, 32],
-                              scores=score_files(tmp_path, geometry))
+                              scores=score_files(geometry))
     samples = small_samples(tokenizer)
     out = tmp_path / "run"
     result = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny")
@@ -113,7 +111,7 @@ def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
     assert (tmp_path / "a" / "results.csv").read_bytes() == (tmp_path / "b" / "results.csv").read_bytes()
 
 
-def test_bad_plans(model, tmp_path):
+def test_bad_plans(model, score_files):
     geometry = Geometry.from_config(model.config)
     with pytest.raises(HeadscoreError, match="unknown method 'magic'"):
         plan_conditions(geometry, EvaluateOptions(methods=["magic"]))
@@ -121,7 +119,7 @@ def test_bad_plans(model, tmp_path):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r2"], budgets=[32]))
     with pytest.raises(HeadscoreError, match="exceed the observation window"):
         plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[4]))
-    other = score_files(tmp_path, Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8))
+    other = score_files(Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8))
     with pytest.raises(HeadscoreError, match="not the expected"):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r"], budgets=[32], scores=other))
 

@@ -14,13 +14,6 @@ from headscore.scoring.trials import load_needles, needles_dir
 LENGTHS = (300, 500)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
 def test_niah_grid_lengths_and_depths(tokenizer):
     samples = get_task("niah", lengths=LENGTHS, depths=(0, 50, 100)).samples(tokenizer)
     needles, _ = load_needles(str(needles_dir() / "eval.jsonl"))

@@ -56,13 +56,6 @@ def test_ties_go_to_the_pool_closest_to_the_default():
     assert choose_beta({1.005: 0.5, 1.02: 0.5}, budget, window, default) == 1.005
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
 def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeypatch):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer))
     geometry = Geometry.from_config(model.config)

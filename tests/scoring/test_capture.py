@@ -39,26 +39,16 @@ def test_attention_rows_match_plain_gqa():
                                reference_rows(query, key, 0.3, keep))
 
 
-def qwen2(attn_implementation: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation=attn_implementation)
-    return Qwen2ForCausalLM(config).eval()
-
-
 def llama(tiny_llama, attn_implementation: str):
     return tiny_llama(layers=3, heads=4, kv_heads=2, attn_implementation=attn_implementation)
 
 
 @pytest.mark.parametrize("build", ["llama", "qwen2"])
 @torch.no_grad()
-def test_capture_equals_eager_output_attentions(build, tiny_llama):
+def test_capture_equals_eager_output_attentions(build, tiny_llama, tiny_qwen2):
     from transformers import DynamicCache
 
-    make = (lambda impl: llama(tiny_llama, impl)) if build == "llama" else qwen2
+    make = (lambda impl: llama(tiny_llama, impl)) if build == "llama" else tiny_qwen2
     eager, model = make("eager"), make("sdpa")
     layers = model.config.num_hidden_layers
     ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(2))

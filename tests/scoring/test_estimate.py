@@ -25,13 +25,6 @@ VOCAB = 49152  # SmolLM2's tokenizer, so the tiny model can run real trials
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def trials():
     from headscore.scoring.trials import build_needle_trials
 

@@ -47,10 +47,9 @@ def official_prompt(enc, haystack_text: str, needle: str, question: str, context
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
+def smollm2_tokenizer(tokenizer):
+    """The shared SmolLM2 tokenizer (no BOS), named apart from the BOS tokenizer below."""
+    return tokenizer
 
 
 @pytest.fixture(scope="module")

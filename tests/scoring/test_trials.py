@@ -16,13 +16,6 @@ from headscore.core.prompts import answer_token_span, encode_prompt, insertion_p
 from headscore.scoring.trials import build_needle_trials, context_lengths, depth_percents, load_needles, read_trials
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "headscore", *args], cwd=cwd, capture_output=True, text=True)
 
