@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+# the library is imported inside each command (only these light modules here): `headscore --help` stays fast
 from headscore.core.assets import DEFAULT_MODEL
-from headscore.core.distributed import from_env, shutdown
 from headscore.core.errors import HeadscoreError
-from headscore.study.reproduce import STAGES
+from headscore.study.stages import STAGES
 
 app = typer.Typer(
     help="Find the attention heads that retrieve and reason over long contexts (HeadKV), "
@@ -63,6 +63,8 @@ def progress_bar(transient: bool = False) -> LazyProgress:
 
     Under torchrun only rank 0 draws it (its own share of the work).
     """
+    from headscore.core.distributed import from_env  # lazy, as every library import here: fast --help
+
     return LazyProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
                         transient=transient, disable=not from_env().is_main)
@@ -688,6 +690,8 @@ def reproduce_command(
 
 def _rank_tag() -> str:
     """'[rank K] ' under torchrun (which rank's line it is), '' in one process or with a broken environment."""
+    from headscore.core.distributed import from_env
+
     try:
         where = from_env()
     except HeadscoreError:
@@ -706,4 +710,7 @@ def main() -> None:
         print(f"headscore: {_rank_tag()}interrupted; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
     finally:
-        shutdown()
+        # only a command that loaded the distributed helper can have started a process group (--help did not)
+        distributed = sys.modules.get("headscore.core.distributed")
+        if distributed is not None:
+            distributed.shutdown()

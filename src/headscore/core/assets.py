@@ -11,11 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from huggingface_hub.utils import logging as hub_logging
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging
-
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file
 
@@ -79,6 +74,10 @@ def resolve_model(spec: str) -> str:
 
 def quiet_transformers() -> None:
     """Silence transformers' own progress bars and info logs; headscore shows its own progress."""
+    # lazy (here and in convert_gguf): the CLI imports this module for DEFAULT_MODEL, and `headscore --help`
+    # must not wait for transformers
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -94,7 +93,8 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / "models" / f"{name}-{fingerprint_file(gguf)}"
     if (target / "config.json").is_file():
         return target
-
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
 

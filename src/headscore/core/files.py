@@ -12,9 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-import transformers
-
 from headscore import __version__
 from headscore.core.errors import HeadscoreError
 
@@ -107,6 +104,9 @@ def fingerprint_file(path: str | os.PathLike) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced an output, for metadata files."""
+    # lazy: every command imports this module, and `headscore --help` must not wait for torch/transformers
+    import torch
+    import transformers
 
     return {
         "headscore": __version__,
@@ -118,6 +118,7 @@ def versions() -> dict[str, str]:
 
 def hardware() -> dict[str, Any]:
     """The machine the study ran on, for the report."""
+    import torch  # lazy, as in `versions`
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -46,9 +46,7 @@ from headscore.scoring.estimate import EstimateOptions, run_estimate
 from headscore.scoring.head_scores import read_head_scores
 from headscore.scoring.trials import build_needle_trials, write_trials
 from headscore.study.report import write_report
-
-STAGES = ("needles", "estimate", "stability", "allocate", "evaluate", "tune", "ablate", "latency", "report")
-SHARED_STAGES = ("estimate", "evaluate", "tune")  # every rank takes part under torchrun
+from headscore.study.stages import SHARED_STAGES, STAGES
 
 # section -> allowed keys (with their defaults); any other key is an error naming the section and key
 SCHEMA: dict[str, dict[str, Any]] = {
