@@ -24,6 +24,7 @@ from headscore.compression.budgets import (
     read_budgets,
     resolve_geometry,
     summarize,
+    write_allocations,
     write_budgets,
 )
 from headscore.core.errors import HeadscoreError
@@ -248,6 +249,22 @@ def test_sweep_file_and_selector(tmp_path, sparse_scores):
     with pytest.raises(HeadscoreError, match="2 entries match budget=128"):
         read_budgets(tmp_path / "sweep.json", budget=128)
     assert len(allocate_sweep("uniform", SMOL, [64, 128], [1.01, 2.0])) == 2  # β does not vary baselines
+
+
+def test_write_allocations_files_and_figures(tmp_path, sparse_scores):
+    sweep = allocate_sweep("headkv", SMOL, [64, 128], [1.01, 2.0], scores=sparse_scores(30, 9))
+    written = write_allocations(sweep, tmp_path / "one" / "budgets.json", plot=tmp_path / "one" / "b.png")
+    assert written == [tmp_path / "one" / "budgets.json"]
+    assert [b.beta for b in read_budget_sweep(written[0])] == [1.01, 2.0, 1.01, 2.0]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
+        ["budgets.json", "b_B64_beta1.01.png", "b_B64_beta2.png", "b_B128_beta1.01.png", "b_B128_beta2.png"])
+    written = write_allocations(sweep, tmp_path / "split" / "budgets.json", split=True)
+    assert [p.name for p in written] == ["budgets_B64_beta1.01.json", "budgets_B64_beta2.json",
+                                         "budgets_B128_beta1.01.json", "budgets_B128_beta2.json"]
+    assert torch.equal(read_budgets(written[3]).matrix, sweep[3].matrix)
+    single = write_allocations(sweep[:1], tmp_path / "single.json", split=True, plot=tmp_path / "single.png")
+    assert single == [tmp_path / "single.json"] and (tmp_path / "single.png").is_file()
+    assert read_budgets(single[0]).budget == 64
 
 
 @pytest.mark.parametrize("edit, message", [

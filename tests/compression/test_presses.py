@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+from headscore.compression.budgets import allocate
 from headscore.compression.presses import (
+    PRESSES,
     HeadKVPress,
+    SnapKVPress,
+    StreamingPress,
     adaptive_budgets,
+    check_count,
     group_scores,
     kept_positions,
     make_press,
     pool_scores,
+    register_press,
     streaming_scores,
     window_scores,
 )
@@ -93,8 +101,6 @@ def test_streaming_keeps_sinks_and_recent():
 
 
 def test_headkv_press_rejects_another_geometry():
-    from headscore.compression.budgets import allocate
-
     other = Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8)
     budgets = allocate("uniform", other, 16, window=4)
     with pytest.raises(HeadscoreError, match="budgets are for 3 layers"):
@@ -115,3 +121,85 @@ def test_make_press_errors():
         make_press("snapkv", GEOMETRY, kernel=0)
     with pytest.raises(HeadscoreError, match="alpha"):
         make_press("ada-snapkv", GEOMETRY, alpha=2.0)
+
+
+def test_registry_names_every_method_and_describe_keeps_the_report_layout():
+    assert list(PRESSES) == ["full", "snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv"]
+    described = {name: list(make_press(name, GEOMETRY, budget=16, window=4, budgets=allocate("uniform", GEOMETRY, 16,
+                                                                                             window=4)).describe())
+                 for name in PRESSES}
+    assert described == {
+        "full": ["method", "window", "kernel"],
+        "snapkv": ["method", "window", "kernel", "budget"],
+        "streaming": ["method", "window", "kernel", "budget", "sinks"],
+        "pyramidkv": ["method", "window", "kernel", "budget", "pyramid_beta"],
+        "ada-snapkv": ["method", "window", "kernel", "budget", "alpha"],
+        "headkv": ["method", "window", "kernel", "budget", "beta", "granularity", "budget_method", "source_scores"],
+    }
+    assert all(make_press(name, GEOMETRY, budget=16, window=4, budgets=allocate("uniform", GEOMETRY, 16, window=4)
+                          ).name == name for name in PRESSES)
+
+
+def test_make_press_takes_one_set_of_parameters():
+    # parameters of other methods are ignored, as the CLI passes all of them to every method
+    press = make_press("snapkv", GEOMETRY, budget=32, window=4, kernel=3, alpha=0.9, sinks=2, beta=2.0, scores=None)
+    assert (press.budget, press.window, press.kernel) == (32, 4, 3)
+    with pytest.raises(HeadscoreError, match="no method takes the parameter 'budgett'"):
+        make_press("snapkv", GEOMETRY, budgett=32)
+    # every press checks its own parameters, whichever way it is built
+    with pytest.raises(HeadscoreError, match="sinks must be a non-negative integer"):
+        StreamingPress(sinks=-1)
+    with pytest.raises(HeadscoreError, match="pyramid beta must be"):
+        make_press("pyramidkv", GEOMETRY, pyramid_beta=0.5)
+    with pytest.raises(HeadscoreError, match="window must be a non-negative integer"):
+        make_press("full", GEOMETRY, window=-1)
+
+
+def test_budget_presses_differ_only_in_their_budgets():
+    """snapkv, streaming and pyramidkv budgets are the allocation module's uniform and pyramid matrices."""
+    uniform = allocate("uniform", GEOMETRY, 24, window=4, granularity="kv").matrix
+    pyramid = allocate("pyramid", GEOMETRY, 24, window=4, granularity="kv", pyramid_beta=3.0).matrix
+    for name, want in (("snapkv", uniform), ("streaming", uniform), ("pyramidkv", pyramid)):
+        press = make_press(name, GEOMETRY, budget=24, window=4, pyramid_beta=3.0)
+        assert torch.equal(torch.stack([press.layer_budgets(layer, torch.rand(2, 50), GEOMETRY)
+                                        for layer in range(GEOMETRY.layers)]), want)
+        press.check(GEOMETRY)
+
+
+@pytest.fixture
+def recent_press():
+    """The example press of docs/compress.md, registered for one test."""
+
+    @register_press("snapkv-recent")
+    @dataclass
+    class RecentSnapKVPress(SnapKVPress):
+        recent: int = 16
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_count(self.recent, "recent", 0)
+
+        def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
+            chosen = super().head_scores(scores, heads).clone()
+            chosen[:, max(chosen.shape[1] - self.recent, 0):] = float("inf")
+            return chosen
+
+    yield RecentSnapKVPress
+    del PRESSES["snapkv-recent"]
+
+
+def test_a_registered_press_is_a_method(recent_press, tiny_llama):
+    from headscore.compression.generation import generate_ids
+
+    with pytest.raises(HeadscoreError, match="recent must be"):
+        make_press("snapkv-recent", GEOMETRY, recent=-2)
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    press = make_press("snapkv-recent", GEOMETRY, budget=12, window=4, recent=8, sinks=3)
+    assert isinstance(press, recent_press) and press.describe()["recent"] == 8
+    torch.manual_seed(7)
+    _, report = generate_ids(model, torch.randint(3, 128, (1, 40)), press, max_new_tokens=2)
+    assert report.kept == [[12, 12]] * 2
+    # the 8 positions before the window are kept by every head: check on the selection itself
+    scores = press.head_scores(torch.rand(4, 36), 2)
+    head, position, _ = kept_positions(scores, press.layer_budgets(0, scores, GEOMETRY), 4)
+    assert all(set(range(28, 36)) <= set(position[head == h].tolist()) for h in range(2))

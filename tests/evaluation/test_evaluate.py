@@ -7,11 +7,22 @@ import json
 import pytest
 import torch
 
-from headscore.compression.generation import compress_generate, generate_ids, make_press
+from headscore.compression.generation import compress_generate, generate_ids
+from headscore.compression.presses import make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
-from headscore.evaluation.evaluate import EvaluateOptions, evaluate, evaluate_sample, newline_token_ids, plan_conditions
+from headscore.evaluation.evaluate import (
+    EVAL_METHODS,
+    EvaluateOptions,
+    eval_method,
+    evaluate,
+    evaluate_sample,
+    newline_token_ids,
+    plan_conditions,
+    summary_markdown,
+    summary_table,
+)
 from headscore.evaluation.tasks import get_task
 from headscore.scoring.head_scores import write_head_scores
 
@@ -122,6 +133,26 @@ def test_bad_plans(model, score_files):
     other = score_files(Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8))
     with pytest.raises(HeadscoreError, match="not the expected"):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r"], budgets=[32], scores=other))
+
+
+def test_eval_methods_name_a_press_and_its_scores():
+    assert {name: (entry.press, entry.scores) for name, entry in EVAL_METHODS.items()} == {
+        "full": ("full", None), "snapkv": ("snapkv", None), "streaming": ("streaming", None),
+        "pyramidkv": ("pyramidkv", None), "ada-snapkv": ("ada-snapkv", None),
+        "headkv-r": ("headkv", "retrieval"), "headkv-r2": ("headkv", "r2")}
+    with pytest.raises(HeadscoreError, match="unknown method 'headkv': use some of full, snapkv"):
+        eval_method("headkv")
+
+
+def test_summary_table_is_the_markdown_table():
+    summary = [{"method": "full", "budget": None, "score": 0.5, "kv_ratio": 1.0, "samples": 2, "score[niah]": 0.5},
+               {"method": "snapkv", "budget": 32, "score": 0.25, "kv_ratio": 0.125, "samples": 2,
+                "score[niah]": 0.0, "score[twohop]": 0.5}]
+    header, rows = summary_table(summary)
+    assert header == ["method", "budget", "KV ratio", "mean score", "niah", "twohop"]
+    assert rows == [["full", "all", "1.000", "0.500", "0.500", ""],
+                    ["snapkv", "32", "0.125", "0.250", "0.000", "0.500"]]
+    assert summary_markdown(summary).splitlines()[2:] == ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def test_newline_tokens(tokenizer):
