@@ -40,8 +40,9 @@ def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> d
     from headscore.scoring.capture import attention_capture
     from headscore.scoring.estimate import decode_trial, encode_trial, teacher_forced_trial
     from headscore.scoring.rules import r2_scores
+    from headscore.scoring.trials import Trial
 
-    trial = json.loads(trial_path.read_text())
+    trial = Trial.from_dict(json.loads(trial_path.read_text()))
     impl = "eager" if approach == "eager" else "sdpa"
     model, tokenizer = load_model("smollm2-135m", device=device, dtype="float32", attn_implementation=impl)
     ids, span = encode_trial(trial, tokenizer)
@@ -114,7 +115,7 @@ def main() -> None:
     trial = build_needle_trials("smollm2-135m", min_length=args.length, max_length=args.length, lengths=1,
                                 depths=1)[0]
     folder = Path(tempfile.mkdtemp(prefix="bench_estimate."))
-    (folder / "trial.json").write_text(json.dumps(trial))
+    (folder / "trial.json").write_text(json.dumps(trial.to_dict()))
     runs: dict[str, list[dict]] = {approach: [] for approach in APPROACHES}
     for _ in range(args.repeats):
         for approach in APPROACHES:

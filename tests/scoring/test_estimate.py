@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,10 @@ def reference_scores(eager, tokenizer, trial, method, mode, max_new_tokens=50):
 
     r2 is the official rule: 10 · weight / (N · A) per top-N hit, A = the answer's token count; r2 decoding
     stops after A tokens, retrieval decoding after N."""
-    ids = encode_prompt(tokenizer, trial["prompt"], trial["template"])["input_ids"]
-    start, end = trial["answer_span"]
+    ids = encode_prompt(tokenizer, trial.prompt, trial.template)["input_ids"]
+    start, end = trial.answer_span
     n = end - start
-    a = len(tokenizer(trial["answer"], add_special_tokens=False)["input_ids"])
+    a = len(tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
     config = eager.config
     scores = torch.zeros(config.num_hidden_layers, config.num_attention_heads, dtype=torch.float64)
 
@@ -125,8 +126,8 @@ def test_teacher_forced_equals_decoding_the_answer(tiny, tokenizer, trials, meth
     from headscore.scoring.capture import attention_capture
 
     model = tiny()
-    ids = torch.tensor(encode_prompt(tokenizer, trials[1]["prompt"], "raw")["input_ids"])
-    span = tuple(trials[1]["answer_span"])
+    ids = torch.tensor(encode_prompt(tokenizer, trials[1].prompt, "raw")["input_ids"])
+    span = tuple(trials[1].answer_span)
     with attention_capture(model, 2) as capture:
         forced, _, bad_f = teacher_forced_trial(model, ids, span, capture, method)
         stepped, generated, bad_s = decode_trial(model, tokenizer, ids, span, capture, method, 50,
@@ -211,10 +212,10 @@ def test_no_counted_trial_and_nan_are_reported(tiny, tokenizer, trials, tmp_path
 
 
 def test_trials_of_another_tokenizer_are_refused(tiny, tokenizer, trials, tmp_path):
-    other = [dict(t, tokenizer_fingerprint="0123456789abcdef") for t in trials]
+    other = [replace(t, tokenizer_fingerprint="0123456789abcdef") for t in trials]
     with pytest.raises(HeadscoreError, match="another tokenizer"):
         estimate(tiny(), tokenizer, other, tmp_path, model_name="tiny")
-    shifted = [dict(t, length=t["length"] + 1) for t in trials]
+    shifted = [replace(t, length=t.length + 1) for t in trials]
     with pytest.raises(HeadscoreError, match="tokenizes to"):
         estimate(tiny(), tokenizer, shifted, tmp_path / "b", model_name="tiny")
 
@@ -269,8 +270,8 @@ def test_r2_decoding_stops_after_the_answers_token_count(tiny, tokenizer, trials
     """A short answer (A < N): r2 decodes at most A tokens and divides by N · A, as the official code."""
     model, eager = tiny(), tiny("eager")
     trial = {**trials[0], "answer": "Mary's favorite"}
-    a = len(tokenizer(trial["answer"], add_special_tokens=False)["input_ids"])
-    n = trial["answer_span"][1] - trial["answer_span"][0]
+    a = len(tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
+    n = trial.answer_span[1] - trial.answer_span[0]
     assert a < n
     options = EstimateOptions(method="r2", f1_threshold=-1, max_new_tokens=50)
     estimate(model, tokenizer, [trial], tmp_path, options=options, model_name="tiny")

@@ -69,16 +69,16 @@ def check_trials(tokenizer, trials, haystack_text, needles, lengths):
     periods = [tokenizer.get_vocab()["."]]  # what the authors' hard-coded lists hold for these vocabularies
     by_id = {n.id: n for n in needles}
     for trial in trials:
-        needle = by_id[trial["needle_id"]]
+        needle = by_id[trial.needle_id]
         expected = official_prompt(tokenizer, haystack_text, needle.needle, needle.question,
-                                   trial["target_length"], trial["depth"], max(lengths), periods)
-        assert trial["prompt"] == expected, trial["id"]
-        ids = encode_prompt(tokenizer, trial["prompt"], "official")["input_ids"]
+                                   trial.target_length, trial.depth, max(lengths), periods)
+        assert trial.prompt == expected, trial.id
+        ids = encode_prompt(tokenizer, trial.prompt, "official")["input_ids"]
         assert ids == tokenizer(expected)["input_ids"]  # tokenized with the default special tokens
         question = len(tokenizer(expected[expected.rindex("Based on the content"):])["input_ids"])
-        assert len(ids) == trial["length"] <= trial["target_length"] - 200 + question + 2
-        start, end = trial["answer_span"]
-        assert tokenizer.decode(ids[start:end]).strip().lower() == needle.answer.lower(), trial["id"]
+        assert len(ids) == trial.length <= trial.target_length - 200 + question + 2
+        start, end = trial.answer_span
+        assert tokenizer.decode(ids[start:end]).strip().lower() == needle.answer.lower(), trial.id
 
 
 def test_official_prompt_equals_the_authors_steps_on_smollm2(smollm2_tokenizer):
@@ -89,7 +89,7 @@ def test_official_prompt_equals_the_authors_steps_on_smollm2(smollm2_tokenizer):
     trials = build_trials(smollm2_tokenizer, Haystack("slice", text), needles, lengths=lengths, depths=depths,
                           kind="reasoning", template="official")
     assert len(trials) == 2 * 10 * 2
-    assert trials[0]["prompt"].endswith("Mary?\nAnswer:") and "\n\nBased on" not in trials[0]["prompt"]
+    assert trials[0].prompt.endswith("Mary?\nAnswer:") and "\n\nBased on" not in trials[0].prompt
     check_trials(smollm2_tokenizer, trials, text, needles, lengths)
 
 
@@ -102,9 +102,9 @@ def test_official_prompt_equals_the_authors_steps_with_a_bos_tokenizer(bos_token
     trials = build_trials(bos_tokenizer, Haystack("slice", text), needles, lengths=lengths, depths=depths,
                           kind="retrieval", template="official")
     check_trials(bos_tokenizer, trials, text, needles, lengths)
-    middle = next(t for t in trials if t["depth"] == 40)
-    needle = next(n for n in needles if n.id == middle["needle_id"]).needle
-    assert middle["prompt"].startswith("<s>") and f"<s>{needle}" in middle["prompt"]
+    middle = next(t for t in trials if t.depth == 40)
+    needle = next(n for n in needles if n.id == middle.needle_id).needle
+    assert middle.prompt.startswith("<s>") and f"<s>{needle}" in middle.prompt
 
 
 def test_official_prompt_needs_room_for_the_buffer(smollm2_tokenizer):

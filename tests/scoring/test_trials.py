@@ -13,7 +13,16 @@ import pytest
 from headscore.core.errors import HeadscoreError
 from headscore.core.haystack import Haystack, load_haystack
 from headscore.core.prompts import answer_token_span, encode_prompt, insertion_point
-from headscore.scoring.trials import build_needle_trials, context_lengths, depth_percents, load_needles, read_trials
+from headscore.scoring.trials import (
+    Trial,
+    build_needle_trials,
+    context_lengths,
+    depth_percents,
+    load_needles,
+    read_trials,
+    trials_fingerprint,
+    write_trials,
+)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -84,26 +93,26 @@ def test_every_answer_span_decodes_to_the_answer(tokenizer, kind, template):
                                  depths=4, template=template)
     needles, _ = load_needles(kind)
     assert len(trials) == 3 * 4 * len(needles)
-    assert len({t["id"] for t in trials}) == len(trials)
+    assert len({t.id for t in trials}) == len(trials)
     for trial in trials:
-        ids = encode_prompt(tokenizer, trial["prompt"], trial["template"])["input_ids"]
-        start, end = trial["answer_span"]
-        assert tokenizer.decode(ids[start:end]).strip().lower() == trial["answer"].lower()
-        assert len(ids) == trial["length"]
-        assert abs(trial["length"] - trial["target_length"]) <= 3
-        chars = trial["answer_chars"]
-        assert trial["prompt"][chars[0]:chars[1]].lower() == trial["answer"].lower()
+        ids = encode_prompt(tokenizer, trial.prompt, trial.template)["input_ids"]
+        start, end = trial.answer_span
+        assert tokenizer.decode(ids[start:end]).strip().lower() == trial.answer.lower()
+        assert len(ids) == trial.length
+        assert abs(trial.length - trial.target_length) <= 3
+        chars = trial.answer_chars
+        assert trial.prompt[chars[0]:chars[1]].lower() == trial.answer.lower()
 
 
 def test_needle_goes_in_at_the_requested_depth(tokenizer):
     trials = build_needle_trials("smollm2-135m", min_length=600, max_length=600, lengths=1, depths=5)
     for trial in trials:
-        fraction = trial["answer_span"][0] / trial["length"]
-        if trial["depth"] == 0:
-            assert trial["answer_span"][0] <= 2
+        fraction = trial.answer_span[0] / trial.length
+        if trial.depth == 0:
+            assert trial.answer_span[0] <= 2
         else:  # at or a sentence before the requested depth (of the context part of the prompt)
-            assert fraction <= trial["depth"] / 100 + 0.02
-            assert fraction >= trial["depth"] / 100 - 0.2
+            assert fraction <= trial.depth / 100 + 0.02
+            assert fraction >= trial.depth / 100 - 0.2
 
 
 def test_default_build_writes_100_trials_and_is_byte_identical(tmp_path):
@@ -114,9 +123,32 @@ def test_default_build_writes_100_trials_and_is_byte_identical(tmp_path):
     assert first.read_bytes() == second.read_bytes()
     trials = read_trials(first)
     assert len(trials) == 100
-    assert sorted({t["target_length"] for t in trials}) == [1000, 2748, 4496, 6244, 7992]
-    assert {t["tokenizer"] for t in trials} == {"smollm2-135m"}
+    assert sorted({t.target_length for t in trials}) == [1000, 2748, 4496, 6244, 7992]
+    assert {t.tokenizer for t in trials} == {"smollm2-135m"}
     assert "100 trials" in result.stdout
+
+
+def test_trial_records_keep_the_file_bytes(tmp_path):
+    built = build_needle_trials("smollm2-135m", min_length=200, max_length=260, lengths=2, depths=2)
+    path = tmp_path / "trials.jsonl"
+    write_trials(path, built)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert list(json.loads(lines[0])) == ["id", "kind", "needle_id", "target_length", "length", "depth", "template",
+                                          "question", "answer", "answer_span", "answer_chars", "tokenizer",
+                                          "tokenizer_fingerprint", "haystack_fingerprint", "needles_fingerprint",
+                                          "prompt"]
+    trials = read_trials(path)
+    assert trials == built and all(isinstance(t, Trial) for t in trials)
+    assert [json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trials] == lines
+    write_trials(tmp_path / "again.jsonl", trials)
+    assert (tmp_path / "again.jsonl").read_bytes() == path.read_bytes()
+    # a hand-made line: only the required keys, in another order, plus a key of its own
+    record = {"prompt": "Context. Question?", "id": "x", "answer": "Context", "answer_span": [0, 1],
+              "template": "raw", "tokenizer_fingerprint": "f", "source": {"by": "hand"}}
+    trial = Trial.from_dict(record)
+    assert (trial.answer_span, trial.length, trial.extra) == ((0, 1), None, {"source": {"by": "hand"}})
+    assert trial.to_dict() == record
+    assert trials_fingerprint([trial]) == trials_fingerprint([Trial.from_dict(json.loads(json.dumps(record)))])
 
 
 def test_haystack_sources(tmp_path):

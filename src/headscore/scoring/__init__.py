@@ -5,9 +5,9 @@ from headscore.core.exports import lazy_exports
 
 # lazy: importing the package imports none of its modules (fast `headscore --help`, no cycles)
 __all__, __getattr__ = lazy_exports(__name__, {
-    "trials": ["build_needle_trials", "write_trials", "read_trials", "load_needles"],
+    "trials": ["Trial", "build_needle_trials", "write_trials", "read_trials", "load_needles"],
     "capture": ["attention_capture", "AttentionCapture"],
-    "rules": ["r2_scores", "retrieval_scores", "scorer"],
+    "rules": ["SCORERS", "score_rule", "r2_scores", "retrieval_scores", "scorer"],
     "head_scores": ["HeadScores", "read_head_scores", "write_head_scores"],
     "estimate": ["EstimateOptions", "EstimateResult", "estimate", "run_estimate", "merge_runs"],
 })

@@ -40,8 +40,8 @@ from headscore.core.plots import head_heatmap
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.head_scores import HeadScores, normalized_importance, write_head_scores
-from headscore.scoring.rules import METHODS, scorer
-from headscore.scoring.trials import read_trials, trials_fingerprint
+from headscore.scoring.rules import SCORERS, scorer
+from headscore.scoring.trials import Trial, read_trials, trials_fingerprint
 
 MODES = ("decode", "teacher-forced")
 SCORES_FILE = "head_scores.json"
@@ -72,8 +72,8 @@ class EstimateOptions:
     max_new_tokens: int = 50
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise HeadscoreError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.method not in SCORERS:
+            raise HeadscoreError(f"unknown method '{self.method}': use one of {', '.join(SCORERS)}")
         if self.mode not in MODES:
             raise HeadscoreError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
@@ -121,26 +121,26 @@ def select_trials(count: int, shard: tuple[int, int], limit: int | None) -> list
     return chosen[:limit] if limit is not None else chosen
 
 
-def check_tokenizer(trials: Sequence[dict[str, Any]], tokenizer: Any) -> None:
+def check_tokenizer(trials: Sequence[Trial], tokenizer: Any) -> None:
     """Trials built for another tokenizer are an error (their answer spans would point at wrong tokens)."""
 
     expected = tokenizer_fingerprint(tokenizer)
-    found = sorted({t["tokenizer_fingerprint"] for t in trials})
+    found = sorted({t.tokenizer_fingerprint for t in trials})
     if found != [expected]:
         raise HeadscoreError(f"the trials were built for another tokenizer (fingerprint {', '.join(found)}; "
                              f"this model's is {expected}); rebuild them with build-needles --model <model>")
 
 
-def encode_trial(trial: dict[str, Any], tokenizer: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+def encode_trial(trial: Trial, tokenizer: Any) -> tuple[torch.Tensor, tuple[int, int]]:
     """Prompt ids [prompt] and the answer span, checked against the trial file."""
 
-    ids = encode_prompt(tokenizer, trial["prompt"], trial["template"])["input_ids"]
-    if "length" in trial and len(ids) != trial["length"]:
-        raise HeadscoreError(f"trial {trial['id']}: the prompt tokenizes to {len(ids)} tokens, the trial "
-                             f"file says {trial['length']} (built for another tokenizer?)")
-    start, end = (int(v) for v in trial["answer_span"])
+    ids = encode_prompt(tokenizer, trial.prompt, trial.template)["input_ids"]
+    if trial.length is not None and len(ids) != trial.length:
+        raise HeadscoreError(f"trial {trial.id}: the prompt tokenizes to {len(ids)} tokens, the trial "
+                             f"file says {trial.length} (built for another tokenizer?)")
+    start, end = (int(v) for v in trial.answer_span)
     if not 0 <= start < end < len(ids):
-        raise HeadscoreError(f"trial {trial['id']}: answer span [{start}, {end}) is not inside the "
+        raise HeadscoreError(f"trial {trial.id}: answer span [{start}, {end}) is not inside the "
                              f"{len(ids)}-token prompt")
     return torch.tensor(ids, dtype=torch.long), (start, end)
 
@@ -221,13 +221,13 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     return total, logits[0].argmax(-1).tolist(), not bool(torch.isfinite(probs).all())
 
 
-def score_trial(model: Any, tokenizer: Any, trial: dict[str, Any], index: int, options: EstimateOptions,
+def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: EstimateOptions,
                 capture: Any) -> dict[str, Any]:
     """Run one trial; returns its journal record (scores: [layers][heads] floats, None if not counted)."""
 
     began = time.perf_counter()
     prompt_ids, span = encode_trial(trial, tokenizer)
-    answer_tokens = answer_token_count(tokenizer, trial["answer"])
+    answer_tokens = answer_token_count(tokenizer, trial.answer)
     if options.mode == "teacher-forced":
         scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method,
                                                       answer_tokens)
@@ -236,13 +236,13 @@ def score_trial(model: Any, tokenizer: Any, trial: dict[str, Any], index: int, o
         scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
                                               min(length, options.max_new_tokens), answer_tokens=answer_tokens)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    f1, rouge = qa_f1(response, trial["answer"]), rouge1_recall(response, trial["answer"])
+    f1, rouge = qa_f1(response, trial.answer), rouge1_recall(response, trial.answer)
     success = options.success(f1, rouge)
     bad = bad or not bool(torch.isfinite(scores).all())
     counted = not bad and (success or options.mode == "teacher-forced")
     return {
-        "index": index, "id": trial["id"], "length": int(prompt_ids.shape[0]), "depth": trial.get("depth"),
-        "needle": trial.get("needle_id", ""), "response": response, "success": success, "f1": f1,
+        "index": index, "id": trial.id, "length": int(prompt_ids.shape[0]), "depth": trial.depth,
+        "needle": trial.needle_id or "", "response": response, "success": success, "f1": f1,
         "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
         "answer_tokens": answer_tokens, "span_tokens": span[1] - span[0],
         "scores": scores.double().cpu().tolist() if counted else None,
@@ -324,7 +324,7 @@ def check_first_failures(records: dict[int, dict[str, Any]], first: Sequence[int
 def estimate(
     model: Any,
     tokenizer: Any,
-    trials: Sequence[dict[str, Any]],
+    trials: Sequence[Trial],
     out_dir: str | Path,
     *,
     options: EstimateOptions = EstimateOptions(),

@@ -2,7 +2,8 @@
 
 `probs` is [steps, layers, heads, context]: at each scored step, every head's attention distribution over the
 positions it sees (zeros at positions it cannot see). The answer span `[start, end)` holds N = end - start
-positions of the prompt. Every function returns the [layers, heads] sum over the steps.
+positions of the prompt. Every function returns the [layers, heads] sum over the steps. The rules are a
+registry (`SCORERS`, filled by `@score_rule(name)`), named by `estimate --method`.
 
 The two rules are the authors' own:
 - `r2` (HeadKV, `retrieval_head_detection_r2.py`, `retrieval_calculate`, FYYFU/HeadKV): at every step, for
@@ -21,7 +22,17 @@ import torch
 
 from headscore.core.errors import HeadscoreError
 
-METHODS = ("r2", "retrieval")
+SCORERS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def score_rule(name: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: register a score rule `(probs, span, tokens, prompt_ids) -> [layers, heads]` as `name`."""
+
+    def add(rule: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        SCORERS[name] = rule
+        return rule
+
+    return add
 
 
 def _span(span: tuple[int, int], context: int) -> tuple[int, int, int]:
@@ -31,6 +42,7 @@ def _span(span: tuple[int, int], context: int) -> tuple[int, int, int]:
     return start, end, end - start
 
 
+@score_rule("r2")
 def r2_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor | None = None,
               prompt_ids: torch.Tensor | None = None, *, answer_tokens: int) -> torch.Tensor:
     """Retrieval-reasoning (HeadKV): each head's top-N positions per step; every one inside the span adds
@@ -45,6 +57,7 @@ def r2_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor |
     return (values * inside).sum(dim=(0, -1)) * (10.0 / (n * answer_tokens))
 
 
+@score_rule("retrieval")
 def retrieval_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor,
                      prompt_ids: torch.Tensor, *, answer_tokens: int = 1) -> torch.Tensor:
     """Retrieval heads (Wu et al.): a head whose top-1 position at a step lies in the span and holds the token
@@ -59,11 +72,8 @@ def retrieval_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.T
     return (inside & copies).sum(dim=0).to(probs.dtype) / n
 
 
-SCORERS: dict[str, Callable[..., torch.Tensor]] = {"r2": r2_scores, "retrieval": retrieval_scores}
-
-
 def scorer(method: str) -> Callable[..., torch.Tensor]:
     """The score function of `method` ('r2' or 'retrieval')."""
     if method not in SCORERS:
-        raise HeadscoreError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+        raise HeadscoreError(f"unknown method '{method}': use one of {', '.join(SCORERS)}")
     return SCORERS[method]

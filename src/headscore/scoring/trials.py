@@ -1,10 +1,14 @@
-"""Needle definitions and needle-in-a-haystack trial construction with exact answer token spans."""
+"""Needle definitions and needle-in-a-haystack trial construction with exact answer token spans.
+
+A trial is a `Trial` record, one JSON object per line of the trials file (`write_trials` / `read_trials`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,53 @@ class Needle:
     needle: str
     question: str
     answer: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trial:
+    """One needle-in-a-haystack trial: the rendered `prompt`, the `answer` and its token span `[start, end)` in
+    the tokenized prompt (`encode_prompt(tokenizer, prompt, template)`), plus how it was built.
+
+    The fields are the keys of a trials-file line, in the order `build-needles` writes them. Only `id`,
+    `prompt`, `answer`, `answer_span`, `template` and `tokenizer_fingerprint` are required (`TRIAL_FIELDS`);
+    the others are None when a hand-made file leaves them out, and keys no field names are kept in `extra`.
+    `Trial.from_dict(d).to_dict() == d` for every line, so rewriting a file keeps its bytes.
+    """
+
+    id: str
+    kind: str | None = None
+    needle_id: str | None = None
+    target_length: int | None = None
+    length: int | None = None  # prompt tokens
+    depth: float | None = None  # needle depth, % of the context
+    template: str
+    question: str | None = None
+    answer: str
+    answer_span: tuple[int, int]
+    answer_chars: tuple[int, int] | None = None  # the answer's characters in `prompt`
+    tokenizer: str | None = None
+    tokenizer_fingerprint: str
+    haystack_fingerprint: str | None = None
+    needles_fingerprint: str | None = None
+    prompt: str
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Trial:
+        """A trial from one trials-file line (the required keys must be there: `read_trials` checks)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: tuple(v) if k in ("answer_span", "answer_chars") and isinstance(v, list) else v
+                  for k, v in record.items() if k in names}
+        return cls(**values, extra={k: v for k, v in record.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trials-file line: every field that is set, in field order, then `extra`."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return {**out, **self.extra}
 
 
 def needles_dir() -> Path:
@@ -120,12 +171,12 @@ def build_trials(
     model_name: str = "",
     needles_fingerprint: str = "",
     progress: Callable[[], None] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Trial]:
     """One trial per (length, depth, needle), in that nesting order.
 
     `raw` and `chat` prompts hold about `length` tokens, the needle placed by `prompts.place_texts`;
     `official` prompts are the authors' construction (`prompts.OfficialHaystack`: at most `length - 200`
-    context tokens, then the question). Each record's `answer_span` is the token span `[start, end)` of the
+    context tokens, then the question). Each trial's `answer_span` is the token span `[start, end)` of the
     answer inside the tokenized prompt (`encode_prompt`), found from the tokenizer's character offsets.
     """
     if template == "official":
@@ -148,24 +199,24 @@ def build_trials(
                     answer_chars = (answer_at, answer_at + len(needle.answer))
                 encoded = encode_prompt(tokenizer, prompt, template, offsets=True)
                 span = answer_token_span(encoded["offset_mapping"], *answer_chars)
-                trials.append({
-                    "id": f"{kind}-L{length}-D{depth:g}-N{number}",
-                    "kind": kind,
-                    "needle_id": needle.id,
-                    "target_length": length,
-                    "length": len(encoded["input_ids"]),
-                    "depth": depth,
-                    "template": template,
-                    "question": needle.question,
-                    "answer": needle.answer,
-                    "answer_span": list(span),
-                    "answer_chars": list(answer_chars),
-                    "tokenizer": model_name,
-                    "tokenizer_fingerprint": tok_fp,
-                    "haystack_fingerprint": haystack.fingerprint,
-                    "needles_fingerprint": needles_fingerprint,
-                    "prompt": prompt,
-                })
+                trials.append(Trial(
+                    id=f"{kind}-L{length}-D{depth:g}-N{number}",
+                    kind=kind,
+                    needle_id=needle.id,
+                    target_length=length,
+                    length=len(encoded["input_ids"]),
+                    depth=depth,
+                    template=template,
+                    question=needle.question,
+                    answer=needle.answer,
+                    answer_span=tuple(span),
+                    answer_chars=answer_chars,
+                    tokenizer=model_name,
+                    tokenizer_fingerprint=tok_fp,
+                    haystack_fingerprint=haystack.fingerprint,
+                    needles_fingerprint=needles_fingerprint,
+                    prompt=prompt,
+                ))
                 if progress:
                     progress()
     return trials
@@ -187,14 +238,14 @@ def filler_budgets(tokenizer: Any, haystack: Haystack, needles: Sequence[Needle]
     return HaystackTokens(tokenizer, haystack.text, max(budgets.values())), budgets
 
 
-def write_trials(path: str | Path, trials: Sequence[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in trials))
+def write_trials(path: str | Path, trials: Sequence[Trial]) -> None:
+    atomic_write_text(path, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trials))
 
 
 TRIAL_FIELDS = ("id", "prompt", "answer", "answer_span", "template", "tokenizer_fingerprint")
 
 
-def read_trials(path: str | Path) -> list[dict[str, Any]]:
+def read_trials(path: str | Path) -> list[Trial]:
     """Read a trials JSONL file written by `build-needles`, checking the fields later stages need."""
     path = Path(path)
     if not path.is_file():
@@ -206,14 +257,14 @@ def read_trials(path: str | Path) -> list[dict[str, Any]]:
         missing = [f for f in TRIAL_FIELDS if f not in record]
         if missing:
             raise HeadscoreError(f"trial file {path} line {number} lacks {', '.join(missing)}")
-        trials.append(record)
+        trials.append(Trial.from_dict(record))
     if not trials:
         raise HeadscoreError(f"trial file {path} holds no trials")
     return trials
 
 
-def trials_fingerprint(trials: Sequence[dict[str, Any]]) -> str:
-    return fingerprint_bytes(*(json.dumps(t, sort_keys=True) for t in trials))
+def trials_fingerprint(trials: Sequence[Trial]) -> str:
+    return fingerprint_bytes(*(json.dumps(t.to_dict(), sort_keys=True) for t in trials))
 
 
 def build_needle_trials(
@@ -228,7 +279,7 @@ def build_needle_trials(
     depths: int = 10,
     template: str = "raw",
     progress: Callable[[], None] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Trial]:
     """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`)."""
     if kind not in NEEDLE_FILES:
         raise HeadscoreError(f"unknown needle kind '{kind}': use one of {', '.join(NEEDLE_FILES)}")
