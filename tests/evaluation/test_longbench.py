@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from headscore.compression.generation import decode, make_press, prefill_compressed
+from headscore.compression.generation import decode, prefill_compressed
+from headscore.compression.presses import make_press
 from headscore.core.errors import HeadscoreError
 from headscore.core.metrics import rouge_l
 from headscore.core.model import Geometry
@@ -43,13 +44,6 @@ from headscore.evaluation.tasks.longbench_metrics import (
 )
 
 TREC_CLASSES = ["Abbreviation", "Entity", "Description", "Human being", "Location", "Numeric value"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from headscore.core.model import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
 
 
 def write_jsonl(path, records):
