@@ -76,8 +76,8 @@ def kept_positions(scores: torch.Tensor, budgets: torch.Tensor,
     `budgets`: int64 `[heads]` on the CPU, clamped here to [0, m] (the one clamp of every press's budgets).
     Returns `(head, position, kept)`: int64 `[total]` head and position of every kept entry on the scores'
     device, head-major with positions ascending (original order), and the CPU int64 `[heads]` count per head
-    (window included). Variable-length
-    without loops over heads and without device syncs: the lengths are known on the CPU.
+    (window included). Variable-length without loops over heads and without device syncs: the lengths are
+    known on the CPU.
     """
     heads, m = scores.shape
     device = scores.device
