@@ -27,7 +27,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from bench_compress import synthetic_scores
-from headscore.compression.generation import _forward, decode, make_press, prefill_compressed
+from headscore.compression.generation import _forward, decode, prefill_compressed
+from headscore.compression.presses import make_press
 from headscore.core.model import Geometry, resolve_dtype
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.estimate import decode_trial
