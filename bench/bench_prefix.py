@@ -1,7 +1,7 @@
 """Benchmark: estimate with and without the shared prefix cache, side by side in one run.
 
     .venv/bin/python bench/bench_prefix.py [--min-length 1000] [--max-length 2000] [--lengths 2]
-        [--modes decode,teacher-forced] [--repeats 1] [--device cpu]
+        [--modes decode,teacher-forced] [--repeats 1] [--device cpu] [--threads N]
 
 A subset of the default trial set with all 10 depths (`build-needles` defaults but `--lengths` lengths in
 [min, max]; both reasoning needles) on SmolLM2-135M, float32. Each (mode, prefix cache on/off) run is its own
@@ -9,7 +9,8 @@ process (so peak memory is its own) running `estimate` over all trials into a fr
 interleaved over `--repeats`. Reported per mode: wall and CPU time, peak memory (CPU: the process's peak RSS and
 its rise over the RSS after loading the model; CUDA: torch's peak allocated), the ratios of the prefix cache
 run over the plain one, the share of prompt tokens taken from the prefix cache, and the largest score
-difference between the two runs (must be <= 1e-5).
+difference between the two runs (must be <= 1e-5). On a shared CPU, `--threads 1` makes the CPU time a measure
+of the work done (no spinning threads waiting for a preempted partner).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from pathlib import Path
 from bench_estimate import rss_mb
 
 
-def worker(mode: str, cache: bool, trials_path: Path, out: Path, device: str) -> dict:
+def worker(mode: str, cache: bool, trials_path: Path, out: Path, device: str, threads: int | None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from headscore.core.model import load_model
     from headscore.core.prefix_cache import PrefixOptions
@@ -79,13 +83,14 @@ def main() -> None:
     parser.add_argument("--modes", default="decode,teacher-forced")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads per run [default: torch's]")
     parser.add_argument("--worker", choices=["decode", "teacher-forced"])
     parser.add_argument("--cache", choices=["on", "off"])
     parser.add_argument("--trials", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.cache == "on", args.trials, args.out, args.device)))
+        print(json.dumps(worker(args.worker, args.cache == "on", args.trials, args.out, args.device, args.threads)))
         return
 
     from headscore.scoring.trials import build_needle_trials, write_trials
@@ -100,13 +105,15 @@ def main() -> None:
         for mode, cache in runs:
             out = folder / f"{mode}-{cache}-{repeat}"
             command = [sys.executable, __file__, "--worker", mode, "--cache", cache, "--trials",
-                       str(folder / "trials.jsonl"), "--out", str(out), "--device", args.device]
+                       str(folder / "trials.jsonl"), "--out", str(out), "--device", args.device,
+                       *(["--threads", str(args.threads)] if args.threads else [])]
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
             runs[(mode, cache)].append({**json.loads(line.splitlines()[-1]), "out": out})
     memory = "peak allocated" if args.device.startswith("cuda") else "peak RSS"
     lengths = sorted({t["length"] for t in trials})
     print(f"{len(trials)} trials ({args.lengths} lengths {lengths[0]}-{lengths[-1]} tokens x 10 depths x 2 "
-          f"needles), SmolLM2-135M float32, device {args.device}, best of {args.repeats} (time), "
+          f"needles), SmolLM2-135M float32, device {args.device}, threads {args.threads or 'default'}, "
+          f"best of {args.repeats} (time), "
           f"min of {args.repeats} (memory)")
     print(f"{'mode':<16}{'prefix cache':>13}{'seconds':>10}{'x time':>9}{'cpu s':>9}{'x cpu':>8}"
           f"{memory + ' MB':>20}{'x mem':>8}{'rise MB':>10}{'x rise':>8}{'reused':>9}{'max |d score|':>15}")
