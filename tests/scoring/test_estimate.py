@@ -11,11 +11,13 @@ import torch
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import eos_ids
+from headscore.core.prefix_cache import plan_prefixes
 from headscore.core.prompts import encode_prompt
 from headscore.scoring.estimate import (
     JOURNAL,
     EstimateOptions,
     decode_trial,
+    encode_trial,
     estimate,
     merge_runs,
     teacher_forced_trial,
@@ -294,7 +296,8 @@ def test_decode_stops_when_the_first_trials_all_fail_and_the_journal_continues(t
     message = str(stopped.value)
     assert "first 3 trials all failed" in message and "--mode teacher-forced" in message
     assert "--template chat" in message and "\n" not in message
-    assert [r["index"] for r in read_journal_records(tmp_path)] == [0, 1, 2]
+    run_order = plan_prefixes([encode_trial(t, tokenizer)[0] for t in trials]).order  # prefix-sharing order
+    assert [r["index"] for r in read_journal_records(tmp_path)] == run_order[:3]
     assert not (tmp_path / "head_scores.json").exists()
     with pytest.raises(HeadscoreError, match="first 3 trials"):  # a rerun stops at once, running nothing new
         estimate(model, tokenizer, trials, tmp_path, model_name="tiny", stop_after_failures=3)

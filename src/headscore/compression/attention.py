@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 HEADWISE_ATTENTION = "headscore_headwise"
 
@@ -70,3 +71,6 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
 
 AttentionInterface.register(HEADWISE_ATTENTION, headwise_attention_forward)
+# sdpa's masks: without a registered mask function transformers passes none, and sdpa's own causal flag is only
+# right when the queries see no earlier cached keys (a prefill after a shared prefix does)
+AttentionMaskInterface.register(HEADWISE_ATTENTION, sdpa_mask)

@@ -65,6 +65,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.heads = 0
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -72,9 +73,17 @@ class HeadwiseLayer(CacheLayerMixin):
         self.tail_values = value_states.new_empty(value_states.shape[1], 0, value_states.shape[-1])
         self.is_initialized = True
 
+    def seed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start the prefill from already computed states `[1, kv_heads, s, d]` of the prompt's first s tokens
+        (a shared prefix): the prefill pass then runs only the rest, and the layer holds all n."""
+        self.lazy_initialization(keys, values)
+        self.prefix = (keys[0], values[0])
+        self.prompt_length = keys.shape[2]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill: hold the full `[1, kv_heads, n, d]` states until the attention function compresses them.
-        Decode: append to the tail. Returns `(self, self)`: the attention function reads this layer."""
+        """Prefill: hold the full `[1, kv_heads, n, d]` states (after the seeded prefix, if any) until the
+        attention function compresses them. Decode: append to the tail. Returns `(self, self)`: the attention
+        function reads this layer."""
         if key_states.shape[0] != 1:
             raise HeadscoreError(f"the head-wise cache supports batch size 1 only, got a batch of "
                                  f"{key_states.shape[0]}")
@@ -84,6 +93,10 @@ class HeadwiseLayer(CacheLayerMixin):
             # gather of the kept entries are faster on contiguous states)
             self.pending = (key_states[0].contiguous(), value_states[0].contiguous())
             self.prompt_length = key_states.shape[2]
+        elif self.prefix is not None:
+            keys, values = self.prefix
+            self.pending = (torch.cat([keys, key_states[0]], dim=1), torch.cat([values, value_states[0]], dim=1))
+            self.prompt_length, self.prefix = self.pending[0].shape[1], None
         elif self.pending is not None:
             raise HeadscoreError("the head-wise cache got a second forward pass before the prefill was compressed "
                                  "(is the model using headscore's attention function?)")
@@ -97,14 +110,18 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def finish_prefill(self, query: torch.Tensor, scaling: float | None) -> None:
         """Called by the attention function after the exact prefill output: window scores of the queries
-        `[q_heads, n, d]` (only the last `window` rows are used), then the prefill hook compresses."""
+        `[q_heads, q, d]` (the prefill pass's; only the last `window` rows are used, so a pass after a seeded
+        prefix must hold at least `window` queries), then the prefill hook compresses."""
 
         start = time.perf_counter()
         keys, values = self.pending
         length = keys.shape[1]
         window = min(self.window, length)
+        if window > query.shape[1]:
+            raise HeadscoreError(f"the prefill pass after a shared prefix has {query.shape[1]} tokens, fewer "
+                                 f"than the observation window ({window})")
         if window > 0:
-            scores = window_scores(query[:, length - window:], keys, scaling, window)
+            scores = window_scores(query[:, query.shape[1] - window:], keys, scaling, window)
         else:
             scores = query.new_zeros(query.shape[0], length, dtype=torch.float32)
         self.pending = None

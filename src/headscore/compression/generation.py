@@ -95,12 +95,21 @@ def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tup
     return cache, logits, seconds
 
 
-def prefill(model: Any, input_ids: torch.Tensor, window: int = 8) -> PrefillState:
+def prefill(model: Any, input_ids: torch.Tensor, window: int = 8, prefix: DynamicCache | None = None,
+            start: int = 0) -> PrefillState:
     """One full prefill recording every layer's keys/values and window scores (only the `window` query rows
-    are scored; no n × n attention)."""
+    are scored; no n × n attention).
+
+    `prefix`: a cache already holding `input_ids[:start]` (a shared prefix, `headscore.core.prefix_cache`;
+    not modified); only the rest is run (at least `window` tokens), the state still covers every token.
+    """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
     cache = HeadwiseCache(geometry, None, window=window)
+    if prefix is not None and start > 0:
+        for layer, shared in zip(cache.layers, prefix.layers, strict=True):
+            layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
+        input_ids = input_ids[:, start:]
     logits, seconds = _forward(model, input_ids, cache)
     if any(item is None for item in cache.recorded):
         raise HeadscoreError("some layers did not call the registered attention function; this model type "

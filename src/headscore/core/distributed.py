@@ -50,8 +50,15 @@ class Ranks:
             dist.barrier()
 
     def part(self, items: Sequence[T]) -> list[T]:
-        """This rank's share of `items`: the one rank -> work mapping of estimate and evaluate."""
-        return list(items[self.rank::self.world])
+        """This rank's share of `items` (`contiguous_part`): the one rank -> work mapping of estimate and
+        evaluate."""
+        return contiguous_part(items, self.rank, self.world)
+
+
+def contiguous_part(items: Sequence[T], index: int, count: int) -> list[T]:
+    """The `index`-th of `count` contiguous, near-equal ranges of `items` (ranks and `--shard`: work comes in
+    prefix-sharing order, so each part's prompts still share their beginnings)."""
+    return list(items[index * len(items) // count:(index + 1) * len(items) // count])
 
 
 def _env_int(name: str, default: int) -> int:

@@ -25,8 +25,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import cache_report, compress_state, decode, prefill
 from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.core.attention import use_attention
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
@@ -40,6 +42,7 @@ from headscore.core.files import (
 from headscore.core.journal import run_journaled
 from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, load_tokenizer
 from headscore.core.plots import grid_heatmap, line_plot
+from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import SOURCED, Sample, Task, expand_specs, get_task, score, task_settings
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
@@ -175,18 +178,29 @@ def stop_tokens(sample: Sample, tokenizer: Any, stops: set[int], line_end: set[i
     return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
 
 
+def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int]:
+    """The token ids `evaluate` runs for a sample: its prompt followed by `answer_prefix`."""
+    return encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
+
+
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
                     stops: set[int], window: int, line_end: set[int] = frozenset(),
-                    answer_prefix: str = "") -> list[dict[str, Any]]:
+                    answer_prefix: str = "", prefixes: PrefixCache | None = None,
+                    shared: int = 0) -> list[dict[str, Any]]:
     """Prefill `sample` (its prompt followed by `answer_prefix`) once, then compress and decode for every
     condition: one result row per condition.
 
     The sample's stop rule picks the stop tokens (`stop_tokens`); "eos" predictions are kept unstripped.
+    With `prefixes`, the sample's first `shared` tokens come from the shared prefix cache (the prefill state
+    still holds every token's keys and values).
     """
 
-    ids = encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
+    ids = sample_ids(tokenizer, sample, answer_prefix)
     geometry = Geometry.from_config(model.config)
-    state = prefill(model, torch.tensor([ids], device=input_device(model)), window)
+    prompt = torch.tensor(ids)
+    # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
+    with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
+        state = prefill(model, prompt[None].to(input_device(model)), window, cache, start)
     eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
     rows = []
     for condition in conditions:
@@ -291,12 +305,16 @@ def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
 
 def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *,
              options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
+             prefix: PrefixOptions = PrefixOptions(),
              progress: Callable[[int, int], None] | None = None, conditions: Sequence[Condition] | None = None,
              figures: bool = True) -> EvaluateResult | None:
     """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs.
 
     `conditions`: an explicit plan instead of `plan_conditions(options)` (e.g. `tune`'s per-budget β); its
     presses are part of the journal header. `figures=False` skips the NIAH heatmaps and the KV curve.
+    Samples that begin with the same tokens (tasks cut from one haystack) share the prefill of their common
+    beginning (`prefix`, see `headscore.core.prefix_cache`) and run in that order; the outputs stay in sample
+    order.
     Under a launcher the samples are split over the ranks; rank 0 writes the outputs (equal to one process's)
     and returns the result, the other ranks None.
     """
@@ -321,15 +339,23 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     by_id: dict[str, Any] = {}
     for sample in samples:
         by_id.setdefault(sample.id, sample)
+    # planned over every sample (resumed runs share the same lengths); the window's queries run unshared
+    prefix = prefix.for_model(model)
+    keys = list(by_id)
+    plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
+                         min_suffix=max(options.window, 1), max_tokens=prefix.max_tokens)
+    shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
+    prefixes = PrefixCache(model, prefix.chunk, plan.cuts) if prefix.enabled else None
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
-                               options.answer_prefix)
+                               options.answer_prefix, prefixes, shared[sample_id])
         return {"sample": sample_id, "rows": rows}
 
     began = time.perf_counter()
     report = None if progress is None else (lambda done, total, record: progress(done, total))
-    records = run_journaled(out_dir, header, list(by_id), "sample", work, report)
+    order = [keys[position] for position in plan.order] if prefix.enabled else keys  # the order samples run in
+    records = run_journaled(out_dir, header, order, "sample", work, report)
     where = ranks()
     if records is None:  # a rank other than 0: rank 0 writes the outputs
         where.barrier()
@@ -353,6 +379,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         "tasks": list(task_settings),
         "conditions": [{"method": c.method, "label": c.label, "budget": c.budget, "beta": c.beta,
                         "press": c.press.describe()} for c in conditions],
+        "prefix_cache": prefix.describe(),
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
         "seconds_this_run": round(time.perf_counter() - began, 2), "versions": versions(),
         **({"processes": where.world} if where.distributed else {}),
@@ -439,10 +466,10 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
 
 def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
                  task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
-                 limit: int | None = None, progress: Callable[[int, int], None] | None = None
-                 ) -> EvaluateResult | None:
+                 limit: int | None = None, prefix: PrefixOptions = PrefixOptions(),
+                 progress: Callable[[int, int], None] | None = None) -> EvaluateResult | None:
     """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate` (None on ranks other than 0)."""
     setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
                              dtype=dtype, limit=limit)
     return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
-                    task_settings=setup.task_settings, progress=progress)
+                    task_settings=setup.task_settings, prefix=prefix, progress=progress)

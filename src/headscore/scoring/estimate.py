@@ -16,6 +16,9 @@ rebuilt from the journal, so an interrupted run continues where it stopped. In d
 answer these prompts, and the error names the fixes.
 Under torchrun / accelerate launch the selected trials are split over the ranks, each with its own journal,
 and rank 0 writes the same files one process would (`core.journal.run_journaled`).
+Trials that begin with the same tokens (one haystack) share the prefill of their common beginning
+(`headscore.core.prefix_cache`): they run in prefix-sharing order and each runs only its suffix on the cached
+prefix.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
-from headscore.core.distributed import rank_device, ranks
+from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
 from headscore.core.metrics import qa_f1, rouge1_recall
 from headscore.core.model import Geometry, eos_ids, input_device, load_model
 from headscore.core.plots import head_heatmap
+from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.head_scores import HeadScores, normalized_importance, write_head_scores
@@ -113,11 +117,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def select_trials(count: int, shard: tuple[int, int], limit: int | None) -> list[int]:
-    """Trial indices one run handles: every n-th trial from i (shards interleave lengths), first `limit`."""
+def select_trials(count: int, shard: tuple[int, int], limit: int | None,
+                  order: Sequence[int] | None = None) -> list[int]:
+    """Trial indices one run handles, ascending: shard i/n is the i-th of n contiguous ranges of `order` (the
+    prefix-sharing order of all trials, `plan_prefixes(...).order`, so each shard's trials share prefixes;
+    default: file order; `core.distributed.contiguous_part`, as ranks split work), then its first `limit`."""
     if limit is not None and limit < 1:
         raise HeadscoreError("--limit must be at least 1")
-    chosen = list(range(shard[0], count, shard[1]))
+    chosen = sorted(contiguous_part(list(range(count)) if order is None else list(order), *shard))
     return chosen[:limit] if limit is not None else chosen
 
 
@@ -163,12 +170,15 @@ def answer_token_count(tokenizer: Any, answer: str) -> int:
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
                  method: str, max_new_tokens: int, forced: torch.Tensor | None = None,
-                 answer_tokens: int | None = None) -> tuple[torch.Tensor, list[int], bool]:
+                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0
+                 ) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
 
     Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
     a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
     greedy choices (scores a given continuation). `answer_tokens`: A of the r2 rule (default: the span's N).
+    `cache`: one already holding `prompt[:start]` (a shared prefix, `start` < prompt length); only
+    `prompt[start:-1]` is prefilled on it.
     """
 
     score = scorer(method)
@@ -176,8 +186,10 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
     stops = eos_ids(model, tokenizer)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prompt_ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if cache is None:
+        cache, start = DynamicCache(config=model.config), 0
+    if start < prompt_ids.shape[0] - 1:
+        model(input_ids=prompt_ids[None, start:-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = prompt_ids[None, -1:]
     total = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -200,13 +212,15 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
 
 @torch.no_grad()
 def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                         method: str, answer_tokens: int | None = None) -> tuple[torch.Tensor, list[int], bool]:
+                         method: str, answer_tokens: int | None = None, cache: DynamicCache | None = None,
+                         prefix: int = 0) -> tuple[torch.Tensor, list[int], bool]:
     """Teacher-forced mode: one pass over `prompt + answer[:-1]`, answer = `prompt[start:end]` (N tokens).
 
     The scored queries are the N positions `P-1 .. P+N-2` that predict the answer tokens; each row covers
     every position the query sees; `answer_tokens` is A of the r2 rule (default: N). Returns (scores
     [layers, heads], greedy predictions at those positions [N], any non-finite attention).
-    Memory: O(layers × heads × N × context).
+    Memory: O(layers × heads × N × context). `cache`: one already holding `prompt[:prefix]` (a shared prefix,
+    `prefix` < prompt length); the pass then runs from `prefix` on it.
     """
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
@@ -214,7 +228,11 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     answer = prompt_ids[start:end]
     inputs = torch.cat([prompt_ids, answer[:-1]])[None]
     capture.arm(end - start)
-    logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
+    if cache is None:
+        logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
+    else:
+        logits = model(input_ids=inputs[:, prefix:], past_key_values=cache, use_cache=True,
+                       logits_to_keep=end - start).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
     total = scorer(method)(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
@@ -222,19 +240,25 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
 
 
 def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: EstimateOptions,
-                capture: Any) -> dict[str, Any]:
-    """Run one trial; returns its journal record (scores: [layers][heads] floats, None if not counted)."""
+                capture: Any, prefixes: PrefixCache | None = None, shared: int = 0,
+                encoded: tuple[torch.Tensor, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Run one trial; returns its journal record (scores: [layers][heads] floats, None if not counted).
+
+    With `prefixes`, the trial's first `shared` tokens come from the shared prefix cache. `encoded`: the
+    trial's `encode_trial` result, if already computed."""
 
     began = time.perf_counter()
-    prompt_ids, span = encode_trial(trial, tokenizer)
+    prompt_ids, span = encoded or encode_trial(trial, tokenizer)
     answer_tokens = answer_token_count(tokenizer, trial.answer)
-    if options.mode == "teacher-forced":
-        scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method,
-                                                      answer_tokens)
-    else:
-        length = answer_tokens if options.method == "r2" else span[1] - span[0]
-        scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
-                                              min(length, options.max_new_tokens), answer_tokens=answer_tokens)
+    with shared_prefix(prefixes, prompt_ids, shared) as (cache, start):
+        if options.mode == "teacher-forced":
+            scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method,
+                                                          answer_tokens, cache, start)
+        else:
+            length = answer_tokens if options.method == "r2" else span[1] - span[0]
+            scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
+                                                  min(length, options.max_new_tokens),
+                                                  answer_tokens=answer_tokens, cache=cache, start=start)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
     f1, rouge = qa_f1(response, trial.answer), rouge1_recall(response, trial.answer)
     success = options.success(f1, rouge)
@@ -246,7 +270,7 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
         "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
         "answer_tokens": answer_tokens, "span_tokens": span[1] - span[0],
         "scores": scores.double().cpu().tolist() if counted else None,
-        "seconds": round(time.perf_counter() - began, 3),
+        "seconds": round(time.perf_counter() - began, 3), "cached_tokens": start,
     }
 
 
@@ -298,7 +322,9 @@ def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
         "files": {"scores": SCORES_FILE, "table": TABLE_FILE, "heatmap": HEATMAP_FILE if top else None,
                   "journal": JOURNAL},
         "versions": versions(), **extra,
-        "timing": {"trial_seconds_total": round(sum(r["seconds"] for r in records), 3)},
+        "timing": {"trial_seconds_total": round(sum(r["seconds"] for r in records), 3),
+                   "prompt_tokens": sum(r["length"] for r in records),
+                   "prompt_tokens_from_prefix_cache": sum(r.get("cached_tokens", 0) for r in records)},
     }
     write_json(out_dir / METADATA_FILE, metadata)
     return EstimateResult(out_dir=out_dir, run=len(records), counted=len(counted),
@@ -332,15 +358,17 @@ def estimate(
     shard: tuple[int, int] = (0, 1),
     limit: int | None = None,
     stop_after_failures: int = STOP_AFTER_FAILURES,
+    prefix: PrefixOptions = PrefixOptions(),
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
 ) -> EstimateResult | None:
     """Score every head on the selected trials, continuing the journal in `out_dir` if there is one.
 
-    Decode mode stops with a HeadscoreError (the journal kept) once the first `stop_after_failures` selected
-    trials all failed the success check (0: never stop). `progress(done, total, record)` is called once at
-    the start (record None) and after every trial.
-    Under a launcher the selected trials are split over the ranks; rank 0 returns the result of the whole run
-    (the files equal one process's), the other ranks None.
+    Trials run in prefix-sharing order (`prefix`, see `headscore.core.prefix_cache`; the outputs are in
+    trial-file order). Decode mode stops with a HeadscoreError (the journal kept) once the first
+    `stop_after_failures` trials to run all failed the success check (0: never stop). `progress(done, total,
+    record)` is called once at the start (record None) and after every trial.
+    Under a launcher the selected trials are split over the ranks (contiguous ranges of the run order); rank 0
+    returns the result of the whole run (the files equal one process's), the other ranks None.
     """
 
     out_dir = Path(out_dir)
@@ -348,23 +376,34 @@ def estimate(
     geometry = Geometry.from_config(model.config)
     if stop_after_failures < 0:
         raise HeadscoreError("--stop-after-failures must be 0 (never stop) or more")
+    prefix = prefix.for_model(model)
     header = {"model": model_name, "geometry": geometry.to_dict(), **asdict(options),
               "rule": RULES[options.method],
               "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
               "shard": f"{shard[0]}/{shard[1]}"}
-    chosen = select_trials(len(trials), shard, limit)
-    stops = options.mode == "decode" and 0 < stop_after_failures <= len(chosen)  # shorter runs just finish
-    first = chosen[:stop_after_failures] if stops else []
+    # planned over the whole file: shards are contiguous ranges of the sharing order (whatever the prefix
+    # options), and a trial's shared length, hence its result, does not depend on the shard, limit or resume
+    encoded = [encode_trial(trial, tokenizer) for trial in trials]
+    ids = [prompt for prompt, _ in encoded]
+    plan = plan_prefixes(ids, max_tokens=prefix.max_tokens)
+    chosen = select_trials(len(trials), shard, limit, plan_prefixes(ids).order if prefix.max_tokens else plan.order)
+    rank = {index: position for position, index in enumerate(plan.order)}
+    keys = sorted(chosen, key=rank.__getitem__) if prefix.enabled else chosen  # the order trials run in
+    stops = options.mode == "decode" and 0 < stop_after_failures <= len(keys)  # shorter runs just finish
+    first = keys[:stop_after_failures] if stops else []
+    prefixes = PrefixCache(model, prefix.chunk, plan.cuts) if prefix.enabled else None
     with attention_capture(model, geometry.layers) as capture:
         records = run_journaled(
-            out_dir, header, chosen, "index",
-            lambda index: score_trial(model, tokenizer, trials[index], index, options, capture), progress,
+            out_dir, header, keys, "index",
+            lambda index: score_trial(model, tokenizer, trials[index], index, options, capture, prefixes,
+                                      plan.shared[index], encoded[index]), progress,
             check=lambda found: check_first_failures(found, first, out_dir / JOURNAL))
     where = ranks()
     result = None
     if records is not None:  # rank 0 (or the only process) writes the outputs
         extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
-                 "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
+                 "prefix_cache": prefix.describe(), "dtype": str(model.dtype).removeprefix("torch."),
+                 "device": str(input_device(model)),
                  **({"processes": where.world} if where.distributed else {})}
         result = build_outputs(out_dir, header, [records[i] for i in chosen], extra)
     where.barrier()  # every rank returns once the files are there
@@ -383,6 +422,7 @@ def run_estimate(
     shard: str | None = None,
     limit: int | None = None,
     stop_after_failures: int = STOP_AFTER_FAILURES,
+    prefix: PrefixOptions = PrefixOptions(),
     progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
 ) -> EstimateResult | None:
     """`headscore estimate`: read the trials, load the model (on this rank's device), run `estimate`.
@@ -394,7 +434,7 @@ def run_estimate(
     shard_spec = parse_shard(shard)
     lm, tokenizer = load_model(model, device=rank_device(device, ranks()), dtype=dtype, device_map=device_map)
     return estimate(lm, tokenizer, trials, out_dir, options=options, model_name=model, shard=shard_spec,
-                    limit=limit, stop_after_failures=stop_after_failures, progress=progress)
+                    limit=limit, stop_after_failures=stop_after_failures, prefix=prefix, progress=progress)
 
 
 def merge_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> EstimateResult:

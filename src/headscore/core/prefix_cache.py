@@ -1,0 +1,194 @@
+"""Prefix sharing: prompts that begin with the same tokens (needle trials and tasks cut from one haystack) reuse
+one KV cache of their common beginning instead of prefilling it again.
+
+- `plan_prefixes(sequences)` decides, from the token ids alone, how many leading tokens of each prompt come
+  from the shared cache (its *shared length*: the longest common prefix with any other prompt of the set,
+  capped) and the order to run them in (by shared prefix, shorter first, so the cache only grows along one
+  haystack and each shared token is prefilled once);
+- `PrefixCache.reuse(ids, shared)` hands out a `DynamicCache` holding `ids[:shared]`: it crops its cache to
+  the tokens the new prompt has in common with the cached ids (compared token by token: prompts from another
+  haystack, template or tokenizer share nothing), prefills the missing part in chunks, and after the caller has
+  run the prompt's suffix on it, crops it back to `shared` (the prefix entries are never modified: a layer's
+  keys and values of earlier positions do not depend on later tokens).
+
+Deterministic: the prefix is prefilled in chunks between fixed cut points (multiples of `chunk`, the plan's
+shared lengths and branch points), cropping back to a cut point, so every cached position is computed by the
+same forward pass whatever ran before; with shared lengths planned over a whole trial file, a trial's
+result does not depend on which other trials a run (a shard, `--limit`, a resumed run) holds.
+
+Memory: the cache is one full KV of the longest shared length in use (at most the longest prompt minus its
+suffix, or `max_tokens`); a prompt's suffix runs on that same cache, so a run holds no more KV than running the
+longest prompt alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.model import input_device
+
+CHUNK = 1024  # tokens per prefill pass of a shared prefix (bounds activation memory like a plain prefill)
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    """Prefix sharing settings: `enabled`; `max_tokens` caps the cached prefix (None: the longest shared
+    length of the set); `chunk`: tokens per prefill pass of the prefix."""
+
+    enabled: bool = True
+    max_tokens: int | None = None
+    chunk: int = CHUNK
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise HeadscoreError("--prefix-max-tokens must be at least 1")
+        if self.chunk < 1:
+            raise HeadscoreError("the prefix chunk size must be at least 1")
+
+    def describe(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "max_tokens": self.max_tokens}
+
+    def for_model(self, model: Any) -> PrefixOptions:
+        """These options, turned off for a model whose cache cannot be cropped back to a prefix (sliding-window
+        or recurrent layers: such models run every prompt whole)."""
+        return self if not self.enabled or croppable(model) else replace(self, enabled=False)
+
+
+def croppable(model: Any) -> bool:
+    """Whether every layer of the model's `DynamicCache` is plain full attention (can be cropped to a prefix)."""
+    return all(layer.is_croppable and not layer.is_sliding for layer in DynamicCache(config=model.config).layers)
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """`order`: positions into the planned sequences, in the order to run them; `shared[i]`: leading tokens of
+    sequence `i` taken from the prefix cache (0: none); `cuts`: the chunk boundaries of the prefix prefill
+    (every shared length and every point where two shared prefixes part), ascending."""
+
+    order: list[int]
+    shared: list[int]
+    cuts: list[int]
+
+
+def common_prefix_length(first: torch.Tensor, second: torch.Tensor) -> int:
+    """Number of leading positions where two 1-D id tensors agree."""
+    length = min(first.shape[0], second.shape[0])
+    differ = (first[:length].cpu() != second[:length].cpu()).nonzero()
+    return int(differ[0, 0]) if differ.numel() else length
+
+
+def plan_prefixes(sequences: Sequence[torch.Tensor], *, min_suffix: int = 1,
+                  max_tokens: int | None = None) -> PrefixPlan:
+    """Shared lengths and run order for 1-D token id tensors.
+
+    A sequence's shared length is its longest common prefix with any other sequence (the neighbours in
+    lexicographic order of the ids), capped so that at least `min_suffix` of its tokens remain to run and at
+    `max_tokens`. The order sorts by the shared prefix's ids (a prefix before its extensions: along one
+    haystack, shallower insertion points first), then by the whole ids and position: a depth-first walk of the
+    prefix tree, so every shared token is prefilled once.
+    """
+    lists = [seq.tolist() for seq in sequences]
+    lexicographic = sorted(range(len(lists)), key=lambda i: (lists[i], i))
+    neighbours = [common_prefix_length(sequences[a], sequences[b])
+                  for a, b in zip(lexicographic, lexicographic[1:], strict=False)]
+    longest = [0] * len(lists)
+    for rank, position in enumerate(lexicographic):
+        before = neighbours[rank - 1] if rank > 0 else 0
+        after = neighbours[rank] if rank < len(neighbours) else 0
+        longest[position] = max(before, after)
+    cap = max_tokens if max_tokens is not None else max((len(ids) for ids in lists), default=0)
+    shared = [max(0, min(longest[i], len(lists[i]) - min_suffix, cap)) for i in range(len(lists))]
+    order = sorted(range(len(lists)), key=lambda i: (lists[i][:shared[i]], lists[i], i))
+    # where consecutive prefixes part: in this lexicographic order any two prefixes (say, consecutive ones of
+    # a shard or a resumed run) part at one of these points, so the cache is never cropped below a cut
+    parts = [common_prefix_length(sequences[a][:shared[a]], sequences[b][:shared[b]])
+             for a, b in zip(order, order[1:], strict=False)]
+    return PrefixPlan(order=order, shared=shared, cuts=sorted((set(shared) | set(parts)) - {0}))
+
+
+class PrefixCache:
+    """One `DynamicCache` of the last shared prefix used, handed out by `reuse` (batch size 1).
+
+    The prefix is prefilled in chunks split at multiples of `chunk` and at `cuts` (give the plan's `cuts`:
+    the cache is then cropped to a cut point only, never recomputing a shared token). `prefilled` and
+    `reused` count the prefix tokens computed and taken from the cache.
+    """
+
+    def __init__(self, model: Any, chunk: int = CHUNK, cuts: Sequence[int] = ()) -> None:
+        self.model = model
+        self.chunk = chunk
+        self.cuts = sorted(set(cuts))
+        self.cache: DynamicCache | None = None
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.prefilled = 0
+        self.reused = 0
+
+    def _drop(self) -> None:
+        self.cache, self.ids = None, torch.empty(0, dtype=torch.long)
+
+    def _cut_at_or_before(self, position: int) -> int:
+        below = bisect.bisect_right(self.cuts, position)
+        return max(position // self.chunk * self.chunk, self.cuts[below - 1] if below else 0)
+
+    def _next_cut(self, position: int, end: int) -> int:
+        after = bisect.bisect_right(self.cuts, position)
+        following = self.cuts[after] if after < len(self.cuts) else end
+        return min(end, following, (position // self.chunk + 1) * self.chunk)
+
+    @torch.no_grad()
+    def _prepare(self, ids: torch.Tensor) -> DynamicCache:
+        """The cache cropped to what it shares with `ids`, then extended to all of `ids` (chunked prefill)."""
+        keep = self._cut_at_or_before(common_prefix_length(self.ids, ids))
+        if self.cache is None or keep == 0:
+            if not croppable(self.model):
+                raise HeadscoreError("prefix sharing needs full-attention cache layers; this model has "
+                                     "sliding-window or recurrent layers")
+            self.cache, keep = DynamicCache(config=self.model.config), 0
+        else:
+            self.cache.crop(keep - self.cache.get_seq_length())
+        device = input_device(self.model)
+        start = keep
+        while start < ids.shape[0]:
+            stop = self._next_cut(start, ids.shape[0])
+            piece = ids[start:stop].to(device)
+            self.model(input_ids=piece[None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            start = stop
+        self.ids = ids.clone()
+        self.prefilled += ids.shape[0] - keep
+        self.reused += keep
+        return self.cache
+
+    @contextmanager
+    def reuse(self, ids: torch.Tensor, shared: int) -> Iterator[tuple[DynamicCache | None, int]]:
+        """`(cache, shared)`: a cache holding `ids[:shared]` (1-D ids), on which the caller runs `ids[shared:]`.
+
+        `shared == 0` yields `(None, 0)`: run the whole prompt as usual. On exit the cache is cropped back to
+        the prefix (on an exception it is dropped). Run the prefix with the same attention implementation as
+        the suffix (sdpa-equivalent functions only).
+        """
+        if shared <= 0:
+            yield None, 0
+            return
+        try:
+            cache = self._prepare(ids[:shared].cpu())
+            yield cache, shared
+        except BaseException:
+            self._drop()
+            raise
+        extra = cache.get_seq_length() - shared
+        if extra > 0:
+            cache.crop(-extra)
+
+
+def shared_prefix(prefixes: PrefixCache | None, ids: torch.Tensor, shared: int
+                  ) -> AbstractContextManager[tuple[DynamicCache | None, int]]:
+    """`prefixes.reuse(ids, shared)`, or `(None, 0)` (no sharing) when `prefixes` is None."""
+    return prefixes.reuse(ids, shared) if prefixes is not None else nullcontext((None, 0))

@@ -1,0 +1,171 @@
+"""Prefix sharing: the plan (shared lengths, order) against brute force; the cache against plain forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headscore.core.errors import HeadscoreError
+from headscore.core.prefix_cache import PrefixCache, PrefixOptions, common_prefix_length, plan_prefixes
+
+
+def lcp(first: list[int], second: list[int]) -> int:
+    count = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def haystack_sequences(seed: int = 0) -> tuple[list[torch.Tensor], list[str]]:
+    """Needle-trial-like id sequences: two haystacks (each after its own template header), needles inserted
+    at several depths, several lengths, a question after each; plus one prompt sharing nothing. Returns
+    (sequences, (haystack, depth) of each)."""
+    generator = torch.Generator().manual_seed(seed)
+    hay = {name: torch.randint(10, 100, (90,), generator=generator) for name in ("a", "b")}
+    header = {"a": torch.tensor([1, 2]), "b": torch.tensor([2, 1])}
+    needles = [torch.tensor([3, 4, 5, 6]), torch.tensor([3, 4, 7])]  # the needles begin alike
+    question = torch.tensor([8, 9, 8])
+    sequences, labels = [], []
+    for name, text in hay.items():
+        for length in (40, 70, 90):
+            for depth in (0.0, 0.3, 0.6, 1.0):
+                for needle in needles:
+                    cut = int(length * depth)
+                    sequences.append(torch.cat([header[name], text[:cut], needle, text[cut:length], question]))
+                    labels.append((name, depth))
+    sequences.append(torch.tensor([0, 0, 2, 1]))
+    labels.append(("alone", None))
+    return sequences, labels
+
+
+def trie_nodes(keys: list[list[int]]) -> int:
+    """Distinct non-empty prefixes of the keys: the least number of tokens any prefill order must compute."""
+    return len({tuple(key[:end]) for key in keys for end in range(1, len(key) + 1)})
+
+
+def walk_cost(keys: list[list[int]], order: list[int]) -> int:
+    """Tokens prefilled when one cache is cropped to what it shares with the next key and extended."""
+    cost, cached = 0, []
+    for index in order:
+        cost += len(keys[index]) - lcp(cached, keys[index])
+        cached = keys[index]
+    return cost
+
+
+@pytest.mark.parametrize("min_suffix, max_tokens", [(1, None), (5, None), (1, 30)])
+def test_plan_shares_the_longest_common_prefix_and_prefills_each_token_once(min_suffix, max_tokens):
+    sequences, labels = haystack_sequences()
+    lists = [s.tolist() for s in sequences]
+    plan = plan_prefixes(sequences, min_suffix=min_suffix, max_tokens=max_tokens)
+    assert sorted(plan.order) == list(range(len(sequences)))
+    for i, ids in enumerate(lists):
+        longest = max(lcp(ids, other) for j, other in enumerate(lists) if j != i)
+        cap = len(ids) if max_tokens is None else max_tokens
+        assert plan.shared[i] == max(0, min(longest, len(ids) - min_suffix, cap))
+    assert plan.shared[-1] == 0  # the unrelated prompt
+    keys = [ids[:shared] for ids, shared in zip(lists, plan.shared, strict=True)]
+    assert walk_cost(keys, plan.order) == trie_nodes(keys)  # every shared token prefilled once
+    assert walk_cost(keys, list(range(len(keys)))) > trie_nodes(keys)  # file order would recompute
+    ranks = {name: [r for r, i in enumerate(plan.order) if labels[i][0] == name] for name in ("a", "b", "alone")}
+    assert all(r[-1] - r[0] + 1 == len(r) for r in ranks.values())  # one haystack after the other
+    assert set(plan.shared) - {0} <= set(plan.cuts)
+    assert all(lcp(keys[a], keys[b]) in [0, *plan.cuts] for a in range(len(keys)) for b in range(len(keys)))
+
+
+def test_plan_runs_shallow_insertions_first():
+    sequences, labels = haystack_sequences()
+    plan = plan_prefixes(sequences)
+    for name in ("a", "b"):
+        # needles inside the haystack: the cached haystack prefix only grows (depth-0 needles are branches
+        # of their own, sharing the needle)
+        shared = [plan.shared[i] for i in plan.order if labels[i][0] == name and labels[i][1] > 0]
+        assert shared == sorted(shared) and len(set(shared)) > 3
+
+
+def test_common_prefix_length():
+    assert common_prefix_length(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])) == 2
+    assert common_prefix_length(torch.tensor([1, 2]), torch.tensor([1, 2, 4])) == 2
+    assert common_prefix_length(torch.tensor([], dtype=torch.long), torch.tensor([1])) == 0
+    assert common_prefix_length(torch.tensor([7]), torch.tensor([1])) == 0
+
+
+@pytest.fixture
+def model(tiny_llama):
+    return tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=3)
+
+
+@torch.no_grad()
+def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
+    sequences, _ = haystack_sequences(seed=1)
+    plan = plan_prefixes(sequences, min_suffix=3)
+    prefixes = PrefixCache(model, chunk=16, cuts=plan.cuts)
+    for index in plan.order:
+        ids, shared = sequences[index], plan.shared[index]
+        expected = model(input_ids=ids[None]).logits[0, shared:]
+        with prefixes.reuse(ids, shared) as (cache, start):
+            assert start == shared
+            if cache is None:
+                assert shared == 0
+                continue
+            assert cache.get_seq_length() == shared
+            before = [layer.keys.clone() for layer in cache.layers]
+            logits = model(input_ids=ids[None, shared:], past_key_values=cache, use_cache=True).logits[0]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        assert cache.get_seq_length() == shared  # cropped back: the suffix is gone
+        for layer, keys in zip(cache.layers, before, strict=True):
+            assert torch.equal(layer.keys, keys)  # the prefix entries were not touched
+    keys = [s[:n].tolist() for s, n in zip(sequences, plan.shared, strict=True)]
+    assert prefixes.prefilled == trie_nodes(keys)
+    assert prefixes.reused == sum(plan.shared) - prefixes.prefilled
+    subset = plan.order[1::3]  # a shard or a resumed run: still no shared token computed twice
+    prefixes = PrefixCache(model, chunk=16, cuts=plan.cuts)
+    for index in subset:
+        with prefixes.reuse(sequences[index], plan.shared[index]):
+            pass
+    assert prefixes.prefilled == trie_nodes([keys[i] for i in subset])
+
+
+@torch.no_grad()
+def test_the_cached_prefix_does_not_depend_on_what_ran_before(model):
+    """Fixed cut points: the same prefix gets bit-identical keys whatever the cache held before."""
+    sequences, _ = haystack_sequences(seed=2)
+    plan = plan_prefixes(sequences)
+    target = max(range(len(sequences)), key=lambda i: plan.shared[i])
+    states = []
+    for history in ([], plan.order[:7], plan.order[::-1][:9]):
+        prefixes = PrefixCache(model, chunk=8, cuts=plan.cuts)
+        for index in history:
+            with prefixes.reuse(sequences[index], plan.shared[index]):
+                pass
+        with prefixes.reuse(sequences[target], plan.shared[target]) as (cache, _):
+            states.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+    for other in states[1:]:
+        for (keys, values), (keys2, values2) in zip(states[0], other, strict=True):
+            assert torch.equal(keys, keys2) and torch.equal(values, values2)
+
+
+@torch.no_grad()
+def test_an_error_inside_drops_the_cache(model):
+    sequences, _ = haystack_sequences()
+    prefixes = PrefixCache(model)
+    with pytest.raises(RuntimeError, match="boom"), prefixes.reuse(sequences[0], 20):
+        raise RuntimeError("boom")
+    assert prefixes.cache is None
+    with prefixes.reuse(sequences[0], 20) as (cache, start):
+        assert cache.get_seq_length() == start == 20
+
+
+def test_sliding_window_models_and_bad_options_are_refused(tiny_llama):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4)
+    sliding = MistralForCausalLM(config).eval()
+    assert not PrefixOptions().for_model(sliding).enabled  # estimate and evaluate run every prompt whole
+    assert PrefixOptions().for_model(tiny_llama()).enabled
+    with pytest.raises(HeadscoreError, match="sliding-window"), PrefixCache(sliding).reuse(torch.arange(10), 6):
+        pass
+    with pytest.raises(HeadscoreError, match="at least 1"):
+        PrefixOptions(max_tokens=0)
