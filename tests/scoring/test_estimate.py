@@ -269,7 +269,7 @@ def test_cli_on_smollm2(tmp_path):
 def test_r2_decoding_stops_after_the_answers_token_count(tiny, tokenizer, trials, tmp_path):
     """A short answer (A < N): r2 decodes at most A tokens and divides by N · A, as the official code."""
     model, eager = tiny(), tiny("eager")
-    trial = {**trials[0], "answer": "Mary's favorite"}
+    trial = replace(trials[0], answer="Mary's favorite")
     a = len(tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
     n = trial.answer_span[1] - trial.answer_span[0]
     assert a < n
