@@ -182,7 +182,8 @@ def allocate_command(
     results = allocation.allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
                                         granularity=granularity, scores=head_scores,
                                         pyramid_beta=pyramid_beta)
-    written = allocation.write_allocations(results, out, split=split, plot=plot)
+    # --split splits a sweep; a single combination keeps the --out name
+    written = allocation.write_allocations(results, out, split=split and len(results) > 1, plot=plot)
 
     first = results[0]
     unit = "KV head" if first.granularity == "kv" else "query head"

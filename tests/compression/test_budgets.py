@@ -262,9 +262,11 @@ def test_write_allocations_files_and_figures(tmp_path, sparse_scores):
     assert [p.name for p in written] == ["budgets_B64_beta1.01.json", "budgets_B64_beta2.json",
                                          "budgets_B128_beta1.01.json", "budgets_B128_beta2.json"]
     assert torch.equal(read_budgets(written[3]).matrix, sweep[3].matrix)
-    single = write_allocations(sweep[:1], tmp_path / "single.json", split=True, plot=tmp_path / "single.png")
+    single = write_allocations(sweep[:1], tmp_path / "single.json", plot=tmp_path / "single.png")
     assert single == [tmp_path / "single.json"] and (tmp_path / "single.png").is_file()
     assert read_budgets(single[0]).budget == 64
+    tagged = write_allocations(sweep[:1], tmp_path / "tagged.json", split=True, plot=tmp_path / "tagged.png")
+    assert tagged == [tmp_path / "tagged_B64_beta1.01.json"] and (tmp_path / "tagged_B64_beta1.01.png").is_file()
 
 
 @pytest.mark.parametrize("edit, message", [

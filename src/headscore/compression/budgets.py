@@ -556,12 +556,13 @@ def sweep_path(path: str | os.PathLike, budgets: Budgets) -> Path:
 def write_allocations(results: list[Budgets], out: str | os.PathLike, *, split: bool = False,
                       plot: str | os.PathLike | None = None) -> list[Path]:
     """Write the budgets of `allocate_sweep`: one file `out` (one `Budgets`, or the whole sweep), or with `split`
-    and several combinations one file each, named by `sweep_path`; with `plot`, one heatmap per combination
-    (named by `sweep_path` when there are several). Returns the budgets files written."""
+    one file per combination, named by `sweep_path` (a single combination too, so names always say which);
+    with `plot`, one heatmap per combination (named by `sweep_path` with `split` or several combinations).
+    Returns the budgets files written."""
     if not results:
         raise HeadscoreError("no budgets to write")
     many = len(results) > 1
-    if split and many:
+    if split:
         written = [sweep_path(out, result) for result in results]
         for path, result in zip(written, results, strict=True):
             write_budgets(path, result)
@@ -570,5 +571,5 @@ def write_allocations(results: list[Budgets], out: str | os.PathLike, *, split: 
         write_budgets(out, results if many else results[0])
     if plot is not None:
         for result in results:
-            plot_budgets(result, sweep_path(plot, result) if many else plot)
+            plot_budgets(result, sweep_path(plot, result) if split or many else plot)
     return written
