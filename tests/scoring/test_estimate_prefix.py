@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_chat_template_and_another_haystack_share_what_their_ids_share(tiny, tok
                                template="chat")
     other = build_needle_trials("smollm2-135m", min_length=150, max_length=200, lengths=1, depths=3,
                                 haystack=str(haystack))
-    mixed = [{**t, "id": f"{name}-{t['id']}"} for name, group in (("raw", trials[:6]), ("chat", chat),
+    mixed = [replace(t, id=f"{name}-{t.id}") for name, group in (("raw", trials[:6]), ("chat", chat),
                                                                    ("other", other)) for t in group]
     options = EstimateOptions(mode="teacher-forced")
     estimate(tiny, tokenizer, mixed, tmp_path / "plain", options=options, model_name="tiny", prefix=OFF)
