@@ -110,7 +110,7 @@ def main() -> None:
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
             runs[(mode, cache)].append({**json.loads(line.splitlines()[-1]), "out": out})
     memory = "peak allocated" if args.device.startswith("cuda") else "peak RSS"
-    lengths = sorted({t["length"] for t in trials})
+    lengths = sorted({t.length for t in trials})
     print(f"{len(trials)} trials ({args.lengths} lengths {lengths[0]}-{lengths[-1]} tokens x 10 depths x 2 "
           f"needles), SmolLM2-135M float32, device {args.device}, threads {args.threads or 'default'}, "
           f"best of {args.repeats} (time), "

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from headscore.core.errors import HeadscoreError
-from headscore.core.prefix_cache import PrefixCache, PrefixOptions, common_prefix_length, plan_prefixes
+from headscore.core.prefix_cache import (
+    PrefixCache,
+    PrefixOptions,
+    common_prefix_length,
+    extend_cache,
+    plan_prefixes,
+)
 
 
 def lcp(first: list[int], second: list[int]) -> int:
@@ -125,6 +132,32 @@ def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
         with prefixes.reuse(sequences[index], plan.shared[index]):
             pass
     assert prefixes.prefilled == trie_nodes([keys[i] for i in subset])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("start, cuts", [(0, ()), (5, ()), (5, (20, 21, 47))])
+def test_extend_cache_in_passes_equals_one_forward(model, start, cuts):
+    ids = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(4))
+    expected = DynamicCache(config=model.config)
+    logits = model(input_ids=ids[None], past_key_values=expected, use_cache=True).logits[0, -1]
+    cache = DynamicCache(config=model.config)
+    if start:
+        model(input_ids=ids[None, :start], past_key_values=cache, use_cache=True)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        extend_cache(model, cache, ids, start, 89, chunk=32, cuts=cuts)
+    finally:
+        hook.remove()
+    # passes end at the multiples of 32 and at the cuts
+    ends = sorted({32, 64, 89, *cuts} - {e for e in (32, 64, *cuts) if e <= start})
+    assert calls == [b - a for a, b in zip([start, *ends], ends, strict=False)]
+    assert cache.get_seq_length() == 89
+    last = model(input_ids=ids[None, 89:], past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(last, logits, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(cache.layers, expected.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys[:, :, :90], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

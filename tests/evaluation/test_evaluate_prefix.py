@@ -45,7 +45,8 @@ def prompt_ids(tokenizer, sample) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer):
+def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, monkeypatch):
+    monkeypatch.setattr("headscore.core.attention.QUERY_BLOCK", 16)
     chosen = samples(tokenizer)
     ids = [prompt_ids(tokenizer, s) for s in chosen]
     plan = plan_prefixes(ids, min_suffix=8)
@@ -67,7 +68,9 @@ def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer):
 
 
 @pytest.mark.parametrize("template", ["raw", "chat"])
-def test_evaluate_results_are_identical_with_and_without_the_prefix_cache(model, tokenizer, tmp_path, template):
+def test_evaluate_results_are_identical_with_and_without_the_prefix_cache(model, tokenizer, tmp_path, template,
+                                                                         monkeypatch):
+    monkeypatch.setattr("headscore.core.attention.QUERY_BLOCK", 16)  # suffixes attend in several query blocks
     geometry = Geometry.from_config(model.config)
     scores = tmp_path / "r2.json"
     write_head_scores(scores, HeadScores.from_tensor(

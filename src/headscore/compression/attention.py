@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from headscore.core.attention import sdpa_forward
 
 HEADWISE_ATTENTION = "headscore_headwise"
 
@@ -56,13 +57,12 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     Output [b, q, q_heads, d] as sdpa's.
     """
     if isinstance(key, torch.Tensor):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = key
     if layer.pending is not None:
         keys, values = layer.pending
-        output = sdpa_attention_forward(module, query, keys[None], values[None], attention_mask,
-                                        dropout=dropout, scaling=scaling, **kwargs)
+        output = sdpa_forward(module, query, keys[None], values[None], attention_mask, dropout=dropout,
+                              scaling=scaling, **kwargs)
         layer.finish_prefill(query[0], scaling)
         return output
     out = headwise_attention(query[0], layer.keys, layer.values, layer.head, layer.heads, layer.tail_keys,

@@ -1,6 +1,6 @@
 """The shared pieces of headscore's attention functions (registered through transformers'
-`AttentionInterface`): softmax rows of some queries over all keys without repeating GQA keys, and switching a
-model's attention function.
+`AttentionInterface`): sdpa attention that stays fast after cached tokens, softmax rows of some queries over all
+keys without repeating GQA keys, and switching a model's attention function.
 """
 
 from __future__ import annotations
@@ -10,8 +10,43 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from headscore.core.errors import HeadscoreError
+
+QUERY_BLOCK = 256  # queries per sdpa call in a masked pass (see `sdpa_forward`)
+
+
+def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention (`sdpa_attention_forward`, same output [b, q, q_heads, d]), with the
+    queries of a long masked causal pass taken in blocks of `QUERY_BLOCK`.
+
+    Why: a pass after cached tokens (a prompt's suffix on a shared prefix) comes with an explicit causal mask,
+    and sdpa then scores every query against every key, the masked half of the new tokens' own square
+    included: up to twice the attention work of a fresh prefill, which skips it. Block `i` reads only the keys
+    its queries can see (a view, no copy), so the waste is at most half a block's square per block.
+    `query` [b, q_heads, q, d], `key`/`value` [b, kv_heads, k, d], `attention_mask` [b, 1|heads, q, >= k].
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    plain = (not isinstance(attention_mask, torch.Tensor) or q_len <= QUERY_BLOCK or dropout
+             or not kwargs.get("is_causal", getattr(module, "is_causal", True))
+             or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux", "sinks")))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    past = k_len - q_len  # keys before the first query
+    blocks = []
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(q_len, start + QUERY_BLOCK)
+        seen = past + stop  # a causal query sees no key after its own position
+        blocks.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], key[:, :, :seen], value[:, :, :seen],
+            attn_mask=attention_mask[:, :, start:stop, :seen], scale=scaling))
+    return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
 
 
 def attention_rows(

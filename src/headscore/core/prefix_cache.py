@@ -9,7 +9,9 @@ one KV cache of their common beginning instead of prefilling it again.
   the tokens the new prompt has in common with the cached ids (compared token by token: prompts from another
   haystack, template or tokenizer share nothing), prefills the missing part in chunks, and after the caller has
   run the prompt's suffix on it, crops it back to `shared` (the prefix entries are never modified: a layer's
-  keys and values of earlier positions do not depend on later tokens).
+  keys and values of earlier positions do not depend on later tokens);
+- a prompt's suffix runs in one pass on the cache; its attention (`headscore.core.attention.sdpa_forward`)
+  takes the queries in blocks, so that pass costs what the same tokens cost inside a fresh prefill.
 
 Deterministic: the prefix is prefilled in chunks between fixed cut points (multiples of `chunk`, the plan's
 shared lengths and branch points), cropping back to a cut point, so every cached position is computed by the
@@ -114,6 +116,21 @@ def plan_prefixes(sequences: Sequence[torch.Tensor], *, min_suffix: int = 1,
     return PrefixPlan(order=order, shared=shared, cuts=sorted((set(shared) | set(parts)) - {0}))
 
 
+@torch.no_grad()
+def extend_cache(model: Any, cache: DynamicCache, ids: torch.Tensor, start: int, stop: int, chunk: int = CHUNK,
+                 cuts: Sequence[int] = ()) -> None:
+    """Run `ids[start:stop]` (1-D ids) on `cache`, which holds `ids[:start]`, in passes that end at every
+    multiple of `chunk` and at every one of `cuts` (ascending) in between (the prefix prefill's cut points)."""
+    device = input_device(model)
+    position = start
+    while position < stop:
+        after = bisect.bisect_right(cuts, position)
+        end = min(stop, cuts[after] if after < len(cuts) else stop, (position // chunk + 1) * chunk)
+        model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        position = end
+
+
 class PrefixCache:
     """One `DynamicCache` of the last shared prefix used, handed out by `reuse` (batch size 1).
 
@@ -138,11 +155,6 @@ class PrefixCache:
         below = bisect.bisect_right(self.cuts, position)
         return max(position // self.chunk * self.chunk, self.cuts[below - 1] if below else 0)
 
-    def _next_cut(self, position: int, end: int) -> int:
-        after = bisect.bisect_right(self.cuts, position)
-        following = self.cuts[after] if after < len(self.cuts) else end
-        return min(end, following, (position // self.chunk + 1) * self.chunk)
-
     @torch.no_grad()
     def _prepare(self, ids: torch.Tensor) -> DynamicCache:
         """The cache cropped to what it shares with `ids`, then extended to all of `ids` (chunked prefill)."""
@@ -154,13 +166,7 @@ class PrefixCache:
             self.cache, keep = DynamicCache(config=self.model.config), 0
         else:
             self.cache.crop(keep - self.cache.get_seq_length())
-        device = input_device(self.model)
-        start = keep
-        while start < ids.shape[0]:
-            stop = self._next_cut(start, ids.shape[0])
-            piece = ids[start:stop].to(device)
-            self.model(input_ids=piece[None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            start = stop
+        extend_cache(self.model, self.cache, ids, keep, ids.shape[0], self.chunk, self.cuts)
         self.ids = ids.clone()
         self.prefilled += ids.shape[0] - keep
         self.reused += keep

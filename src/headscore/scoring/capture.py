@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscore.core.attention import attention_rows, use_attention
+from headscore.core.attention import attention_rows, sdpa_forward, use_attention
 from headscore.core.errors import HeadscoreError
 
 CAPTURE_ATTENTION = "headscore_capture"
@@ -84,9 +83,8 @@ def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                               value: torch.Tensor, attention_mask: torch.Tensor | None,
                               scaling: float | None = None, dropout: float = 0.0,
                               **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """sdpa attention (transformers' own function, same output) plus row capture while a capture is armed."""
-    output = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                    scaling=scaling, **kwargs)
+    """sdpa attention (`core.attention.sdpa_forward`) plus row capture while a capture is armed."""
+    output = sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if _ACTIVE and _ACTIVE[-1].armed:
         _ACTIVE[-1].record(module, query, key, attention_mask, scaling)
     return output
