@@ -1,6 +1,6 @@
 """Benchmark: estimate with and without the shared prefix cache, side by side in one run.
 
-    .venv/bin/python bench/bench_prefix.py [--min-length 1000] [--max-length 2000] [--lengths 2]
+    .venv/bin/python bench/bench_prefix.py [--min-length 1000] [--max-length 2000] [--lengths 2] [--default-set]
         [--modes decode,teacher-forced] [--repeats 1] [--device cpu] [--threads N]
 
 A subset of the default trial set with all 10 depths (`build-needles` defaults but `--lengths` lengths in
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--min-length", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=2000)
     parser.add_argument("--lengths", type=int, default=2)
+    parser.add_argument("--default-set", action="store_true",
+                        help="build-needles' default 100 trials (5 lengths 1000 to 7992 tokens for SmolLM2)")
     parser.add_argument("--modes", default="decode,teacher-forced")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -95,6 +97,8 @@ def main() -> None:
 
     from headscore.scoring.trials import build_needle_trials, write_trials
 
+    if args.default_set:
+        args.min_length, args.max_length, args.lengths = 1000, None, 5
     trials = build_needle_trials("smollm2-135m", min_length=args.min_length, max_length=args.max_length,
                                  lengths=args.lengths, depths=10)
     folder = Path(tempfile.mkdtemp(prefix="bench_prefix."))

@@ -20,7 +20,7 @@ def plain_attention(query, key, value, keep, scale):
 
 
 @pytest.mark.parametrize("past, q_len, padded", [(0, 300, False), (100, 300, False), (100, 300, True),
-                                                 (37, 64, False)])
+                                                 (37, 64, False), (301, 300, False)])
 def test_blocked_queries_give_the_plain_attention(monkeypatch, past, q_len, padded):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 64)
     generator = torch.Generator().manual_seed(past + q_len)
@@ -39,8 +39,8 @@ def test_blocked_queries_give_the_plain_attention(monkeypatch, past, q_len, padd
     torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25),
                                atol=1e-5, rtol=1e-5)
     assert output.shape == (1, q_len, 6, 16) and output.is_contiguous()
-    blocks = -(-q_len // 64)
-    assert calls == ([64] * (blocks - 1) + [q_len - 64 * (blocks - 1)] if q_len > 64 else [q_len])
+    blocks = -(-q_len // 64)  # in blocks when the queries are more than a block and than the keys before them
+    assert calls == ([64] * (blocks - 1) + [q_len - 64 * (blocks - 1)] if q_len > max(64, past) else [q_len])
 
 
 def test_unmasked_and_non_causal_passes_are_transformers_own(monkeypatch):

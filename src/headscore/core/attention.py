@@ -21,16 +21,19 @@ def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention (`sdpa_attention_forward`, same output [b, q, q_heads, d]), with the
-    queries of a long masked causal pass taken in blocks of `QUERY_BLOCK`.
+    queries of a long masked causal pass taken in blocks of `QUERY_BLOCK` when they outnumber the keys before
+    them.
 
     Why: a pass after cached tokens (a prompt's suffix on a shared prefix) comes with an explicit causal mask,
     and sdpa then scores every query against every key, the masked half of the new tokens' own square
     included: up to twice the attention work of a fresh prefill, which skips it. Block `i` reads only the keys
-    its queries can see (a view, no copy), so the waste is at most half a block's square per block.
+    its queries can see (a view, no copy), so the waste is at most half a block's square per block. The
+    blocks cost calls of their own: with more cached keys than queries (waste under a third) one call is
+    faster (`bench/bench_suffix.py`).
     `query` [b, q_heads, q, d], `key`/`value` [b, kv_heads, k, d], `attention_mask` [b, 1|heads, q, >= k].
     """
     q_len, k_len = query.shape[2], key.shape[2]
-    plain = (not isinstance(attention_mask, torch.Tensor) or q_len <= QUERY_BLOCK or dropout
+    plain = (not isinstance(attention_mask, torch.Tensor) or q_len <= max(QUERY_BLOCK, k_len - q_len) or dropout
              or not kwargs.get("is_causal", getattr(module, "is_causal", True))
              or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux", "sinks")))
     if plain:
