@@ -113,3 +113,19 @@ def smollm2():
     from headscore.core.model import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def suffix_passes(monkeypatch) -> list[tuple[int, int]]:
+    """(queries, keys) of every attention call that took `causal_suffix_attention` (a pass after cached tokens)."""
+    from headscore.core import attention
+
+    calls: list[tuple[int, int]] = []
+    inner = attention.causal_suffix_attention
+
+    def counted(query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[2]))
+        return inner(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_suffix_attention", counted)
+    return calls

@@ -1,4 +1,5 @@
-"""`sdpa_forward`: transformers' sdpa attention, with a long masked pass taken in query blocks."""
+"""`sdpa_forward`: transformers' sdpa attention, with a pass after cached tokens computed without its masked
+half (`causal_suffix_attention`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from headscore.core import attention
+
+DECODER = SimpleNamespace(num_key_value_groups=3, is_causal=True)  # what transformers' function reads
 
 
 def plain_attention(query, key, value, keep, scale):
@@ -19,34 +22,88 @@ def plain_attention(query, key, value, keep, scale):
     return (probs @ value).transpose(1, 2)  # [b, q, q_heads, d]
 
 
-@pytest.mark.parametrize("past, q_len, padded", [(0, 300, False), (100, 300, False), (100, 300, True),
-                                                 (37, 64, False), (301, 300, False)])
-def test_blocked_queries_give_the_plain_attention(monkeypatch, past, q_len, padded):
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 64)
+def inputs(past, q_len, heads=6, kv_heads=2, dtype=torch.float32):
     generator = torch.Generator().manual_seed(past + q_len)
-    query = torch.randn(1, 6, q_len, 16, generator=generator)
-    key, value = (torch.randn(1, 2, past + q_len, 16, generator=generator) for _ in range(2))
-    rows = torch.arange(q_len)[:, None] + past
-    keep = torch.arange(past + q_len)[None, :] <= rows
-    if padded:
-        keep[:, :5] = False  # left padding: keys no query may see
+    query = torch.randn(1, heads, q_len, 16, generator=generator).to(dtype)
+    key, value = (torch.randn(1, kv_heads, past + q_len, 16, generator=generator).to(dtype) for _ in range(2))
+    keep = torch.arange(past + q_len)[None, :] <= torch.arange(q_len)[:, None] + past  # lower-right causal
+    return query, key, value, keep
+
+
+def counting_flash(monkeypatch):
+    attention._flash_cpu_groups_keys()  # the once-per-process probe of the kernel, before counting
     calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *args, **kwargs: calls.append(args[0].shape[2]) or sdpa(*args, **kwargs))
-    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
-    output, _ = attention.sdpa_forward(module, query, key, value, keep[None, None], scaling=0.25)
+    flash = attention._FLASH_CPU
+    monkeypatch.setattr(attention, "_FLASH_CPU", lambda q, k, *args, **kwargs: calls.append(k.shape[2])
+                        or flash(q, k, *args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("past, q_len, grouped", [(100, 300, True), (1, 300, False), (37, 64, True),
+                                                  (301, 300, True), (1000, 2, False)])
+def test_a_pass_after_cached_tokens_is_the_masked_attention_in_two_unmasked_calls(monkeypatch, past, q_len,
+                                                                                   grouped):
+    calls = counting_flash(monkeypatch)
+    if not grouped:  # a torch whose CPU kernel does not read grouped KV heads: the keys are repeated
+        monkeypatch.setattr(attention, "_flash_cpu_groups_keys", lambda: False)
+    query, key, value, keep = inputs(past, q_len)
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None], scaling=0.25)
     torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25),
                                atol=1e-5, rtol=1e-5)
     assert output.shape == (1, q_len, 6, 16) and output.is_contiguous()
-    blocks = -(-q_len // 64)  # in blocks when the queries are more than a block and than the keys before them
-    assert calls == ([64] * (blocks - 1) + [q_len - 64 * (blocks - 1)] if q_len > max(64, past) else [q_len])
+    assert calls == [past, q_len]  # the earlier keys unmasked, then the queries' own square, causal
 
 
-def test_unmasked_and_non_causal_passes_are_transformers_own(monkeypatch):
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+def test_the_bfloat16_merge_stays_within_bfloat16_rounding(monkeypatch):
+    calls = counting_flash(monkeypatch)
+    query, key, value, keep = inputs(200, 100, dtype=torch.bfloat16)
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None])
+    assert output.dtype == torch.bfloat16 and calls == [200, 100]
+    torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 16**-0.5),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_without_the_cpu_kernel_a_lower_right_causal_bias_gives_the_same(monkeypatch):
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)  # as on CUDA: sdpa with torch's lower-right causal bias
+    query, key, value, keep = inputs(50, 80)
+    output = attention.causal_suffix_attention(query, key, value, 0.3)
+    torch.testing.assert_close(output.transpose(1, 2).double(), plain_attention(query, key, value, keep, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["padded", "top-left", "one short", "float"])
+def test_any_other_mask_goes_to_transformers_function(monkeypatch, change):
+    calls = counting_flash(monkeypatch)
+    query, key, value, keep = inputs(20, 40)
+    if change == "padded":
+        keep[:, :5] = False  # left padding: keys no query may see
+    elif change == "top-left":
+        keep = torch.ones(40, 60, dtype=torch.bool).tril()
+    elif change == "one short":
+        keep[-1, -1] = False
+    mask = keep[None, None]
+    if change == "float":  # an additive mask is not inspected
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, mask, scaling=0.25)
+    assert not calls
+    if change != "one short":  # a fully masked row is undefined
+        torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_is_checked_once_and_wider_masks_are_read_up_to_the_keys():
+    keep = inputs(20, 40)[3]
+    wider = torch.cat([keep, torch.zeros(40, 8, dtype=torch.bool)], dim=1)[None, None]
+    assert attention.is_causal_suffix_mask(wider, 40, 60)
+    wider[..., 0, 0] = False  # the verdict is remembered for this mask object (one check per forward pass)
+    assert attention.is_causal_suffix_mask(wider, 40, 60)
+    assert not attention.is_causal_suffix_mask(wider.clone(), 40, 60)
+    assert not attention.is_causal_suffix_mask(keep[None, None], 40, 61)
+
+
+def test_unmasked_and_non_causal_passes_are_transformers_own():
     query, key, value = torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8)
-    keep = torch.ones(1, 1, 40, 40, dtype=torch.bool)  # bidirectional: blocks would drop visible keys
+    keep = torch.ones(1, 1, 40, 40, dtype=torch.bool)  # bidirectional
     encoder = SimpleNamespace(is_causal=False)
     output, _ = attention.sdpa_forward(encoder, query, key, value, keep)
     torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep[0, 0], 8**-0.5),

@@ -45,8 +45,7 @@ def prompt_ids(tokenizer, sample) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, monkeypatch):
-    monkeypatch.setattr("headscore.core.attention.QUERY_BLOCK", 16)
+def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, suffix_passes):
     chosen = samples(tokenizer)
     ids = [prompt_ids(tokenizer, s) for s in chosen]
     plan = plan_prefixes(ids, min_suffix=8)
@@ -62,6 +61,7 @@ def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, mo
             for ours, theirs in zip(getattr(shared, name), getattr(full, name), strict=True):
                 torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shared.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert any(keys > queries > 1 for queries, keys in suffix_passes)  # suffixes skipped their masked half
     with prefixes.reuse(ids[0], len(ids[0]) - 3) as (cache, start), \
             pytest.raises(HeadscoreError, match="fewer than the observation window"):
         prefill(model, ids[0][None], 8, cache, start)
@@ -69,8 +69,7 @@ def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, mo
 
 @pytest.mark.parametrize("template", ["raw", "chat"])
 def test_evaluate_results_are_identical_with_and_without_the_prefix_cache(model, tokenizer, tmp_path, template,
-                                                                         monkeypatch):
-    monkeypatch.setattr("headscore.core.attention.QUERY_BLOCK", 16)  # suffixes attend in several query blocks
+                                                                         suffix_passes):
     geometry = Geometry.from_config(model.config)
     scores = tmp_path / "r2.json"
     write_head_scores(scores, HeadScores.from_tensor(
@@ -80,6 +79,7 @@ def test_evaluate_results_are_identical_with_and_without_the_prefix_cache(model,
                               scores={"r2": str(scores)})
     chosen = samples(tokenizer, template)
     shared = evaluate(model, tokenizer, chosen, tmp_path / "shared", options=options, model_name="tiny")
+    assert suffix_passes  # the prompts' suffixes attended without their masked half
     plain = evaluate(model, tokenizer, chosen, tmp_path / "plain", options=options, model_name="tiny",
                      prefix=PrefixOptions(enabled=False))
     assert [r["prediction"] for r in shared.rows] == [r["prediction"] for r in plain.rows]

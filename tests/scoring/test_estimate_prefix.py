@@ -67,8 +67,7 @@ def prefix_timing(folder: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("mode, method", [("decode", "r2"), ("decode", "retrieval"), ("teacher-forced", "r2"),
                                           ("teacher-forced", "retrieval")])
 def test_prefix_cache_gives_the_scores_of_unshared_runs(tiny, tokenizer, trials, tmp_path, mode, method,
-                                                      monkeypatch):
-    monkeypatch.setattr("headscore.core.attention.QUERY_BLOCK", 32)  # suffixes attend in several query blocks
+                                                      suffix_passes):
     options = EstimateOptions(method=method, mode=mode, f1_threshold=-1, rouge_threshold=-1, max_new_tokens=4)
     estimate(tiny, tokenizer, trials, tmp_path / "plain", options=options, model_name="tiny", prefix=OFF)
     # the shared prefix prefilled in passes of at most 64 tokens
@@ -78,6 +77,7 @@ def test_prefix_cache_gives_the_scores_of_unshared_runs(tiny, tokenizer, trials,
     assert_same_results(tmp_path / "shared", tmp_path / "plain")
     reused, total = prefix_timing(tmp_path / "shared")
     assert reused > 0.3 * total and prefix_timing(tmp_path / "plain")[0] == 0
+    assert suffix_passes  # the suffixes attended without their masked half
     if method == "r2":
         assert any(sum(map(sum, r["scores"])) > 0 for r in records(tmp_path / "shared").values())
 

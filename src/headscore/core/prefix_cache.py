@@ -10,9 +10,9 @@ one KV cache of their common beginning instead of prefilling it again.
   haystack, template or tokenizer share nothing), prefills the missing part in chunks, and after the caller has
   run the prompt's suffix on it, crops it back to `shared` (the prefix entries are never modified: a layer's
   keys and values of earlier positions do not depend on later tokens);
-- a prompt's suffix runs in one pass on the cache; where its queries outnumber the cached keys, its attention
-  (`headscore.core.attention.sdpa_forward`) takes them in blocks, so that the causal mask's masked half is
-  not computed (`bench/bench_suffix.py`).
+- a prompt's suffix runs in one pass on the cache; its attention (`headscore.core.attention.sdpa_forward`)
+  computes none of the masked half of the suffix's own causal square (`causal_suffix_attention`,
+  `bench/bench_suffix.py`).
 
 Deterministic: the prefix is prefilled in chunks between fixed cut points (multiples of `chunk`, the plan's
 shared lengths and branch points), cropping back to a cut point, so every cached position is computed by the
