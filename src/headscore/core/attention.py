@@ -58,13 +58,12 @@ def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     (fused kernels on CUDA).
     """
     q_len, k_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
     if query.device.type != "cpu" or _FLASH_CPU is None:
-        groups = query.shape[1] // key.shape[1]
         return torch.nn.functional.scaled_dot_product_attention(
             query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=causal_lower_right(q_len, k_len),
             scale=scaling)
-    if key.shape[1] != query.shape[1] and not _flash_cpu_groups_keys():
-        groups = query.shape[1] // key.shape[1]
+    if groups > 1 and not _flash_cpu_groups_keys():
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     past = k_len - q_len
     earlier, earlier_lse = _FLASH_CPU(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)[:2]
