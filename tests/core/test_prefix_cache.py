@@ -12,6 +12,7 @@ from headscore.core.prefix_cache import (
     PrefixOptions,
     common_prefix_length,
     extend_cache,
+    pass_ends,
     plan_prefixes,
 )
 
@@ -77,8 +78,31 @@ def test_plan_shares_the_longest_common_prefix_and_prefills_each_token_once(min_
     assert walk_cost(keys, list(range(len(keys)))) > trie_nodes(keys)  # file order would recompute
     ranks = {name: [r for r, i in enumerate(plan.order) if labels[i][0] == name] for name in ("a", "b", "alone")}
     assert all(r[-1] - r[0] + 1 == len(r) for r in ranks.values())  # one haystack after the other
-    assert set(plan.shared) - {0} <= set(plan.cuts)
-    assert all(lcp(keys[a], keys[b]) in [0, *plan.cuts] for a in range(len(keys)) for b in range(len(keys)))
+    distinct = [tuple(p.tolist()) for p in plan.prefixes]  # each shared prefix once
+    assert sorted(distinct) == sorted({tuple(key) for key in keys if key})
+
+
+@pytest.mark.parametrize("chunk", [8, 1000])
+def test_pass_ends_are_where_a_prefix_meets_the_others_on_its_own_path(chunk):
+    sequences, labels = haystack_sequences()
+    plan = plan_prefixes(sequences)
+    planned = torch.nn.utils.rnn.pad_sequence(plan.prefixes, batch_first=True, padding_value=-1)
+    prefixes = [p.tolist() for p in plan.prefixes]
+    for prefix in prefixes:
+        ends = pass_ends(torch.tensor(prefix), planned, chunk)
+        expected = {lcp(prefix, other) for other in prefixes} | set(range(chunk, len(prefix), chunk))
+        assert ends == sorted((expected | {len(prefix)}) - {0})
+    # two prefixes agreeing on their first k tokens end the same passes below k (so cropping either to an
+    # end where they part recomputes nothing and finds the entries the other path computed)
+    for first in prefixes:
+        for second in prefixes:
+            k = lcp(first, second)
+            below = [[e for e in pass_ends(torch.tensor(p), planned, chunk) if e < k] for p in (first, second)]
+            assert below[0] == below[1]
+    # a depth-0 branch (needle first) is not split at the haystack's insertion points
+    depth0 = next(prefix for prefix in prefixes if len(prefix) > 30 and prefix[2] == 3)
+    hay = max((p for p in prefixes if p[:2] == depth0[:2] and p[2] != 3), key=len)
+    assert len(pass_ends(torch.tensor(depth0), planned, 1000)) < len(pass_ends(torch.tensor(hay), planned, 1000))
 
 
 def test_plan_runs_shallow_insertions_first():
@@ -107,7 +131,7 @@ def model(tiny_llama):
 def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
     sequences, _ = haystack_sequences(seed=1)
     plan = plan_prefixes(sequences, min_suffix=3)
-    prefixes = PrefixCache(model, chunk=16, cuts=plan.cuts)
+    prefixes = PrefixCache(model, plan.prefixes, chunk=16)
     for index in plan.order:
         ids, shared = sequences[index], plan.shared[index]
         expected = model(input_ids=ids[None]).logits[0, shared:]
@@ -127,7 +151,7 @@ def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
     assert prefixes.prefilled == trie_nodes(keys)
     assert prefixes.reused == sum(plan.shared) - prefixes.prefilled
     subset = plan.order[1::3]  # a shard or a resumed run: still no shared token computed twice
-    prefixes = PrefixCache(model, chunk=16, cuts=plan.cuts)
+    prefixes = PrefixCache(model, plan.prefixes, chunk=16)
     for index in subset:
         with prefixes.reuse(sequences[index], plan.shared[index]):
             pass
@@ -135,11 +159,12 @@ def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("start, cuts", [(0, ()), (5, ()), (5, (20, 21, 47))])
-def test_extend_cache_in_passes_equals_one_forward(model, start, cuts):
+@pytest.mark.parametrize("start, ends", [(0, (32, 64)), (5, (32, 64)), (5, (5, 20, 21, 32, 47, 64, 89, 95))])
+def test_extend_cache_in_passes_equals_one_forward(model, start, ends):
     ids = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(4))
     expected = DynamicCache(config=model.config)
-    logits = model(input_ids=ids[None], past_key_values=expected, use_cache=True).logits[0, -1]
+    logits = model(input_ids=ids[None]).logits[0, -1]
+    model(input_ids=ids[None], past_key_values=expected, use_cache=True)
     cache = DynamicCache(config=model.config)
     if start:
         model(input_ids=ids[None, :start], past_key_values=cache, use_cache=True)
@@ -147,12 +172,12 @@ def test_extend_cache_in_passes_equals_one_forward(model, start, cuts):
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
     try:
-        extend_cache(model, cache, ids, start, 89, chunk=32, cuts=cuts)
+        extend_cache(model, cache, ids[:89], start, ends)
     finally:
         hook.remove()
-    # passes end at the multiples of 32 and at the cuts
-    ends = sorted({32, 64, 89, *cuts} - {e for e in (32, 64, *cuts) if e <= start})
-    assert calls == [b - a for a, b in zip([start, *ends], ends, strict=False)]
+    # passes end at the ends after start and before 89, the last at 89
+    stops = [*(e for e in ends if start < e < 89), 89]
+    assert calls == [b - a for a, b in zip([start, *stops], stops, strict=False)]
     assert cache.get_seq_length() == 89
     last = model(input_ids=ids[None, 89:], past_key_values=cache, use_cache=True).logits[0, -1]
     torch.testing.assert_close(last, logits, atol=1e-5, rtol=1e-5)
@@ -168,7 +193,7 @@ def test_the_cached_prefix_does_not_depend_on_what_ran_before(model):
     target = max(range(len(sequences)), key=lambda i: plan.shared[i])
     states = []
     for history in ([], plan.order[:7], plan.order[::-1][:9]):
-        prefixes = PrefixCache(model, chunk=8, cuts=plan.cuts)
+        prefixes = PrefixCache(model, plan.prefixes, chunk=8)
         for index in history:
             with prefixes.reuse(sequences[index], plan.shared[index]):
                 pass

@@ -50,7 +50,7 @@ def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, su
     ids = [prompt_ids(tokenizer, s) for s in chosen]
     plan = plan_prefixes(ids, min_suffix=8)
     assert sum(plan.shared) > 0.3 * sum(len(i) for i in ids)
-    prefixes = PrefixCache(model, chunk=32, cuts=plan.cuts)
+    prefixes = PrefixCache(model, plan.prefixes, chunk=32)
     for index in plan.order[:6]:
         full = prefill(model, ids[index][None], window=8)
         with use_attention(model, HEADWISE_ATTENTION), prefixes.reuse(ids[index], plan.shared[index]) as (cache,

@@ -14,10 +14,12 @@ one KV cache of their common beginning instead of prefilling it again.
   computes none of the masked half of the suffix's own causal square (`causal_suffix_attention`,
   `bench/bench_suffix.py`).
 
-Deterministic: the prefix is prefilled in chunks between fixed cut points (multiples of `chunk`, the plan's
-shared lengths and branch points), cropping back to a cut point, so every cached position is computed by the
-same forward pass whatever ran before; with shared lengths planned over a whole trial file, a trial's
-result does not depend on which other trials a run (a shard, `--limit`, a resumed run) holds.
+Deterministic: a prefix is prefilled in passes that end at multiples of `chunk` and where it meets another
+planned prefix (where the two part, or where the other ends inside it; `pass_ends`), and the cache is only
+cropped back to such an end, so every cached position is computed by the same forward pass whatever ran
+before; with shared lengths planned over a whole trial file, a trial's result does not depend on which other
+trials a run (a shard, `--limit`, a resumed run) holds. The ends are those of each prefix's own path: a
+haystack's insertion points do not split the passes of a prefix that parted from it earlier.
 
 Memory: the cache is one full KV of the longest shared length in use (at most the longest prompt minus its
 suffix, or `max_tokens`); a prompt's suffix runs on that same cache, so a run holds no more KV than running the
@@ -26,13 +28,13 @@ longest prompt alone.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from headscore.core.errors import HeadscoreError
@@ -73,12 +75,12 @@ def croppable(model: Any) -> bool:
 @dataclass(frozen=True)
 class PrefixPlan:
     """`order`: positions into the planned sequences, in the order to run them; `shared[i]`: leading tokens of
-    sequence `i` taken from the prefix cache (0: none); `cuts`: the chunk boundaries of the prefix prefill
-    (every shared length and every point where two shared prefixes part), ascending."""
+    sequence `i` taken from the prefix cache (0: none); `prefixes`: the distinct shared prefixes (1-D ids, in
+    run order), which fix where the prefix prefill's passes end (`pass_ends`)."""
 
     order: list[int]
     shared: list[int]
-    cuts: list[int]
+    prefixes: list[torch.Tensor]
 
 
 def common_prefix_length(first: torch.Tensor, second: torch.Tensor) -> int:
@@ -110,40 +112,58 @@ def plan_prefixes(sequences: Sequence[torch.Tensor], *, min_suffix: int = 1,
     cap = max_tokens if max_tokens is not None else max((len(ids) for ids in lists), default=0)
     shared = [max(0, min(longest[i], len(lists[i]) - min_suffix, cap)) for i in range(len(lists))]
     order = sorted(range(len(lists)), key=lambda i: (lists[i][:shared[i]], lists[i], i))
-    # where consecutive prefixes part: in this lexicographic order any two prefixes (say, consecutive ones of
-    # a shard or a resumed run) part at one of these points, so the cache is never cropped below a cut
-    parts = [common_prefix_length(sequences[a][:shared[a]], sequences[b][:shared[b]])
-             for a, b in zip(order, order[1:], strict=False)]
-    return PrefixPlan(order=order, shared=shared, cuts=sorted((set(shared) | set(parts)) - {0}))
+    distinct = {tuple(lists[i][:shared[i]]): i for i in order if shared[i]}
+    return PrefixPlan(order=order, shared=shared,
+                      prefixes=[sequences[i][:shared[i]].cpu() for i in distinct.values()])
+
+
+def prefix_lengths(prefix: torch.Tensor, planned: torch.Tensor) -> torch.Tensor:
+    """Common prefix length of 1-D `prefix` with each row of `planned` [n, width] (padded with -1): [n]."""
+    width = min(prefix.shape[0], planned.shape[1])
+    differ = planned[:, :width] != prefix[None, :width]
+    return torch.where(differ.any(1), differ.int().argmax(1), width)
+
+
+def pass_ends(prefix: torch.Tensor, planned: torch.Tensor, chunk: int = CHUNK) -> list[int]:
+    """Where the passes that prefill 1-D `prefix` end, ascending, the last at its length: every multiple of
+    `chunk`, and every point where `prefix` meets a planned prefix (`planned` [n, width], padded with -1): where
+    the two part, or where the planned one ends inside it.
+
+    The ends below a position depend only on the ids up to it, so two prefixes that agree on their first k
+    tokens prefill them in the same passes, and a cache can be cropped to any point where two planned
+    prefixes part without recomputing a token (and gets bit-identical entries whatever ran before)."""
+    length = prefix.shape[0]
+    meets = prefix_lengths(prefix, planned).tolist() if planned.numel() else []
+    return sorted({*meets, *range(chunk, length, chunk), length} - {0})
 
 
 @torch.no_grad()
-def extend_cache(model: Any, cache: DynamicCache, ids: torch.Tensor, start: int, stop: int, chunk: int = CHUNK,
-                 cuts: Sequence[int] = ()) -> None:
-    """Run `ids[start:stop]` (1-D ids) on `cache`, which holds `ids[:start]`, in passes that end at every
-    multiple of `chunk` and at every one of `cuts` (ascending) in between (the prefix prefill's cut points)."""
+def extend_cache(model: Any, cache: DynamicCache, ids: torch.Tensor, start: int, ends: Sequence[int]) -> None:
+    """Run `ids[start:]` (1-D ids) on `cache`, which holds `ids[:start]`, in passes ending at each of `ends`
+    (ascending) after `start`, the last pass at the end of `ids`."""
     device = input_device(model)
-    position = start
-    while position < stop:
-        after = bisect.bisect_right(cuts, position)
-        end = min(stop, cuts[after] if after < len(cuts) else stop, (position // chunk + 1) * chunk)
-        model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+    position, stop = start, ids.shape[0]
+    for end in [*(end for end in ends if start < end < stop), stop]:
+        if end > position:
+            model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
         position = end
 
 
 class PrefixCache:
     """One `DynamicCache` of the last shared prefix used, handed out by `reuse` (batch size 1).
 
-    The prefix is prefilled in chunks split at multiples of `chunk` and at `cuts` (give the plan's `cuts`:
-    the cache is then cropped to a cut point only, never recomputing a shared token). `prefilled` and
-    `reused` count the prefix tokens computed and taken from the cache.
+    `prefixes`: the plan's shared prefixes (`PrefixPlan.prefixes`); a prefix is prefilled in passes that end
+    where it meets them and at multiples of `chunk` (`pass_ends`), and the cache is only ever cropped to such
+    an end, so no shared token is computed twice and the cached entries do not depend on what ran before.
+    `prefilled` and `reused` count the prefix tokens computed and taken from the cache.
     """
 
-    def __init__(self, model: Any, chunk: int = CHUNK, cuts: Sequence[int] = ()) -> None:
+    def __init__(self, model: Any, prefixes: Sequence[torch.Tensor] = (), chunk: int = CHUNK) -> None:
         self.model = model
         self.chunk = chunk
-        self.cuts = sorted(set(cuts))
+        self.planned = (pad_sequence([p.cpu() for p in prefixes], batch_first=True, padding_value=-1)
+                        if prefixes else torch.empty(0, 0, dtype=torch.long))
         self.cache: DynamicCache | None = None
         self.ids = torch.empty(0, dtype=torch.long)
         self.prefilled = 0
@@ -152,14 +172,12 @@ class PrefixCache:
     def _drop(self) -> None:
         self.cache, self.ids = None, torch.empty(0, dtype=torch.long)
 
-    def _cut_at_or_before(self, position: int) -> int:
-        below = bisect.bisect_right(self.cuts, position)
-        return max(position // self.chunk * self.chunk, self.cuts[below - 1] if below else 0)
-
     @torch.no_grad()
     def _prepare(self, ids: torch.Tensor) -> DynamicCache:
-        """The cache cropped to what it shares with `ids`, then extended to all of `ids` (chunked prefill)."""
-        keep = self._cut_at_or_before(common_prefix_length(self.ids, ids))
+        """The cache cropped to what it shares with `ids` (at a pass end), then extended to all of `ids`."""
+        ends = pass_ends(ids, self.planned, self.chunk)
+        common = common_prefix_length(self.ids, ids)
+        keep = max((end for end in ends if end <= common), default=0)
         if self.cache is None or keep == 0:
             if not croppable(self.model):
                 raise HeadscoreError("prefix sharing needs full-attention cache layers; this model has "
@@ -167,7 +185,7 @@ class PrefixCache:
             self.cache, keep = DynamicCache(config=self.model.config), 0
         else:
             self.cache.crop(keep - self.cache.get_seq_length())
-        extend_cache(self.model, self.cache, ids, keep, ids.shape[0], self.chunk, self.cuts)
+        extend_cache(self.model, self.cache, ids, keep, ends)
         self.ids = ids.clone()
         self.prefilled += ids.shape[0] - keep
         self.reused += keep

@@ -345,7 +345,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
                          min_suffix=max(options.window, 1), max_tokens=prefix.max_tokens)
     shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
-    prefixes = PrefixCache(model, prefix.chunk, plan.cuts) if prefix.enabled else None
+    prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if prefix.enabled else None
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,

@@ -391,7 +391,7 @@ def estimate(
     keys = sorted(chosen, key=rank.__getitem__) if prefix.enabled else chosen  # the order trials run in
     stops = options.mode == "decode" and 0 < stop_after_failures <= len(keys)  # shorter runs just finish
     first = keys[:stop_after_failures] if stops else []
-    prefixes = PrefixCache(model, prefix.chunk, plan.cuts) if prefix.enabled else None
+    prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if prefix.enabled else None
     with attention_capture(model, geometry.layers) as capture:
         records = run_journaled(
             out_dir, header, keys, "index",
