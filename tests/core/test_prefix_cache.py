@@ -14,6 +14,7 @@ from headscore.core.prefix_cache import (
     extend_cache,
     pass_ends,
     plan_prefixes,
+    stack_prefixes,
 )
 
 
@@ -84,9 +85,9 @@ def test_plan_shares_the_longest_common_prefix_and_prefills_each_token_once(min_
 
 @pytest.mark.parametrize("chunk", [8, 1000])
 def test_pass_ends_are_where_a_prefix_meets_the_others_on_its_own_path(chunk):
-    sequences, labels = haystack_sequences()
+    sequences, _ = haystack_sequences()
     plan = plan_prefixes(sequences)
-    planned = torch.nn.utils.rnn.pad_sequence(plan.prefixes, batch_first=True, padding_value=-1)
+    planned = stack_prefixes(plan.prefixes)
     prefixes = [p.tolist() for p in plan.prefixes]
     for prefix in prefixes:
         ends = pass_ends(torch.tensor(prefix), planned, chunk)

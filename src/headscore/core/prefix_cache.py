@@ -85,9 +85,20 @@ class PrefixPlan:
 
 def common_prefix_length(first: torch.Tensor, second: torch.Tensor) -> int:
     """Number of leading positions where two 1-D id tensors agree."""
-    length = min(first.shape[0], second.shape[0])
-    differ = (first[:length].cpu() != second[:length].cpu()).nonzero()
-    return int(differ[0, 0]) if differ.numel() else length
+    return int(prefix_lengths(first.cpu(), second.cpu()[None])[0])
+
+
+def prefix_lengths(prefix: torch.Tensor, planned: torch.Tensor) -> torch.Tensor:
+    """Common prefix length of 1-D `prefix` with each row of `planned` [n, width] (`stack_prefixes`): [n]."""
+    width = min(prefix.shape[0], planned.shape[1])
+    return (planned[:, :width] == prefix[None, :width]).int().cumprod(1).sum(1)
+
+
+def stack_prefixes(prefixes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1-D id tensors as one [n, longest] matrix, padded with -1 (no token id): `pass_ends`'s `planned`."""
+    if not prefixes:
+        return torch.empty(0, 0, dtype=torch.long)
+    return pad_sequence([prefix.cpu() for prefix in prefixes], batch_first=True, padding_value=-1)
 
 
 def plan_prefixes(sequences: Sequence[torch.Tensor], *, min_suffix: int = 1,
@@ -117,36 +128,27 @@ def plan_prefixes(sequences: Sequence[torch.Tensor], *, min_suffix: int = 1,
                       prefixes=[sequences[i][:shared[i]].cpu() for i in distinct.values()])
 
 
-def prefix_lengths(prefix: torch.Tensor, planned: torch.Tensor) -> torch.Tensor:
-    """Common prefix length of 1-D `prefix` with each row of `planned` [n, width] (padded with -1): [n]."""
-    width = min(prefix.shape[0], planned.shape[1])
-    differ = planned[:, :width] != prefix[None, :width]
-    return torch.where(differ.any(1), differ.int().argmax(1), width)
-
-
 def pass_ends(prefix: torch.Tensor, planned: torch.Tensor, chunk: int = CHUNK) -> list[int]:
     """Where the passes that prefill 1-D `prefix` end, ascending, the last at its length: every multiple of
-    `chunk`, and every point where `prefix` meets a planned prefix (`planned` [n, width], padded with -1): where
+    `chunk`, and every point where `prefix` meets a planned prefix (`planned` [n, width], `stack_prefixes`): where
     the two part, or where the planned one ends inside it.
 
     The ends below a position depend only on the ids up to it, so two prefixes that agree on their first k
     tokens prefill them in the same passes, and a cache can be cropped to any point where two planned
     prefixes part without recomputing a token (and gets bit-identical entries whatever ran before)."""
     length = prefix.shape[0]
-    meets = prefix_lengths(prefix, planned).tolist() if planned.numel() else []
-    return sorted({*meets, *range(chunk, length, chunk), length} - {0})
+    return sorted({*prefix_lengths(prefix, planned).tolist(), *range(chunk, length, chunk), length} - {0})
 
 
 @torch.no_grad()
 def extend_cache(model: Any, cache: DynamicCache, ids: torch.Tensor, start: int, ends: Sequence[int]) -> None:
     """Run `ids[start:]` (1-D ids) on `cache`, which holds `ids[:start]`, in passes ending at each of `ends`
-    (ascending) after `start`, the last pass at the end of `ids`."""
+    (strictly ascending) after `start`, the last pass at the end of `ids`."""
     device = input_device(model)
     position, stop = start, ids.shape[0]
-    for end in [*(end for end in ends if start < end < stop), stop]:
-        if end > position:
-            model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
+    for end in [*(end for end in ends if start < end < stop), stop] if start < stop else []:
+        model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
         position = end
 
 
@@ -162,8 +164,7 @@ class PrefixCache:
     def __init__(self, model: Any, prefixes: Sequence[torch.Tensor] = (), chunk: int = CHUNK) -> None:
         self.model = model
         self.chunk = chunk
-        self.planned = (pad_sequence([p.cpu() for p in prefixes], batch_first=True, padding_value=-1)
-                        if prefixes else torch.empty(0, 0, dtype=torch.long))
+        self.planned = stack_prefixes(prefixes)
         self.cache: DynamicCache | None = None
         self.ids = torch.empty(0, dtype=torch.long)
         self.prefilled = 0
