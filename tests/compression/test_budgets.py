@@ -12,21 +12,18 @@ import sys
 import pytest
 import torch
 
-from headscore.compression.budgets import (
-    Budgets,
+from headscore.cli.geometry import resolve_geometry
+from headscore.compression.allocation import (
     HeadKVAllocation,
     PyramidAllocation,
     UniformAllocation,
     allocate,
     allocate_sweep,
     head_importance,
-    read_budget_sweep,
-    read_budgets,
-    resolve_geometry,
-    summarize,
-    write_allocations,
-    write_budgets,
 )
+from headscore.compression.budget_summary import summarize
+from headscore.compression.budgets import Budgets
+from headscore.compression.budgets_file import read_budget_sweep, read_budgets, write_allocations, write_budgets
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, read_head_scores, write_head_scores

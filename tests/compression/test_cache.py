@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from headscore.compression.allocation import allocate
 from headscore.compression.attention import headwise_attention
-from headscore.compression.budgets import allocate
 from headscore.compression.cache import HeadwiseCache, select_entries
 from headscore.compression.generation import prefill, prefill_compressed
 from headscore.compression.presses import HeadKVPress, make_press

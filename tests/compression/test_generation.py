@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from headscore.compression.allocation import allocate
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.budgets import allocate
 from headscore.compression.cache import HeadwiseCache
 from headscore.compression.generation import (
     compress_generate,
@@ -194,7 +194,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     ("missing-context", "context file not found"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, case, message):
-    from headscore.compression.budgets import write_budgets
+    from headscore.compression.budgets_file import write_budgets
 
     context = tmp_path / "doc.txt"
     context.write_text("" if case == "empty-context" else "Some text.", encoding="utf-8")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from headscore.compression.budgets import allocate
+from headscore.compression.allocation import allocate
 from headscore.compression.presses import (
     PRESSES,
     HeadKVPress,

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from headscore.compression.budgets import allocate
+from headscore.compression.allocation import allocate
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.evaluation.compare import (

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import headscore.evaluation.evaluate as evaluate_module
-from headscore.compression.budgets import allocate, read_budget_sweep, read_budgets
+from headscore.compression.allocation import allocate
+from headscore.compression.budgets_file import read_budget_sweep, read_budgets
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.evaluation.tasks import get_task

@@ -23,14 +23,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
-from headscore.compression.budgets import (
-    Budgets,
-    allocate,
-    check_budget,
-    check_pyramid_beta,
-    check_window,
-    read_budgets,
-)
+from headscore.compression.allocation import allocate
+from headscore.compression.budgets import Budgets, check_budget, check_pyramid_beta, check_window
+from headscore.compression.budgets_file import read_budgets
 from headscore.core.attention import attention_rows
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
@@ -325,7 +320,7 @@ class AdaSnapKVPress(Press):
 @register_press("headkv")
 @dataclass
 class HeadKVPress(BudgetPress):
-    """HeadKV: per-head budgets from `compression.budgets` (`Budgets`, window excluded), SnapKV selection.
+    """HeadKV: per-head budgets from `compression.allocation` (`Budgets`, window excluded), SnapKV selection.
     The press's window is the budgets' window.
 
     Budgets at "query" granularity on a GQA model are supported as in the official code: each query head

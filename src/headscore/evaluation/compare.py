@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from headscore.compression.budgets import allocate, check_geometry, headkv_rule, resolve_granularity
+from headscore.compression.allocation import allocate, headkv_rule
+from headscore.compression.budgets import check_geometry, resolve_granularity
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, write_json
 from headscore.core.model import Geometry, load_geometry

@@ -29,15 +29,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from headscore.compression.budgets import (
-    Budgets,
-    allocate,
-    check_beta,
-    check_budget,
-    pool_share,
-    read_budget_sweep,
-    write_budgets,
-)
+from headscore.compression.allocation import allocate
+from headscore.compression.budgets import Budgets, check_beta, check_budget, pool_share
+from headscore.compression.budgets_file import read_budget_sweep, write_budgets
 from headscore.compression.presses import PRESSES, make_press, press_options
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError

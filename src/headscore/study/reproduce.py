@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import yaml
 
-from headscore.compression.budgets import allocate_sweep, write_allocations
+from headscore.compression.allocation import allocate_sweep
+from headscore.compression.budgets_file import write_allocations
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json

@@ -165,7 +165,10 @@ def allocate_command(
     top: int = typer.Option(10, help="Heads listed in the summary."),
 ) -> None:
     """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines."""
-    from headscore.compression import budgets as allocation
+    from headscore.cli.geometry import resolve_geometry
+    from headscore.compression.allocation import allocate_sweep
+    from headscore.compression.budget_summary import summarize
+    from headscore.compression.budgets_file import write_allocations
     from headscore.core.plots import figure_format
     from headscore.scoring.head_scores import read_head_scores
 
@@ -173,17 +176,17 @@ def allocate_command(
     betas = _number_list(beta, float, "--beta")
     if plot is not None:
         figure_format(plot)
-    geometry, origin = allocation.resolve_geometry(model=model, layers=layers, heads=heads, kv_heads=kv_heads,
+    geometry, origin = resolve_geometry(model=model, layers=layers, heads=heads, kv_heads=kv_heads,
                                                    scores_path=scores, default_model=DEFAULT_MODEL,
                                                    granularity=granularity)
     head_scores = None
     if scores is not None:
         head_scores = read_head_scores(scores, geometry.layers, geometry.query_heads)
-    results = allocation.allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
+    results = allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
                                         granularity=granularity, scores=head_scores,
                                         pyramid_beta=pyramid_beta)
     # --split splits a sweep; a single combination keeps the --out name
-    written = allocation.write_allocations(results, out, split=split and len(results) > 1, plot=plot)
+    written = write_allocations(results, out, split=split and len(results) > 1, plot=plot)
 
     first = results[0]
     unit = "KV head" if first.granularity == "kv" else "query head"
@@ -193,7 +196,7 @@ def allocate_command(
                    "pool", f"top-{top} pool share"):
         table.add_column(column, justify="right")
     for result in results:
-        summary = allocation.summarize(result, top)
+        summary = summarize(result, top)
         total = summary["total_entries"]
         shown_beta = (f"{result.beta:g}" if result.beta is not None
                       else f"p={result.pyramid_beta:g}" if result.pyramid_beta is not None else "-")
@@ -209,7 +212,7 @@ def allocate_command(
                             "(budgets exclude the window)")
         for column in ("layer", unit, "budget", "share of pool"):
             heads_table.add_column(column, justify="right")
-        for row in allocation.summarize(first, top)["top"]:
+        for row in summarize(first, top)["top"]:
             heads_table.add_row(str(row["layer"]), str(row["head"]), str(row["budget"]),
                                 f"{row['pool_share']:.2%}")
         stdout.print(heads_table)
