@@ -27,13 +27,14 @@ from headscore.compression.budgets import (
     pool_share,
     resolve_granularity,
 )
+from headscore.core.defaults import BETA, PYRAMID_BETA, TEMP, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, group_by_kv_head
 
 
 def head_importance(scores: HeadScores, geometry: Geometry, granularity: str,
-                    temp: float = 1.0) -> torch.Tensor:
+                    temp: float = TEMP) -> torch.Tensor:
     """HeadKV importance at `granularity`: `[layers, heads]` float64 summing to 1.
 
     Mean per query head, L1-normalized, `** temp`, renormalized; for "kv", summed over the query heads that
@@ -96,8 +97,8 @@ class HeadKVAllocation:
     temp: importance is raised to this power and renormalized (1 = plain L1 importance).
     """
 
-    beta: float = 1.01
-    temp: float = 1.0
+    beta: float = BETA
+    temp: float = TEMP
 
     def allocate(self, geometry: Geometry, budget: int, window: int, granularity: str,
                  scores: HeadScores | None) -> Budgets:
@@ -138,7 +139,7 @@ class PyramidAllocation:
     pyramid_beta: β_p ≥ 1, how far the last layer falls (1 = uniform; PyramidKV's default 20).
     """
 
-    pyramid_beta: float = 20.0
+    pyramid_beta: float = PYRAMID_BETA
 
     def allocate(self, geometry: Geometry, budget: int, window: int, granularity: str,
                  scores: HeadScores | None = None) -> Budgets:
@@ -152,9 +153,9 @@ class PyramidAllocation:
                        geometry=geometry, pyramid_beta=float(pb))
 
 
-def allocate(method: str, geometry: Geometry, budget: int, *, window: int = 8, beta: float = 1.01,
-             temp: float = 1.0, granularity: str | None = None, scores: HeadScores | None = None,
-             pyramid_beta: float = 20.0) -> Budgets:
+def allocate(method: str, geometry: Geometry, budget: int, *, window: int = WINDOW, beta: float = BETA,
+             temp: float = TEMP, granularity: str | None = None, scores: HeadScores | None = None,
+             pyramid_beta: float = PYRAMID_BETA) -> Budgets:
     """Budgets for `method` (a name in `ALLOCATIONS`: headkv, uniform, pyramid); granularity None = "kv" under
     GQA. Each method takes the parameters among `beta`, `temp`, `pyramid_beta` that are its fields."""
     granularity = resolve_granularity(geometry, granularity)

@@ -27,6 +27,7 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, check_full_attention
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
+from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
 from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, resolve_device
@@ -95,7 +96,7 @@ def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tup
     return cache, logits, seconds
 
 
-def prefill(model: Any, input_ids: torch.Tensor, window: int = 8, prefix: DynamicCache | None = None,
+def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: DynamicCache | None = None,
             start: int = 0) -> PrefillState:
     """One full prefill recording every layer's keys/values and window scores (only the `window` query rows
     are scored; no n × n attention).
@@ -251,7 +252,7 @@ def generate_ids(model: Any, input_ids: torch.Tensor, press: Press, *, max_new_t
 
 
 def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *, press: Press | None = None,
-                      method: str = "headkv", max_new_tokens: int = 64, template: str = "raw",
+                      method: str = "headkv", max_new_tokens: int = 64, template: str = TEMPLATE,
                       answer_prefix: str = "", **press_options: Any) -> CompressResult:
     """Answer `question` about `context` on a compressed KV cache.
 
@@ -279,7 +280,7 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
 
 
 def compress_files(model_name: str, context_file: str | Path, question: str, *, method: str = "headkv",
-                   max_new_tokens: int = 64, template: str = "raw", answer_prefix: str = "",
+                   max_new_tokens: int = 64, template: str = TEMPLATE, answer_prefix: str = "",
                    device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:

@@ -27,6 +27,7 @@ from headscore.compression.allocation import allocate
 from headscore.compression.budgets import Budgets, check_budget, check_pyramid_beta, check_window
 from headscore.compression.budgets_file import read_budgets
 from headscore.core.attention import attention_rows
+from headscore.core.defaults import ALPHA, BETA, BUDGET, KERNEL, PYRAMID_BETA, SINKS, TEMP, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, read_head_scores
@@ -147,8 +148,8 @@ class Press:
     """Base of every method. `window`: observation window (kept by every head on top of its budget);
     `kernel`: max-pool width smoothing the window scores."""
 
-    window: int = 8
-    kernel: int = 7
+    window: int = WINDOW
+    kernel: int = KERNEL
     name: ClassVar[str] = "press"
     options: ClassVar[tuple[str, ...]] = ()  # parameters `build` takes besides the fields
 
@@ -257,7 +258,7 @@ class BudgetPress(Press):
 class SnapKVPress(BudgetPress):
     """SnapKV: every head keeps `budget` entries (window included), chosen by its window scores."""
 
-    budget: int = 128
+    budget: int = BUDGET
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,7 +273,7 @@ class SnapKVPress(BudgetPress):
 class StreamingPress(SnapKVPress):
     """StreamingLLM: SnapKV's budgets, filled with `sinks` attention-sink tokens plus the most recent tokens."""
 
-    sinks: int = 4
+    sinks: int = SINKS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -287,7 +288,7 @@ class StreamingPress(SnapKVPress):
 class PyramidKVPress(SnapKVPress):
     """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection."""
 
-    pyramid_beta: float = 20.0
+    pyramid_beta: float = PYRAMID_BETA
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -304,8 +305,8 @@ class AdaSnapKVPress(Press):
     """AdaKV on SnapKV: per layer, the top `(budget − window) × heads` scores over all heads jointly, with a
     floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill."""
 
-    budget: int = 128
-    alpha: float = 0.2
+    budget: int = BUDGET
+    alpha: float = ALPHA
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -339,8 +340,8 @@ class HeadKVPress(BudgetPress):
 
     @classmethod
     def build(cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
-              scores: HeadScores | str | os.PathLike | None = None, budget: int = 128, window: int = 8,
-              kernel: int = 7, beta: float = 1.01, temp: float = 1.0,
+              scores: HeadScores | str | os.PathLike | None = None, budget: int = BUDGET, window: int = WINDOW,
+              kernel: int = KERNEL, beta: float = BETA, temp: float = TEMP,
               granularity: str | None = None) -> HeadKVPress:
         """From `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score file;
         budgets are then allocated here with `budget`, `window`, `beta`, `temp`, `granularity`)."""

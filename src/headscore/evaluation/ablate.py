@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from headscore.core.defaults import TEMPLATE
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
 from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer, resolve_device
@@ -227,7 +228,7 @@ class AblationSetup:
 def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seeds: Sequence[int],
             conditions: Sequence[str] = CONDITIONS, lengths: Sequence[int] = (1000, 2000),
             depths: Sequence[float] = (0, 50, 100), needles: str | None = None,
-            num_needles: int | None = None, haystack: str | None = None, template: str = "chat",
+            num_needles: int | None = None, haystack: str | None = None, template: str = TEMPLATE,
             max_new_tokens: int = 32, device: str = "auto", dtype: str | None = None) -> AblationSetup:
     """Load the model and scores, build the NIAH samples and the list of ablation conditions."""
 

@@ -28,6 +28,7 @@ from scipy import stats
 
 from headscore.compression.allocation import allocate, headkv_rule
 from headscore.compression.budgets import check_geometry, resolve_granularity
+from headscore.core.defaults import BETA, BUDGET, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, write_json
 from headscore.core.model import Geometry, load_geometry
@@ -109,8 +110,8 @@ class Comparison:
                 for key, value in data.items()}
 
 
-def compare_scores(a: HeadScores, b: HeadScores, *, geometry: Geometry, budget: int = 128, beta: float = 1.01,
-                   window: int = 8, ks: tuple[int, ...] = TOP_KS, names: tuple[str, str] = ("A", "B"),
+def compare_scores(a: HeadScores, b: HeadScores, *, geometry: Geometry, budget: int = BUDGET, beta: float = BETA,
+                   window: int = WINDOW, ks: tuple[int, ...] = TOP_KS, names: tuple[str, str] = ("A", "B"),
                    ) -> Comparison:
     """Rank correlation, top-k overlap and budget L1 share of two score files of one geometry."""
     if (a.layers, a.heads) != (b.layers, b.heads):
@@ -160,8 +161,8 @@ class Stability:
 
 
 def bootstrap_stability(scores: HeadScores, *, geometry: Geometry, draws: int = 200, seed: int = 0, k: int = 20,
-                        overlap: float = 0.9, share: float = 0.95, budget: int = 128, beta: float = 1.01,
-                        window: int = 8, source: str = "A") -> Stability:
+                        overlap: float = 0.9, share: float = 0.95, budget: int = BUDGET, beta: float = BETA,
+                        window: int = WINDOW, source: str = "A") -> Stability:
     """Resample the counted trials of `scores` (with replacement) at every n of `trial_counts`; see the module
     docstring. Draws of one n come from a generator seeded by (seed, n), so adding an n changes no other row."""
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
@@ -228,7 +229,7 @@ def write_stability(stability: Stability, out_dir: str | Path) -> list[Path]:
     return [out_dir / "stability.json", out_dir / "stability.csv", out_dir / "stability.png"]
 
 
-def run_compare(a: str | Path, b: str | Path, *, budget: int = 128, beta: float = 1.01, window: int = 8,
+def run_compare(a: str | Path, b: str | Path, *, budget: int = BUDGET, beta: float = BETA, window: int = WINDOW,
                 kv_heads: int | None = None, model: str | None = None,
                 plot: str | Path | None = None) -> Comparison:
     """`headscore compare A B` from Python: read both files, compare them, draw the scatter if asked."""
@@ -243,7 +244,7 @@ def run_compare(a: str | Path, b: str | Path, *, budget: int = 128, beta: float 
     return comparison
 
 
-def run_bootstrap(a: str | Path, *, budget: int = 128, beta: float = 1.01, window: int = 8,
+def run_bootstrap(a: str | Path, *, budget: int = BUDGET, beta: float = BETA, window: int = WINDOW,
                   kv_heads: int | None = None, model: str | None = None, draws: int = 200, seed: int = 0,
                   k: int = 20, overlap: float = 0.9, share: float = 0.95,
                   plot: str | Path | None = None) -> Stability:

@@ -29,6 +29,7 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import cache_report, compress_state, decode, prefill
 from headscore.compression.presses import PRESSES, make_press, press_options
 from headscore.core.attention import use_attention
+from headscore.core.defaults import ALPHA, BETA, BUDGET, EVALUATE_BUDGETS, KERNEL, PYRAMID_BETA, TEMP, TEMPLATE, WINDOW
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
@@ -54,7 +55,7 @@ METADATA_FILE = "metadata.json"
 CURVE_FILE = "score_vs_kv.png"
 LONGBENCH_FILE = "longbench.md"
 LONGBENCH_CSV = "longbench.csv"
-GENERATED_TASK_TEMPLATE = "chat"  # niah/synthetic prompts unless a template is given (sourced tasks: their own)
+GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template is given (sourced tasks: their own)
 
 
 
@@ -99,15 +100,15 @@ class EvaluateOptions:
     """
 
     methods: Sequence[str] = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2")
-    budgets: Sequence[int] = (32, 64, 128, 256)
+    budgets: Sequence[int] = EVALUATE_BUDGETS
     scores: dict[str, str] = field(default_factory=dict)
-    window: int = 8
-    kernel: int = 7
-    alpha: float = 0.2
-    betas: Sequence[float] = (1.01,)
-    temp: float = 1.0
+    window: int = WINDOW
+    kernel: int = KERNEL
+    alpha: float = ALPHA
+    betas: Sequence[float] = (BETA,)
+    temp: float = TEMP
     granularity: str | None = None
-    pyramid_beta: float = 20.0
+    pyramid_beta: float = PYRAMID_BETA
     answer_prefix: str = ""
 
 
@@ -149,8 +150,8 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
         betas = options.betas if "beta" in takes[kind] else [None]
         for budget in options.budgets if "budget" in takes[kind] else [None]:
             for beta in betas:
-                press = make_press(kind, geometry, budget=budget or 128, window=options.window,
-                                   kernel=options.kernel, alpha=options.alpha, beta=beta or 1.01,
+                press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
+                                   kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
                                    temp=options.temp, granularity=options.granularity,
                                    pyramid_beta=options.pyramid_beta, scores=loaded.get(needs) if needs else None)
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method

@@ -17,6 +17,7 @@ import torch
 
 from headscore.compression.generation import generate_ids
 from headscore.compression.presses import make_press
+from headscore.core.defaults import BETA, BUDGET
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.model import Geometry, load_model, resolve_device
@@ -52,7 +53,7 @@ def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses:
 
 
 def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int], method: str = "headkv",
-                label: str | None = None, budget: int = 128, beta: float = 1.01, scores: str | None = None,
+                label: str | None = None, budget: int = BUDGET, beta: float = BETA, scores: str | None = None,
                 max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None) -> list[dict[str, Any]]:
     """Measure `full` and `method` at every length; write latency.csv, latency.png, kv_bytes.png, metadata."""
 

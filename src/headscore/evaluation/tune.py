@@ -33,6 +33,7 @@ from headscore.compression.allocation import allocate
 from headscore.compression.budgets import Budgets, check_beta, check_budget, pool_share
 from headscore.compression.budgets_file import read_budget_sweep, write_budgets
 from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.core.defaults import ALPHA, BETA, BETA_GRID, KERNEL, PYRAMID_BETA, TEMP, TUNE_BUDGETS, WINDOW
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
@@ -49,8 +50,8 @@ from headscore.evaluation.evaluate import (
 )
 from headscore.scoring.head_scores import read_head_scores
 
-DEFAULT_GRID = (1.005, 1.01, 1.1, 1.2, 1.5, 2.0)
-DEFAULT_BETA = 1.01
+DEFAULT_GRID = BETA_GRID
+DEFAULT_BETA = BETA
 # the evaluation methods whose press takes a β (headkv-r, headkv-r2)
 TUNABLE = tuple(name for name, entry in EVAL_METHODS.items() if "beta" in press_options(PRESSES[entry.press]))
 TIE = 1e-9
@@ -74,19 +75,19 @@ class TuneOptions:
     of `evaluate`."""
 
     methods: Sequence[str] = ("headkv-r2",)
-    budgets: Sequence[int] = (64, 128)
+    budgets: Sequence[int] = TUNE_BUDGETS
     scores: dict[str, str] = field(default_factory=dict)
     betas: Sequence[float] = DEFAULT_GRID
     default_beta: float = DEFAULT_BETA
     baselines: Sequence[str] = ("snapkv", "ada-snapkv")
     val_fraction: float = 0.5
     seed: int = 0
-    window: int = 8
-    kernel: int = 7
-    alpha: float = 0.2
-    temp: float = 1.0
+    window: int = WINDOW
+    kernel: int = KERNEL
+    alpha: float = ALPHA
+    temp: float = TEMP
     granularity: str | None = None
-    pyramid_beta: float = 20.0
+    pyramid_beta: float = PYRAMID_BETA
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from headscore.core.defaults import TEMP
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_bytes, read_json
 
@@ -61,7 +62,7 @@ class HeadScores:
         return torch.tensor([[sum(v) / len(v) if v else 0.0 for v in row] for row in self.trials],
                             dtype=torch.float64)
 
-    def importance(self, temp: float = 1.0) -> torch.Tensor:
+    def importance(self, temp: float = TEMP) -> torch.Tensor:
         """L1-normalized mean score raised to `temp` and renormalized: `[layers, heads]`, sums to 1."""
         return normalized_importance(self.mean(), temp)
 
@@ -70,7 +71,7 @@ class HeadScores:
         return fingerprint_bytes(to_json_line(self))
 
 
-def normalized_importance(mean: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+def normalized_importance(mean: torch.Tensor, temp: float = TEMP) -> torch.Tensor:
     """`[..., layers, heads]` mean scores -> `mean / sum`, then `** temp`, renormalized, each `[layers, heads]`
     on its own (leading dimensions: independent score sets). All-zero scores raise a HeadscoreError."""
     total = mean.sum((-2, -1), keepdim=True)
