@@ -311,8 +311,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_official_file_with_plot(data_dir, tmp_path):
     scores = data_dir / "headkv" / OFFICIAL[3]
     out, plot = tmp_path / "budgets.json", tmp_path / "budgets.png"
-    done = run_cli("--scores", scores, "--layers", 32, "--heads", 32, "--kv-heads", 8, "--budget", "128,256",
-                   "--beta", 1.01, "--out", out, "--plot", plot)
+    done = run_cli("--scores", scores, "--layers", 32, "--heads", 32, "--kv-heads", 8, "--budgets", "128,256",
+                   "--betas", 1.01, "--out", out, "--plot", plot)
     assert done.returncode == 0, done.stderr
     sweep = read_budget_sweep(out, LLAMA)
     assert [(b.budget, b.granularity) for b in sweep] == [(128, "kv"), (256, "kv")]
@@ -329,9 +329,9 @@ def test_cli_bad_input_one_line_no_output(tmp_path, case, sparse_scores):
     write_head_scores(scores, sparse_scores(30, 9))
     args = ["--scores", scores, "--layers", 30, "--heads", 9, "--kv-heads", 3]
     if case == "beta":
-        args += ["--beta", "1.0"]
+        args += ["--betas", "1.0"]
     elif case == "budget":
-        args += ["--budget", "8"]
+        args += ["--budgets", "8"]
     elif case == "negative":
         scores.write_text(scores.read_text().replace("[", "[-0.5, ", 1))
     elif case == "nan":

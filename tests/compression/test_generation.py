@@ -203,7 +203,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, cas
     if case == "other-geometry":
         other = allocate("uniform", Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=8), 16)
         write_budgets(tmp_path / "budgets.json", other)
-        args += ["--budgets", str(tmp_path / "budgets.json")]
+        args += ["--budget-file", str(tmp_path / "budgets.json")]
     elif case not in ("no-scores",):
         args += ["--scores", str(tmp_path / "unused.json")]
     code, err = run_cli(monkeypatch, capsys, *args)

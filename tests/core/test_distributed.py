@@ -107,7 +107,7 @@ def test_estimate_two_ranks_resume_and_equal_one_process(tiny_folder, trials_fil
     for rank, text in ((0, lines[0] + lines[1]), (1, lines[0] + lines[2][:30])):
         (two / RANKS_DIR / f"rank-{rank}").mkdir(parents=True)
         (two / RANKS_DIR / f"rank-{rank}" / JOURNAL).write_text(text)
-    run = headscore("estimate", "--needles", str(trials_file), "--model", str(tiny_folder), "--mode",
+    run = headscore("estimate", "--trials", str(trials_file), "--model", str(tiny_folder), "--mode",
                     "teacher-forced", "--out", str(two), ranks=2)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("model=") == 1  # only rank 0 prints the summary

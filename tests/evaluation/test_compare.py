@@ -181,8 +181,8 @@ def test_compare_cli_json_and_plots(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_head_scores(a, random_scores(1))
     write_head_scores(b, random_scores(2))
-    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), str(b), "--json", "--budget",
-                          "24", "--beta", "1.2", "--window", "4", "--kv-heads", "3", "--plot",
+    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), str(b), "--json", "--budgets",
+                          "24", "--betas", "1.2", "--window", "4", "--kv-heads", "3", "--plot",
                           str(tmp_path / "scatter.png")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
@@ -191,7 +191,7 @@ def test_compare_cli_json_and_plots(tmp_path):
     assert data["spearman"] == pytest.approx(direct.spearman) and data["budget_l1"] == pytest.approx(direct.budget_l1)
     assert (tmp_path / "scatter.png").is_file()
     run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), "--bootstrap", "--draws", "20",
-                          "--k", "5", "--budget", "16", "--window", "4", "--plot", str(tmp_path / "stab.png")],
+                          "--k", "5", "--budgets", "16", "--window", "4", "--plot", str(tmp_path / "stab.png")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "stable" in run.stdout and (tmp_path / "stab.png").is_file()

@@ -13,9 +13,10 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import (
-    EVAL_METHODS,
+    EvalMethod,
     EvaluateOptions,
     eval_method,
+    eval_methods,
     evaluate,
     evaluate_sample,
     newline_token_ids,
@@ -34,11 +35,12 @@ def model(tiny_llama, tokenizer):
 
 @pytest.fixture
 def score_files(tmp_path, random_scores):
-    """Factory: random retrieval and r2 head-score files for `geometry`: {"retrieval": path, "r2": path}."""
+    """Factory: random retrieval and r2 head-score files for `geometry`: {"r": path, "r2": path} (the names of
+    headkv-r and headkv-r2)."""
 
     def make(geometry: Geometry) -> dict[str, str]:
         paths = {}
-        for seed, kind in enumerate(("retrieval", "r2"), start=3):
+        for seed, kind in enumerate(("r", "r2"), start=3):
             paths[kind] = str(tmp_path / f"{kind}-{geometry.layers}.json")
             write_head_scores(paths[kind], random_scores(geometry.layers, geometry.query_heads, trials=5, seed=seed,
                                                          dtype=torch.float64))
@@ -126,7 +128,7 @@ def test_bad_plans(model, score_files):
     geometry = Geometry.from_config(model.config)
     with pytest.raises(HeadscoreError, match="unknown method 'magic'"):
         plan_conditions(geometry, EvaluateOptions(methods=["magic"]))
-    with pytest.raises(HeadscoreError, match="needs --scores-r2"):
+    with pytest.raises(HeadscoreError, match="needs --scores r2=FILE"):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r2"], budgets=[32]))
     with pytest.raises(HeadscoreError, match="exceed the observation window"):
         plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[4]))
@@ -136,10 +138,11 @@ def test_bad_plans(model, score_files):
 
 
 def test_eval_methods_name_a_press_and_its_scores():
-    assert {name: (entry.press, entry.scores) for name, entry in EVAL_METHODS.items()} == {
+    assert {name: (entry.press, entry.scores) for name, entry in eval_methods().items()} == {
         "full": ("full", None), "snapkv": ("snapkv", None), "streaming": ("streaming", None),
         "pyramidkv": ("pyramidkv", None), "ada-snapkv": ("ada-snapkv", None),
-        "headkv-r": ("headkv", "retrieval"), "headkv-r2": ("headkv", "r2")}
+        "headkv-r": ("headkv", "r"), "headkv-r2": ("headkv", "r2")}
+    assert eval_method("headkv-er", ["er"]) == EvalMethod("headkv", "er")  # any named score file
     with pytest.raises(HeadscoreError, match="unknown method 'headkv': use some of full, snapkv"):
         eval_method("headkv")
 
@@ -164,7 +167,8 @@ def test_newline_tokens(tokenizer):
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "sudoku"], "unknown task 'sudoku'"),
     (["--methods", "full,magic"], "unknown method 'magic'"),
-    (["--methods", "headkv-r2"], "needs --scores-r2"),
+    (["--methods", "headkv-r2"], "needs --scores r2=FILE"),
+    (["--scores", "r2"], "--scores 'r2' is not NAME=FILE"),
     (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):

@@ -123,7 +123,7 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
 def test_bad_tune_options(tmp_path):
     with pytest.raises(HeadscoreError, match="no β to tune"):
         TuneOptions(methods=["snapkv"]).check()
-    with pytest.raises(HeadscoreError, match="needs --scores-r2"):
+    with pytest.raises(HeadscoreError, match="needs --scores r2=FILE"):
         TuneOptions().check()
     scores = {"r2": "x.json"}
     with pytest.raises(HeadscoreError, match="val-fraction"):
@@ -132,7 +132,7 @@ def test_bad_tune_options(tmp_path):
         TuneOptions(scores=scores, betas=[1.01, 0.9]).check()
     with pytest.raises(HeadscoreError, match="unknown baseline 'headkv-r'"):
         TuneOptions(scores=scores, baselines=["headkv-r"]).check()
-    run = subprocess.run([sys.executable, "-m", "headscore", "tune", "--scores-r2", str(tmp_path / "absent.json"),
+    run = subprocess.run([sys.executable, "-m", "headscore", "tune", "--scores", f"r2={tmp_path / 'absent.json'}",
                           "--val-fraction", "1.5", "--out", str(tmp_path / "t")], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "val-fraction" in run.stderr
     assert not (tmp_path / "t").exists()

@@ -103,7 +103,7 @@ def read_journal_records(folder: Path):
 def test_scores_equal_plain_eager_loop(tiny, tokenizer, trials, tmp_path, method, mode):
     model, eager = tiny(), tiny("eager")
     chosen = trials[:2]
-    options = EstimateOptions(method=method, mode=mode, f1_threshold=-1, rouge_threshold=-1, max_new_tokens=8)
+    options = EstimateOptions(rule=method, mode=mode, f1_threshold=-1, rouge_threshold=-1, max_new_tokens=8)
     result = estimate(model, tokenizer, chosen, tmp_path, options=options, model_name="tiny")
     assert result.counted == result.run == 2
     records = read_journal_records(tmp_path)
@@ -255,7 +255,7 @@ def test_cli_on_smollm2(tmp_path):
                                                   depths=1))
     runner = CliRunner()
     out = tmp_path / "tf"
-    result = runner.invoke(app, ["estimate", "--needles", str(trials_path), "--out", str(out), "--mode",
+    result = runner.invoke(app, ["estimate", "--trials", str(trials_path), "--out", str(out), "--mode",
                                  "teacher-forced"])
     assert result.exit_code == 0, result.output
     assert "mode=teacher-forced" in result.output
@@ -263,7 +263,7 @@ def test_cli_on_smollm2(tmp_path):
     assert scores.num_trials == 2 and scores.mean().sum() > 0
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["mode"] == "teacher-forced" and metadata["trials_counted"] == 2
-    result = runner.invoke(app, ["estimate", "--needles", str(trials_path), "--out", str(tmp_path / "dec"),
+    result = runner.invoke(app, ["estimate", "--trials", str(trials_path), "--out", str(tmp_path / "dec"),
                                  "--limit", "1"])
     assert result.exit_code == 0 and "no trial counted" in result.output
 
@@ -275,7 +275,7 @@ def test_r2_decoding_stops_after_the_answers_token_count(tiny, tokenizer, trials
     a = len(tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
     n = trial.answer_span[1] - trial.answer_span[0]
     assert a < n
-    options = EstimateOptions(method="r2", f1_threshold=-1, max_new_tokens=50)
+    options = EstimateOptions(rule="r2", f1_threshold=-1, max_new_tokens=50)
     estimate(model, tokenizer, [trial], tmp_path, options=options, model_name="tiny")
     record = read_journal_records(tmp_path)[0]
     expected, generated = reference_scores(eager, tokenizer, trial, "r2", "decode", max_new_tokens=50)

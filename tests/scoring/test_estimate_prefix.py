@@ -68,7 +68,7 @@ def prefix_timing(folder: Path) -> tuple[int, int]:
                                           ("teacher-forced", "retrieval")])
 def test_prefix_cache_gives_the_scores_of_unshared_runs(tiny, tokenizer, trials, tmp_path, mode, method,
                                                       suffix_passes):
-    options = EstimateOptions(method=method, mode=mode, f1_threshold=-1, rouge_threshold=-1, max_new_tokens=4)
+    options = EstimateOptions(rule=method, mode=mode, f1_threshold=-1, rouge_threshold=-1, max_new_tokens=4)
     estimate(tiny, tokenizer, trials, tmp_path / "plain", options=options, model_name="tiny", prefix=OFF)
     # the shared prefix prefilled in passes of at most 64 tokens
     result = estimate(tiny, tokenizer, trials, tmp_path / "shared", options=options, model_name="tiny",
@@ -137,7 +137,7 @@ def test_cli_bad_prefix_cap_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "headscore", "estimate", "--needles", str(tmp_path / "t.jsonl"),
+    result = subprocess.run([sys.executable, "-m", "headscore", "estimate", "--trials", str(tmp_path / "t.jsonl"),
                              "--out", str(tmp_path / "out"), "--prefix-max-tokens", "0"],
                             capture_output=True, text=True)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -156,7 +156,7 @@ def test_smollm2_scores_agree_with_and_without_the_prefix_cache(tmp_path, mode):
 
     trials = tmp_path / "trials.jsonl"
     write_trials(trials, build_needle_trials("smollm2-135m", min_length=200, max_length=320, lengths=2, depths=3))
-    common = ["estimate", "--needles", str(trials), "--mode", mode, "--f1-threshold", "-1", "--rouge-threshold",
+    common = ["estimate", "--trials", str(trials), "--mode", mode, "--f1-threshold", "-1", "--rouge-threshold",
               "-1", "--max-new-tokens", "4"]
     runner = CliRunner()
     plain = runner.invoke(app, [*common, "--out", str(tmp_path / "plain"), "--no-prefix-cache"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headscore.core.errors import HeadscoreError
-from headscore.scoring.rules import r2_scores, retrieval_scores, scorer
+from headscore.scoring.rules import get_rule, r2_scores, retrieval_scores
 
 
 def loop_r2(probs, span, answer_tokens):
@@ -103,5 +103,5 @@ def test_bad_span_and_method():
         r2_scores(random_probs(), (20, 40), answer_tokens=3)
     with pytest.raises(HeadscoreError, match="answer has 0 tokens"):
         r2_scores(random_probs(), (10, 16), answer_tokens=0)
-    with pytest.raises(HeadscoreError, match="unknown method"):
-        scorer("nope")
+    with pytest.raises(HeadscoreError, match="unknown score rule 'nope'"):
+        get_rule("nope")

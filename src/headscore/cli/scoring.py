@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from headscore.cli.app import (
-    MODEL_HELP,
-    PREFIX_HELP,
-    PREFIX_MAX_HELP,
-    app,
+    Alias,
+    command,
     console,
     progress_bar,
     stdout,
 )
+from headscore.cli.options import MODEL_HELP, Device, DType, Model, prefix_options, uses
 from headscore.core.assets import DEFAULT_MODEL
 
 
-@app.command("build-needles")
+@command("build-needles")
 def build_needles(
     out: Path = typer.Option(Path("trials.jsonl"), "--out", "-o", help="Output JSONL file (written atomically)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP + " Lengths count its tokens."),
@@ -72,7 +72,7 @@ def _estimate_summary(result, title: str) -> None:
     for rank, (layer, head, share) in enumerate(result.top_heads, start=1):
         table.add_row(str(rank), str(layer), str(head), f"{share:.2%}")
     stdout.print(table)
-    stdout.print(f"model={meta.get('model')} method={meta.get('method')} mode={meta.get('mode')} "
+    stdout.print(f"model={meta.get('model')} rule={meta.get('method')} mode={meta.get('mode')} "
                  f"trials={result.run}/{result.total} nan={meta.get('trials_nan')} "
                  f"files: {' '.join(name for name in meta.get('files', {}).values() if name)}")
     timing = meta.get("timing", {})
@@ -83,63 +83,69 @@ def _estimate_summary(result, title: str) -> None:
         console.print(f"[bold yellow]warning:[/] {warning}")
 
 
-@app.command("estimate")
+@command("estimate", aliases={"--needles": Alias("--trials"), "-n": Alias("--trials"),
+                               "--method": Alias("--rule")})
+@uses(prefix_options)
 def estimate_command(
-    needles: Path = typer.Option(..., "--needles", "-n", help="Trial file from build-needles (JSONL), built "
-                                 "for the same tokenizer as --model."),
-    out: Path = typer.Option(Path("estimate"), "--out", "-o", help="Output folder: head_scores.json, "
-                             "trials.csv, metadata.json, heatmap.png and the resume journal journal.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
-    method: str = typer.Option("r2", help="'r2': retrieval-reasoning scores (HeadKV: top-N positions in the "
-                               "answer span, 10 · weight / (N · A), A = answer tokens); 'retrieval': "
-                               "retrieval-head scores "
-                               "(top-1 position in the span holding the generated token, 1/N)."),
-    mode: str = typer.Option("decode", help="'decode': greedy decoding, only trials that pass the success "
-                             "check count (the paper); 'teacher-forced': one pass over prompt + gold answer, "
-                             "the queries predicting each answer token are scored, every trial counts."),
-    f1_threshold: float = typer.Option(0.5, help="r2 success check: QA F1 of the response above this."),
-    rouge_threshold: float = typer.Option(0.5, help="retrieval success check: ROUGE-1 recall above this."),
-    max_new_tokens: int = typer.Option(50, help="Decode at most this many tokens (and at most the answer's "
-                                       "length); stops earlier at a newline or EOS."),
-    stop_after_failures: int = typer.Option(5, help="Decode mode: stop (exit 2, journal kept) when the first "
-                                            "K trials all fail the success check; 0 never stops."),
-    limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
-    shard: str | None = typer.Option(None, help="'i/n' (0 <= i < n): run the i-th of n contiguous ranges of "
-                                     "the trials in prefix-sharing order; combine the folders with `headscore "
-                                     "merge`. Under torchrun the ranks split the shard's trials the same way."),
-    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help=PREFIX_HELP),
-    prefix_max_tokens: int | None = typer.Option(None, help=PREFIX_MAX_HELP),
-    device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, "
-                               "... (under torchrun, auto and cuda mean cuda:LOCAL_RANK)."),
-    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
-                                     "bfloat16 on CUDA]."),
-    device_map: str | None = typer.Option(None, "--device-map", help="'auto': spread a model larger than "
-                                          "one device over all devices (accelerate)."),
+    trials: Annotated[Path, typer.Option("--trials", "-t", help="Trial file from build-needles (JSONL), built "
+                                         "for the same tokenizer as --model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: head_scores.json, trials.csv, "
+                                      "metadata.json, heatmap.png and the resume journal journal.jsonl.")]
+    = Path("estimate"),
+    model: Model = DEFAULT_MODEL,
+    rule: Annotated[str, typer.Option("--rule", help="Score rule: 'r2': retrieval-reasoning scores (HeadKV: "
+                                      "top-N positions in the answer span, 10 · weight / (N · A), A = answer "
+                                      "tokens); 'retrieval': retrieval-head scores (top-1 position in the span "
+                                      "holding the generated token, 1/N); or any rule registered in "
+                                      "headscore.scoring.rules.")] = "r2",
+    mode: Annotated[str, typer.Option("--mode", help="'decode': greedy decoding, only trials that pass the "
+                                      "success check count (the paper); 'teacher-forced': one pass over prompt "
+                                      "+ gold answer, the queries predicting each answer token are scored, "
+                                      "every trial counts.")] = "decode",
+    f1_threshold: Annotated[float, typer.Option("--f1-threshold", help="Success check of rules judged by QA F1 "
+                                                "(r2): the response's F1 above this.")] = 0.5,
+    rouge_threshold: Annotated[float, typer.Option("--rouge-threshold", help="Success check of rules judged "
+                                                   "by ROUGE-1 recall (retrieval): above this.")] = 0.5,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Decode at most this many tokens (and "
+                                                "at most the rule's decode length); stops earlier at a newline "
+                                                "or EOS.")] = 50,
+    stop_after_failures: Annotated[int, typer.Option("--stop-after-failures", help="Decode mode: stop (exit 2, "
+                                                     "journal kept) when the first K trials all fail the success "
+                                                     "check; 0 never stops.")] = 5,
+    limit: Annotated[int | None, typer.Option("--limit", help="Run only the first N trials (of the shard).")]
+    = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="'i/n' (0 <= i < n): run the i-th of n contiguous "
+                                              "ranges of the trials in prefix-sharing order; combine the folders "
+                                              "with `headscore merge`. Under torchrun the ranks split the "
+                                              "shard's trials the same way.")] = None,
+    prefix_options: Any = None,
+    device: Device = "auto",
+    dtype: DType = None,
+    device_map: Annotated[str | None, typer.Option("--device-map", help="'auto': spread a model larger than one "
+                                                   "device over all devices (accelerate).")] = None,
 ) -> None:
     """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
-    from headscore.core.prefix_cache import PrefixOptions
     from headscore.scoring.estimate import EstimateOptions, run_estimate
 
-    options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
+    options = EstimateOptions(rule=rule, mode=mode, f1_threshold=f1_threshold,
                               rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
-    prefix = PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
     with progress_bar() as bar:
-        task = bar.add_task(f"scoring heads ({method}, {mode})", total=None)
+        task = bar.add_task(f"scoring heads ({rule}, {mode})", total=None)
 
         def advance(done: int, total: int, record: dict | None) -> None:
             bar.update(task, completed=done, total=total)
             if record is not None:
                 counted = "counted" if record["counted"] else "not counted"
-                bar.update(task, description=f"scoring heads ({method}, {mode}) {record['id']}: {counted}")
+                bar.update(task, description=f"scoring heads ({rule}, {mode}) {record['id']}: {counted}")
 
-        result = run_estimate(model, needles, out, options=options, device=device, dtype=dtype,
+        result = run_estimate(model, trials, out, options=options, device=device, dtype=dtype,
                               device_map=device_map, shard=shard, limit=limit,
-                              stop_after_failures=stop_after_failures, prefix=prefix, progress=advance)
+                              stop_after_failures=stop_after_failures, prefix=prefix_options, progress=advance)
     if result is not None:  # None on ranks other than 0 under torchrun
-        _estimate_summary(result, f"estimate ({method}, {mode})")
+        _estimate_summary(result, f"estimate ({rule}, {mode})")
 
 
-@app.command("merge")
+@command("merge")
 def merge_command(
     dirs: list[Path] = typer.Argument(..., help="Output folders of `estimate --shard` runs of one trial "
                                       "set."),

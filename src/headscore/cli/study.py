@@ -6,15 +6,11 @@ from pathlib import Path
 
 import typer
 
-from headscore.cli.app import (
-    app,
-    console,
-    stdout,
-)
+from headscore.cli.app import command, console, names, stdout
 from headscore.study.stages import STAGES
 
 
-@app.command("reproduce")
+@command("reproduce")
 def reproduce_command(
     config: Path = typer.Option(Path("configs/smollm2-135m.yaml"), "--config", "-c", help="Study config (YAML) "
                                 "in configs/: smollm2-135m (default, ~45 min on a 2-core CPU), quick (~5 min "
@@ -27,6 +23,6 @@ def reproduce_command(
     and write report.md with every figure. Rerunning continues an interrupted study."""
     from headscore.study.reproduce import run_study
 
-    report = run_study(config, results=results, stages=[s.strip() for s in stages.split(",") if s.strip()],
+    report = run_study(config, results=results, stages=names(stages),
                        force=force, log=lambda line: console.print(line, markup=False, highlight=False))
     stdout.print(f"report: {report}")

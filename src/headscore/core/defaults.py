@@ -18,5 +18,7 @@ PYRAMID_BETA = 20.0  # PyramidKV: the last layer keeps floor((B − w) / pyramid
 
 EVALUATE_BUDGETS = (32, 64, 128, 256)  # evaluate's KV sizes
 TUNE_BUDGETS = (64, 128)  # tune's KV sizes
+EVALUATE_METHODS = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2")  # evaluate's methods
+TUNE_BASELINES = ("snapkv", "ada-snapkv")  # the methods tune compares on its test split
 BETA_GRID = (1.005, 1.01, 1.1, 1.2, 1.5, 2.0)  # tune's β grid
 TEMPLATE = "chat"  # prompt template of generated prompts (compress, ablate, evaluate's niah/synthetic, tune)

@@ -25,7 +25,7 @@ from headscore.core.files import atomic_write_text, fingerprint_file, versions, 
 from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer, resolve_device
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
-from headscore.evaluation.tasks import Sample, get_task, score
+from headscore.evaluation.tasks import Sample, get_task, score, task_samples
 from headscore.scoring.head_scores import read_head_scores
 
 CONDITIONS = ("top", "random", "lowest")
@@ -245,7 +245,7 @@ def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seed
     task = get_task("niah", lengths=tuple(lengths), depths=tuple(depths), needles=needles,
                     num_needles=num_needles, haystack=haystack, template=template,
                     max_new_tokens=max_new_tokens)
-    samples = task.samples(load_tokenizer(model_name))
+    samples = task_samples(task, load_tokenizer(model_name))
     lm, tokenizer = load_model(model_name, device=device, dtype=dtype, attn_implementation="sdpa")
     per_layer = geometry.query_heads
     metadata = {

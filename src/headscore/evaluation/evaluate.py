@@ -29,7 +29,19 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import cache_report, compress_state, decode, prefill
 from headscore.compression.presses import PRESSES, make_press, press_options
 from headscore.core.attention import use_attention
-from headscore.core.defaults import ALPHA, BETA, BUDGET, EVALUATE_BUDGETS, KERNEL, PYRAMID_BETA, TEMP, TEMPLATE, WINDOW
+from headscore.core.defaults import (
+    ALPHA,
+    BETA,
+    BUDGET,
+    EVALUATE_BUDGETS,
+    EVALUATE_METHODS,
+    KERNEL,
+    PYRAMID_BETA,
+    SINKS,
+    TEMP,
+    TEMPLATE,
+    WINDOW,
+)
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
@@ -45,7 +57,16 @@ from headscore.core.model import Geometry, eos_ids, input_device, load_geometry,
 from headscore.core.plots import grid_heatmap, line_plot
 from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
 from headscore.core.prompts import encode_prompt
-from headscore.evaluation.tasks import SOURCED, Sample, Task, expand_specs, get_task, score, task_settings
+from headscore.evaluation.tasks import (
+    SOURCED,
+    Sample,
+    Task,
+    expand_specs,
+    get_task,
+    score,
+    task_samples,
+    task_settings,
+)
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
 
@@ -62,44 +83,57 @@ GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template i
 @dataclass(frozen=True)
 class EvalMethod:
     """What an evaluation method name stands for: a press (its `PRESSES` name) and, for presses built from head
-    scores, which head-score file it needs (`"retrieval"` or `"r2"`, the estimate method that made it)."""
+    scores, the name of the head-score file it needs (`--scores NAME=FILE`: `r`, `r2`, or any other name)."""
 
     press: str
     scores: str | None = None
 
 
-# every press that needs no head scores under its own name; headkv once per kind of head scores (the paper's
-# HeadKV-R and HeadKV-R2)
-EVAL_METHODS: dict[str, EvalMethod] = {
-    **{name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)},
-    "headkv-r": EvalMethod("headkv", "retrieval"),
-    "headkv-r2": EvalMethod("headkv", "r2"),
-}
+HEADKV_METHOD = "headkv-"  # headkv-NAME: the headkv press on the head scores named NAME
 
 
-def eval_method(name: str) -> EvalMethod:
-    """The `EvalMethod` named `name`; an unknown name is an error listing the known ones."""
-    if name not in EVAL_METHODS:
-        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(EVAL_METHODS)}")
-    return EVAL_METHODS[name]
+def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
+    """Every evaluation method, resolved from the registries when called: each registered press that needs no
+    head scores under its own name, and headkv-NAME for the scores of every registered score rule (headkv-r2,
+    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`."""
+    from headscore.scoring.rules import RULES
+
+    methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
+    for name in dict.fromkeys([*(rule.scores_name for rule in RULES.values()), *score_names]):
+        methods[HEADKV_METHOD + name] = EvalMethod("headkv", name)
+    return methods
 
 
-SCORE_OPTIONS = {"retrieval": "--scores-r (retrieval head scores: estimate --method retrieval)",
-                 "r2": "--scores-r2 (retrieval-reasoning head scores: estimate --method r2)"}
+def eval_method(name: str, score_names: Sequence[str] = ()) -> EvalMethod:
+    """The `EvalMethod` named `name` (`score_names`: the names of the given head-score files); an unknown name is
+    an error listing the known ones."""
+    methods = eval_methods(score_names)
+    if name not in methods:
+        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(methods)}")
+    return methods[name]
+
+
+def scores_option(name: str) -> str:
+    """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
+    from headscore.scoring.rules import rule_for_scores
+
+    rule = rule_for_scores(name)
+    return f"--scores {name}=FILE" + (f" (head scores of estimate --rule {rule.name})" if rule else "")
 
 
 @dataclass
 class EvaluateOptions:
     """What to compare. `budgets`: average KV entries per head (window included), the paper's KV size.
 
-    `scores` maps "retrieval" / "r2" to head-score files for headkv-r / headkv-r2. `betas`: HeadKV's pool
+    `scores` maps names to head-score files: each name NAME gives the method headkv-NAME (r: retrieval scores,
+    r2: retrieval-reasoning scores, or any other name). `betas`: HeadKV's pool
     control; several values make a β sweep (each headkv method runs at every β). The other compression
     parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
-    `headscore compress`. `answer_prefix` is appended to every prompt (after the generation prompt, so the
+    `headscore compress` (`sinks` too). `answer_prefix` is appended to every prompt (after the generation prompt, so the
     observation window covers it); the model continues it and the prediction excludes it.
     """
 
-    methods: Sequence[str] = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2")
+    methods: Sequence[str] = EVALUATE_METHODS
     budgets: Sequence[int] = EVALUATE_BUDGETS
     scores: dict[str, str] = field(default_factory=dict)
     window: int = WINDOW
@@ -109,6 +143,7 @@ class EvaluateOptions:
     temp: float = TEMP
     granularity: str | None = None
     pyramid_beta: float = PYRAMID_BETA
+    sinks: int = SINKS
     answer_prefix: str = ""
 
 
@@ -129,7 +164,7 @@ class Condition:
 def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
     """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets)."""
 
-    entries = [(name, eval_method(name)) for name in options.methods]
+    entries = [(name, eval_method(name, list(options.scores))) for name in options.methods]
     takes = {entry.press: press_options(PRESSES[entry.press]) for _, entry in entries}
     if not options.methods:
         raise HeadscoreError("evaluate: no method given")
@@ -145,7 +180,7 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
         if needs is not None and needs not in loaded:
             path = options.scores.get(needs)
             if not path:
-                raise HeadscoreError(f"evaluate: method {method} needs {SCORE_OPTIONS[needs]}")
+                raise HeadscoreError(f"evaluate: method {method} needs {scores_option(needs)}")
             loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
         betas = options.betas if "beta" in takes[kind] else [None]
         for budget in options.budgets if "budget" in takes[kind] else [None]:
@@ -153,7 +188,8 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
                 press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
                                    kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
                                    temp=options.temp, granularity=options.granularity,
-                                   pyramid_beta=options.pyramid_beta, scores=loaded.get(needs) if needs else None)
+                                   pyramid_beta=options.pyramid_beta, sinks=options.sinks,
+                                   scores=loaded.get(needs) if needs else None)
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
@@ -428,7 +464,7 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
     """
     built = build_tasks(tasks, task_options)
     tokenizer = load_tokenizer(model_name)
-    samples = [sample for task in built for sample in task.samples(tokenizer)][:limit]
+    samples = [sample for task in built for sample in task_samples(task, tokenizer)][:limit]
     if not samples:
         raise HeadscoreError("evaluate: the tasks produced no samples")
     with atomic_open(out) as handle:
@@ -457,7 +493,7 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
     built = build_tasks(tasks, task_options)
     plan_conditions(load_geometry(model_name), options)  # bad methods or scores fail before loading weights
     model, tokenizer = load_model(model_name, device=rank_device(device, ranks()), dtype=dtype)
-    samples = [sample for task in built for sample in task.samples(tokenizer)]
+    samples = [sample for task in built for sample in task_samples(task, tokenizer)]
     if limit is not None:
         samples = samples[:limit]
     if not samples:

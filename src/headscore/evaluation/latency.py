@@ -23,7 +23,7 @@ from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.model import Geometry, load_model, resolve_device
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
-from headscore.evaluation.tasks import get_task
+from headscore.evaluation.tasks import get_task, task_samples
 
 TABLE_FILE = "latency.csv"
 
@@ -37,7 +37,7 @@ def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses:
     if too_long:
         raise HeadscoreError(f"latency: length {too_long[0]} + {max_new_tokens} new tokens exceeds the model's "
                              f"context of {limit}")
-    samples = get_task("niah", lengths=list(lengths), depths=[50.0], num_needles=1).samples(tokenizer)
+    samples = task_samples(get_task("niah", lengths=list(lengths), depths=[50.0], num_needles=1), tokenizer)
     rows = []
     for sample in samples:
         ids = torch.tensor([encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]])

@@ -33,28 +33,46 @@ from headscore.compression.allocation import allocate
 from headscore.compression.budgets import Budgets, check_beta, check_budget, pool_share
 from headscore.compression.budgets_file import read_budget_sweep, write_budgets
 from headscore.compression.presses import PRESSES, make_press, press_options
-from headscore.core.defaults import ALPHA, BETA, BETA_GRID, KERNEL, PYRAMID_BETA, TEMP, TUNE_BUDGETS, WINDOW
+from headscore.core.defaults import (
+    ALPHA,
+    BETA,
+    BETA_GRID,
+    KERNEL,
+    PYRAMID_BETA,
+    SINKS,
+    TEMP,
+    TUNE_BASELINES,
+    TUNE_BUDGETS,
+    WINDOW,
+)
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
 from headscore.core.model import Geometry, input_device
 from headscore.core.plots import line_plot
 from headscore.evaluation.evaluate import (
-    EVAL_METHODS,
-    SCORE_OPTIONS,
     Condition,
+    EvalMethod,
     EvaluateOptions,
+    eval_method,
+    eval_methods,
     evaluate,
     plan_conditions,
     prepare_evaluate,
+    scores_option,
 )
 from headscore.scoring.head_scores import read_head_scores
 
 DEFAULT_GRID = BETA_GRID
 DEFAULT_BETA = BETA
-# the evaluation methods whose press takes a β (headkv-r, headkv-r2)
-TUNABLE = tuple(name for name, entry in EVAL_METHODS.items() if "beta" in press_options(PRESSES[entry.press]))
 TIE = 1e-9
+
+
+def tunable_methods(methods: dict[str, EvalMethod]) -> list[str]:
+    """The evaluation methods whose press takes a β (headkv-NAME)."""
+    return [name for name, entry in methods.items() if "beta" in press_options(PRESSES[entry.press])]
+
+
 TUNED_FILE = "tuned_budgets.json"
 VALIDATION_DIR = "validation"
 TEST_DIR = "test"
@@ -69,8 +87,8 @@ RULE = ("best mean validation score; ties (within 1e-9) to the beta whose shared
 
 @dataclass
 class TuneOptions:
-    """What to tune: `methods` (headkv-r and/or headkv-r2, each needing its file in `scores`, keyed
-    "retrieval" / "r2" as in `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` run on
+    """What to tune: `methods` (headkv-NAME, each needing its file in `scores` under NAME, as in
+    `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` run on
     the test split beside the tuned and the `default_beta` allocation. The compression parameters are those
     of `evaluate`."""
 
@@ -79,7 +97,7 @@ class TuneOptions:
     scores: dict[str, str] = field(default_factory=dict)
     betas: Sequence[float] = DEFAULT_GRID
     default_beta: float = DEFAULT_BETA
-    baselines: Sequence[str] = ("snapkv", "ada-snapkv")
+    baselines: Sequence[str] = TUNE_BASELINES
     val_fraction: float = 0.5
     seed: int = 0
     window: int = WINDOW
@@ -88,20 +106,23 @@ class TuneOptions:
     temp: float = TEMP
     granularity: str | None = None
     pyramid_beta: float = PYRAMID_BETA
+    sinks: int = SINKS
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""
         if not self.methods:
-            raise HeadscoreError("tune: no method given (use headkv-r and/or headkv-r2)")
+            raise HeadscoreError("tune: no method given (use headkv-NAME for --scores NAME=FILE)")
+        methods = eval_methods(list(self.scores))
+        tunable = tunable_methods(methods)
         for method in self.methods:
-            if method not in TUNABLE:
-                raise HeadscoreError(f"tune: method '{method}' has no β to tune: use {' or '.join(TUNABLE)}")
-            needs = EVAL_METHODS[method].scores
+            if method not in tunable:
+                raise HeadscoreError(f"tune: method '{method}' has no β to tune: use {' or '.join(tunable)}")
+            needs = methods[method].scores
             if not self.scores.get(needs):
-                raise HeadscoreError(f"tune: method {method} needs {SCORE_OPTIONS[needs]}")
+                raise HeadscoreError(f"tune: method {method} needs {scores_option(needs)}")
         for method in self.baselines:
-            if method not in EVAL_METHODS or method in TUNABLE:
-                baselines = [m for m in EVAL_METHODS if m not in TUNABLE]
+            if method not in methods or method in tunable:
+                baselines = [m for m in methods if m not in tunable]
                 raise HeadscoreError(f"tune: unknown baseline '{method}': use some of {', '.join(baselines)}")
         if not self.budgets:
             raise HeadscoreError("tune: no budget given")
@@ -121,7 +142,7 @@ class TuneOptions:
         return EvaluateOptions(methods=list(methods), budgets=[int(b) for b in self.budgets],
                                scores=dict(self.scores), window=self.window, kernel=self.kernel, alpha=self.alpha,
                                betas=[float(b) for b in betas], temp=self.temp, granularity=self.granularity,
-                               pyramid_beta=self.pyramid_beta)
+                               pyramid_beta=self.pyramid_beta, sinks=self.sinks)
 
 
 def split_samples(samples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -191,7 +212,7 @@ def tuned_budgets(geometry: Geometry, table: Sequence[dict[str, Any]], options: 
     loaded = {}
     result = []
     for method in options.methods:
-        needs = EVAL_METHODS[method].scores
+        needs = eval_method(method, list(options.scores)).scores
         if needs not in loaded:
             loaded[needs] = read_head_scores(options.scores[needs], geometry.layers, geometry.query_heads)
         for budget in options.budgets:

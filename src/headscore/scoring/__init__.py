@@ -7,7 +7,7 @@ from headscore.core.exports import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "trials": ["Trial", "build_needle_trials", "write_trials", "read_trials", "load_needles"],
     "capture": ["attention_capture", "AttentionCapture"],
-    "rules": ["SCORERS", "score_rule", "r2_scores", "retrieval_scores", "scorer"],
+    "rules": ["RULES", "ScoreRule", "score_rule", "get_rule", "rule_for_scores", "r2_scores", "retrieval_scores"],
     "head_scores": ["HeadScores", "read_head_scores", "write_head_scores"],
     "estimate": ["EstimateOptions", "EstimateResult", "estimate", "run_estimate", "merge_runs"],
 })

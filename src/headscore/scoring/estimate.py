@@ -44,7 +44,7 @@ from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixe
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.head_scores import HeadScores, normalized_importance, write_head_scores
-from headscore.scoring.rules import SCORERS, scorer
+from headscore.scoring.rules import get_rule
 from headscore.scoring.trials import Trial, read_trials, trials_fingerprint
 
 MODES = ("decode", "teacher-forced")
@@ -54,9 +54,6 @@ METADATA_FILE = "metadata.json"
 HEATMAP_FILE = "heatmap.png"
 TABLE_COLUMNS = ("index", "id", "length", "depth", "needle", "response", "success", "f1", "rouge1_recall",
                  "counted", "steps", "nan")
-RULES = {"r2": "10 * weight / (N * A) per top-N position inside the span, summed over steps (HeadKV r2)",
-         "retrieval": "1 / N per step whose top-1 position is in the span and holds the generated token "
-                      "(Retrieval-Head)"}
 STOP_AFTER_FAILURES = 5
 MODE_NOTES = {
     "decode": "greedy decoding; steps scored from the last prompt token on; only successful trials counted",
@@ -67,25 +64,25 @@ MODE_NOTES = {
 
 @dataclass(frozen=True)
 class EstimateOptions:
-    """How heads are scored. `max_new_tokens` caps decoding (also capped by the answer span length)."""
+    """How heads are scored: `rule`, a registered score rule (`scoring.rules.RULES`); `max_new_tokens` caps
+    decoding (also capped by the rule's decode length). Thresholds: the rule's success check."""
 
-    method: str = "r2"
+    rule: str = "r2"
     mode: str = "decode"
     f1_threshold: float = 0.5
     rouge_threshold: float = 0.5
     max_new_tokens: int = 50
 
     def __post_init__(self) -> None:
-        if self.method not in SCORERS:
-            raise HeadscoreError(f"unknown method '{self.method}': use one of {', '.join(SCORERS)}")
+        get_rule(self.rule)
         if self.mode not in MODES:
             raise HeadscoreError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
             raise HeadscoreError("--max-new-tokens must be at least 1")
 
     def success(self, f1: float, rouge: float) -> bool:
-        """r2: QA F1 > f1_threshold; retrieval: ROUGE-1 recall > rouge_threshold."""
-        return f1 > self.f1_threshold if self.method == "r2" else rouge > self.rouge_threshold
+        """The rule's success check (r2: QA F1 > f1_threshold; retrieval: ROUGE-1 recall > rouge_threshold)."""
+        return get_rule(self.rule).succeeded(f1, rouge, self.f1_threshold, self.rouge_threshold)
 
 
 @dataclass
@@ -169,7 +166,7 @@ def answer_token_count(tokenizer: Any, answer: str) -> int:
 
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                 method: str, max_new_tokens: int, forced: torch.Tensor | None = None,
+                 rule: str, max_new_tokens: int, forced: torch.Tensor | None = None,
                  answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0
                  ) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
@@ -181,7 +178,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     `prompt[start:-1]` is prefilled on it.
     """
 
-    score = scorer(method)
+    score = get_rule(rule).score
     answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
@@ -212,7 +209,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
 
 @torch.no_grad()
 def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                         method: str, answer_tokens: int | None = None, cache: DynamicCache | None = None,
+                         rule: str, answer_tokens: int | None = None, cache: DynamicCache | None = None,
                          prefix: int = 0) -> tuple[torch.Tensor, list[int], bool]:
     """Teacher-forced mode: one pass over `prompt + answer[:-1]`, answer = `prompt[start:end]` (N tokens).
 
@@ -235,7 +232,7 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
                        logits_to_keep=end - start).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
-    total = scorer(method)(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
+    total = get_rule(rule).score(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
     return total, logits[0].argmax(-1).tolist(), not bool(torch.isfinite(probs).all())
 
 
@@ -252,11 +249,11 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
     answer_tokens = answer_token_count(tokenizer, trial.answer)
     with shared_prefix(prefixes, prompt_ids, shared) as (cache, start):
         if options.mode == "teacher-forced":
-            scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.method,
+            scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.rule,
                                                           answer_tokens, cache, start)
         else:
-            length = answer_tokens if options.method == "r2" else span[1] - span[0]
-            scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.method,
+            length = get_rule(options.rule).decode_steps(answer_tokens, span[1] - span[0])
+            scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.rule,
                                                   min(length, options.max_new_tokens),
                                                   answer_tokens=answer_tokens, cache=cache, start=start)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
@@ -377,8 +374,10 @@ def estimate(
     if stop_after_failures < 0:
         raise HeadscoreError("--stop-after-failures must be 0 (never stop) or more")
     prefix = prefix.for_model(model)
-    header = {"model": model_name, "geometry": geometry.to_dict(), **asdict(options),
-              "rule": RULES[options.method],
+    # the rule is recorded as "method" (the files' key since the first release), then its description
+    settings = {("method" if key == "rule" else key): value for key, value in asdict(options).items()}
+    header = {"model": model_name, "geometry": geometry.to_dict(), **settings,
+              "rule": get_rule(options.rule).description,
               "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
               "shard": f"{shard[0]}/{shard[1]}"}
     # planned over the whole file: shards are contiguous ranges of the sharing order (whatever the prefix

@@ -40,11 +40,12 @@ from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
 from headscore.evaluation.ablate import execute, prepare
 from headscore.evaluation.compare import bootstrap_stability, write_stability
-from headscore.evaluation.evaluate import EVAL_METHODS, EvaluateOptions, eval_method, run_evaluate
+from headscore.evaluation.evaluate import EvaluateOptions, eval_method, eval_methods, run_evaluate
 from headscore.evaluation.latency import run_latency
 from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
 from headscore.scoring.estimate import EstimateOptions, run_estimate
 from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.rules import rule_for_scores
 from headscore.scoring.trials import build_needle_trials, write_trials
 from headscore.study.report import write_report
 from headscore.study.stages import SHARED_STAGES, STAGES
@@ -231,7 +232,7 @@ class Study:
         for method in ("r2", "retrieval"):
             trials = self.path(f"trials-{'r2' if method == 'r2' else 'retrieval'}.jsonl")
             self.require("estimate", trials)
-            options = EstimateOptions(method=method, mode=settings[f"{method}_mode"],
+            options = EstimateOptions(rule=method, mode=settings[f"{method}_mode"],
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
                                       max_new_tokens=settings["max_new_tokens"])
@@ -242,7 +243,9 @@ class Study:
         return {"estimate": found}
 
     def scores_file(self, which: str, stage: str) -> Path:
-        path = self.path(f"scores-{which}", "head_scores.json")
+        """The study's head scores named `which`: a rule (r2, retrieval) or its scores name (r2, r)."""
+        rule = rule_for_scores(which)
+        path = self.path(f"scores-{rule.name if rule else which}", "head_scores.json")
         self.require(stage, path)
         return path
 
@@ -303,7 +306,8 @@ class Study:
         top = self.config.top
         scores = {}
         for method in s["methods"]:
-            needs = EVAL_METHODS[method].scores if method in EVAL_METHODS else None  # tune names unknown ones
+            known = eval_methods()
+            needs = known[method].scores if method in known else None  # tune names unknown ones
             if needs:
                 scores[needs] = str(self.scores_file(needs, "tune"))
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
-from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, score
+from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, score, task_samples
 from headscore.evaluation.tasks.longbench import (
     HUB_LONGBENCH,
     HUB_LOOGLE,
@@ -31,7 +31,7 @@ SYNTHETIC = ("multikey", "multivalue", "vartrack", "twohop")
 SOURCED: dict[str, type[LongBenchTask]] = {"longbench": LongBenchTask, "loogle": LoogleTask}
 
 __all__ = ["SYNTHETIC", "TASKS", "LongBenchTask", "LoogleTask", "Placement", "Sample", "Task", "expand_specs",
-           "get_task", "place_in_haystack", "score", "task_settings"]
+           "get_task", "place_in_haystack", "score", "task_samples", "task_settings"]
 
 
 def _sourced(spec: str) -> tuple[type[LongBenchTask], str] | None:

