@@ -390,3 +390,28 @@ def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command, sparse_sco
     assert len(lines) == 1 and lines[0] == f"headscore: error: cannot write {folder}: it is a folder; give a " \
                                            "file path", done.stderr
     assert list(folder.iterdir()) == []
+
+
+def test_one_geometry_mismatch_message(tmp_path, random_scores):
+    """Budgets files, presses and head scores used on another model say it the same way (Geometry.check_matches);
+    Geometry.from_dict reads what to_dict wrote."""
+    from headscore.compression.presses import make_press
+
+    small, model = Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=8), SMOL
+    assert Geometry.from_dict(model.to_dict()) == model
+    assert Geometry.from_dict({"layers": 2, "query_heads": 4, "kv_heads": 2}) == Geometry(2, 4, 2, 0)
+    budgets = allocate("uniform", small, 64)
+    write_budgets(tmp_path / "b.json", budgets)
+    write_head_scores(tmp_path / "s.json", random_scores(2, 4, trials=1))
+    expected = f"are for {small.describe()}, but the model has {model.describe()}"
+    assert expected == "are for 2 layers × 4 query heads / 2 KV heads, but the model has 30 layers × 9 query " \
+                       "heads / 3 KV heads"
+    with pytest.raises(HeadscoreError, match=f"the budgets in {tmp_path / 'b.json'} {expected}"):
+        read_budgets(tmp_path / "b.json", model)
+    with pytest.raises(HeadscoreError, match=f"^budgets {expected}"):
+        make_press("headkv", model, budgets=budgets)
+    scores_expected = f"are for {small.describe(False)}, but the model has {model.describe(False)}"
+    with pytest.raises(HeadscoreError, match=f"^head scores {scores_expected}"):
+        allocate("headkv", model, 64, scores=read_head_scores(tmp_path / "s.json"))
+    with pytest.raises(HeadscoreError, match=scores_expected):
+        read_head_scores(tmp_path / "s.json", model.layers, model.query_heads)

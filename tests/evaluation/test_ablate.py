@@ -144,7 +144,8 @@ def test_cli_end_to_end_on_smollm2(tmp_path, one_thread, random_scores):
 
     bad = tmp_path / "bad.json"
     write_head_scores(bad, random_scores(2, 4, trials=1, seed=1))
-    for extra, message in (([], "2 layers × 4 heads"), (["--ks", "300"], "outside 1..270")):
+    mismatch = "are for 2 layers × 4 query heads, but the model has 30 layers × 9 query heads"
+    for extra, message in (([], mismatch), (["--ks", "300"], "outside 1..270")):
         scores_file = bad if not extra else scores
         result = CliRunner().invoke(app, ["ablate", "--scores", str(scores_file), "--out", str(tmp_path / "x"),
                                           *extra])

@@ -133,7 +133,7 @@ def test_bad_plans(model, score_files):
     with pytest.raises(HeadscoreError, match="exceed the observation window"):
         plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[4]))
     other = score_files(Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8))
-    with pytest.raises(HeadscoreError, match="not the expected"):
+    with pytest.raises(HeadscoreError, match="are for 3 layers × 4 query heads, but the model has 2 layers"):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r"], budgets=[32], scores=other))
 
 

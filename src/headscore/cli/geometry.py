@@ -18,10 +18,7 @@ def score_file_geometry(scores_path: str | os.PathLike) -> Geometry | None:
     if not meta.is_file():
         return None
     try:
-        geo = json.loads(meta.read_text(encoding="utf-8")).get("geometry")
-        return Geometry(layers=int(geo["layers"]), query_heads=int(geo["query_heads"]),
-                        kv_heads=int(geo["kv_heads"]), head_dim=int(geo.get("head_dim") or 0),
-                        max_context=geo.get("max_context"))
+        return Geometry.from_dict(json.loads(meta.read_text(encoding="utf-8")).get("geometry"))
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return None
 

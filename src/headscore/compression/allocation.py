@@ -40,9 +40,8 @@ def head_importance(scores: HeadScores, geometry: Geometry, granularity: str,
     Mean per query head, L1-normalized, `** temp`, renormalized; for "kv", summed over the query heads that
     share a KV head. The scores must have the geometry's `layers × query_heads` grid.
     """
-    if (scores.layers, scores.heads) != (geometry.layers, geometry.query_heads):
-        raise HeadscoreError(f"head scores are for {scores.layers} layers × {scores.heads} query heads, but "
-                             f"the model has {geometry.layers} layers × {geometry.query_heads} query heads")
+    found = Geometry(layers=scores.layers, query_heads=scores.heads, kv_heads=geometry.kv_heads, head_dim=0)
+    found.check_matches(geometry, "head scores", kv_heads=False)
     importance = scores.importance(temp)
     return group_by_kv_head(importance, geometry.kv_heads) if granularity == "kv" else importance
 

@@ -73,10 +73,7 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
     if not isinstance(item, dict) or item.get("format") != FORMAT:
         raise HeadscoreError(f"{where} is not a headscore budgets object (format {FORMAT})")
     try:
-        geo = item["geometry"]
-        geometry = Geometry(layers=int(geo["layers"]), query_heads=int(geo["query_heads"]),
-                            kv_heads=int(geo["kv_heads"]), head_dim=int(geo.get("head_dim") or 0),
-                            max_context=geo.get("max_context"))
+        geometry = Geometry.from_dict(item["geometry"])
         method, granularity, rows = item["method"], item["granularity"], item["matrix"]
     except (KeyError, TypeError, ValueError) as error:
         raise HeadscoreError(f"{where}: missing or malformed field {error}") from None
@@ -105,14 +102,6 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
     return budgets
 
 
-def _check_against(budgets: Budgets, geometry: Geometry, where: str) -> None:
-    file_geo, want = budgets.geometry, geometry
-    if file_geo.grid != want.grid:
-        raise HeadscoreError(f"{where} is for {file_geo.layers} layers × {file_geo.query_heads} query heads "
-                             f"/ {file_geo.kv_heads} KV heads, but the model has {want.layers} layers × "
-                             f"{want.query_heads} query heads / {want.kv_heads} KV heads")
-
-
 def read_budget_sweep(path: str | os.PathLike, geometry: Geometry | None = None) -> list[Budgets]:
     """Every `Budgets` in a budgets file (one for a single object, all of a sweep), validated; with
     `geometry` given, a file for another geometry is an error."""
@@ -127,7 +116,7 @@ def read_budget_sweep(path: str | os.PathLike, geometry: Geometry | None = None)
         found = [budgets_from_dict(payload, f"budgets file {path}")]
     if geometry is not None:
         for budgets in found:
-            _check_against(budgets, geometry, f"budgets file {path}")
+            budgets.geometry.check_matches(geometry, f"the budgets in {path}")
     return found
 
 

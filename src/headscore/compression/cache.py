@@ -11,9 +11,9 @@ prompt entries that head kept, flattened head after head:
 
 Storage is Σ kept × head_dim × 2 × dtype size plus the tail: no padding to the largest head, no mask.
 The cache plugs into transformers through `Cache.update`: at prefill a layer holds the full keys/values until
-the registered attention function (`headscore.attention.headwise_attention_forward`) has computed the exact
+the registered attention function (`headscore.compression.attention.headwise_attention_forward`) has computed the exact
 output and the window scores; then the layer is compressed (or, in recording mode, kept whole for
-`headscore.generation.prefill`). At decode, `update` appends to the tail and hands the layer itself to the
+`headscore.compression.generation.prefill`). At decode, `update` appends to the tail and hands the layer itself to the
 attention function as `key` and `value`.
 """
 
@@ -102,7 +102,7 @@ class HeadwiseLayer(CacheLayerMixin):
                                  "(is the model using headscore's attention function?)")
         elif self.keys is None:
             raise HeadscoreError("this head-wise cache only recorded a prefill; build a compressed cache from "
-                                 "it (headscore.generation.compress_state) to decode")
+                                 "it (headscore.compression.generation.compress_state) to decode")
         else:
             self.tail_keys = torch.cat([self.tail_keys, key_states[0]], dim=1)
             self.tail_values = torch.cat([self.tail_values, value_states[0]], dim=1)
@@ -183,7 +183,7 @@ class HeadwiseCache(DynamicCache):
     """Per-head variable-length cache for every layer, compressed at prefill by `press` (see module doc).
 
     With `press=None` the cache records instead: each layer keeps its full keys/values and window scores in
-    `recorded` (for `headscore.generation.prefill`) and cannot decode.
+    `recorded` (for `headscore.compression.generation.prefill`) and cannot decode.
     """
 
     def __init__(self, geometry: Geometry, press: Press | None, *, window: int | None = None,

@@ -236,14 +236,10 @@ class BudgetPress(Press):
     def check(self, geometry: Geometry) -> None:
         """A budgets matrix for another geometry is an error."""
         budgets = self.budgets_for(geometry)
-        want = (geometry.layers, self.cache_heads(geometry))
-        got = tuple(budgets.matrix.shape)
-        given = budgets.geometry
-        if given.grid != geometry.grid or got != want:
-            raise HeadscoreError(f"budgets are for {given.layers} layers × {given.query_heads} query heads / "
-                                 f"{given.kv_heads} KV heads ({got[0]} × {got[1]} matrix), but the model has "
-                                 f"{geometry.layers} layers × {geometry.query_heads} query heads / "
-                                 f"{geometry.kv_heads} KV heads")
+        budgets.geometry.check_matches(geometry, "budgets")
+        if tuple(budgets.matrix.shape) != (geometry.layers, self.cache_heads(geometry)):
+            raise HeadscoreError(f"the budgets matrix is {tuple(budgets.matrix.shape)}, not the {geometry.layers} "
+                                 f"layers × {self.cache_heads(geometry)} heads of its granularity")
 
     def cache_heads(self, geometry: Geometry) -> int:
         query = self.budgets_for(geometry).granularity == "query"

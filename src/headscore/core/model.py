@@ -39,6 +39,27 @@ class Geometry:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, data: Any) -> Geometry:
+        """The inverse of `to_dict` (a missing `head_dim` reads as 0); KeyError, TypeError or ValueError on a
+        malformed dict, for the caller to name its file."""
+        return cls(layers=int(data["layers"]), query_heads=int(data["query_heads"]), kv_heads=int(data["kv_heads"]),
+                   head_dim=int(data.get("head_dim") or 0), max_context=data.get("max_context"))
+
+    def describe(self, kv_heads: bool = True) -> str:
+        """'30 layers × 9 query heads / 3 KV heads' (without the KV heads: `kv_heads=False`)."""
+        text = f"{self.layers} layers × {self.query_heads} query heads"
+        return text + (f" / {self.kv_heads} KV heads" if kv_heads else "")
+
+    def check_matches(self, model: Geometry, what: str, *, kv_heads: bool = True) -> None:
+        """The one geometry-mismatch error: `what` (budgets, head scores, ...) was made for this geometry and is
+        used on a model of geometry `model`. `kv_heads=False` compares layers × query heads only (head scores
+        know no KV heads)."""
+        size = 3 if kv_heads else 2
+        if self.grid[:size] != model.grid[:size]:
+            raise HeadscoreError(f"{what} are for {self.describe(kv_heads)}, but the model has "
+                                 f"{model.describe(kv_heads)}")
+
+    @classmethod
     def from_config(cls, config: Any) -> Geometry:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         query_heads = config.num_attention_heads

@@ -279,7 +279,7 @@ def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
     """Rebuild head_scores.json, trials.csv, metadata.json and heatmap.png from the journal's records."""
 
     records = sorted(records, key=lambda r: r["index"])
-    geometry = Geometry(**header["geometry"])
+    geometry = Geometry.from_dict(header["geometry"])
     counted = [r for r in records if r["counted"]]
     if counted:
         scores = HeadScores.from_tensor(torch.tensor([r["scores"] for r in counted], dtype=torch.float64))

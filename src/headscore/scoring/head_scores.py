@@ -17,6 +17,7 @@ import torch
 from headscore.core.defaults import TEMP
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_bytes, read_json
+from headscore.core.model import Geometry
 
 
 @dataclass
@@ -132,9 +133,11 @@ def read_head_scores(path: str | Path, layers: int | None = None, heads: int | N
     if len(cells) != file_layers * file_heads:
         raise HeadscoreError(f"head-score file {path} lacks heads: {len(cells)} keys for a "
                              f"{file_layers} × {file_heads} grid")
-    if (layers is not None and layers != file_layers) or (heads is not None and heads != file_heads):
-        raise HeadscoreError(f"head-score file {path} is for {file_layers} layers × {file_heads} heads, "
-                             f"not the expected {layers} × {heads}")
+    if layers is not None or heads is not None:
+        found = Geometry(layers=file_layers, query_heads=file_heads, kv_heads=file_heads, head_dim=0)
+        model = Geometry(layers=file_layers if layers is None else layers,
+                         query_heads=file_heads if heads is None else heads, kv_heads=file_heads, head_dim=0)
+        found.check_matches(model, f"the head scores in {path}", kv_heads=False)
     trials = [[[float(v) for v in cells[(layer, head)]] for head in range(file_heads)]
               for layer in range(file_layers)]
     return HeadScores(layers=file_layers, heads=file_heads, trials=trials)
