@@ -104,3 +104,21 @@ def test_shared_options_take_the_library_defaults():
     tune = {p.name: p.default for p in command.commands["tune"].params}
     assert [float(b) for b in tune["betas"]] == list(TuneOptions.betas)
     assert tune["baselines"].split(",") == list(TuneOptions.baselines)
+
+
+def test_old_spellings_reach_the_command(tmp_path):
+    """estimate --needles and compress --budgets FILE (now --budget-file) still reach their commands, with one
+    deprecation line each."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["estimate", "--needles", str(tmp_path / "absent.jsonl"), "--method", "r2",
+                                 "--out", str(tmp_path / "e")])
+    assert isinstance(result.exception, HeadscoreError) and "absent.jsonl" in str(result.exception)
+    assert [line for line in result.stderr.splitlines() if "deprecated" in line] == [
+        "headscore: warning: estimate --needles is deprecated and goes in the next release; use --trials",
+        "headscore: warning: estimate --method is deprecated and goes in the next release; use --rule"]
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text("{}")
+    result = runner.invoke(app, ["compress", "--context-file", str(tmp_path / "absent.txt"), "--question", "Q?",
+                                 "--budgets", str(budgets)])
+    assert isinstance(result.exception, HeadscoreError) and "context file not found" in str(result.exception)
+    assert "compress --budgets FILE is deprecated" in result.stderr and result.stderr.count("deprecated") == 1

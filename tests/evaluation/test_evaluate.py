@@ -108,6 +108,26 @@ def test_evaluate_writes_outputs(model, tokenizer, tmp_path, score_files):
     assert metadata["geometry"]["query_heads"] == 4 and len(metadata["conditions"]) == 5
 
 
+def test_a_task_score_override_scores_its_samples(model, tokenizer, tmp_path):
+    """`Task.score` is what scores a prediction: a task that overrides it gets its own scores in the results."""
+    from dataclasses import dataclass
+
+    from headscore.evaluation.tasks import task_samples
+    from headscore.evaluation.tasks.niah import NiahTask
+
+    @dataclass
+    class LengthScoredNiah(NiahTask):
+        def score(self, sample, prediction):
+            return 0.375  # no metric gives this to the tiny random model's answer
+
+    task = LengthScoredNiah(lengths=[160], depths=[50], num_needles=1, max_new_tokens=6)
+    samples = task_samples(task, tokenizer)
+    assert samples[0].task_scorer is task and "task_scorer" not in samples[0].to_dict()
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", model_name="tiny",
+                      options=EvaluateOptions(methods=["full"], budgets=[16], scores={}))
+    assert [row["score"] for row in result.rows] == [0.375]
+
+
 def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
     options = EvaluateOptions(methods=["full", "snapkv"], budgets=[16], scores={})
     samples = small_samples(tokenizer)[:4]
