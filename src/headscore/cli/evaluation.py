@@ -39,6 +39,9 @@ from headscore.core.defaults import (
 )
 from headscore.core.errors import HeadscoreError
 
+TASK_TEMPLATE_HELP = ("Prompt template: chat (the tokenizer's chat template), raw (no template) or llama2 ([INST] "
+                      "... [/INST]) [default: chat for niah and synthetic; raw for LongBench and LooGLE, as the "
+                      "authors ran Llama-3 and Mistral].")
 SCORE_ALIASES = {"--scores-r": Alias("--scores", score_alias("r")), "--scores-r2": Alias("--scores", score_alias("r2"))}
 
 
@@ -57,10 +60,7 @@ def evaluate_command(
     run_setup: Any = None,
     press_parameters: Any = None,
     task_options: Any = None,
-    template: Annotated[str | None, typer.Option("--template", help="Prompt template: chat (the tokenizer's chat "
-                                                 "template), raw (no template) or llama2 ([INST] ... [/INST]) "
-                                                 "[default: chat for niah and synthetic; raw for LongBench and "
-                                                 "LooGLE, as the authors ran Llama-3 and Mistral].")] = None,
+    template: Annotated[str | None, typer.Option("--template", help=TASK_TEMPLATE_HELP)] = None,
     dump_prompts: Annotated[Path | None, typer.Option("--dump-prompts", help="Write the rendered prompts (after "
                                                       "truncation) and generation settings as JSONL to this file, "
                                                       "loading only the tokenizer, and exit.")] = None,
