@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -89,7 +88,7 @@ class HeadscoreCommand(TyperCommand):
             if getattr(param, "help", None):
                 param.help = escape(param.help)  # type: ignore[attr-defined]
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, rewrite_aliases(self.name or "", args, self.aliases))
 
 
@@ -110,7 +109,7 @@ def rewrite_aliases(command: str, args: Sequence[str], aliases: dict[str, Alias]
             continue
         if old not in warned:
             warned.add(old)
-            click.echo(f"headscore: warning: {command} {old} is deprecated and goes in the next release; use "
+            typer.echo(f"headscore: warning: {command} {old} is deprecated and goes in the next release; use "
                        f"{alias.new}", err=True)
         if alias.value is None:
             out.append(alias.new + (f"={inline}" if "=" in arg else ""))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Table
 
@@ -23,6 +22,7 @@ from headscore.cli.options import (
     Temp,
     Template,
     Window,
+    option_values,
     press_parameters,
     uses,
 )
@@ -40,8 +40,8 @@ def allocate_command(
     allocation: Annotated[str, typer.Option("--allocation", help="Budget rule: headkv (shared pool by head "
                                             "score), uniform (SnapKV: every head B - w) or pyramid (PyramidKV: "
                                             "per-layer budgets falling linearly).")] = "headkv",
-    budgets: BudgetsOption = (str(BUDGET),),
-    betas: BetasOption = (f"{BETA:g}",),
+    budgets: BudgetsOption = option_values(BUDGET),
+    betas: BetasOption = option_values(BETA),
     temp: Temp = TEMP,
     window: Window = WINDOW,
     pyramid_beta: PyramidBeta = PYRAMID_BETA,
@@ -130,8 +130,8 @@ def compress_command(
     budget_file: Annotated[Path | None, typer.Option("--budget-file", help="headkv: a budgets file from "
                                                      "`headscore allocate` (instead of --scores; its window wins "
                                                      "over --window).")] = None,
-    budgets: BudgetsOption = (str(BUDGET),),
-    betas: BetasOption = (f"{BETA:g}",),
+    budgets: BudgetsOption = option_values(BUDGET),
+    betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated at most.")] = 64,
     template: Template = TEMPLATE,
@@ -184,7 +184,7 @@ def compress_command(
 def _budgets_or_file(budgets: list[str], budget_file: Path | None) -> tuple[list[str], Path | None]:
     """`compress --budgets FILE` (the old spelling of --budget-file) still works for one release."""
     if len(budgets) == 1 and Path(budgets[0]).is_file() and not budgets[0].strip().isdigit():
-        click.echo("headscore: warning: compress --budgets FILE is deprecated and goes in the next release; use "
+        typer.echo("headscore: warning: compress --budgets FILE is deprecated and goes in the next release; use "
                    "--budget-file FILE (--budgets is the KV size)", err=True)
         return [str(BUDGET)], budget_file or Path(budgets[0])
     return budgets, budget_file

@@ -18,6 +18,7 @@ from headscore.cli.options import (
     Model,
     Template,
     Window,
+    option_values,
     prefix_options,
     press_parameters,
     run_setup,
@@ -55,8 +56,8 @@ def evaluate_command(
                                          "pyramidkv, ada-snapkv, any registered press, and headkv-NAME for each "
                                          "--scores NAME=FILE (headkv-r: --scores r=FILE, headkv-r2: --scores "
                                          "r2=FILE).")] = ",".join(EVALUATE_METHODS),
-    budgets: BudgetsOption = tuple(str(b) for b in EVALUATE_BUDGETS),
-    betas: BetasOption = (f"{BETA:g}",),
+    budgets: BudgetsOption = option_values(*EVALUATE_BUDGETS),
+    betas: BetasOption = option_values(BETA),
     run_setup: Any = None,
     press_parameters: Any = None,
     task_options: Any = None,
@@ -109,10 +110,10 @@ def tune_command(
                                       "validation_vs_beta.png, comparison.csv, tune.md, metadata.json; "
                                       "validation/ and test/ hold the evaluate runs (their journals make reruns "
                                       "resume).")] = Path("tune"),
-    budgets: BudgetsOption = tuple(str(b) for b in TUNE_BUDGETS),
+    budgets: BudgetsOption = option_values(*TUNE_BUDGETS),
     betas: Annotated[list[str], typer.Option("--betas", help="The β grid evaluated on the validation split (each "
                                              "> 1; larger = smaller shared pool); repeat or comma-separate.")]
-    = tuple(f"{b:g}" for b in BETA_GRID),
+    = option_values(*BETA_GRID),
     default_beta: Annotated[float, typer.Option("--default-beta", help="The β the tuned one is compared with on "
                                                 "the test split.")] = BETA,
     baselines: Annotated[str, typer.Option("--baselines", help="Methods also run on the test split "
@@ -224,9 +225,9 @@ def compare_command(
     b: Path | None = typer.Argument(None, help="Head-score file B, of A's layers × heads (not with "
                                     "--bootstrap)."),
     budgets: Annotated[list[str], typer.Option("--budgets", help="KV size B at which the budget matrices are "
-                                               "compared (one value).")] = (str(BUDGET),),
+                                               "compared (one value).")] = option_values(BUDGET),
     betas: Annotated[list[str], typer.Option("--betas", help="HeadKV β of the compared budget matrices (one "
-                                             "value).")] = (f"{BETA:g}",),
+                                             "value).")] = option_values(BETA),
     window: Window = WINDOW,
     kv_heads: int | None = typer.Option(None, "--kv-heads", help="KV heads per layer: budgets per KV head "
                                         "(GQA) [default: one per query head]."),

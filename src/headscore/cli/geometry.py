@@ -51,9 +51,9 @@ def resolve_geometry(*, model: str | None = None, layers: int | None = None, hea
                                  "not both")
         return load_geometry(model), f"model {model}"
     if scores_path is not None:
-        geometry = score_file_geometry(scores_path)
-        if geometry is not None and kv_heads is None:
-            return geometry, f"{Path(scores_path).with_name('metadata.json')}"
+        recorded = score_file_geometry(scores_path)
+        if recorded is not None and kv_heads is None:
+            return recorded, f"{Path(scores_path).with_name('metadata.json')}"
         found = read_head_scores(scores_path)
         if kv_heads is None and default_model is not None:
             default = load_geometry(default_model)

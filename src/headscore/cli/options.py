@@ -61,6 +61,11 @@ PyramidBeta = Annotated[float, typer.Option("--pyramid-beta", help="PyramidKV: t
                                             "floor((B - w) / pyramid_beta).")]
 
 
+def option_values(*values: float) -> list[str]:
+    """The default of a list option from library defaults: `option_values(128)` -> `["128"]`, 1.01 -> "1.01"."""
+    return [f"{value:g}" for value in values]
+
+
 def parse_named_scores(values: list[str] | None) -> dict[str, str]:
     """`["r=a.json", "r2=b.json"]` -> `{"r": "a.json", "r2": "b.json"}`; a bad entry is one error line."""
     from headscore.core.errors import HeadscoreError
@@ -181,7 +186,7 @@ def uses(*groups: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in spliced]
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}
-        del run.__wrapped__  # type: ignore[attr-defined]  # typer reads the signature above, not the command's
+        del run.__wrapped__  # typer reads the signature above, not the command's
         return run
 
     return wrap

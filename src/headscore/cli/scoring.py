@@ -53,9 +53,9 @@ def build_needles(
     table = Table(title=f"{len(trials)} trials -> {out}")
     for column in ("target length", "actual tokens (min-max)", "depths", "needles"):
         table.add_column(column, justify="right")
-    for target in sorted({t.target_length for t in trials}):
-        rows = [t for t in trials if t.target_length == target]
-        actual = [t.length for t in rows]
+    for target in sorted({t.target_length or 0 for t in trials}):
+        rows = [t for t in trials if (t.target_length or 0) == target]
+        actual = [t.length or 0 for t in rows]
         table.add_row(str(target), f"{min(actual)}-{max(actual)}", str(len({t.depth for t in rows})),
                       str(len({t.needle_id for t in rows})))
     stdout.print(table)

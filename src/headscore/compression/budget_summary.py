@@ -16,17 +16,17 @@ def summarize(budgets: Budgets, top: int = 10) -> dict[str, Any]:
     flat = budgets.matrix.flatten()
     pool, floor = budgets.pool_entries, budgets.floor_entries
     order = torch.argsort(flat, descending=True, stable=True)[:top]
-    extra = (flat - floor) if floor is not None else None
+    extra = flat - (floor or 0)  # above the floor (HeadKV: the pool share; other methods have no pool)
     top_heads = [{"layer": int(i) // budgets.heads, "head": int(i) % budgets.heads,
                   "budget": int(flat[i]),
-                  "pool_share": (float(extra[i]) / pool) if pool else None} for i in order.tolist()]
+                  "pool_share": float(extra[i]) / pool if pool else None} for i in order.tolist()]
     return {
         "total_entries": budgets.total_entries,
         "uniform_entries": budgets.uniform_entries,
         "query_head_entries": budgets.query_head_entries,
         "min": int(flat.min()), "median": int(flat.median()), "max": int(flat.max()),
         "pool_entries": pool, "floor_entries": floor,
-        "top_pool_share": (float(extra[order].sum()) / pool) if pool else None,
+        "top_pool_share": float(extra[order].sum()) / pool if pool else None,
         "top": top_heads,
     }
 

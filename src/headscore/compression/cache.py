@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
@@ -103,7 +104,7 @@ class HeadwiseLayer(CacheLayerMixin):
         elif self.keys is None:
             raise HeadscoreError("this head-wise cache only recorded a prefill; build a compressed cache from "
                                  "it (headscore.compression.generation.compress_state) to decode")
-        else:
+        elif self.tail_keys is not None and self.tail_values is not None:  # set by lazy_initialization
             self.tail_keys = torch.cat([self.tail_keys, key_states[0]], dim=1)
             self.tail_values = torch.cat([self.tail_values, value_states[0]], dim=1)
         return self, self
@@ -114,6 +115,8 @@ class HeadwiseLayer(CacheLayerMixin):
         prefix must hold at least `window` queries), then the prefill hook compresses."""
 
         start = time.perf_counter()
+        if self.pending is None:
+            raise HeadscoreError("the head-wise cache has no prefill to compress")
         keys, values = self.pending
         length = keys.shape[1]
         window = min(self.window, length)
@@ -144,7 +147,7 @@ class HeadwiseLayer(CacheLayerMixin):
         """The uncompressed length (prompt + generated), so new tokens get the right positions."""
         if not self.is_initialized:
             return 0
-        return self.prompt_length + self.tail_keys.shape[1]
+        return self.prompt_length + (0 if self.tail_keys is None else self.tail_keys.shape[1])
 
     def get_max_length(self) -> int:
         return -1
@@ -186,6 +189,8 @@ class HeadwiseCache(DynamicCache):
     `recorded` (for `headscore.compression.generation.prefill`) and cannot decode.
     """
 
+    layers: list[HeadwiseLayer]  # type: ignore[assignment]  # a DynamicCache whose layers are all head-wise
+
     def __init__(self, geometry: Geometry, press: Press | None, *, window: int | None = None,
                  config=None) -> None:
         if config is not None:
@@ -194,7 +199,7 @@ class HeadwiseCache(DynamicCache):
         self.press = press
         self.window = press.window if press is not None else (8 if window is None else window)
         self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * geometry.layers
-        layers = [HeadwiseLayer(index, self.window, self._on_prefill) for index in range(geometry.layers)]
+        layers: list[Any] = [HeadwiseLayer(index, self.window, self._on_prefill) for index in range(geometry.layers)]
         Cache.__init__(self, layers=layers)
 
     def _on_prefill(self, layer: HeadwiseLayer, keys: torch.Tensor, values: torch.Tensor,
@@ -207,6 +212,8 @@ class HeadwiseCache(DynamicCache):
     def compress_layer(self, layer: HeadwiseLayer, keys: torch.Tensor, values: torch.Tensor,
                        scores: torch.Tensor) -> None:
         """Keep the press's selection of one layer's full `keys`/`values` `[kv_heads, n, d]`."""
+        if self.press is None:
+            raise HeadscoreError("a recording head-wise cache does not compress")
         length = keys.shape[1]
         head, position, kept = select_entries(scores, self.press, layer.index, self.geometry, length)
         source = head // (kept.shape[0] // keys.shape[0])
@@ -224,7 +231,10 @@ class HeadwiseCache(DynamicCache):
 
     def kept(self) -> torch.Tensor:
         """Entries kept per head, window included: int64 `[layers, heads]`."""
-        return torch.stack([layer.kept for layer in self.layers])
+        kept = [layer.kept for layer in self.layers]
+        if any(count is None for count in kept):
+            raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
+        return torch.stack(kept)  # type: ignore[arg-type]  # every entry checked above
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)

@@ -15,7 +15,7 @@ does it all for a context and a question and returns the answer with a `KVReport
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
     geometry = Geometry.from_config(model.config)
     cache = HeadwiseCache(geometry, None, window=window)
     if prefix is not None and start > 0:
-        for layer, shared in zip(cache.layers, prefix.layers, strict=True):
+        shared_layers: list[Any] = prefix.layers  # DynamicCache's full-attention layers
+        for layer, shared in zip(cache.layers, shared_layers, strict=True):
             layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
         input_ids = input_ids[:, start:]
     logits, seconds = _forward(model, input_ids, cache)
@@ -139,7 +140,7 @@ def compress_state(state: PrefillState, press: Press) -> Any:
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
-           eos: Sequence[int] | set[int] = (), line_end: Sequence[int] | set[int] = (),
+           eos: Collection[int] = (), line_end: Collection[int] = (),
            min_new_tokens: int = 0) -> tuple[list[int], list[float]]:
     """Greedy decode from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each decode step)`.
 
@@ -218,8 +219,10 @@ def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: i
     if isinstance(cache, HeadwiseCache):
         kept = cache.kept().tolist()
         kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
-        layer = cache.layers[0]
-        cached, element, dim = layer.get_seq_length(), layer.keys.element_size(), layer.keys.shape[-1]
+        layer, first = cache.layers[0], cache.layers[0].keys
+        if first is None:
+            raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
+        cached, element, dim = layer.get_seq_length(), first.element_size(), first.shape[-1]
     else:
         keys = [layer.keys for layer in cache.layers]
         kept = [[context_tokens] * k.shape[1] for k in keys]

@@ -230,8 +230,8 @@ class BudgetPress(Press):
         """`provide_budgets`, computed once per geometry."""
         given = self._budgets
         if given is None or given.geometry.grid != geometry.grid:
-            self._budgets = self.provide_budgets(geometry)
-        return self._budgets
+            given = self._budgets = self.provide_budgets(geometry)
+        return given
 
     def check(self, geometry: Geometry) -> None:
         """A budgets matrix for another geometry is an error."""
@@ -335,10 +335,11 @@ class HeadKVPress(BudgetPress):
         super().__post_init__()
 
     @classmethod
-    def build(cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
-              scores: HeadScores | str | os.PathLike | None = None, budget: int = BUDGET, window: int = WINDOW,
-              kernel: int = KERNEL, beta: float = BETA, temp: float = TEMP,
-              granularity: str | None = None) -> HeadKVPress:
+    def build(  # type: ignore[override]  # takes its named parameters only (make_press passes no others)
+        cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
+        scores: HeadScores | str | os.PathLike | None = None, budget: int = BUDGET, window: int = WINDOW,
+        kernel: int = KERNEL, beta: float = BETA, temp: float = TEMP, granularity: str | None = None,
+    ) -> HeadKVPress:
         """From `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score file;
         budgets are then allocated here with `budget`, `window`, `beta`, `temp`, `granularity`)."""
         if budgets is not None:

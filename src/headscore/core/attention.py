@@ -39,6 +39,8 @@ def is_causal_suffix_mask(mask: Any, q_len: int, k_len: int) -> bool:
 @cache
 def _flash_cpu_groups_keys() -> bool:
     """Whether this torch's CPU flash kernel reads grouped KV heads itself (query head h -> KV head h // g)."""
+    if _FLASH_CPU is None:
+        return False
     query, key = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
     try:
         grouped = _FLASH_CPU(query, key, key, 0.0, False)[0]

@@ -15,11 +15,13 @@ import os
 import shutil
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open
+
+K = TypeVar("K", bound=Hashable)  # a journal key (a trial index, a sample id)
 
 JOURNAL = "journal.jsonl"
 RANKS_DIR = "ranks"
@@ -89,13 +91,13 @@ def _journals(out_dir: Path) -> list[Path]:
 
 
 def _collect(out_dir: Path, header: dict[str, Any], field: str, repair: bool = True
-             ) -> dict[Hashable, dict[str, Any]]:
+             ) -> dict[Any, dict[str, Any]]:
     """Every finished record of the run in `out_dir` (main and rank journals), by `record[field]`.
 
     `repair=False` reads while other ranks append (their partial last lines are skipped, not cut).
     """
     header = json.loads(json.dumps(header))
-    records: dict[Hashable, dict[str, Any]] = {}
+    records: dict[Any, dict[str, Any]] = {}
     for path in _journals(out_dir):
         found, entries = read_journal(path, repair)
         if found is None:
@@ -106,11 +108,11 @@ def _collect(out_dir: Path, header: dict[str, Any], field: str, repair: bool = T
     return records
 
 
-def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[Hashable], field: str,
-                  work: Callable[[Hashable], dict[str, Any]],
+def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[K], field: str,
+                  work: Callable[[K], dict[str, Any]],
                   progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-                  check: Callable[[dict[Hashable, dict[str, Any]]], None] | None = None
-                  ) -> dict[Hashable, dict[str, Any]] | None:
+                  check: Callable[[dict[K, dict[str, Any]]], None] | None = None
+                  ) -> dict[K, dict[str, Any]] | None:
     """Run `work(key)` for every key not yet in the run's journals; returns every record by key.
 
     `work` returns a JSON-able record with `record[field] == key`; each is journaled as soon as it finishes.

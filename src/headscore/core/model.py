@@ -127,7 +127,7 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        lm: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise HeadscoreError(f"cannot load model '{model}': {first_line(error)}") from error
     if not device_map:
@@ -136,7 +136,7 @@ def load_model(
     return lm, tokenizer
 
 
-def input_device(model: torch.nn.Module) -> torch.device:
+def input_device(model: Any) -> torch.device:
     """Where the input ids go (the embedding's device, also under a device map)."""
     return model.get_input_embeddings().weight.device
 

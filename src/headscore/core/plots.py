@@ -7,6 +7,7 @@ Stages add their own generic figure functions here.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -87,7 +88,7 @@ def grid_heatmap(matrix: torch.Tensor, path: str | os.PathLike, *, title: str, x
     save_figure(figure, path)
 
 
-def line_plot(series: dict[str, tuple[list[float], list[float], list[float] | None]],
+def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
               path: str | os.PathLike, *, title: str, xlabel: str, ylabel: str,
               xscale: str = "symlog") -> None:
     """Lines of y against x, one per named series `{label: (xs, ys, spread or None)}`; a spread is drawn as a

@@ -69,7 +69,8 @@ class PrefixOptions:
 
 def croppable(model: Any) -> bool:
     """Whether every layer of the model's `DynamicCache` is plain full attention (can be cropped to a prefix)."""
-    return all(layer.is_croppable and not layer.is_sliding for layer in DynamicCache(config=model.config).layers)
+    layers: list[Any] = DynamicCache(config=model.config).layers
+    return all(layer.is_croppable and not layer.is_sliding for layer in layers)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def ablation_mask(heads: torch.Tensor, layers: int, num_heads: int) -> torch.Ten
     return mask.view(layers, num_heads)
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def attention_modules(model: Any) -> list[Any]:
     """Each decoder layer's `self_attn` module, in layer order."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
@@ -106,7 +106,7 @@ def _masking_hook(factor: torch.Tensor, heads: int) -> Callable:
 
 
 @torch.inference_mode()
-def greedy_answer(model: torch.nn.Module, tokenizer: Any, sample: Sample,
+def greedy_answer(model: Any, tokenizer: Any, sample: Sample,
                   max_new_tokens: int | None = None) -> str:
     """Plain greedy generation (`generate`, do_sample=False) for one sample; the new text only."""
     ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]

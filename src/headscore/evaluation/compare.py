@@ -196,7 +196,7 @@ def bootstrap_stability(scores: HeadScores, *, geometry: Geometry, draws: int = 
             "share_stable": float((kept >= overlap - 1e-12).double().mean()),
             "l1_mean": float(l1.mean()), "l1_p95": float(torch.quantile(l1, 0.95)),
         })
-    result.stable_at = next((row["trials"] for row in result.rows if row["share_stable"] >= share - 1e-12), None)
+    result.stable_at = next((int(row["trials"]) for row in result.rows if row["share_stable"] >= share - 1e-12), None)
     return result
 
 

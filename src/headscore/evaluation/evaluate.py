@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ def tokenizer_eos(tokenizer: Any) -> set[int]:
     return {int(tokenizer.eos_token_id)}
 
 
-def stop_tokens(sample: Sample, tokenizer: Any, stops: set[int], line_end: set[int]) -> tuple[set[int], set[int]]:
+def stop_tokens(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> tuple[Set[int], Set[int]]:
     """`(eos ids, line-end ids)` of the sample's stop rule: `stops` and `line_end` for "line", the tokenizer's
     EOS id and no line ends for "eos"."""
     return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
@@ -221,7 +221,7 @@ def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int
 
 
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
-                    stops: set[int], window: int, line_end: set[int] = frozenset(),
+                    stops: set[int], window: int, line_end: Set[int] = frozenset(),
                     answer_prefix: str = "", prefixes: PrefixCache | None = None,
                     shared: int = 0) -> list[dict[str, Any]]:
     """Prefill `sample` (its prompt followed by `answer_prefix`) once, then compress and decode for every
@@ -359,13 +359,13 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)
     explicit = conditions is not None
-    conditions = list(conditions) if explicit else plan_conditions(geometry, options)
+    conditions = list(conditions) if conditions is not None else plan_conditions(geometry, options)
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
     if too_long:
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
-    header = {"model": model_name, "geometry": geometry.to_dict(),
+    header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**asdict(options), "methods": list(options.methods), "budgets": list(options.budgets),
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
               "samples_fingerprint": fingerprint_bytes(*(s.id + "\0" + s.prompt for s in samples)),
@@ -403,7 +403,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     with atomic_open(out_dir / RESULTS_FILE) as handle:
         pd.DataFrame(rows).to_csv(handle, index=False)
     atomic_write_text(out_dir / SUMMARY_FILE, f"# Evaluation: {model_name}\n\n" + summary_markdown(summary))
-    figures = write_figures(out_dir, rows) if figures else []
+    written = write_figures(out_dir, rows) if figures else []
     longbench = longbench_table(samples, rows)
     if longbench:
         atomic_write_text(out_dir / LONGBENCH_FILE, f"# LongBench / LooGLE scores: {model_name}\n\n"
@@ -422,7 +422,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         **({"processes": where.world} if where.distributed else {}),
     })
     where.barrier()  # every rank returns once the files are there
-    return EvaluateResult(out_dir=out_dir, samples=len(samples), rows=rows, summary=summary, figures=figures)
+    return EvaluateResult(out_dir=out_dir, samples=len(samples), rows=rows, summary=summary, figures=written)
 
 
 @dataclass

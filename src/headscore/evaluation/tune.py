@@ -68,6 +68,13 @@ DEFAULT_BETA = BETA
 TIE = 1e-9
 
 
+def tuned_method(budgets: Budgets) -> str:
+    """The evaluation method a tuned `Budgets` was chosen for (its `tuning` record)."""
+    if budgets.tuning is None:
+        raise HeadscoreError("tune: a budgets entry without its tuning record")
+    return str(budgets.tuning["method"])
+
+
 def tunable_methods(methods: dict[str, EvalMethod]) -> list[str]:
     """The evaluation methods whose press takes a β (headkv-NAME)."""
     return [name for name, entry in methods.items() if "beta" in press_options(PRESSES[entry.press])]
@@ -117,7 +124,7 @@ class TuneOptions:
         for method in self.methods:
             if method not in tunable:
                 raise HeadscoreError(f"tune: method '{method}' has no β to tune: use {' or '.join(tunable)}")
-            needs = methods[method].scores
+            needs = methods[method].scores or ""
             if not self.scores.get(needs):
                 raise HeadscoreError(f"tune: method {method} needs {scores_option(needs)}")
         for method in self.baselines:
@@ -212,7 +219,7 @@ def tuned_budgets(geometry: Geometry, table: Sequence[dict[str, Any]], options: 
     loaded = {}
     result = []
     for method in options.methods:
-        needs = eval_method(method, list(options.scores)).scores
+        needs = eval_method(method, list(options.scores)).scores or ""
         if needs not in loaded:
             loaded[needs] = read_head_scores(options.scores[needs], geometry.layers, geometry.query_heads)
         for budget in options.budgets:
@@ -237,7 +244,7 @@ def test_conditions(geometry: Geometry, tuned: Sequence[Budgets], options: TuneO
     if options.baselines:
         conditions += plan_conditions(geometry, options.evaluate_options(options.baselines, [options.default_beta]))
     for budgets in tuned:
-        method = budgets.tuning["method"]
+        method = tuned_method(budgets)
         default = plan_conditions(geometry, replace(options.evaluate_options([method], [options.default_beta]),
                                                     budgets=[budgets.budget]))[0]
         conditions.append(replace(default, label=f"{method} default"))
@@ -255,7 +262,7 @@ def comparison_table(test_rows: Sequence[dict[str, Any]], validation: Sequence[d
     means = frame.groupby(["method", "budget"])["score"].mean().to_dict()
     table = []
     for budgets in tuned:
-        method, budget = budgets.tuning["method"], budgets.budget
+        method, budget = tuned_method(budgets), budgets.budget
         val = {r["beta"]: r["score"] for r in validation if r["method"] == method and r["budget"] == budget}
         tuned_score, default_score = means[(f"{method} tuned", budget)], means[(f"{method} default", budget)]
         table.append({"method": method, "budget": budget, "chosen_beta": budgets.beta,
@@ -325,7 +332,7 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
         tuned = tuned_budgets(geometry, validation, options, len(val))
         write_budgets(out_dir / TUNED_FILE, tuned)
         for budgets in tuned:
-            path = out_dir / f"tuned_budgets_{budgets.tuning['method']}_B{budgets.budget}.json"
+            path = out_dir / f"tuned_budgets_{tuned_method(budgets)}_B{budgets.budget}.json"
             write_budgets(path, budgets)
             files.append(path)
     where.barrier()

@@ -68,12 +68,13 @@ class AttentionCapture:
                                      "this model type cannot be scored")
             raise HeadscoreError(f"layers {missing[:8]} did not call the registered attention function "
                                  "(not standard attention layers); this model type cannot be scored")
-        lengths = {rows.shape[-1] for rows in store}
+        found = [rows for rows in store if rows is not None]  # every layer's, checked above
+        lengths = {rows.shape[-1] for rows in found}
         if len(lengths) > 1:
             raise HeadscoreError(f"layers see different context lengths {sorted(lengths)} (a sliding-window "
                                  "or hybrid cache); positions would not line up: this model cannot be scored")
-        target = store[0].device if device is None else torch.device(device)
-        return torch.stack([rows.to(target) for rows in store])
+        target = found[0].device if device is None else torch.device(device)
+        return torch.stack([rows.to(target) for rows in found])
 
 
 _ACTIVE: list[AttentionCapture] = []

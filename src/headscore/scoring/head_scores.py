@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def write_head_scores(path: str | Path, scores: HeadScores) -> None:
     atomic_write_text(path, to_json_line(scores))
 
 
-def read_head_scores(path: str | Path, layers: int | None = None, heads: int | None = None) -> HeadScores:
+def read_head_scores(path: str | os.PathLike, layers: int | None = None, heads: int | None = None) -> HeadScores:
     """Read a HeadKV-format score file (ours or the official ones), validating it.
 
     With `layers` / `heads` given, a file of another geometry is an error.

@@ -78,8 +78,8 @@ class Trial:
     def from_dict(cls, record: Mapping[str, Any]) -> Trial:
         """A trial from one trials-file line (the required keys must be there: `read_trials` checks)."""
         names = {f.name for f in fields(cls)} - {"extra"}
-        values = {k: tuple(v) if k in ("answer_span", "answer_chars") and isinstance(v, list) else v
-                  for k, v in record.items() if k in names}
+        values: dict[str, Any] = {k: tuple(v) if k in ("answer_span", "answer_chars") and isinstance(v, list)
+                                  else v for k, v in record.items() if k in names}
         return cls(**values, extra={k: v for k, v in record.items() if k not in names})
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,16 +110,17 @@ def load_needles(kind_or_path: str) -> tuple[list[Needle], str]:
     if not path.is_file():
         raise HeadscoreError(f"needle file not found: {kind_or_path}")
     raw = path.read_text(encoding="utf-8")
-    needles = []
+    needles: list[Needle] = []
     for number, record in read_jsonl(path, "needle file"):
         where = f"needle file {path} line {number}"
         if not isinstance(record, dict):
             raise HeadscoreError(f"{where} is not a JSON object")
-        answer = record.get("answer", record.get("real_needle"))
+        given = record.get("answer", record.get("real_needle"))
         for field, value in (("needle", record.get("needle")), ("question", record.get("question")),
-                             ("answer", answer)):
+                             ("answer", given)):
             if not isinstance(value, str) or not value.strip():
                 raise HeadscoreError(f"{where} has no non-empty string field '{field}'")
+        answer = str(given)
         if answer.lower() not in record["needle"].lower():
             raise HeadscoreError(f"{where}: the answer does not occur in the needle")
         needles.append(Needle(id=str(record.get("id", f"{path.stem}-{len(needles)}")),
@@ -192,7 +193,7 @@ def build_trials(
                 if official is not None:
                     prompt, answer_chars = official.prompt(needle.needle, needle.question, needle.answer, length,
                                                            depth)
-                else:
+                elif hay is not None:
                     context, (at,) = place_texts(hay, budgets[(length, needle.id)], [needle.needle], [depth])
                     prompt = render_prompt(tokenizer, context, needle.question, template)
                     answer_at = prompt.index(context) + at + needle.needle.lower().index(needle.answer.lower())
@@ -209,7 +210,7 @@ def build_trials(
                     template=template,
                     question=needle.question,
                     answer=needle.answer,
-                    answer_span=tuple(span),
+                    answer_span=(span[0], span[1]),
                     answer_chars=answer_chars,
                     tokenizer=model_name,
                     tokenizer_fingerprint=tok_fp,

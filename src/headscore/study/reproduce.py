@@ -168,7 +168,7 @@ class Study:
 
     def done(self, stage: str) -> bool:
         entry = self.record.get(stage)
-        return bool(entry) and entry.get("config") == self.config.fingerprint(stage)
+        return entry is not None and bool(entry) and entry.get("config") == self.config.fingerprint(stage)
 
     def mark(self, stage: str, seconds: float, **details: Any) -> None:
         previous = self.record.get(stage, {})

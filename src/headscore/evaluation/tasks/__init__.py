@@ -46,7 +46,7 @@ def task_settings(spec: str) -> list[str]:
     cls = sourced[0] if sourced else TASKS.get(spec)
     if cls is None:
         raise HeadscoreError(unknown(spec))
-    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]  # type: ignore[arg-type]  # dataclasses
 
 
 def unknown(spec: str) -> str:
