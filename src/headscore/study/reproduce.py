@@ -34,16 +34,7 @@ import yaml
 
 from headscore.compression.allocation import allocate_sweep
 from headscore.compression.budgets_file import write_allocations
-from headscore.core.defaults import (
-    ALPHA,
-    BETA,
-    BUDGET,
-    EVALUATE_BUDGETS,
-    EVALUATE_METHODS,
-    KERNEL,
-    TUNE_BASELINES,
-    WINDOW,
-)
+from headscore.core.defaults import ALPHA, BETA, BUDGET, EVALUATE_BUDGETS, EVALUATE_METHODS, KERNEL, TUNE_BASELINES, WINDOW
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json
