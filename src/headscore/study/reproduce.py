@@ -34,7 +34,7 @@ import yaml
 
 from headscore.compression.allocation import allocate_sweep
 from headscore.compression.budgets_file import write_allocations
-from headscore.core.defaults import ALPHA, BETA, BUDGET, EVALUATE_BUDGETS, EVALUATE_METHODS, KERNEL, TUNE_BASELINES, WINDOW
+from headscore.core import defaults
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes, write_json
@@ -58,20 +58,22 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
                  "f1_threshold": 0.5, "rouge_threshold": 0.5},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
-                  "budget": BUDGET, "beta": BETA},
-    "allocate": {"budgets": [BUDGET], "betas": [1.005, BETA, 1.2, 2.0], "window": WINDOW, "scores": "r2"},
-    "evaluate": {"tasks": "niah,synthetic", "methods": list(EVALUATE_METHODS),
-                 "budgets": list(EVALUATE_BUDGETS), "beta": BETA, "window": WINDOW, "kernel": KERNEL, "alpha": ALPHA,
+                  "budget": defaults.BUDGET, "beta": defaults.BETA},
+    "allocate": {"budgets": [defaults.BUDGET], "betas": [1.005, defaults.BETA, 1.2, 2.0], "window": defaults.WINDOW,
+                 "scores": "r2"},
+    "evaluate": {"tasks": "niah,synthetic", "methods": list(defaults.EVALUATE_METHODS),
+                 "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "window": defaults.WINDOW,
+                 "kernel": defaults.KERNEL, "alpha": defaults.ALPHA,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
                  "max_length": None, "limit": None, "template": None, "num_needles": None},
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
-             "baselines": list(TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
+             "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
              "lengths": None, "depths": None},
     "ablate": {"scores": "r2", "ks": [1, 4, 16, 64], "seeds": [0, 1], "conditions": ["top", "random", "lowest"],
                "lengths": [1000, 2000], "depths": [0, 50, 100], "template": "chat", "max_new_tokens": 24,
                "num_needles": None},
-    "latency": {"lengths": [1000, 2000, 4000, 8000], "method": "headkv-r2", "budget": BUDGET, "beta": BETA,
-                "max_new_tokens": 16},
+    "latency": {"lengths": [1000, 2000, 4000, 8000], "method": "headkv-r2", "budget": defaults.BUDGET,
+                "beta": defaults.BETA, "max_new_tokens": 16},
 }
 SECTIONS = tuple(s for s in SCHEMA if s)
 # sections that were renamed: old name -> what to write instead
