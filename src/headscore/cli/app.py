@@ -73,6 +73,7 @@ class Alias:
 
     new: str
     value: Callable[[str], str] | None = None
+    hint: str | None = None  # how the deprecation line spells the new form (default: `new`)
 
 
 class HeadscoreCommand(TyperCommand):
@@ -110,7 +111,7 @@ def rewrite_aliases(command: str, args: Sequence[str], aliases: dict[str, Alias]
         if old not in warned:
             warned.add(old)
             typer.echo(f"headscore: warning: {command} {old} is deprecated and goes in the next release; use "
-                       f"{alias.new}", err=True)
+                       f"{alias.hint or alias.new}", err=True)
         if alias.value is None:
             out.append(alias.new + (f"={inline}" if "=" in arg else ""))
             continue

@@ -43,7 +43,8 @@ from headscore.core.errors import HeadscoreError
 TASK_TEMPLATE_HELP = ("Prompt template: chat (the tokenizer's chat template), raw (no template) or llama2 ([INST] "
                       "... [/INST]) [default: chat for niah and synthetic; raw for LongBench and LooGLE, as the "
                       "authors ran Llama-3 and Mistral].")
-SCORE_ALIASES = {"--scores-r": Alias("--scores", score_alias("r")), "--scores-r2": Alias("--scores", score_alias("r2"))}
+SCORE_ALIASES = {f"--scores-{name}": Alias("--scores", score_alias(name), f"--scores {name}=FILE")
+                 for name in ("r", "r2")}  # the old --scores-r / --scores-r2
 
 
 @command("evaluate", aliases={**SCORE_ALIASES, "--beta": Alias("--betas")})
