@@ -189,7 +189,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("case,message", [
     ("unknown-method", "unknown method 'nope'"),
     ("no-scores", "needs head scores"),
-    ("other-geometry", "budgets file"),
+    ("other-geometry", "budgets.json are for 2 layers"),
     ("empty-context", "is empty"),
     ("missing-context", "context file not found"),
 ])
