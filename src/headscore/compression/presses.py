@@ -142,6 +142,20 @@ BEYOND_PROMPT = ("clamp", "keep")
 SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
+class FidelityOptions:
+    """The press parameters that select the authors' behaviour (docs/fidelity.md); the defaults are
+    headscore's. `params()` is what `make_press` takes (each press uses those that are its fields)."""
+
+    beyond_prompt: str = "clamp"
+    score_dtype: str = "float32"
+    pyramid_schedule: str = "linear"
+    ada_allocation: str = "pool"
+
+    def params(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def streaming_scores(heads: int, m: int, sinks: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Scores that rank the first `sinks` positions first, then the most recent ones: `[heads, m]`."""
     order = torch.arange(m, dtype=torch.float32, device=device)

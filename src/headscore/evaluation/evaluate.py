@@ -27,7 +27,7 @@ import torch
 
 from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import cache_report, compress_state, decode, prefill
-from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
 from headscore.core.attention import use_attention
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
@@ -94,7 +94,8 @@ class EvaluateOptions:
     `scores` maps "retrieval" / "r2" to head-score files for headkv-r / headkv-r2. `betas`: HeadKV's pool
     control; several values make a β sweep (each headkv method runs at every β). The other compression
     parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
-    `headscore compress`. `answer_prefix` is appended to every prompt (after the generation prompt, so the
+    `headscore compress`; `fidelity` selects the authors' behaviour (docs/fidelity.md).
+    `answer_prefix` is appended to every prompt (after the generation prompt, so the
     observation window covers it); the model continues it and the prediction excludes it.
     """
 
@@ -109,6 +110,7 @@ class EvaluateOptions:
     granularity: str | None = None
     pyramid_beta: float = 20.0
     answer_prefix: str = ""
+    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
                 press = make_press(kind, geometry, budget=budget or 128, window=options.window,
                                    kernel=options.kernel, alpha=options.alpha, beta=beta or 1.01,
                                    temp=options.temp, granularity=options.granularity,
-                                   pyramid_beta=options.pyramid_beta, scores=loaded.get(needs) if needs else None)
+                                   pyramid_beta=options.pyramid_beta, scores=loaded.get(needs) if needs else None,
+                                   **options.fidelity.params())
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
