@@ -399,6 +399,11 @@ def estimate_command(
     rouge_threshold: float = typer.Option(0.5, help="retrieval success check: ROUGE-1 recall above this."),
     max_new_tokens: int = typer.Option(50, help="Decode at most this many tokens (and at most the answer's "
                                        "length); stops earlier at a newline or EOS."),
+    stop_rule: str = typer.Option("newline", help="newline (any token whose text holds a newline, or EOS) or "
+                                  "official (the authors: <0x0A> or id 144, never on byte-level vocabularies; "
+                                  "r2 also at config EOS; retrieval 50 steps, no EOS)."),
+    rouge: str = typer.Option("plain", help="retrieval success metric: plain ROUGE-1 recall or stemmed "
+                              "(rouge_score with the Porter stemmer, as Retrieval_Head)."),
     stop_after_failures: int = typer.Option(5, help="Decode mode: stop (exit 2, journal kept) when the first "
                                             "K trials all fail the success check; 0 never stops."),
     limit: int | None = typer.Option(None, help="Run only the first N trials (of the shard)."),
@@ -419,7 +424,8 @@ def estimate_command(
     from headscore.scoring.estimate import EstimateOptions, run_estimate
 
     options = EstimateOptions(method=method, mode=mode, f1_threshold=f1_threshold,
-                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
+                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens,
+                              stop_rule=stop_rule, rouge=rouge)
     prefix = PrefixOptions(enabled=prefix_cache, max_tokens=prefix_max_tokens)
     with progress_bar() as bar:
         task = bar.add_task(f"scoring heads ({method}, {mode})", total=None)
