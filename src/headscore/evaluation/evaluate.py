@@ -374,7 +374,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if longbench:
         atomic_write_text(out_dir / LONGBENCH_FILE, f"# LongBench / LooGLE scores: {model_name}\n\n"
                           "Each dataset: mean score × 100, 2 decimals (LongBench's scorer); average: over the "
-                          "datasets.\n\n" + longbench_markdown(longbench))
+                          "datasets; qa_average, loogle_average: the paper's main-table averages (the 6 "
+                          "LongBench QA datasets; LooGLE's 4 tasks).\n\n" + longbench_markdown(longbench))
         with atomic_open(out_dir / LONGBENCH_CSV) as handle:
             pd.DataFrame(longbench).to_csv(handle, index=False)
     write_json(out_dir / METADATA_FILE, {
