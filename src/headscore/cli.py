@@ -496,7 +496,7 @@ def evaluate_command(
     num_needles: int | None = typer.Option(None, help="niah: use only the first N evaluation needles "
                                            "[default: all 3]."),
     template: str | None = typer.Option(None, help="Prompt template: chat (the tokenizer's chat template), "
-                                        "raw (no template) or llama2 ([INST] ... [/INST]) [default: chat for "
+                                        "raw (no template) or llama2 (\\[INST] ... \\[/INST]) [default: chat for "
                                         "niah and synthetic; raw for LongBench and LooGLE, as the authors ran "
                                         "Llama-3 and Mistral]."),
     max_length: int | None = typer.Option(None, help="LongBench/LooGLE: middle-truncate the whole prompt to "
