@@ -105,6 +105,9 @@ def build_needles(
                                              "past the context instead]."),
     lengths: int = typer.Option(5, help="Number of prompt lengths, evenly spaced over [min, max]."),
     depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
+    span: str = typer.Option("answer", help="Answer span: 'answer' (the answer's tokens, from character "
+                             "offsets) or 'official' (the authors' token-overlap search: r2's last best window, "
+                             "Retrieval_Head's first window over 90 %)."),
     template: str = typer.Option("raw", help="'raw': context, then 'Based on the content of the book, "
                                  "Question: ...\\nAnswer:'; 'chat': the same as one user turn of the "
                                  "tokenizer's chat template; 'official': the authors' prompt byte for byte "
@@ -118,7 +121,7 @@ def build_needles(
         task = bar.add_task("building trials", total=None)
         trials = build_needle_trials(model, kind=kind, haystack=haystack, needles=needles, min_length=min_length,
                                      max_length=max_length, lengths=lengths, depths=depths, template=template,
-                                     progress=lambda: bar.advance(task),
+                                     progress=lambda: bar.advance(task), span=span,
                                      warn=lambda text: console.print(f"warning: {text}", markup=False))
     write_trials(out, trials)
     table = Table(title=f"{len(trials)} trials -> {out}")

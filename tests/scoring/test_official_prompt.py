@@ -196,3 +196,68 @@ def test_fixture_is_the_head_of_their_files(reference_dir):
         raw = (reference_dir / name).read_bytes()
         assert hashlib.sha256(raw).hexdigest() == entry["sha256"] and len(raw) == entry["bytes"]
         assert (HAYSTACKS / name).read_bytes() == raw[: entry["fixture_bytes"]]
+
+
+def authors_find_needle_idx_r2(enc, prompt_ids, needle):
+    """HeadKV `retrieval_head_detection_r2.py` `find_needle_idx` L259–286, line for line."""
+    needle_ids = enc(needle, add_special_tokens=False)["input_ids"]
+    span_len = len(needle_ids)
+    max_overlap = 0.0
+    start = end = 0
+    if len(enc.encode("")) != 0:
+        for i in range(len(prompt_ids)):
+            if prompt_ids[i] == enc.encode("")[0]:
+                span_ids = set(prompt_ids[i + 1: i + span_len + 1])
+                overlap = float(len(span_ids.intersection(set(needle_ids)))) / len(set(needle_ids))
+                if overlap >= max_overlap:
+                    max_overlap, start, end = overlap, i + 1, i + span_len + 1
+    else:
+        for i in range(len(prompt_ids)):
+            span_ids = set(prompt_ids[i: i + span_len])
+            overlap = float(len(span_ids.intersection(set(needle_ids)))) / len(set(needle_ids))
+            if overlap >= max_overlap:
+                max_overlap, start, end = overlap, i, i + span_len
+    return start, end
+
+
+def authors_find_needle_idx_retrieval(enc, prompt_ids, needle):
+    """Retrieval_Head `retrieval_head_detection.py` `find_needle_idx` L249–259."""
+    needle_ids = enc(needle, add_special_tokens=False)["input_ids"]
+    span_len = len(needle_ids)
+    for i in range(len(prompt_ids)):
+        span_ids = set(prompt_ids[i: i + span_len])
+        if float(len(span_ids.intersection(set(needle_ids)))) / len(set(needle_ids)) > 0.9:
+            return i, i + span_len
+    return -1, -1
+
+
+@pytest.mark.parametrize("which", ["smollm2", "bos"])
+def test_official_span_is_the_authors_search(smollm2_tokenizer, bos_tokenizer, which):
+    """`--span official`: the answer span their scorers use, which differs from the answer's own tokens (on
+    SmolLM2 the r2 needle 0's window lies 6 tokens later, the retrieval windows start a token early)."""
+    tokenizer = smollm2_tokenizer if which == "smollm2" else bos_tokenizer
+    differs = 0
+    for kind, folder, theirs in (("reasoning", "headkv/haystack_for_detect_r2", authors_find_needle_idx_r2),
+                                 ("retrieval", "retrieval_head/haystack_for_detect",
+                                  authors_find_needle_idx_retrieval)):
+        needles, _ = load_needles(kind)
+        parts = load_haystack_parts(str(HAYSTACKS / folder))[: len(needles)]
+        if which == "bos" and kind == "retrieval":  # the tiny BPE splits "Because" / "because" apart: their
+            # search finds no window over 90 % (their scorer then counts no head), ours says so
+            with pytest.raises(HeadscoreError, match="no window"):
+                build_trials(tokenizer, parts, needles, lengths=[700], depths=[50], kind=kind, template="official",
+                             span="official")
+            needles, parts = needles[:2], parts[:2]
+        plain = build_trials(tokenizer, parts, needles, lengths=[0, 700], depths=[0, 50, 100], kind=kind,
+                             template="official")
+        official = build_trials(tokenizer, parts, needles, lengths=[0, 700], depths=[0, 50, 100], kind=kind,
+                                template="official", span="official")
+        for ours, trial in zip(plain, official, strict=True):
+            ids = encode_prompt(tokenizer, trial.prompt, "official")["input_ids"]
+            assert tuple(trial.answer_span) == theirs(tokenizer, ids, trial.answer), trial.id
+            differs += tuple(trial.answer_span) != tuple(ours.answer_span)
+    if which == "smollm2":
+        assert differs > 0
+    with pytest.raises(HeadscoreError, match="span rule"):
+        build_trials(tokenizer, parts, needles, lengths=[0], depths=[0], kind="retrieval", template="official",
+                     span="overlap")

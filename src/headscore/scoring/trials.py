@@ -19,11 +19,13 @@ from headscore.core.haystack import Haystack, load_haystack, load_haystack_parts
 from headscore.core.model import load_geometry, load_tokenizer
 from headscore.core.prompts import (
     NEEDLE_TEMPLATES,
+    SPAN_RULES,
     HaystackTokens,
     OfficialHaystack,
     answer_token_span,
     encode_prompt,
     evenly_spaced,
+    official_answer_span,
     place_texts,
     render_prompt,
     tokenizer_fingerprint,
@@ -177,6 +179,7 @@ def build_trials(
     model_name: str = "",
     needles_fingerprint: str = "",
     progress: Callable[[], None] | None = None,
+    span: str = "answer",
 ) -> list[Trial]:
     """One trial per (length, depth, needle), in that nesting order.
 
@@ -185,8 +188,11 @@ def build_trials(
     the authors' construction (`prompts.OfficialHaystack`: at most `length - 200` context tokens, then the
     question; length 0 gives the needle and the question only). Each trial's `answer_span` is the token span
     `[start, end)` of the answer inside the tokenized prompt (`encode_prompt`), found from the tokenizer's
-    character offsets.
+    character offsets (`span` "answer"), or by the authors' token-overlap search (`span` "official",
+    `prompts.official_answer_span`: the r2 rule for `kind` reasoning, Retrieval_Head's for retrieval).
     """
+    if span not in SPAN_RULES:
+        raise HeadscoreError(f"unknown span rule '{span}': use one of {', '.join(SPAN_RULES)}")
     hays = [haystack] * len(needles) if isinstance(haystack, Haystack) else list(haystack)
     if len(hays) != len(needles):
         raise HeadscoreError(f"{len(needles)} needles need as many haystacks, got {len(hays)}")
@@ -218,7 +224,10 @@ def build_trials(
                     answer_at = prompt.index(context) + at + needle.needle.lower().index(needle.answer.lower())
                     answer_chars = (answer_at, answer_at + len(needle.answer))
                 encoded = encode_prompt(tokenizer, prompt, template, offsets=True)
-                span = answer_token_span(encoded["offset_mapping"], *answer_chars)
+                if span == "official":
+                    found = official_answer_span(tokenizer, encoded["input_ids"], needle.answer, kind)
+                else:
+                    found = answer_token_span(encoded["offset_mapping"], *answer_chars)
                 trials.append(Trial(
                     id=f"{kind}-L{length}-D{depth:g}-N{number}",
                     kind=kind,
@@ -229,7 +238,7 @@ def build_trials(
                     template=template,
                     question=needle.question,
                     answer=needle.answer,
-                    answer_span=tuple(span),
+                    answer_span=tuple(found),
                     answer_chars=answer_chars,
                     tokenizer=model_name,
                     tokenizer_fingerprint=tok_fp,
@@ -300,6 +309,7 @@ def build_needle_trials(
     template: str = "raw",
     progress: Callable[[], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    span: str = "answer",
 ) -> list[Trial]:
     """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`).
 
@@ -324,7 +334,7 @@ def build_needle_trials(
     hay = parts[: len(needle_list)] if parts is not None else load_haystack(haystack)
     trials = build_trials(tokenizer, hay, needle_list, lengths=target_lengths, depths=depth_list, kind=kind,
                           template=template, model_name=model, needles_fingerprint=needle_fp,
-                          progress=progress)
+                          progress=progress, span=span)
     past = [t for t in trials if geometry.max_context and t.length > geometry.max_context]
     if past:
         (warn or warnings.warn)(f"{len(past)} of {len(trials)} prompts are longer than the model's "

@@ -53,7 +53,7 @@ from headscore.study.stages import SHARED_STAGES, STAGES
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "auto", "dtype": None, "note": ""},
     "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw",
-                "r2_haystack": None, "retrieval_haystack": None},
+                "r2_haystack": None, "retrieval_haystack": None, "span": "answer"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
                  "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline", "rouge": "plain"},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
