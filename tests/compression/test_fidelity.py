@@ -145,3 +145,25 @@ def test_score_dtype_breaks_ties_as_fp16_weights_do():
     assert torch.equal(ours.topk(20).indices, theirs.topk(20).indices)
     with pytest.raises(HeadscoreError, match="score dtype"):
         make_press("snapkv", GQA, score_dtype="int8")
+
+
+@pytest.mark.parametrize("name", ["snapkv", "ada-snapkv", "pyramidkv"])
+def test_the_authors_setup_generates_end_to_end(tiny_llama, name):
+    """Query granularity on a GQA model, the authors' rules, and a budget beyond the prompt kept whole: the
+    cache holds one full copy per query head and generates exactly what the full cache does."""
+    from headscore.compression.generation import generate_ids
+    from headscore.compression.presses import FullPress
+
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(11)
+    ids = torch.randint(3, 128, (1, 40))
+    full, _ = generate_ids(model, ids, FullPress(), max_new_tokens=6)
+    press = make_press(name, geometry, budget=64, window=4, granularity="query", beyond_prompt="keep",
+                       pyramid_schedule="headkv", ada_allocation="official", score_dtype="float16")
+    tokens, report = generate_ids(model, ids, press, max_new_tokens=6)
+    assert tokens == full and report.kept == [[40] * 4] * 2  # every query head keeps the whole prompt
+    small = make_press(name, geometry, budget=12, window=4, granularity="query", pyramid_schedule="headkv",
+                       ada_allocation="official", score_dtype="float16")
+    _, report = generate_ids(model, ids, small, max_new_tokens=2)
+    assert len(report.kept[0]) == 4 and sum(map(sum, report.kept)) < 2 * 4 * 40
