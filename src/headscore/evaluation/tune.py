@@ -38,7 +38,7 @@ from headscore.compression.budgets import (
     read_budget_sweep,
     write_budgets,
 )
-from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, atomic_write_text, fingerprint_file, versions, write_json
@@ -93,6 +93,7 @@ class TuneOptions:
     temp: float = 1.0
     granularity: str | None = None
     pyramid_beta: float = 20.0
+    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""
@@ -126,7 +127,7 @@ class TuneOptions:
         return EvaluateOptions(methods=list(methods), budgets=[int(b) for b in self.budgets],
                                scores=dict(self.scores), window=self.window, kernel=self.kernel, alpha=self.alpha,
                                betas=[float(b) for b in betas], temp=self.temp, granularity=self.granularity,
-                               pyramid_beta=self.pyramid_beta)
+                               pyramid_beta=self.pyramid_beta, fidelity=self.fidelity)
 
 
 def split_samples(samples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -225,7 +226,7 @@ def test_conditions(geometry: Geometry, tuned: Sequence[Budgets], options: TuneO
         default = plan_conditions(geometry, replace(options.evaluate_options([method], [options.default_beta]),
                                                     budgets=[budgets.budget]))[0]
         conditions.append(replace(default, label=f"{method} default"))
-        press = make_press("headkv", geometry, kernel=options.kernel, budgets=budgets)
+        press = make_press("headkv", geometry, kernel=options.kernel, budgets=budgets, **options.fidelity.params())
         conditions.append(Condition(method=method, budget=budgets.budget, beta=budgets.beta, press=press,
                                     label=f"{method} tuned"))
     return conditions

@@ -320,7 +320,9 @@ class Study:
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
-                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"])
+                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"],
+                              granularity=e["granularity"],
+                              fidelity=FidelityOptions(**{k: e[k] for k in FidelityOptions.__dataclass_fields__}))
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
