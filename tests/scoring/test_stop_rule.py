@@ -108,3 +108,24 @@ def test_stemmed_rouge_is_retrieval_heads_scorer(response, reference):
 def test_stemming_changes_the_success_check():
     response, reference = "Taking walks in the parks", "take a walk in the park"
     assert rouge1_recall_stemmed(response, reference) > 0.5 >= rouge1_recall(response, reference)
+
+
+def test_the_authors_trials_run_through_estimate(tiny_llama, tokenizer, tmp_path):
+    """Length-0 official trials (needle + question only) on the authors' part folders, the official span and
+    stop rule, stemmed ROUGE: estimate runs them and counts them."""
+    from pathlib import Path
+
+    from headscore.core.haystack import load_haystack_parts
+    from headscore.scoring.estimate import estimate
+    from headscore.scoring.trials import build_trials, load_needles
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "haystacks" / "retrieval_head" / "haystack_for_detect"
+    needles, _ = load_needles("retrieval")
+    trials = build_trials(tokenizer, load_haystack_parts(str(folder)), needles, lengths=[0, 300], depths=[50],
+                          kind="retrieval", template="official", span="official")
+    assert [t.target_length for t in trials] == [0, 0, 0, 300, 300, 300]
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, vocab=VOCAB, seed=3)
+    options = EstimateOptions(method="retrieval", stop_rule="official", rouge="stemmed", rouge_threshold=-1,
+                              max_new_tokens=6)
+    result = estimate(model, tokenizer, trials, tmp_path, options=options, model_name="tiny")
+    assert result.run == result.counted == 6
