@@ -2,11 +2,14 @@
 
     python tests/data/derive_reference.py PATH/TO/reference
 
-PATH/TO/reference holds headkv/*_heads.json, headkv/needles_retrieval_reasoning.jsonl and
-retrieval_head/needles.jsonl. Writes tests/data/headkv/<same name> (each head's per-trial list reduced to its
-mean, a one-element list of a float64, same HeadKV format), tests/data/headkv/summary.json (geometry, trials
-per head, zeros, the largest per-trial value, the SHA-256 of the full file) and prints the SHA-256 digests of
-the official needle strings that tests/scoring/test_trials.py stores.
+PATH/TO/reference holds headkv/*_heads.json, headkv/needles_retrieval_reasoning.jsonl,
+retrieval_head/needles.jsonl and the haystack folders headkv/haystack_for_detect_r2/part{0,1}/ and
+retrieval_head/haystack_for_detect/part{1,2,3}/. Writes tests/data/headkv/<same name> (each head's per-trial
+list reduced to its mean, a one-element list of a float64, same HeadKV format), tests/data/headkv/summary.json
+(geometry, trials per head, zeros, the largest per-trial value, the SHA-256 of the full file), the first
+`HAYSTACK_BYTES` bytes of every haystack file under tests/data/haystacks/ (same folder layout) with
+tests/data/haystacks/summary.json (each full file's size and SHA-256), and prints the SHA-256 digests of the
+official needle strings that tests/scoring/test_trials.py stores.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NEEDLE_FILES = ("headkv/needles_retrieval_reasoning.jsonl", "retrieval_head/needles.jsonl")
+HAYSTACK_DIRS = ("headkv/haystack_for_detect_r2", "retrieval_head/haystack_for_detect")
+HAYSTACK_BYTES = 6000  # ASCII JSON text: the cut never splits a character
 
 
 def needle_digest(records: list[dict]) -> str:
@@ -46,6 +51,17 @@ def main(reference: Path) -> None:
             "sha256": hashlib.sha256(raw).hexdigest(),
         }
     (HERE / "headkv" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    haystacks = {}
+    for folder in HAYSTACK_DIRS:
+        for path in sorted((reference / folder).glob("part*/*.txt")):
+            raw = path.read_bytes()
+            name = str(path.relative_to(reference))
+            target = HERE / "haystacks" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(raw[:HAYSTACK_BYTES])
+            haystacks[name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                               "fixture_bytes": HAYSTACK_BYTES}
+    (HERE / "haystacks" / "summary.json").write_text(json.dumps(haystacks, indent=2) + "\n", encoding="utf-8")
     for name in NEEDLE_FILES:
         records = [json.loads(line) for line in (reference / name).read_text(encoding="utf-8").splitlines()
                    if line.strip()]

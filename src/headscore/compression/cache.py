@@ -42,7 +42,7 @@ def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geo
     ascending; the window included) and the CPU int64 `[heads]` entries per head.
     """
     selection_scores = press.head_scores(scores, press.cache_heads(geometry))
-    budgets = press.layer_budgets(layer, selection_scores, geometry)
+    budgets = press.prompt_budgets(layer, selection_scores, geometry)
     return kept_positions(selection_scores, budgets, length - scores.shape[1])
 
 

@@ -23,11 +23,31 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
-from headscore.compression.allocation import allocate
-from headscore.compression.budgets import Budgets, check_budget, check_pyramid_beta, check_window
+from headscore.compression.allocation import PYRAMID_SCHEDULES, allocate, pyramid_official_budgets
+from headscore.compression.budgets import (
+    GRANULARITIES,
+    Budgets,
+    check_budget,
+    check_pyramid_beta,
+    check_window,
+    resolve_granularity,
+)
 from headscore.compression.budgets_file import read_budgets
 from headscore.core.attention import attention_rows
-from headscore.core.defaults import ALPHA, BETA, BUDGET, KERNEL, PYRAMID_BETA, SINKS, TEMP, WINDOW
+from headscore.core.defaults import (
+    ADA_ALLOCATION,
+    ALPHA,
+    BETA,
+    BEYOND_PROMPT,
+    BUDGET,
+    KERNEL,
+    PYRAMID_BETA,
+    PYRAMID_SCHEDULE,
+    SCORE_DTYPE,
+    SINKS,
+    TEMP,
+    WINDOW,
+)
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, read_head_scores
@@ -111,6 +131,43 @@ def adaptive_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.T
     return (counts + floor).clamp(max=m)
 
 
+def adaptive_budgets_official(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
+    """AdaKV as the authors run it (HeadKV `snapkv_utils.py` L262–276, `normalize=True`): one layer's
+    `[heads, m]` scores -> int64 `[heads]` budgets.
+
+    Each head's scores are weighted by the share of its mass in its own top `budget`; the top `budget · heads`
+    weighted scores over all heads are counted per head; budget = round(count · (1 − alpha) + int(alpha ·
+    budget)), rounded half-to-even in float32 as theirs. Clamped to `m`.
+    """
+    heads, m = scores.shape
+    top = min(budget, m)
+    weight = scores.topk(top, dim=-1).values.sum(-1, keepdim=True) / scores.sum(-1, keepdim=True)
+    picked = (scores * weight).reshape(-1).topk(min(budget * heads, heads * m)).indices // m
+    counts = torch.bincount(picked, minlength=heads).to(torch.float32)
+    return torch.round(counts * (1 - alpha) + int(budget * alpha)).to(torch.int64).clamp(max=m)
+
+
+ADA_ALLOCATIONS = ("pool", "official")
+# press parameters that select the authors' behaviour (docs/fidelity.md)
+FIDELITY_OPTIONS = ("granularity", "beyond_prompt", "score_dtype", "pyramid_schedule", "ada_allocation")
+BEYOND_PROMPT_MODES = ("clamp", "keep")
+SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FidelityOptions:
+    """The press parameters that select the authors' behaviour (docs/fidelity.md); the defaults are
+    headscore's. `params()` is what `make_press` takes (each press uses those that are its fields)."""
+
+    beyond_prompt: str = BEYOND_PROMPT
+    score_dtype: str = SCORE_DTYPE
+    pyramid_schedule: str = PYRAMID_SCHEDULE
+    ada_allocation: str = ADA_ALLOCATION
+
+    def params(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def streaming_scores(heads: int, m: int, sinks: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Scores that rank the first `sinks` positions first, then the most recent ones: `[heads, m]`."""
     order = torch.arange(m, dtype=torch.float32, device=device)
@@ -146,16 +203,43 @@ def check_count(value: Any, what: str, minimum: int) -> None:
 @dataclass
 class Press:
     """Base of every method. `window`: observation window (kept by every head on top of its budget);
-    `kernel`: max-pool width smoothing the window scores."""
+    `kernel`: max-pool width smoothing the window scores.
+
+    `granularity`: "kv" (one selection per KV head, scores averaged over its query heads; None = "kv") or
+    "query" (one per query head, the authors' layout: 4x the entries on Llama-3). `beyond_prompt`: "clamp"
+    (each head keeps at most the prompt) or "keep" (the authors: a layer whose nominal budget exceeds the
+    prompt is kept whole). `score_dtype`: the window scores are rounded to it before pooling and top-k
+    ("float16": the authors' LongBench runs, whose fp16 weights decide ties).
+    """
 
     window: int = WINDOW
     kernel: int = KERNEL
+    granularity: str | None = None
+    beyond_prompt: str = BEYOND_PROMPT
+    score_dtype: str = SCORE_DTYPE
     name: ClassVar[str] = "press"
     options: ClassVar[tuple[str, ...]] = ()  # parameters `build` takes besides the fields
 
     def __post_init__(self) -> None:
         check_window(self.window)
         check_count(self.kernel, "kernel", 1)
+        for value, allowed, what in ((self.granularity, (None, *GRANULARITIES), "granularity"),
+                                     (self.beyond_prompt, BEYOND_PROMPT_MODES, "beyond-prompt"),
+                                     (self.score_dtype, tuple(SCORE_DTYPES), "score dtype")):
+            if value not in allowed:
+                raise HeadscoreError(f"unknown {what} '{value}': use {', '.join(a for a in allowed if a)}")
+
+    def nominal_budget(self, layer: int) -> int | None:
+        """The budget (window excluded) the authors compare with the prompt to keep a layer whole; None: never."""
+        return None
+
+    def prompt_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """`layer_budgets`, or every position of a layer kept whole (`beyond_prompt` "keep": nominal budget
+        above the `m` positions of `scores` `[heads, m]`)."""
+        nominal = self.nominal_budget(layer)
+        if self.beyond_prompt == "keep" and nominal is not None and nominal > scores.shape[1]:
+            return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64)
+        return self.layer_budgets(layer, scores, geometry)
 
     @classmethod
     def build(cls, geometry: Geometry, **params: Any) -> Press:
@@ -166,12 +250,13 @@ class Press:
         """Raise if the press cannot run on a model of `geometry`."""
 
     def cache_heads(self, geometry: Geometry) -> int:
-        """Heads the cache stores a selection for: KV heads, or query heads for query-granularity budgets."""
-        return geometry.kv_heads
+        """Heads the cache stores a selection for: KV heads, or query heads at "query" granularity."""
+        return geometry.query_heads if self.granularity == "query" else geometry.kv_heads
 
     def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-        """One layer's window scores `[q_heads, m]` -> selection scores `[heads, m]` (pool, then group mean)."""
-        return group_scores(pool_scores(scores, self.kernel), heads)
+        """One layer's window scores `[q_heads, m]` -> selection scores `[heads, m]` (rounded to `score_dtype`,
+        pool, then group mean)."""
+        return group_scores(pool_scores(scores.to(SCORE_DTYPES[self.score_dtype]), self.kernel), heads)
 
     def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """Positions each head keeps before the window: int64 `[heads]` on the CPU (`kept_positions` clamps
@@ -179,8 +264,11 @@ class Press:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """The method and its parameters (the dataclass fields), for reports and metadata."""
-        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+        """The method and its parameters (the dataclass fields), for reports and metadata; the fidelity options
+        (`FIDELITY_OPTIONS`) only where they differ from their defaults, so the default report layout stays."""
+        shown = [f.name for f in fields(self)
+                 if f.init and (f.name not in FIDELITY_OPTIONS or getattr(self, f.name) != f.default)]
+        return {"method": self.name, **{name: getattr(self, name) for name in shown}}
 
 
 def press_options(cls: type[Press]) -> set[str]:
@@ -260,8 +348,12 @@ class SnapKVPress(BudgetPress):
         super().__post_init__()
         check_budget(self.budget, self.window)
 
+    def nominal_budget(self, layer: int) -> int | None:
+        return self.budget - self.window
+
     def provide_budgets(self, geometry: Geometry) -> Budgets:
-        return allocate("uniform", geometry, self.budget, window=self.window, granularity="kv")
+        return allocate("uniform", geometry, self.budget, window=self.window,
+                        granularity=resolve_granularity(geometry, self.granularity))
 
 
 @register_press("streaming")
@@ -282,36 +374,63 @@ class StreamingPress(SnapKVPress):
 @register_press("pyramidkv")
 @dataclass
 class PyramidKVPress(SnapKVPress):
-    """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection."""
+    """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection.
+
+    `pyramid_schedule`: "linear" (exact interpolation, total = uniform, any prompt), or the authors' rule for
+    the prompt at hand (`budgets.pyramid_official_budgets`): "headkv" or "kvcache-factory" (these decide
+    themselves when a layer is kept whole; `beyond_prompt` does not apply).
+    """
 
     pyramid_beta: float = PYRAMID_BETA
+    pyramid_schedule: str = PYRAMID_SCHEDULE
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_pyramid_beta(self.pyramid_beta)
+        if self.pyramid_schedule not in PYRAMID_SCHEDULES:
+            raise HeadscoreError(f"unknown pyramid schedule '{self.pyramid_schedule}': use "
+                                 f"{', '.join(PYRAMID_SCHEDULES)}")
 
     def provide_budgets(self, geometry: Geometry) -> Budgets:
-        return allocate("pyramid", geometry, self.budget, window=self.window, granularity="kv",
-                        pyramid_beta=self.pyramid_beta)
+        return allocate("pyramid", geometry, self.budget, window=self.window,
+                        granularity=resolve_granularity(geometry, self.granularity), pyramid_beta=self.pyramid_beta)
+
+    def prompt_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        if self.pyramid_schedule == "linear":
+            return super().prompt_budgets(layer, scores, geometry)
+        heads, m = scores.shape
+        budgets, whole = pyramid_official_budgets(geometry.layers, self.budget - self.window, self.pyramid_beta,
+                                                  m + self.window, self.window, self.pyramid_schedule)
+        return torch.full((heads,), m if whole[layer] else int(budgets[layer]), dtype=torch.int64)
 
 
 @register_press("ada-snapkv")
 @dataclass
 class AdaSnapKVPress(Press):
     """AdaKV on SnapKV: per layer, the top `(budget − window) × heads` scores over all heads jointly, with a
-    floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill."""
+    floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill.
+
+    `ada_allocation`: "pool" (`adaptive_budgets`: the floor plus the top (1 − alpha) share) or "official"
+    (`adaptive_budgets_official`: normalized scores, 0.8 × count + floor, as the authors run it)."""
 
     budget: int = BUDGET
     alpha: float = ALPHA
+    ada_allocation: str = ADA_ALLOCATION
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, self.window)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise HeadscoreError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        if self.ada_allocation not in ADA_ALLOCATIONS:
+            raise HeadscoreError(f"unknown ada allocation '{self.ada_allocation}': use {', '.join(ADA_ALLOCATIONS)}")
+
+    def nominal_budget(self, layer: int) -> int | None:
+        return self.budget - self.window
 
     def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        return adaptive_budgets(scores, self.budget - self.window, self.alpha).cpu()
+        rule = adaptive_budgets_official if self.ada_allocation == "official" else adaptive_budgets
+        return rule(scores, self.budget - self.window, self.alpha).cpu()
 
 
 @register_press("headkv")
@@ -332,13 +451,18 @@ class HeadKVPress(BudgetPress):
         if not isinstance(self.budgets, Budgets):
             raise HeadscoreError("method headkv needs budgets: give --budgets or --scores")
         self.window = self.budgets.window
+        self.granularity = self.budgets.granularity
         super().__post_init__()
+
+    def nominal_budget(self, layer: int) -> int | None:
+        return self.budgets.budget - self.budgets.window
 
     @classmethod
     def build(  # type: ignore[override]  # takes its named parameters only (make_press passes no others)
         cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
         scores: HeadScores | str | os.PathLike | None = None, budget: int = BUDGET, window: int = WINDOW,
         kernel: int = KERNEL, beta: float = BETA, temp: float = TEMP, granularity: str | None = None,
+        beyond_prompt: str = BEYOND_PROMPT, score_dtype: str = SCORE_DTYPE,
     ) -> HeadKVPress:
         """From `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score file;
         budgets are then allocated here with `budget`, `window`, `beta`, `temp`, `granularity`)."""
@@ -352,7 +476,7 @@ class HeadKVPress(BudgetPress):
                 chosen.source_scores = str(scores)
         else:
             raise HeadscoreError("method headkv needs head scores (--scores) or a budgets file (--budgets)")
-        press = cls(kernel=kernel, budgets=chosen)
+        press = cls(kernel=kernel, budgets=chosen, beyond_prompt=beyond_prompt, score_dtype=score_dtype)
         press.check(geometry)
         return press
 
@@ -363,4 +487,6 @@ class HeadKVPress(BudgetPress):
         b = self.budgets
         return {"method": self.name, "window": self.window, "kernel": self.kernel, "budget": b.budget,
                 "beta": b.beta, "granularity": b.granularity, "budget_method": b.method,
-                "source_scores": b.source_scores}
+                "source_scores": b.source_scores,
+                **{k: v for k, v in (("beyond_prompt", self.beyond_prompt), ("score_dtype", self.score_dtype))
+                   if v != getattr(HeadKVPress, k)}}

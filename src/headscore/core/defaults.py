@@ -22,3 +22,9 @@ EVALUATE_METHODS = ("full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "he
 TUNE_BASELINES = ("snapkv", "ada-snapkv")  # the methods tune compares on its test split
 BETA_GRID = (1.005, 1.01, 1.1, 1.2, 1.5, 2.0)  # tune's β grid
 TEMPLATE = "chat"  # prompt template of generated prompts (compress, ablate, evaluate's niah/synthetic, tune)
+
+# the authors' behaviour, selectable (docs/fidelity.md); these defaults are headscore's
+BEYOND_PROMPT = "clamp"  # a head keeps at most the prompt ("keep": a layer whose budget exceeds it stays whole)
+SCORE_DTYPE = "float32"  # window scores rounded to this dtype before top-k
+PYRAMID_SCHEDULE = "linear"  # PyramidKV per-layer budgets: exact interpolation
+ADA_ALLOCATION = "pool"  # Ada-SnapKV: floor + top (1 - alpha) share of the pooled scores

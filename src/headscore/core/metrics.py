@@ -71,6 +71,15 @@ def rouge1_recall(prediction: str, reference: str) -> float:
     return _overlap(pred, ref) / len(ref)
 
 
+def rouge1_recall_stemmed(prediction: str, reference: str) -> float:
+    """ROUGE-1 recall of `rouge_score` with the Porter stemmer (`RougeScorer(['rouge1'], use_stemmer=True)
+    .score(reference, prediction)`), Retrieval_Head's success test: its own tokenizer (lowercase, runs of
+    letters and digits), tokens longer than 3 characters stemmed."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].recall
+
+
 def _lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
     if not a or not b:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,13 +95,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def split_revision(model: str) -> tuple[str, dict[str, str]]:
+    """`org/name@REVISION` -> (`org/name`, {"revision": REVISION}): a hub model pinned to a commit, branch or
+    tag (the authors pin Mistral-7B-Instruct-v0.2 to dca6e4b). An existing path is never split."""
+    name, at, revision = model.rpartition("@")
+    if not at or not name or not revision or Path(model).expanduser().exists():
+        return model, {}
+    return name, {"revision": revision}
+
+
 def load_tokenizer(model: str = DEFAULT_MODEL):
 
     quiet_transformers()
 
-    source = resolve_model(model)
+    name, pin = split_revision(model)
+    source = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, **pin)
     except (OSError, ValueError) as error:
         raise HeadscoreError(f"cannot load tokenizer for model '{model}': {first_line(error)}") from error
 
@@ -113,7 +124,8 @@ def load_model(
     device_map: str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Load `(model, tokenizer)` in eval mode. `model` is an alias, folder, .gguf file or hub id.
+    """Load `(model, tokenizer)` in eval mode. `model` is an alias, folder, .gguf file or hub id (`id@REVISION`
+    pins a revision, `split_revision`).
 
     `device` `auto`: CUDA when available, else CPU (`resolve_device`). `device_map="auto"` spreads a large
     model over the available devices (accelerate).
@@ -121,9 +133,11 @@ def load_model(
 
     quiet_transformers()
     device = resolve_device(device)
-    source = resolve_model(model)
+    name, pin = split_revision(model)
+    source = resolve_model(name)
     tokenizer = load_tokenizer(model)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation,
+                              **pin}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -163,6 +177,7 @@ def load_geometry(model: str = DEFAULT_MODEL) -> Geometry:
 
     quiet_transformers()
     try:
-        return Geometry.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+        name, pin = split_revision(model)
+        return Geometry.from_config(AutoConfig.from_pretrained(resolve_model(name), **pin))
     except (OSError, ValueError) as error:
         raise HeadscoreError(f"cannot load config of model '{model}': {first_line(error)}") from error

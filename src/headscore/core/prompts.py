@@ -10,6 +10,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_bytes
 
@@ -157,13 +159,9 @@ class OfficialHaystack:
         """(context with the needle, character window `[start, end)` of the context that holds the needle)."""
         needle_ids = self.tokenizer.encode(needle)
         room = length - OFFICIAL_BUFFER - len(needle_ids)
-        if room < 16:
-            raise HeadscoreError(f"length {length} is too short for the official prompt (needs at least "
-                                 f"{OFFICIAL_BUFFER + len(needle_ids) + 16} tokens: {OFFICIAL_BUFFER} kept free "
-                                 "and the needle)")
         context = self.trimmed(length)
         if len(context) + len(needle_ids) > length - OFFICIAL_BUFFER:
-            context = context[:room]
+            context = context[:room]  # as theirs: a negative room cuts from the end (length 0: no context)
         point = len(context)
         if depth != 100:
             point = int(len(context) * (depth / 100))
@@ -191,6 +189,51 @@ def insertion_point(context: str, char: int) -> int:
         return len(context)
     cut = context.rfind(".", 0, char)
     return 0 if cut < 0 else cut + 1
+
+
+SPAN_RULES = ("answer", "official")
+
+
+def window_overlaps(prompt_ids: Sequence[int], needle_ids: Sequence[int]) -> torch.Tensor:
+    """Float64 `[len(prompt)]`: for every start i, the share of the needle's distinct ids that occur in the
+    window `prompt[i : i + len(needle)]` (cut at the end), as the authors' `find_needle_idx` computes it."""
+    prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
+    distinct = torch.tensor(sorted(set(needle_ids)), dtype=torch.long)
+    width, length = len(needle_ids), prompt.shape[0]
+    hits = (prompt[None, :] == distinct[:, None]).to(torch.int32)  # [distinct ids, positions]
+    counts = torch.nn.functional.pad(hits.cumsum(dim=1), (1, 0))  # counts[:, j] = hits before j
+    starts = torch.arange(length)
+    ends = (starts + width).clamp(max=length)
+    present = (counts[:, ends] - counts[:, starts]) > 0
+    return present.sum(dim=0).double() / distinct.shape[0]
+
+
+def official_answer_span(tokenizer: Any, prompt_ids: Sequence[int], answer: str, kind: str) -> tuple[int, int]:
+    """The answer span as the authors' scorers find it (`find_needle_idx`), `len(answer ids)` tokens long.
+
+    `reasoning` (HeadKV `retrieval_head_detection_r2.py` L259–286): with a BOS-adding tokenizer only windows
+    right after a BOS token, else every window; the LAST with the highest overlap. `retrieval` (Retrieval_Head
+    `retrieval_head_detection.py` L249–259): the FIRST window with overlap > 0.9.
+    """
+    needle_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    overlaps = window_overlaps(prompt_ids, needle_ids)
+    if kind == "retrieval":
+        found = (overlaps > 0.9).nonzero()
+        if not found.numel():
+            raise HeadscoreError(f"the authors' span search finds no window over 90 % of the answer "
+                                 f"'{answer[:40]}' (their scorer then counts no head for this trial); use "
+                                 "--span answer")
+        start = int(found[0])
+        return start, start + len(needle_ids)
+    empty = tokenizer.encode("")
+    if empty:  # BOS-adding: windows starting just after each BOS
+        starts = (torch.tensor(list(prompt_ids)) == empty[0]).nonzero().flatten() + 1
+        starts = starts[starts < len(prompt_ids)]
+    else:
+        starts = torch.arange(len(prompt_ids))
+    scores = overlaps[starts]
+    best = starts[(scores == scores.max()).nonzero().flatten()[-1]]  # `>=`: the last of the best
+    return int(best), int(best) + len(needle_ids)
 
 
 def answer_token_span(offsets: Sequence[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:

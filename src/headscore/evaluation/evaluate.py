@@ -27,7 +27,7 @@ import torch
 
 from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import cache_report, compress_state, decode, prefill
-from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
 from headscore.core.attention import use_attention
 from headscore.core.defaults import (
     ALPHA,
@@ -129,7 +129,8 @@ class EvaluateOptions:
     r2: retrieval-reasoning scores, or any other name). `betas`: HeadKV's pool
     control; several values make a β sweep (each headkv method runs at every β). The other compression
     parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
-    `headscore compress` (`sinks` too). `answer_prefix` is appended to every prompt (after the generation prompt, so the
+    `headscore compress` (`sinks` too); `fidelity` selects the authors' behaviour (docs/fidelity.md).
+    `answer_prefix` is appended to every prompt (after the generation prompt, so the
     observation window covers it); the model continues it and the prediction excludes it.
     """
 
@@ -145,6 +146,7 @@ class EvaluateOptions:
     pyramid_beta: float = PYRAMID_BETA
     sinks: int = SINKS
     answer_prefix: str = ""
+    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
                                    kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
                                    temp=options.temp, granularity=options.granularity,
                                    pyramid_beta=options.pyramid_beta, sinks=options.sinks,
-                                   scores=loaded.get(needs) if needs else None)
+                                   scores=loaded.get(needs) if needs else None, **options.fidelity.params())
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
@@ -408,7 +410,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if longbench:
         atomic_write_text(out_dir / LONGBENCH_FILE, f"# LongBench / LooGLE scores: {model_name}\n\n"
                           "Each dataset: mean score × 100, 2 decimals (LongBench's scorer); average: over the "
-                          "datasets.\n\n" + longbench_markdown(longbench))
+                          "datasets; qa_average, loogle_average: the paper's main-table averages (the 6 "
+                          "LongBench QA datasets; LooGLE's 4 tasks).\n\n" + longbench_markdown(longbench))
         with atomic_open(out_dir / LONGBENCH_CSV) as handle:
             pd.DataFrame(longbench).to_csv(handle, index=False)
     write_json(out_dir / METADATA_FILE, {

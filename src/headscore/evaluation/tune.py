@@ -32,7 +32,7 @@ import torch
 from headscore.compression.allocation import allocate
 from headscore.compression.budgets import Budgets, check_beta, check_budget, pool_share
 from headscore.compression.budgets_file import read_budget_sweep, write_budgets
-from headscore.compression.presses import PRESSES, make_press, press_options
+from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
 from headscore.core.defaults import (
     ALPHA,
     BETA,
@@ -114,6 +114,7 @@ class TuneOptions:
     granularity: str | None = None
     pyramid_beta: float = PYRAMID_BETA
     sinks: int = SINKS
+    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""
@@ -149,7 +150,7 @@ class TuneOptions:
         return EvaluateOptions(methods=list(methods), budgets=[int(b) for b in self.budgets],
                                scores=dict(self.scores), window=self.window, kernel=self.kernel, alpha=self.alpha,
                                betas=[float(b) for b in betas], temp=self.temp, granularity=self.granularity,
-                               pyramid_beta=self.pyramid_beta, sinks=self.sinks)
+                               pyramid_beta=self.pyramid_beta, sinks=self.sinks, fidelity=self.fidelity)
 
 
 def split_samples(samples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -248,7 +249,7 @@ def test_conditions(geometry: Geometry, tuned: Sequence[Budgets], options: TuneO
         default = plan_conditions(geometry, replace(options.evaluate_options([method], [options.default_beta]),
                                                     budgets=[budgets.budget]))[0]
         conditions.append(replace(default, label=f"{method} default"))
-        press = make_press("headkv", geometry, kernel=options.kernel, budgets=budgets)
+        press = make_press("headkv", geometry, kernel=options.kernel, budgets=budgets, **options.fidelity.params())
         conditions.append(Condition(method=method, budget=budgets.budget, beta=budgets.beta, press=press,
                                     label=f"{method} tuned"))
     return conditions

@@ -37,7 +37,7 @@ from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
-from headscore.core.metrics import qa_f1, rouge1_recall
+from headscore.core.metrics import qa_f1, rouge1_recall, rouge1_recall_stemmed
 from headscore.core.model import Geometry, eos_ids, input_device, load_model
 from headscore.core.plots import head_heatmap
 from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
@@ -55,6 +55,8 @@ HEATMAP_FILE = "heatmap.png"
 TABLE_COLUMNS = ("index", "id", "length", "depth", "needle", "response", "success", "f1", "rouge1_recall",
                  "counted", "steps", "nan")
 STOP_AFTER_FAILURES = 5
+STOP_RULES = ("newline", "official")
+ROUGE_VARIANTS = ("plain", "stemmed")
 MODE_NOTES = {
     "decode": "greedy decoding; steps scored from the last prompt token on; only successful trials counted",
     "teacher-forced": "one pass over prompt + gold answer tokens; the queries predicting each answer token "
@@ -65,13 +67,22 @@ MODE_NOTES = {
 @dataclass(frozen=True)
 class EstimateOptions:
     """How heads are scored: `rule`, a registered score rule (`scoring.rules.RULES`); `max_new_tokens` caps
-    decoding (also capped by the rule's decode length). Thresholds: the rule's success check."""
+    decoding (also capped by the rule's decode length). Thresholds: the rule's success check.
+
+    `stop_rule` (decode mode; `stop_criteria`): "newline" (headscore: any token whose text holds a newline,
+    or EOS) or "official" (the authors' test of `<0x0A>` or id 144; r2 also at `config.eos_token_id`;
+    retrieval never at EOS and not capped by the span, as Retrieval_Head). `rouge`: the retrieval success
+    metric, "plain" (`metrics.rouge1_recall`) or "stemmed" (`rouge_score` with the Porter stemmer, as
+    Retrieval_Head).
+    """
 
     rule: str = "r2"
     mode: str = "decode"
     f1_threshold: float = 0.5
     rouge_threshold: float = 0.5
     max_new_tokens: int = 50
+    stop_rule: str = "newline"
+    rouge: str = "plain"
 
     def __post_init__(self) -> None:
         get_rule(self.rule)
@@ -79,10 +90,45 @@ class EstimateOptions:
             raise HeadscoreError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
             raise HeadscoreError("--max-new-tokens must be at least 1")
+        if self.stop_rule not in STOP_RULES:
+            raise HeadscoreError(f"unknown stop rule '{self.stop_rule}': use one of {', '.join(STOP_RULES)}")
+        if self.rouge not in ROUGE_VARIANTS:
+            raise HeadscoreError(f"unknown rouge '{self.rouge}': use one of {', '.join(ROUGE_VARIANTS)}")
 
     def success(self, f1: float, rouge: float) -> bool:
         """The rule's success check (r2: QA F1 > f1_threshold; retrieval: ROUGE-1 recall > rouge_threshold)."""
         return get_rule(self.rule).succeeded(f1, rouge, self.f1_threshold, self.rouge_threshold)
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    """When one trial's decoding ends: after `max_steps` steps, or at a step that generates one of `ids` or
+    (with `newline_text`) a token whose decoded text holds a newline; that step is still scored."""
+
+    max_steps: int
+    ids: frozenset[int]
+    newline_text: bool
+
+
+def official_newline_ids(tokenizer: Any) -> frozenset[int]:
+    """The authors' newline test, `step_token == '<0x0A>' or inp.item() == 144`, as ids of this vocabulary:
+    SentencePiece's byte token for a newline where the vocabulary has one, and id 144 whatever it is (on a
+    byte-level vocabulary such as Llama-3's no newline token matches)."""
+    newline = tokenizer.get_vocab().get("<0x0A>")
+    return frozenset({144} | ({newline} if newline is not None else set()))
+
+
+def stop_criteria(model: Any, tokenizer: Any, options: EstimateOptions, answer_tokens: int,
+                  span_tokens: int) -> StopCriteria:
+    """The stop rule of `options` for one trial: A = `answer_tokens`, N = `span_tokens`."""
+    if options.stop_rule == "official":
+        if get_rule(options.rule).decode_length == "span":  # retrieval (Retrieval_Head): 50 steps, newline only
+            return StopCriteria(options.max_new_tokens, official_newline_ids(tokenizer), False)
+        eos = getattr(model.config, "eos_token_id", None)  # compared with `==`: a list never matches
+        return StopCriteria(min(answer_tokens, options.max_new_tokens),
+                            official_newline_ids(tokenizer) | ({eos} if isinstance(eos, int) else set()), False)
+    length = get_rule(options.rule).decode_steps(answer_tokens, span_tokens)
+    return StopCriteria(min(length, options.max_new_tokens), frozenset(eos_ids(model, tokenizer)), True)
 
 
 @dataclass
@@ -167,22 +213,24 @@ def answer_token_count(tokenizer: Any, answer: str) -> int:
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
                  rule: str, max_new_tokens: int, forced: torch.Tensor | None = None,
-                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0
-                 ) -> tuple[torch.Tensor, list[int], bool]:
+                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0,
+                 stop: StopCriteria | None = None) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
 
     Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
     a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
     greedy choices (scores a given continuation). `answer_tokens`: A of the r2 rule (default: the span's N).
     `cache`: one already holding `prompt[:start]` (a shared prefix, `start` < prompt length); only
-    `prompt[start:-1]` is prefilled on it.
+    `prompt[start:-1]` is prefilled on it. `stop`: the stop rule (`stop_criteria`; its `max_steps` replaces
+    `max_new_tokens`); default: newline or EOS.
     """
 
     score = get_rule(rule).score
     answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
-    stops = eos_ids(model, tokenizer)
+    if stop is None:
+        stop = StopCriteria(max_new_tokens, frozenset(eos_ids(model, tokenizer)), True)
     if cache is None:
         cache, start = DynamicCache(config=model.config), 0
     if start < prompt_ids.shape[0] - 1:
@@ -191,7 +239,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     total = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     generated: list[int] = []
-    steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
+    steps = stop.max_steps if forced is None else min(stop.max_steps, len(forced))
     for step in range(steps):
         capture.arm(1)
         logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -201,7 +249,8 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
         total = total + score(probs[None], span, chosen[None], prompt_ids, answer_tokens=answer_tokens)
         bad = bad | ~torch.isfinite(probs).all()
         generated.append(int(chosen))
-        if forced is None and (generated[-1] in stops or "\n" in tokenizer.decode(generated[-1:])):
+        if forced is None and (generated[-1] in stop.ids
+                               or (stop.newline_text and "\n" in tokenizer.decode(generated[-1:]))):
             break
         token = chosen.view(1, 1)
     return total, generated, bool(bad)
@@ -252,12 +301,13 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
             scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.rule,
                                                           answer_tokens, cache, start)
         else:
-            length = get_rule(options.rule).decode_steps(answer_tokens, span[1] - span[0])
+            stop = stop_criteria(model, tokenizer, options, answer_tokens, span[1] - span[0])
             scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.rule,
-                                                  min(length, options.max_new_tokens),
-                                                  answer_tokens=answer_tokens, cache=cache, start=start)
+                                                  stop.max_steps, answer_tokens=answer_tokens, cache=cache,
+                                                  start=start, stop=stop)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    f1, rouge = qa_f1(response, trial.answer), rouge1_recall(response, trial.answer)
+    recall = rouge1_recall_stemmed if options.rouge == "stemmed" else rouge1_recall
+    f1, rouge = qa_f1(response, trial.answer), recall(response, trial.answer)
     success = options.success(f1, rouge)
     bad = bad or not bool(torch.isfinite(scores).all())
     counted = not bad and (success or options.mode == "teacher-forced")

@@ -15,7 +15,10 @@ The two rules are the authors' own:
 - `r2` (HeadKV, `retrieval_head_detection_r2.py`, `retrieval_calculate`, FYYFU/HeadKV): at every step, for
   each of a head's top-N positions that lies inside the span, add `10 · weight / (N · A)`, where A is the
   answer's token count, `len(tokenizer(answer, add_special_tokens=False).input_ids)`. A trial scores at most
-  `10 / N` (every step puts all its top-N weight in the span, over at most A steps).
+  `10 / N` (every step puts all its top-N weight in the span, over at most A steps). This is the version of
+  commit 84e4c2b (2024-11-01), which also added the released score files (their per-trial maximum is 10 / N);
+  the later commit 4c68d6b (2024-11-14), still at the head of the repository (0862a09), comments that line out
+  for `weight / N` (L227–228). headscore keeps the formula that produced the released files.
 - `retrieval` (Wu et al., `retrieval_head_detection.py`, nightdessert/Retrieval_Head): a head whose top-1
   position lies in the span and holds the token just generated adds `1 / N`.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,15 +15,17 @@ from typing import Any
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_bytes, read_jsonl
-from headscore.core.haystack import Haystack, load_haystack
+from headscore.core.haystack import Haystack, load_haystack, load_haystack_parts
 from headscore.core.model import load_geometry, load_tokenizer
 from headscore.core.prompts import (
     NEEDLE_TEMPLATES,
+    SPAN_RULES,
     HaystackTokens,
     OfficialHaystack,
     answer_token_span,
     encode_prompt,
     evenly_spaced,
+    official_answer_span,
     place_texts,
     render_prompt,
     tokenizer_fingerprint,
@@ -130,16 +133,21 @@ def load_needles(kind_or_path: str) -> tuple[list[Needle], str]:
     return needles, fingerprint_bytes(raw)
 
 
-def context_lengths(min_length: int, max_length: int | None, count: int, max_context: int | None) -> list[int]:
-    """`count` target prompt lengths evenly spaced over [min_length, max_length] (in model tokens).
+def context_lengths(min_length: int, max_length: int | None, count: int, max_context: int | None,
+                    past_context: bool = False) -> list[int]:
+    """`count` target prompt lengths evenly spaced over [min_length, max_length] (in model tokens), rounded
+    half-to-even as the authors' `np.round(np.linspace(...))`.
 
     The default `max_length` (None) is 8000 capped at the model's context minus a 200-token buffer;
-    an explicit value above that cap is an error.
+    an explicit value above that cap is an error unless `past_context` (the official template: the authors
+    run 10000 on Llama-3's 8192 positions; `build_needle_trials` warns instead).
     """
     cap = max_context - CONTEXT_BUFFER if max_context else None
+    if min_length < 0:
+        raise HeadscoreError(f"--min-length must be at least 0, got {min_length}")
     if max_length is None:
         max_length = min(8000, cap) if cap else 8000
-    elif cap is not None and max_length > cap:
+    elif cap is not None and max_length > cap and not past_context:
         raise HeadscoreError(f"--max-length {max_length} is above the model's context "
                              f"({max_context} tokens, minus a {CONTEXT_BUFFER}-token buffer = {cap})")
     if count < 1:
@@ -162,7 +170,7 @@ def depth_percents(count: int, whole: bool = False) -> list[float]:
 
 def build_trials(
     tokenizer: Any,
-    haystack: Haystack,
+    haystack: Haystack | Sequence[Haystack],
     needles: Sequence[Needle],
     *,
     lengths: Sequence[int],
@@ -172,34 +180,56 @@ def build_trials(
     model_name: str = "",
     needles_fingerprint: str = "",
     progress: Callable[[], None] | None = None,
+    span: str = "answer",
 ) -> list[Trial]:
     """One trial per (length, depth, needle), in that nesting order.
 
-    `raw` and `chat` prompts hold about `length` tokens, the needle placed by `prompts.place_texts`;
-    `official` prompts are the authors' construction (`prompts.OfficialHaystack`: at most `length - 200`
-    context tokens, then the question). Each trial's `answer_span` is the token span `[start, end)` of the
-    answer inside the tokenized prompt (`encode_prompt`), found from the tokenizer's character offsets.
+    `haystack`: one for every needle, or one per needle (the authors' `part{i}` folders). `raw` and `chat`
+    prompts hold about `length` tokens, the needle placed by `prompts.place_texts`; `official` prompts are
+    the authors' construction (`prompts.OfficialHaystack`: at most `length - 200` context tokens, then the
+    question; length 0 gives the needle and the question only). Each trial's `answer_span` is the token span
+    `[start, end)` of the answer inside the tokenized prompt (`encode_prompt`), found from the tokenizer's
+    character offsets (`span` "answer"), or by the authors' token-overlap search (`span` "official",
+    `prompts.official_answer_span`: the r2 rule for `kind` reasoning, Retrieval_Head's for retrieval).
     """
+    if span not in SPAN_RULES:
+        raise HeadscoreError(f"unknown span rule '{span}': use one of {', '.join(SPAN_RULES)}")
+    hays = [haystack] * len(needles) if isinstance(haystack, Haystack) else list(haystack)
+    if len(hays) != len(needles):
+        raise HeadscoreError(f"{len(needles)} needles need as many haystacks, got {len(hays)}")
+    groups: dict[str, list[Needle]] = {}
+    for hay_of, needle in zip(hays, needles, strict=True):
+        groups.setdefault(hay_of.fingerprint, []).append(needle)
+    first = {h.fingerprint: h for h in reversed(hays)}
+    official: dict[str, OfficialHaystack] | None = None
+    fillers: dict[str, Any] = {}
+    budgets: dict[tuple[int, str], int] = {}
     if template == "official":
-        official = OfficialHaystack(tokenizer, haystack.text, max(lengths))
-        hay, budgets = None, {}
+        official = {fp: OfficialHaystack(tokenizer, first[fp].text, max(lengths)) for fp in groups}
     else:
-        official, hay, budgets = None, *filler_budgets(tokenizer, haystack, needles, lengths, template)
+        for fp, group in groups.items():
+            fillers[fp], room = filler_budgets(tokenizer, first[fp], group, lengths, template)
+            budgets.update(room)
     tok_fp = tokenizer_fingerprint(tokenizer)
     trials = []
     for length in lengths:
         for depth in depths:
             for number, needle in enumerate(needles):
+                hay_fp = hays[number].fingerprint
                 if official is not None:
-                    prompt, answer_chars = official.prompt(needle.needle, needle.question, needle.answer, length,
-                                                           depth)
-                elif hay is not None:
-                    context, (at,) = place_texts(hay, budgets[(length, needle.id)], [needle.needle], [depth])
+                    prompt, answer_chars = official[hay_fp].prompt(needle.needle, needle.question, needle.answer,
+                                                                   length, depth)
+                else:
+                    context, (at,) = place_texts(fillers[hay_fp], budgets[(length, needle.id)], [needle.needle],
+                                                 [depth])
                     prompt = render_prompt(tokenizer, context, needle.question, template)
                     answer_at = prompt.index(context) + at + needle.needle.lower().index(needle.answer.lower())
                     answer_chars = (answer_at, answer_at + len(needle.answer))
                 encoded = encode_prompt(tokenizer, prompt, template, offsets=True)
-                span = answer_token_span(encoded["offset_mapping"], *answer_chars)
+                if span == "official":
+                    found = official_answer_span(tokenizer, encoded["input_ids"], needle.answer, kind)
+                else:
+                    found = answer_token_span(encoded["offset_mapping"], *answer_chars)
                 trials.append(Trial(
                     id=f"{kind}-L{length}-D{depth:g}-N{number}",
                     kind=kind,
@@ -210,11 +240,11 @@ def build_trials(
                     template=template,
                     question=needle.question,
                     answer=needle.answer,
-                    answer_span=(span[0], span[1]),
+                    answer_span=(found[0], found[1]),
                     answer_chars=answer_chars,
                     tokenizer=model_name,
                     tokenizer_fingerprint=tok_fp,
-                    haystack_fingerprint=haystack.fingerprint,
+                    haystack_fingerprint=hay_fp,
                     needles_fingerprint=needles_fingerprint,
                     prompt=prompt,
                 ))
@@ -280,18 +310,36 @@ def build_needle_trials(
     depths: int = 10,
     template: str = "raw",
     progress: Callable[[], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    span: str = "answer",
 ) -> list[Trial]:
-    """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`)."""
+    """The trial set for `model`'s tokenizer: `lengths` × `depths` × needles records (see `build_trials`).
+
+    A `haystack` folder with `part0/`, `part1/`, ... subfolders gives needle i the texts of the i-th part in
+    numeric order (the authors' layout: `part{i}` for needle i of the r2 set, part1..3 for the three retrieval
+    needles). With the official template, lengths may exceed the model's context: `warn` (default
+    `warnings.warn`) is told how many prompts do, as the authors run them anyway.
+    """
     if kind not in NEEDLE_FILES:
         raise HeadscoreError(f"unknown needle kind '{kind}': use one of {', '.join(NEEDLE_FILES)}")
     if template not in NEEDLE_TEMPLATES:
         raise HeadscoreError(f"unknown template '{template}': use one of {', '.join(NEEDLE_TEMPLATES)}")
     needle_list, needle_fp = load_needles(needles or kind)
     geometry = load_geometry(model)
-    target_lengths = context_lengths(min_length, max_length, lengths, geometry.max_context)
-    depth_list = depth_percents(depths, whole=template == "official")
+    official = template == "official"
+    target_lengths = context_lengths(min_length, max_length, lengths, geometry.max_context, past_context=official)
+    depth_list = depth_percents(depths, whole=official)
     tokenizer = load_tokenizer(model)
-    hay = load_haystack(haystack)
-    return build_trials(tokenizer, hay, needle_list, lengths=target_lengths, depths=depth_list, kind=kind,
-                        template=template, model_name=model, needles_fingerprint=needle_fp,
-                        progress=progress)
+    parts = load_haystack_parts(haystack)
+    if parts is not None and len(parts) < len(needle_list):
+        raise HeadscoreError(f"haystack {haystack} has {len(parts)} part folders for {len(needle_list)} needles")
+    hay = parts[: len(needle_list)] if parts is not None else load_haystack(haystack)
+    trials = build_trials(tokenizer, hay, needle_list, lengths=target_lengths, depths=depth_list, kind=kind,
+                          template=template, model_name=model, needles_fingerprint=needle_fp,
+                          progress=progress, span=span)
+    context = geometry.max_context
+    past = [t.length for t in trials if context and t.length is not None and t.length > context]
+    if past:
+        (warn or warnings.warn)(f"{len(past)} of {len(trials)} prompts are longer than the model's "
+                                f"{context} positions (up to {max(past)} tokens)")
+    return trials

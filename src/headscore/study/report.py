@@ -170,7 +170,8 @@ def write_report(study: Any) -> Path:
         out.append("\n![score vs KV size](evaluate/score_vs_kv.png)\n")
     longbench = root / "evaluate" / "longbench.md"
     if longbench.is_file():
-        out.append("\n### LongBench / LooGLE (the authors' protocol: each dataset × 100, their average)\n")
+        out.append("\n### LongBench / LooGLE (the authors' protocol: each dataset × 100; average over all, "
+                   "qa_average and loogle_average as the paper's main table)\n")
         text = longbench.read_text(encoding="utf-8")
         out.append(text[text.index("|"):])
     results = pd.read_csv(root / "evaluate" / "results.csv")

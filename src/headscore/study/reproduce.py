@@ -34,6 +34,7 @@ import yaml
 
 from headscore.compression.allocation import allocate_sweep
 from headscore.compression.budgets_file import write_allocations
+from headscore.compression.presses import FidelityOptions
 from headscore.core import defaults
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
@@ -54,18 +55,22 @@ from headscore.study.stages import SHARED_STAGES, STAGES
 # section -> allowed keys (with their defaults); any other key is an error naming the section and key
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "auto", "dtype": None, "note": ""},
-    "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw"},
+    "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw",
+                "r2_haystack": None, "retrieval_haystack": None, "span": "answer"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
-                 "f1_threshold": 0.5, "rouge_threshold": 0.5},
+                 "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline", "rouge": "plain"},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
                   "budget": defaults.BUDGET, "beta": defaults.BETA},
     "allocate": {"budgets": [defaults.BUDGET], "betas": [1.005, defaults.BETA, 1.2, 2.0], "window": defaults.WINDOW,
-                 "scores": "r2"},
+                 "scores": "r2", "granularity": None},
     "evaluate": {"tasks": "niah,synthetic", "methods": list(defaults.EVALUATE_METHODS),
                  "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "window": defaults.WINDOW,
                  "kernel": defaults.KERNEL, "alpha": defaults.ALPHA,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
-                 "max_length": None, "limit": None, "template": None, "num_needles": None},
+                 "max_length": None, "limit": None, "template": None, "num_needles": None,
+                 # docs/fidelity.md: the authors' compression settings and LongBench weights
+                 "granularity": None, "beyond_prompt": "clamp", "score_dtype": "float32",
+                 "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None},
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
              "lengths": None, "depths": None},
@@ -218,10 +223,12 @@ class Study:
 
     def stage_needles(self) -> dict[str, Any]:
 
-        settings = self.config.section("needles")
+        settings = dict(self.config.section("needles"))
+        haystacks = {"r2": settings.pop("r2_haystack"), "retrieval": settings.pop("retrieval_haystack")}
         counts = {}
         for kind, short in (("reasoning", "r2"), ("retrieval", "retrieval")):
-            trials = build_needle_trials(self.config.top["model"], kind=kind, **settings)
+            trials = build_needle_trials(self.config.top["model"], kind=kind, haystack=haystacks[short], **settings,
+                                         warn=self.log)
             write_trials(self.path(f"trials-{short}.jsonl"), trials)
             counts[short] = len(trials)
         return {"trials": counts}
@@ -237,7 +244,8 @@ class Study:
             options = EstimateOptions(rule=method, mode=settings[f"{method}_mode"],
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
-                                      max_new_tokens=settings["max_new_tokens"])
+                                      max_new_tokens=settings["max_new_tokens"], stop_rule=settings["stop_rule"],
+                                      rouge=settings["rouge"])
             result = run_estimate(top["model"], trials, self.path(f"scores-{method}"), options=options,
                                   device=top["device"], dtype=top["dtype"], limit=settings["limit"])
             if result is not None:  # None on ranks other than 0
@@ -273,7 +281,8 @@ class Study:
         scores = read_head_scores(self.scores_file(settings["scores"], "allocate"), geometry.layers,
                                   geometry.query_heads)
         results = allocate_sweep("headkv", geometry, [int(b) for b in settings["budgets"]],
-                                 [float(b) for b in settings["betas"]], window=settings["window"], scores=scores)
+                                 [float(b) for b in settings["betas"]], window=settings["window"], scores=scores,
+                                 granularity=settings["granularity"])
         out = self.path("budgets")
         files = write_allocations(results, out / "budgets.json", split=True, plot=out / "budgets.png")
         return {"files": [path.stem for path in files]}
@@ -288,14 +297,16 @@ class Study:
             needs = eval_method(method).scores
             if needs:
                 scores[needs] = str(self.scores_file(needs, stage))
+        fidelity = FidelityOptions(**{k: settings[k] for k in FidelityOptions.__dataclass_fields__})
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
                                   window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
-                                  betas=[float(b) for b in betas])
+                                  betas=[float(b) for b in betas], granularity=settings["granularity"],
+                                  fidelity=fidelity)
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
         result = run_evaluate(top["model"], tasks, out, options=options, task_options=task_options,
-                              device=top["device"], dtype=top["dtype"], limit=settings["limit"])
+                              device=top["device"], dtype=settings["dtype"] or top["dtype"], limit=settings["limit"])
         return {"samples": result.samples} if result is not None else {}
 
     def stage_evaluate(self) -> dict[str, Any]:
@@ -315,7 +326,9 @@ class Study:
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
-                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"])
+                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"],
+                              granularity=e["granularity"],
+                              fidelity=FidelityOptions(**{k: e[k] for k in FidelityOptions.__dataclass_fields__}))
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
