@@ -96,6 +96,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # torchrun with 2 ranks: several processes, each loading torch
 def test_estimate_two_ranks_resume_and_equal_one_process(tiny_folder, trials_file, tmp_path, one_thread):
     from headscore.scoring.estimate import EstimateOptions, run_estimate
 
@@ -122,6 +123,7 @@ def test_estimate_two_ranks_resume_and_equal_one_process(tiny_folder, trials_fil
     assert json.loads((two / "metadata.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow  # torchrun with 2 ranks: several processes, each loading torch
 def test_evaluate_two_ranks_equal_one_process(tiny_folder, tmp_path, one_thread):
     from headscore.evaluation.evaluate import EvaluateOptions, run_evaluate
 
@@ -196,6 +198,7 @@ def test_ranks_from_environment(monkeypatch):
         from_env()
 
 
+@pytest.mark.slow  # torchrun with 2 ranks: several processes, each loading torch
 def test_reproduce_under_torchrun(tiny_folder, tmp_path, one_thread):
     """`NPROC=2 make reproduce`: estimate and evaluate split over the ranks, the other stages on rank 0; the
     files equal a one-process study's."""
