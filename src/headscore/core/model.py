@@ -185,9 +185,9 @@ def load_model(
     quiet_transformers()
     device = resolve_device(device)
     source = resolve_model(model)
+    check_config(model, source)
     tokenizer = load_tokenizer(model)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation}
-    check_config(model, source)
     if device_map:
         kwargs["device_map"] = device_map
     try:

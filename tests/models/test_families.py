@@ -1,0 +1,284 @@
+"""The family matrix: tiny random models of every decoder family headscore claims (built here, no download).
+
+For each family: the captured attention rows equal eager attention's `output_attentions` (sliding windows,
+soft-capping, sinks and q/k norms included); `compress` at a budget above the context generates plain greedy
+generation's tokens, and a small budget stores the expected bytes (sliding-window layers keep transformers' own
+bounded cache); `estimate` (teacher-forced) scores the full-attention layers and `evaluate` runs end to end.
+Unsupported families (latent attention, linear attention, state-space layers) get one clear error from the
+config alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from headscore.compression.attention import HEADWISE_ATTENTION
+from headscore.compression.cache import HeadwiseCache, HeadwiseLayer
+from headscore.compression.generation import cache_report, decode, prefill_compressed
+from headscore.compression.presses import make_press
+from headscore.core.attention import use_attention
+from headscore.core.errors import HeadscoreError
+from headscore.core.model import Geometry, check_config, load_model
+from headscore.scoring.capture import attention_capture
+
+HYBRID = ["sliding_attention", "full_attention"]
+WINDOW = 8  # the sliding window of the hybrid tiny models: shorter than every context below, so it matters
+MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
+# family -> config overrides on top of COMMON (tiny widths; head_dim 8 where the config has one)
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "mixtral": {**MOE, "sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},  # q/k norms
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gemma": {},
+    "gemma2": {"layer_types": HYBRID, "sliding_window": WINDOW, "attn_logit_softcapping": 1.0,
+               "query_pre_attn_scalar": 8},  # soft-capped logits (a small cap, so it bends them)
+    "gemma3_text": {"layer_types": HYBRID, "sliding_window": WINDOW, "query_pre_attn_scalar": 8},
+    "gpt_oss": {**MOE, "layer_types": HYBRID, "sliding_window": WINDOW},  # learned sinks
+    "cohere2": {"layer_types": HYBRID, "sliding_window": WINDOW},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {"attention_multiplier": 0.4},
+    "starcoder2": {},
+    "gpt_neox": {"rotary_pct": 0.5, "num_key_value_heads": None},  # multi-head attention
+    "smollm3": {},
+    "glm4": {"partial_rotary_factor": 0.5},
+}
+COMMON = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 1024, "bos_token_id": 1,
+          "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+SMALL_VOCAB = 256
+
+
+def tiny_family(family: str, vocab: int = SMALL_VOCAB, attn_implementation: str = "eager"):
+    """A tiny random model of `family` in eval mode, attention sharpened (logits large enough for soft-capping
+    and sinks to matter) and gpt-oss's sinks set away from zero."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=vocab, **{**COMMON, **FAMILIES[family]})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "query_key_value.weight", "qkv_proj.weight")):
+                parameter.mul_(4.0)
+            elif name.endswith("sinks"):
+                parameter.normal_(0.0, 2.0)
+    return model
+
+
+def sliding_layers(model) -> list[int]:
+    geometry = Geometry.from_config(model.config)
+    return [i for i in range(model.config.num_hidden_layers) if i not in geometry.model_layers]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_captured_rows_equal_eager_attention(family):
+    model = tiny_family(family)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, SMALL_VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    reference = model(ids, output_attentions=True)
+    expected = torch.stack([a[0] for a in reference.attentions])  # [layers, heads, q, k]
+    if family in ("gemma2", "gemma3_text", "gpt_oss", "cohere2"):
+        assert (expected[0, :, -1, :40 - WINDOW] == 0).all()  # layer 0 is a sliding layer: the window is real
+    with attention_capture(model, layers) as capture:
+        capture.arm(6)  # one causal pass: every layer, sliding ones included
+        logits = model(ids).logits
+        rows = capture.take()
+        torch.testing.assert_close(rows[:, 0], expected[:, :, -6:], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-4)
+        # a decode step on transformers' own cache: the full-attention layers see every position
+        full = list(Geometry.from_config(model.config).model_layers)
+    with attention_capture(model, full) as capture:
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        capture.arm(1)
+        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        rows = capture.take()
+    torch.testing.assert_close(rows[:, 0, :, 0], expected[full, :, -1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(step[0, -1], reference.logits[0, -1], atol=1e-5, rtol=1e-4)
+    assert model.config._attn_implementation == "eager"
+
+
+def plain_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def compress(model, ids: torch.Tensor, press, new: int):
+    cache, logits, seconds = prefill_compressed(model, ids, press)
+    tokens, steps = decode(model, cache, logits, new)
+    return cache, tokens, cache_report(cache, press, Geometry.from_config(model.config), ids.shape[1], len(tokens),
+                                       seconds, steps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["snapkv", "headkv"])
+def test_budget_above_context_generates_plain_tokens(family, method, random_scores):
+    model = tiny_family(family)
+    geometry = Geometry.from_config(model.config)
+    ids = torch.randint(3, SMALL_VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    want = plain_greedy(model, ids, 10)
+    scores = random_scores(geometry.layers, geometry.query_heads) if method == "headkv" else None
+    press = make_press(method, geometry, budget=2000, window=4, scores=scores)
+    cache, tokens, report = compress(model, ids, press, 10)
+    assert tokens == want
+    assert report.kept == [[40] * geometry.kv_heads] * geometry.layers
+    assert isinstance(cache, HeadwiseCache)
+    assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, HeadwiseLayer)] == list(
+        geometry.model_layers)
+    for index in sliding_layers(model):  # untouched: transformers' own window, WINDOW - 1 tokens kept
+        assert isinstance(cache.layers[index], DynamicSlidingWindowLayer)
+        assert cache.layers[index].keys.shape[2] == WINDOW - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_small_budget_stores_the_expected_bytes(family):
+    model = tiny_family(family)
+    geometry = Geometry.from_config(model.config)
+    ids = torch.randint(3, SMALL_VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    press = make_press("snapkv", geometry, budget=12, window=4)
+    _, tokens, report = compress(model, ids, press, 6)
+    assert report.kept == [[12] * geometry.kv_heads] * geometry.layers
+    tail = len(tokens) - 1  # the last token is never fed back
+    per_entry = geometry.head_dim * 2 * 4  # keys + values, float32
+    compressed = (12 + tail) * geometry.layers * geometry.kv_heads * per_entry
+    windowed = len(sliding_layers(model)) * geometry.kv_heads * min(40 + tail, WINDOW - 1) * per_entry
+    assert report.window_kv_bytes == windowed
+    assert report.kv_bytes == compressed + windowed
+    full_layers = (40 + tail) * geometry.layers * geometry.kv_heads * per_entry
+    assert report.full_kv_bytes == full_layers + windowed
+    # the full cache, measured the same way, holds exactly full_kv_bytes
+    full = make_press("full", geometry)
+    _, _, plain = compress(model, ids, full, 6)
+    assert plain.kv_bytes == plain.full_kv_bytes == report.full_kv_bytes
+
+
+@pytest.fixture(scope="module")
+def trials():
+    from headscore.scoring.trials import build_needle_trials
+
+    return build_needle_trials("smollm2-135m", min_length=120, max_length=160, lengths=1, depths=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimate_and_evaluate_end_to_end(family, tokenizer, trials, tmp_path):
+    """Teacher-forced estimate scores the full-attention layers only (equal to the rule applied to eager
+    attention of those layers); evaluate runs full, snapkv and headkv-r2 from those scores."""
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate
+    from headscore.evaluation.tasks import get_task
+    from headscore.scoring.estimate import EstimateOptions, encode_trial, estimate
+    from headscore.scoring.head_scores import read_head_scores
+    from headscore.scoring.rules import scorer
+
+    model = tiny_family(family, vocab=len(tokenizer))
+    geometry = Geometry.from_config(model.config)
+    result = estimate(model, tokenizer, trials, tmp_path / "scores", model_name=family,
+                      options=EstimateOptions(method="r2", mode="teacher-forced"))
+    assert result.counted == len(trials)
+    metadata = json.loads((tmp_path / "scores" / "metadata.json").read_text())
+    assert metadata["scored_layers"]["indices"] == list(geometry.model_layers)
+    assert metadata["scored_layers"].get("excluded", []) == sliding_layers(model)
+    scores = read_head_scores(tmp_path / "scores" / "head_scores.json", geometry.layers, geometry.query_heads)
+    ids, (start, end) = encode_trial(trials[0], tokenizer)
+    inputs = torch.cat([ids, ids[start:end - 1]])[None]
+    with torch.no_grad():
+        attentions = model(inputs, output_attentions=True).attentions
+    probs = torch.stack([attentions[i][0, :, -(end - start):] for i in geometry.model_layers]).permute(2, 0, 1, 3)
+    answer_tokens = len(tokenizer(trials[0].answer, add_special_tokens=False)["input_ids"])
+    want = scorer("r2")(probs, (start, end), ids[start:end], ids, answer_tokens=answer_tokens)
+    first = torch.tensor([[values[0] for values in row] for row in scores.trials])
+    torch.testing.assert_close(first, want.double(), atol=1e-5, rtol=1e-4)
+
+    samples = get_task("niah", lengths=[140], depths=[50], num_needles=1, max_new_tokens=4).samples(tokenizer)
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[24],
+                              scores={"r2": str(tmp_path / "scores" / "head_scores.json")})
+    run = evaluate(model, tokenizer, samples, tmp_path / "eval", options=options, model_name=family)
+    assert [row["method"] for row in run.rows] == ["full", "snapkv", "headkv-r2"]
+    assert run.rows[0]["kv_ratio"] == 1.0 and all(0 < row["kv_ratio"] < 1 for row in run.rows[1:])
+    assert run.rows[1]["kv_bytes"] == run.rows[2]["kv_bytes"]  # equal total KV between methods
+
+
+UNSUPPORTED = {
+    "deepseek_v3": "multi-head latent attention",
+    "qwen3_next": "linear-attention layers",
+    "falcon_h1": "state-space layers",
+    "jamba": "state-space layers",
+    "mamba": "state-space layers",
+}
+
+
+@pytest.mark.parametrize("family", UNSUPPORTED)
+def test_unsupported_families_get_one_error_before_weights(family, tmp_path):
+    config = AutoConfig.for_model(family)
+    with pytest.raises(HeadscoreError, match=f"model family '{family}' is not supported: {UNSUPPORTED[family]}"):
+        Geometry.from_config(config)
+    config.save_pretrained(tmp_path)  # a folder without weights: the error comes from the config alone
+    with pytest.raises(HeadscoreError, match=f"'{family}' is not supported"):
+        check_config(str(tmp_path), str(tmp_path))
+    with pytest.raises(HeadscoreError, match=f"'{family}' is not supported"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    AutoConfig.for_model("mamba").save_pretrained(tmp_path / "mamba")
+    (tmp_path / "context.txt").write_text("Some context.")
+    result = subprocess.run([sys.executable, "-m", "headscore", "compress", "--model", str(tmp_path / "mamba"),
+                             "--context-file", str(tmp_path / "context.txt"), "--question", "What?", "--method",
+                             "snapkv"], capture_output=True, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "'mamba' is not supported: state-space layers" in lines[0]
+
+
+def test_headwise_cache_of_a_hybrid_needs_its_config():
+    geometry = Geometry.from_config(AutoConfig.for_model("gemma2", num_hidden_layers=4, layer_types=HYBRID * 2))
+    with pytest.raises(HeadscoreError, match="needs its config"):
+        HeadwiseCache(geometry, None)
+
+
+@torch.no_grad()
+def test_decode_attention_with_softcap_and_sinks_equals_plain():
+    """`headwise_attention` (the compressed cache's decode) with soft-capping and sinks, on a cache that kept
+    everything, equals plain attention over all keys with the same terms."""
+    from headscore.compression.attention import headwise_attention
+
+    torch.manual_seed(4)
+    q_heads, kv_heads, n, t, d = 4, 2, 10, 3, 8
+    query = torch.randn(q_heads, 1, d) * 3
+    keys, values = torch.randn(kv_heads, n, d), torch.randn(kv_heads, n, d)
+    tail_keys, tail_values = torch.randn(kv_heads, t, d), torch.randn(kv_heads, t, d)
+    sinks = torch.randn(q_heads)
+    head = torch.arange(kv_heads).repeat_interleave(n)
+    got = headwise_attention(query, keys.reshape(-1, d), values.reshape(-1, d), head, kv_heads, tail_keys,
+                             tail_values, 0.5, softcap=1.5, sinks=sinks)
+    all_keys = torch.cat([keys, tail_keys], 1).repeat_interleave(2, 0)
+    all_values = torch.cat([values, tail_values], 1).repeat_interleave(2, 0)
+    logits = 1.5 * torch.tanh(query @ all_keys.transpose(1, 2) * 0.5 / 1.5)
+    probs = torch.softmax(torch.cat([logits, sinks.view(-1, 1, 1)], -1), -1)[..., :-1]
+    torch.testing.assert_close(got, probs @ all_values, atol=1e-6, rtol=1e-5)
+
+
+def test_hybrid_prefill_uses_headscore_attention_on_full_layers_only():
+    """In a hybrid model's compressed prefill, the full-attention layers hold a head-wise layer and the
+    sliding ones transformers' layer; after decode the sliding layers still hold only the window."""
+    model = tiny_family("gemma3_text")
+    geometry = Geometry.from_config(model.config)
+    assert geometry.compressed_layers == (1,)
+    ids = torch.randint(3, SMALL_VOCAB, (1, 30), generator=torch.Generator().manual_seed(5))
+    cache = HeadwiseCache(geometry, make_press("snapkv", geometry, budget=10, window=4), config=model.config)
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert cache.kept().tolist() == [[10, 10]]
+    assert cache.layers[0].keys.shape[2] == WINDOW - 1 and cache.get_seq_length() == 30
