@@ -295,3 +295,42 @@ def test_hybrid_prefill_uses_headscore_attention_on_full_layers_only():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     assert cache.kept().tolist() == [[10, 10]]
     assert cache.layers[0].keys.shape[2] == WINDOW - 1 and cache.get_seq_length() == 30
+
+
+@pytest.mark.slow
+def test_a_gemma3_folder_runs_every_command_from_the_cli(tokenizer, tmp_path):
+    """A tiny Gemma-3-style folder (sliding and full layers; saved with save_pretrained beside a tokenizer)
+    goes through build-needles, estimate, compress and evaluate from the CLI with `--model <folder>`."""
+    from typer.testing import CliRunner
+
+    from headscore.cli import app
+
+    folder = tmp_path / "tiny-gemma3"
+    tiny_family("gemma3_text", vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    runner = CliRunner()
+
+    def run(*args: str) -> None:
+        result = runner.invoke(app, [*args, "--model", str(folder)])
+        assert result.exit_code == 0, result.output
+
+    run("build-needles", "--out", str(tmp_path / "trials.jsonl"), "--min-length", "150", "--max-length", "150",
+        "--lengths", "1", "--depths", "2")
+    run("estimate", "--needles", str(tmp_path / "trials.jsonl"), "--out", str(tmp_path / "scores"), "--mode",
+        "teacher-forced")
+    metadata = json.loads((tmp_path / "scores" / "metadata.json").read_text())
+    assert metadata["trials_counted"] == 4 and metadata["scored_layers"]["indices"] == [1]
+    assert metadata["geometry"]["compressed_layers"] == [1]
+    scores = str(tmp_path / "scores" / "head_scores.json")
+    (tmp_path / "context.txt").write_text("The lighthouse keeper painted the door blue. " * 12)
+    run("compress", "--context-file", str(tmp_path / "context.txt"), "--question", "What colour is the door?",
+        "--method", "headkv", "--scores", scores, "--budget", "24", "--window", "4", "--max-new-tokens", "4",
+        "--template", "raw", "--report", str(tmp_path / "report.json"))
+    report = json.loads((tmp_path / "report.json").read_text())["report"]
+    assert len(report["kept"]) == 1 and sum(report["kept"][0]) == 24 * 2  # the full layer, 2 KV heads
+    assert report["window_kv_bytes"] > 0 and report["kv_bytes"] < report["full_kv_bytes"]
+    run("evaluate", "--out", str(tmp_path / "eval"), "--tasks", "niah", "--methods", "full,snapkv,headkv-r2",
+        "--scores-r2", scores, "--budgets", "24", "--lengths", "150", "--depths", "50", "--num-needles", "1",
+        "--template", "raw")
+    rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3

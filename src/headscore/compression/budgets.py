@@ -376,7 +376,7 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
         geo = item["geometry"]
         geometry = Geometry(layers=int(geo["layers"]), query_heads=int(geo["query_heads"]),
                             kv_heads=int(geo["kv_heads"]), head_dim=int(geo.get("head_dim") or 0),
-                            max_context=geo.get("max_context"))
+                            max_context=geo.get("max_context"), compressed_layers=geo.get("compressed_layers"))
         method, granularity, rows = item["method"], item["granularity"], item["matrix"]
     except (KeyError, TypeError, ValueError) as error:
         raise HeadscoreError(f"{where}: missing or malformed field {error}") from None
@@ -459,7 +459,7 @@ def score_file_geometry(scores_path: str | os.PathLike) -> Geometry | None:
         geo = json.loads(meta.read_text(encoding="utf-8")).get("geometry")
         return Geometry(layers=int(geo["layers"]), query_heads=int(geo["query_heads"]),
                         kv_heads=int(geo["kv_heads"]), head_dim=int(geo.get("head_dim") or 0),
-                        max_context=geo.get("max_context"))
+                        max_context=geo.get("max_context"), compressed_layers=geo.get("compressed_layers"))
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return None
 
