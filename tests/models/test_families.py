@@ -241,18 +241,20 @@ def test_unsupported_families_get_one_error_before_weights(family, tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
-def test_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
-    import subprocess
+def test_cli_refuses_an_unsupported_family_in_one_line(tmp_path, monkeypatch, capsys):
     import sys
+
+    from headscore.cli import main
 
     AutoConfig.for_model("mamba").save_pretrained(tmp_path / "mamba")
     (tmp_path / "context.txt").write_text("Some context.")
-    result = subprocess.run([sys.executable, "-m", "headscore", "compress", "--model", str(tmp_path / "mamba"),
-                             "--context-file", str(tmp_path / "context.txt"), "--question", "What?", "--method",
-                             "snapkv"], capture_output=True, text=True)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1, result.stderr
-    assert "'mamba' is not supported: state-space layers" in lines[0]
+    monkeypatch.setattr(sys, "argv", ["headscore", "compress", "--model", str(tmp_path / "mamba"), "--context-file",
+                                      str(tmp_path / "context.txt"), "--question", "What?", "--method", "snapkv"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("headscore: error: ") and "'mamba' is not supported: state-space layers" in err
 
 
 def test_headwise_cache_of_a_hybrid_needs_its_config():
@@ -334,3 +336,48 @@ def test_a_gemma3_folder_runs_every_command_from_the_cli(tokenizer, tmp_path):
         "--template", "raw")
     rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_a_family_without_sdpa_loads_with_eager_attention(family, tokenizer, tmp_path):
+    """transformers has no sdpa path for soft-capped logits or sinks: such a folder loads with eager attention
+    (headscore's own functions replace it in its passes), not with a load error."""
+    tiny_family(family, vocab=len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), device="cpu")
+    assert model.config._attn_implementation == "eager"
+    assert Geometry.from_config(model.config).compressed_layers == (1,)
+
+
+def write_gguf_header(path, fields: dict[str, str]) -> None:
+    """A GGUF file holding only a header of string fields (version 3, no tensors)."""
+    import struct
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    body = b"".join(string(key) + struct.pack("<I", 8) + string(value) for key, value in fields.items())
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(fields)) + body)
+
+
+@pytest.mark.parametrize("architecture,message", [
+    ("mamba", "'mamba' is not supported: state-space layers"),
+    ("bert", "GGUF loader does not convert architecture 'bert'"),
+])
+def test_gguf_architecture_is_checked_before_converting(architecture, message, tmp_path, monkeypatch):
+    from headscore.core.assets import gguf_architecture, resolve_model
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path / "cache"))
+    write_gguf_header(tmp_path / "model.gguf", {"general.architecture": architecture, "general.name": "tiny"})
+    with pytest.raises(HeadscoreError, match=message):
+        resolve_model(str(tmp_path / "model.gguf"))
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+    write_gguf_header(tmp_path / "m.gguf", {"general.architecture": "llama", "general.name": "Mistral 7B"})
+    assert gguf_architecture(tmp_path / "m.gguf") == "mistral"  # renamed as transformers' loader does
+
+
+def test_the_default_gguf_reads_as_llama():
+    from headscore.core.assets import MODEL_ALIASES, gguf_architecture, package_dir
+
+    package, filename, requirement = MODEL_ALIASES["smollm2-135m"]
+    assert gguf_architecture(package_dir(package, requirement) / filename) == "llama"

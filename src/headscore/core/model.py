@@ -185,9 +185,11 @@ def load_model(
     quiet_transformers()
     device = resolve_device(device)
     source = resolve_model(model)
-    check_config(model, source)
+    config = read_config(model, source)
+    Geometry.from_config(config)  # an unsupported family fails here, before any weights load
     tokenizer = load_tokenizer(model)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device),
+                              "attn_implementation": loadable_attention(config, attn_implementation)}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -229,11 +231,29 @@ def load_geometry(model: str = DEFAULT_MODEL) -> Geometry:
     return check_config(model, resolve_model(model))
 
 
-def check_config(model: str, source: Any) -> Geometry:
-    """Read the config of `source` (what `resolve_model` gave for `model`) and check headscore can run the
-    family (before any weights load): its Geometry."""
+def read_config(model: str, source: Any) -> Any:
+    """The config of `source` (what `resolve_model` gave for `model`); no weights are read."""
     try:
-        config = AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise HeadscoreError(f"cannot load config of model '{model}': {first_line(error)}") from error
-    return Geometry.from_config(config)
+
+
+def check_config(model: str, source: Any) -> Geometry:
+    """Check from the config alone that headscore can run the family: its Geometry."""
+    return Geometry.from_config(read_config(model, source))
+
+
+def loadable_attention(config: Any, attn_implementation: str) -> str:
+    """`attn_implementation`, except `sdpa` for a family transformers runs without it (Gemma 2's soft-capped
+    logits, gpt-oss's sinks): `eager` then. headscore's own attention functions (`core.attention`) replace
+    either during its passes and compute those terms exactly."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if attn_implementation != "sdpa":
+        return attn_implementation
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return attn_implementation
+    return attn_implementation if getattr(model_class, "_supports_sdpa", True) else "eager"
