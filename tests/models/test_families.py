@@ -381,3 +381,25 @@ def test_the_default_gguf_reads_as_llama():
 
     package, filename, requirement = MODEL_ALIASES["smollm2-135m"]
     assert gguf_architecture(package_dir(package, requirement) / filename) == "llama"
+
+
+@torch.no_grad()
+def test_ablation_masks_rows_of_the_scored_layers():
+    """Head ablation on a hybrid: mask row i is model layer compressed_layers[i] (the sliding layer is kept)."""
+    from headscore.evaluation.ablate import HeadAblation
+
+    model = tiny_family("gemma3_text")
+    seen: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.o_proj.register_forward_hook(
+            lambda module, args, out, index=index: seen.__setitem__(index, args[0]))
+    ids = torch.randint(3, SMALL_VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(1, 4)
+    mask[0, 2] = 0.0
+    with HeadAblation(model, mask):
+        model(ids)
+    heads = {index: value.view(1, 12, 4, 8) for index, value in seen.items()}
+    assert (heads[1][:, :, 2] == 0).all() and (heads[1][:, :, [0, 1, 3]] != 0).any()
+    assert (heads[0] != 0).all()
+    with pytest.raises(HeadscoreError, match="mask has 2 layers, the model 1"):
+        HeadAblation(model, torch.ones(2, 4))
