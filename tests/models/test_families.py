@@ -403,3 +403,17 @@ def test_ablation_masks_rows_of_the_scored_layers():
     assert (heads[0] != 0).all()
     with pytest.raises(HeadscoreError, match="mask has 2 layers, the model 1"):
         HeadAblation(model, torch.ones(2, 4))
+
+
+def test_budgets_of_a_hybrid_cover_its_full_layers_and_record_them(tmp_path, random_scores):
+    """allocate over a hybrid's geometry: one row per full-attention layer; the budgets file records which."""
+    from headscore.compression.budgets import allocate, read_budgets, write_budgets
+
+    geometry = Geometry.from_config(AutoConfig.for_model("cohere2", **{**COMMON, "num_hidden_layers": 8},
+                                                         sliding_window=WINDOW))
+    assert geometry.compressed_layers == (3, 7) and geometry.layers == 2
+    budgets = allocate("headkv", geometry, 32, scores=random_scores(2, 4))
+    assert budgets.matrix.shape == (2, 2)
+    write_budgets(tmp_path / "budgets.json", budgets)
+    assert json.loads((tmp_path / "budgets.json").read_text())["geometry"]["compressed_layers"] == [3, 7]
+    assert read_budgets(tmp_path / "budgets.json", geometry).geometry == geometry
