@@ -201,6 +201,8 @@ def test_estimate_and_evaluate_end_to_end(family, tokenizer, trials, tmp_path, n
     metadata = json.loads((tmp_path / "scores" / "metadata.json").read_text())
     assert metadata["scored_layers"]["indices"] == list(geometry.model_layers)
     assert metadata["scored_layers"].get("excluded", []) == sliding_layers(model)
+    # trials of one haystack share their prefix's prefill, except on a hybrid (a sliding cache cannot be cropped)
+    assert metadata["prefix_cache"]["enabled"] == (not sliding_layers(model))
     scores = read_head_scores(tmp_path / "scores" / "head_scores.json", geometry.layers, geometry.query_heads)
     ids, (start, end) = encode_trial(trials[0], tokenizer)
     inputs = torch.cat([ids, ids[start:end - 1]])[None]
