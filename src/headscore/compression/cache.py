@@ -54,7 +54,9 @@ def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geo
 
 
 class HeadwiseLayer(CacheLayerMixin):
-    """One layer of `HeadwiseCache` (see the module docstring for the storage)."""
+    """One full-attention layer of `HeadwiseCache` (see the module docstring for the storage). `index`: its
+    compressed slot, the row of the budgets and of `HeadwiseCache.recorded` (the model layer itself when every
+    layer is full attention)."""
 
     is_sliding = False
     is_croppable = False
