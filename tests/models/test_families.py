@@ -419,3 +419,23 @@ def test_budgets_of_a_hybrid_cover_its_full_layers_and_record_them(tmp_path, ran
     write_budgets(tmp_path / "budgets.json", budgets)
     assert json.loads((tmp_path / "budgets.json").read_text())["geometry"]["compressed_layers"] == [3, 7]
     assert read_budgets(tmp_path / "budgets.json", geometry).geometry == geometry
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@torch.no_grad()
+def test_blocked_attention_equals_plain_attention(masked):
+    """The prefill path for soft-capping and sinks, split into many query blocks, equals one plain softmax."""
+    from headscore.core.attention import blocked_attention
+
+    torch.manual_seed(7)
+    query, key, value = torch.randn(1, 4, 9, 8) * 3, torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8)
+    sinks = torch.randn(4)
+    keep = torch.ones(9, 13, dtype=torch.bool).tril(4)  # the last 9 of 13 positions, causal
+    if masked:
+        keep &= ~torch.ones(9, 13, dtype=torch.bool).tril(4 - WINDOW // 2)  # a sliding window of 4
+    got = blocked_attention(query, key, value, 0.3, mask=keep[None, None] if masked else None, softcap=2.0,
+                            sinks=sinks, max_logits=4 * 13 * 2)  # two query rows per block
+    logits = 2.0 * torch.tanh(query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.3 / 2.0)
+    logits = torch.cat([logits.masked_fill(~keep, float("-inf")), sinks.view(1, 4, 1, 1).expand(1, 4, 9, 1)], -1)
+    want = torch.softmax(logits, -1)[..., :-1] @ value.repeat_interleave(2, 1)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-5)
