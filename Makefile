@@ -35,6 +35,7 @@ bench:
 	$(BIN)/python bench/bench_compress.py
 	$(BIN)/python bench/bench_prefix.py
 	$(BIN)/python bench/bench_suffix.py
+	$(BIN)/python bench/bench_variants.py
 
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
 ## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)

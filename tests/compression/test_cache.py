@@ -98,14 +98,15 @@ def test_batch_of_two_is_an_error(model_and_ids):
         cache.update(torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), 0)
 
 
-def test_sliding_window_models_are_rejected(tiny_llama):
-    from transformers import MistralConfig
+def test_a_model_without_full_attention_layers_is_rejected(tiny_llama):
+    """Every layer sliding (Mistral v0.1 style): nothing to compress, one clear error; hybrids load."""
+    from transformers import Gemma2Config, MistralConfig
 
-    from headscore.compression.cache import check_full_attention
-
-    with pytest.raises(HeadscoreError, match="sliding_attention"):
-        check_full_attention(MistralConfig(sliding_window=16, num_hidden_layers=2))
-    check_full_attention(tiny_llama().config)
+    with pytest.raises(HeadscoreError, match="no full-attention layer"):
+        Geometry.from_config(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    assert Geometry.from_config(tiny_llama().config).compressed_layers is None
+    hybrid = Geometry.from_config(Gemma2Config(num_hidden_layers=4, sliding_window=16))
+    assert (hybrid.layers, hybrid.compressed_layers) == (2, (1, 3))
 
 
 def test_a_recording_cache_cannot_decode(model_and_ids):

@@ -129,3 +129,23 @@ def test_capture_on_cuda_bf16_matches_cpu(tiny_llama):
             rows[device] = capture.take().cpu()
         assert rows[device].dtype == torch.float32
     torch.testing.assert_close(rows["cuda"], rows["cpu"], atol=2e-2, rtol=0)
+
+
+@torch.no_grad()
+def test_captures_are_attached_to_their_models(tiny_llama):
+    """Two models captured at once (no shared global state): each capture records its own model only, and
+    a model's attention modules carry no capture after the block."""
+    from headscore.scoring.capture import CAPTURE_ATTRIBUTE
+
+    first, second = tiny_llama(layers=2, seed=0), tiny_llama(layers=3, seed=1)
+    ids = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(6))
+    with attention_capture(first, 2) as one, attention_capture(second, [0, 2]) as two:
+        one.arm(2)
+        first(ids)
+        two.arm(1)
+        second(ids)
+        assert one.take().shape == (2, 1, 4, 2, 12) and two.take().shape == (2, 1, 4, 1, 12)
+        with pytest.raises(HeadscoreError, match="already has an attention capture"):
+            with attention_capture(first, 2):
+                pass
+    assert not any(hasattr(module, CAPTURE_ATTRIBUTE) for module in (*first.modules(), *second.modules()))

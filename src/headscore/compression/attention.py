@@ -17,7 +17,8 @@ HEADWISE_ATTENTION = "headscore_headwise"
 
 def headwise_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head: torch.Tensor,
                        heads: int, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                       scaling: float | None = None) -> torch.Tensor:
+                       scaling: float | None = None, softcap: float | None = None,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of new queries over a head-wise cache, without loops over heads.
 
     `query` [q_heads, q, d] (the last q tokens); `keys`/`values` [total, d] the kept prompt entries, `head`
@@ -25,25 +26,32 @@ def headwise_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     `tail_keys`/`tail_values` [kv_heads, t, d] the generated tokens, the last q of them being the queries'
     own (causal among themselves). One softmax over [prompt entries of the head's cache head, tail] per
     query head: the prompt logits are computed against all entries ([q_heads, q, total], dense matmul) and
-    the other heads' entries masked out. Returns [q_heads, q, d] in the query's dtype.
+    the other heads' entries masked out. `softcap`: logits become `softcap * tanh(logits / softcap)` (Gemma 2);
+    `sinks` [q_heads]: a learned logit per head that joins the softmax and takes no value (gpt-oss).
+    Returns [q_heads, q, d] in the query's dtype.
     """
     q_heads, q_len, dim = query.shape
     kv_heads, t_len = tail_keys.shape[0], tail_keys.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
     flat = query.reshape(q_heads * q_len, dim).float()  # logits in float32, as sdpa keeps them
     prompt = torch.matmul(flat, keys.float().t()).view(q_heads, q_len, -1).mul_(scale)
+    if softcap is not None:
+        prompt = torch.tanh(prompt.div_(softcap)).mul_(softcap)
     owner = torch.arange(q_heads, device=query.device) // (q_heads // heads)
     foreign = head[None, :] != owner[:, None]  # [q_heads, total]
     prompt = prompt.masked_fill_(foreign[:, None, :], float("-inf"))
     grouped = flat.view(kv_heads, (q_heads // kv_heads) * q_len, dim)
     tail = torch.matmul(grouped, tail_keys.float().transpose(1, 2)).view(q_heads, q_len, t_len).mul_(scale)
+    if softcap is not None:
+        tail = torch.tanh(tail.div_(softcap)).mul_(softcap)
     if q_len > 1:
         rows = torch.arange(q_len, device=query.device)[:, None] + (t_len - q_len)
         tail = tail.masked_fill_(torch.arange(t_len, device=query.device)[None, :] > rows, float("-inf"))
-    probs = torch.softmax(torch.cat([prompt, tail], dim=-1), dim=-1).to(values.dtype)
+    logits = [prompt, tail] if sinks is None else [prompt, tail, sinks.float().view(q_heads, 1, 1).expand(-1, q_len, 1)]
+    probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(values.dtype)
     total = keys.shape[0]
     out = torch.matmul(probs[..., :total].reshape(q_heads * q_len, total), values).view(q_heads, q_len, dim)
-    tail_probs = probs[..., total:].reshape(kv_heads, (q_heads // kv_heads) * q_len, t_len)
+    tail_probs = probs[..., total:total + t_len].reshape(kv_heads, (q_heads // kv_heads) * q_len, t_len)
     return out + torch.matmul(tail_probs, tail_values).view(q_heads, q_len, dim)
 
 
@@ -53,7 +61,9 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     """The registered function for `HeadwiseCache` (plain tensors, e.g. a DynamicCache: exactly sdpa).
 
     `key` is a `HeadwiseLayer` (what its `update` returns). At prefill: the exact sdpa output over the full
-    keys/values, then the layer selects what it keeps. At decode: `headwise_attention` over the layer.
+    keys/values, then the layer selects what it keeps. At decode: `headwise_attention` over the layer, with the
+    `softcap` and sinks (`s_aux`) the model passes. A sliding-window layer of a hybrid model is transformers'
+    own cache layer: its plain tensors go to sdpa with the model's sliding mask.
     Output [b, q, q_heads, d] as sdpa's.
     """
     if isinstance(key, torch.Tensor):
@@ -66,7 +76,7 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         layer.finish_prefill(query[0], scaling)
         return output
     out = headwise_attention(query[0], layer.keys, layer.values, layer.head, layer.heads, layer.tail_keys,
-                             layer.tail_values, scaling)
+                             layer.tail_values, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return out.transpose(0, 1)[None], None
 
 

@@ -1,7 +1,7 @@
 """The head-wise variable-length KV cache.
 
-Each layer stores, for every cache head (a KV head, or a query head for query-granularity budgets), only the
-prompt entries that head kept, flattened head after head:
+Each full-attention layer stores, for every cache head (a KV head, or a query head for query-granularity
+budgets), only the prompt entries that head kept, flattened head after head:
 
 - `keys`, `values`: `[total_kept, head_dim]`, the kept prompt entries of head 0, then head 1, ... each head's
   entries in original order (so their RoPE positions are the original ones);
@@ -10,6 +10,7 @@ prompt entries that head kept, flattened head after head:
   by all heads (every head attends to every generated token).
 
 Storage is Σ kept × head_dim × 2 × dtype size plus the tail: no padding to the largest head, no mask.
+A hybrid model's sliding-window layers keep transformers' own bounded cache layer (`HeadwiseCache.make_layer`).
 The cache plugs into transformers through `Cache.update`: at prefill a layer holds the full keys/values until
 the registered attention function (`headscore.compression.attention.headwise_attention_forward`) has computed the exact
 output and the window scores; then the layer is compressed (or, in recording mode, kept whole for
@@ -19,16 +20,22 @@ attention function as `key` and `value`.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    get_layer_types_and_kwargs,
+)
 
 from headscore.compression.presses import Press, kept_positions, window_scores
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import Geometry
+from headscore.core.model import FULL_ATTENTION, Geometry
 
 PrefillHook = Callable[["HeadwiseLayer", torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -47,7 +54,9 @@ def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geo
 
 
 class HeadwiseLayer(CacheLayerMixin):
-    """One layer of `HeadwiseCache` (see the module docstring for the storage)."""
+    """One full-attention layer of `HeadwiseCache` (see the module docstring for the storage). `index`: its
+    compressed slot, the row of the budgets and of `HeadwiseCache.recorded` (the model layer itself when every
+    layer is full attention)."""
 
     is_sliding = False
     is_croppable = False
@@ -183,24 +192,48 @@ class HeadwiseLayer(CacheLayerMixin):
 
 
 class HeadwiseCache(DynamicCache):
-    """Per-head variable-length cache for every layer, compressed at prefill by `press` (see module doc).
+    """Per-head variable-length cache for every full-attention layer, compressed at prefill by `press` (see
+    module doc). With the model's `config`, a hybrid model's sliding-window layers get transformers' own
+    sliding-window layer (bounded by the window, never compressed; `make_layer`); without it every layer is
+    full attention.
 
-    With `press=None` the cache records instead: each layer keeps its full keys/values and window scores in
-    `recorded` (for `headscore.compression.generation.prefill`) and cannot decode.
+    With `press=None` the cache records instead: each full-attention layer keeps its full keys/values and
+    window scores in `recorded` (indexed like `geometry`'s compressed layers, for
+    `headscore.generation.prefill`) and cannot decode.
     """
 
     layers: list[HeadwiseLayer]  # type: ignore[assignment]  # a DynamicCache whose layers are all head-wise
 
     def __init__(self, geometry: Geometry, press: Press | None, *, window: int | None = None,
                  config=None) -> None:
-        if config is not None:
-            check_full_attention(config)
         self.geometry = geometry
         self.press = press
         self.window = press.window if press is not None else (8 if window is None else window)
         self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * geometry.layers
-        layers: list[Any] = [HeadwiseLayer(index, self.window, self._on_prefill) for index in range(geometry.layers)]
-        Cache.__init__(self, layers=layers)
+        if config is None:
+            if geometry.compressed_layers is not None:
+                raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")
+            self.layer_kwargs: list[dict] = [{} for _ in range(geometry.layers)]
+            types = [FULL_ATTENTION] * geometry.layers
+        else:
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            types, self.layer_kwargs = get_layer_types_and_kwargs(text)
+        if tuple(i for i, kind in enumerate(types) if kind == FULL_ATTENTION) != geometry.model_layers:
+            raise HeadscoreError("the geometry's compressed layers are not the model's full-attention layers")
+        self.slots = {layer: slot for slot, layer in enumerate(geometry.model_layers)}
+        Cache.__init__(self, layers=[self.make_layer(index, kind) for index, kind in enumerate(types)])
+
+    def make_layer(self, index: int, layer_type: str) -> CacheLayerMixin:
+        """Model layer `index`'s cache: a `HeadwiseLayer` (at its compressed slot) for full attention,
+        transformers' own (sliding-window) layer otherwise, whose `update` returns plain tensors."""
+        if layer_type == FULL_ATTENTION:
+            return HeadwiseLayer(self.slots[index], self.window, self._on_prefill)
+        return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**self.layer_kwargs[index])
+
+    @property
+    def compressed(self) -> list[HeadwiseLayer]:
+        """The head-wise layers, in compressed-slot order."""
+        return [layer for layer in self.layers if isinstance(layer, HeadwiseLayer)]
 
     def _on_prefill(self, layer: HeadwiseLayer, keys: torch.Tensor, values: torch.Tensor,
                     scores: torch.Tensor) -> None:
@@ -221,41 +254,40 @@ class HeadwiseCache(DynamicCache):
 
     @classmethod
     def from_prefill(cls, geometry: Geometry, press: Press,
-                     recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> HeadwiseCache:
-        """A compressed cache built from recorded full states `(keys, values, window scores)` per layer."""
-        cache = cls(geometry, press)
-        for layer, (keys, values, scores) in zip(cache.layers, recorded, strict=True):
+                     recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, config=None,
+                     windowed: dict[int, CacheLayerMixin] | None = None) -> HeadwiseCache:
+        """A compressed cache built from recorded full states `(keys, values, window scores)` per compressed
+        layer; a hybrid model's sliding-window layers start from copies of `windowed` (model index -> the
+        prefilled layer; their tensors are shared, never modified: an update replaces them)."""
+        cache = cls(geometry, press, config=config)
+        for layer, (keys, values, scores) in zip(cache.compressed, recorded, strict=True):
             layer.lazy_initialization(keys[None], values[None])
             cache.compress_layer(layer, keys, values, scores)
+        for index, layer in (windowed or {}).items():
+            cache.layers[index] = copy.copy(layer)
         return cache
 
     def kept(self) -> torch.Tensor:
-        """Entries kept per head, window included: int64 `[layers, heads]`."""
-        kept = [layer.kept for layer in self.layers]
+        """Entries kept per head of the compressed layers, window included: int64 `[layers, heads]`."""
+        kept = [layer.kept for layer in self.compressed]
         if any(count is None for count in kept):
             raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
         return torch.stack(kept)  # type: ignore[arg-type]  # every entry checked above
 
     def kv_bytes(self) -> int:
-        return sum(layer.kv_bytes() for layer in self.layers)
+        """Keys and values stored: the compressed layers' plus the sliding-window layers'."""
+        return sum(layer.kv_bytes() for layer in self.compressed) + window_kv_bytes(self)
 
     @property
     def selection_seconds(self) -> float:
         """Time spent at prefill on window scores and selection, all layers (CPU wall time)."""
-        return sum(layer.selection_seconds for layer in self.layers)
+        return sum(layer.selection_seconds for layer in self.compressed)
 
     def index_bytes(self) -> int:
-        return sum(layer.index_bytes() for layer in self.layers)
+        return sum(layer.index_bytes() for layer in self.compressed)
 
 
-def check_full_attention(config) -> None:
-    """Only models whose every layer is plain full attention can use the head-wise cache."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    try:
-        types, _ = get_layer_types_and_kwargs(text)
-    except (AttributeError, TypeError):
-        return
-    other = sorted({t for t in types if t != "full_attention"})
-    if other:
-        raise HeadscoreError(f"the head-wise cache needs full-attention layers only; this model has "
-                             f"{', '.join(other)} layers")
+def window_kv_bytes(cache: Cache) -> int:
+    """Bytes of keys and values held by a cache's sliding-window layers (0 when it has none)."""
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "is_sliding", False) and layer.keys is not None)

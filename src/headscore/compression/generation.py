@@ -14,6 +14,7 @@ does it all for a context and a question and returns the answer with a `KVReport
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.cache import HeadwiseCache, check_full_attention
+from headscore.compression.cache import HeadwiseCache, HeadwiseLayer, window_kv_bytes
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
 from headscore.core.defaults import TEMPLATE, WINDOW
@@ -38,8 +39,10 @@ from headscore.core.prompts import encode_prompt, render_prompt
 
 @dataclass
 class PrefillState:
-    """One full prefill: per layer the full `keys`/`values` `[kv_heads, n, d]` and the window scores
-    `[q_heads, n − window]` (float32), plus the last prompt token's `logits` `[vocab]`."""
+    """One full prefill: per full-attention layer the full `keys`/`values` `[kv_heads, n, d]` and the window
+    scores `[q_heads, n − window]` (float32), plus the last prompt token's `logits` `[vocab]`. A hybrid
+    model's sliding-window layers are in `windowed` (model index -> transformers' prefilled layer; copied,
+    never modified, by every cache built from the state) and its `config` rebuilds their kind."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -48,6 +51,8 @@ class PrefillState:
     logits: torch.Tensor
     geometry: Geometry
     seconds: float
+    windowed: dict[int, Any] = field(default_factory=dict)
+    config: Any = None
 
     @property
     def length(self) -> int:
@@ -67,7 +72,6 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
                              f"{input_ids.shape[0]}")
     if input_ids.shape[1] == 0:
         raise HeadscoreError("the prompt is empty")
-    check_full_attention(model.config)
     return input_ids.to(input_device(model))
 
 
@@ -86,12 +90,14 @@ def _forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Ten
 def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tuple[Any, torch.Tensor, float]:
     """Prefill with compression on the fly: `(cache, last logits [vocab], seconds)`.
 
-    Full attention keeps a plain `DynamicCache`; every other method a `HeadwiseCache`.
+    Full attention keeps a plain `DynamicCache`; every other method a `HeadwiseCache` (both with
+    transformers' own bounded layers for a hybrid model's sliding-window layers).
     """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
     press.check(geometry)
-    cache = DynamicCache(config=model.config) if isinstance(press, FullPress) else HeadwiseCache(geometry, press)
+    cache = (DynamicCache(config=model.config) if isinstance(press, FullPress)
+             else HeadwiseCache(geometry, press, config=model.config))
     logits, seconds = _forward(model, input_ids, cache)
     return cache, logits, seconds
 
@@ -106,8 +112,10 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
     """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
-    cache = HeadwiseCache(geometry, None, window=window)
+    cache = HeadwiseCache(geometry, None, window=window, config=model.config)
     if prefix is not None and start > 0:
+        if geometry.compressed_layers is not None:
+            raise HeadscoreError("a shared prefix cannot seed a model with sliding-window layers")
         shared_layers: list[Any] = prefix.layers  # DynamicCache's full-attention layers
         for layer, shared in zip(cache.layers, shared_layers, strict=True):
             layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
@@ -117,23 +125,27 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
         raise HeadscoreError("some layers did not call the registered attention function; this model type "
                              "cannot use the head-wise cache")
     keys, values, scores = (list(parts) for parts in zip(*cache.recorded, strict=True))
+    windowed = {index: layer for index, layer in enumerate(cache.layers) if not isinstance(layer, HeadwiseLayer)}
     return PrefillState(keys=keys, values=values, scores=scores, window=window, logits=logits,
-                        geometry=geometry, seconds=seconds)
+                        geometry=geometry, seconds=seconds, windowed=windowed, config=model.config)
 
 
 def compress_state(state: PrefillState, press: Press) -> Any:
     """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely)."""
     if isinstance(press, FullPress):
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(zip(state.keys, state.values, strict=True)):
+        cache = DynamicCache() if state.config is None else DynamicCache(config=state.config)
+        for layer, keys, values in zip(state.geometry.model_layers, state.keys, state.values, strict=True):
             cache.update(keys[None], values[None], layer)
+        for index, layer in state.windowed.items():
+            cache.layers[index] = copy.copy(layer)
         return cache
     if press.window != state.window:
         raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
                              f"for window {press.window}")
     press.check(state.geometry)
     recorded = list(zip(state.keys, state.values, state.scores, strict=True))
-    return HeadwiseCache.from_prefill(state.geometry, press, recorded)
+    return HeadwiseCache.from_prefill(state.geometry, press, recorded, config=state.config,
+                                      windowed=state.windowed)
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -185,12 +197,13 @@ class KVReport:
     press: dict
     context_tokens: int
     generated_tokens: int
-    kept: list[list[int]]  # [layers][heads], prompt entries kept per cache head, window included
-    kv_bytes: int  # keys + values stored (kept prompt entries + generated tail)
-    full_kv_bytes: int  # what the full cache holds for the same tokens
+    kept: list[list[int]]  # [compressed layers][heads], prompt entries kept per cache head, window included
+    kv_bytes: int  # keys + values stored (kept prompt entries + generated tail; sliding-window layers included)
+    full_kv_bytes: int  # what the full cache holds for the same tokens (sliding-window layers included)
     index_bytes: int  # head index and per-head counts of the head-wise cache
     prefill_seconds: float
     decode_seconds: list[float] = field(default_factory=list)
+    window_kv_bytes: int = 0  # of kv_bytes: held by a hybrid model's sliding-window layers (never compressed)
 
     @property
     def kept_per_layer(self) -> list[int]:
@@ -209,29 +222,33 @@ class KVReport:
         return {"method": self.method, "press": self.press, "context_tokens": self.context_tokens,
                 "generated_tokens": self.generated_tokens, "kept_per_layer": self.kept_per_layer,
                 "kept": self.kept, "kv_bytes": self.kv_bytes, "full_kv_bytes": self.full_kv_bytes,
-                "ratio": self.ratio, "index_bytes": self.index_bytes, "prefill_seconds": self.prefill_seconds,
+                "ratio": self.ratio, "window_kv_bytes": self.window_kv_bytes,
+                "index_bytes": self.index_bytes, "prefill_seconds": self.prefill_seconds,
                 "decode_seconds_per_token": self.decode_per_token, "decode_seconds": self.decode_seconds}
 
 
 def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: int, generated_tokens: int,
                  prefill_seconds: float, decode_seconds: list[float]) -> KVReport:
     """Measure `cache` (a `HeadwiseCache` or the full `DynamicCache`) into a `KVReport`."""
+    windowed = window_kv_bytes(cache)
     if isinstance(cache, HeadwiseCache):
         kept = cache.kept().tolist()
         kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
-        layer, first = cache.layers[0], cache.layers[0].keys
+        layer = cache.compressed[0]
+        first = layer.keys
         if first is None:
             raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
         cached, element, dim = layer.get_seq_length(), first.element_size(), first.shape[-1]
     else:
-        keys = [layer.keys for layer in cache.layers]
+        keys = [cache.layers[index].keys for index in geometry.model_layers]
         kept = [[context_tokens] * k.shape[1] for k in keys]
-        kv_bytes = sum(2 * k.numel() * k.element_size() for k in keys)
+        kv_bytes = sum(2 * k.numel() * k.element_size() for k in keys) + windowed
         index_bytes, cached, element, dim = 0, keys[0].shape[2], keys[0].element_size(), keys[0].shape[-1]
-    full = geometry.layers * geometry.kv_heads * cached * dim * 2 * element
+    full = geometry.layers * geometry.kv_heads * cached * dim * 2 * element + windowed
     return KVReport(method=press.name, press=press.describe(), context_tokens=context_tokens,
                     generated_tokens=generated_tokens, kept=kept, kv_bytes=kv_bytes, full_kv_bytes=full,
-                    index_bytes=index_bytes, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
+                    index_bytes=index_bytes, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                    window_kv_bytes=windowed)
 
 
 # ---------------------------------------------------------------------------------------------- the API

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,74 @@ def quiet_transformers() -> None:
     hub_logging.set_verbosity_error()
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(gguf: Path, wanted: tuple[str, ...] = ("general.architecture", "general.name")) -> dict[str, Any]:
+    """The `wanted` string fields of a GGUF file's header, read until all are found (the header comes before
+    any tensor; nothing else of the file is read)."""
+    found: dict[str, Any] = {}
+    with open(gguf, "rb") as handle:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, handle.read(size))[0]
+
+        def string() -> str:
+            return handle.read(read("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, count = read("I"), read("Q")
+                return [value(item) for _ in range(count)]
+            if kind not in _GGUF_SCALARS:
+                raise ValueError(f"unknown GGUF value type {kind}")
+            return read(_GGUF_SCALARS[kind])
+
+        if handle.read(4) != b"GGUF":
+            raise HeadscoreError(f"{gguf} is not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            key, kind = string(), read("I")
+            found[key] = value(kind)
+            if all(name in found for name in wanted):
+                break
+    return found
+
+
+def gguf_architecture(gguf: Path) -> str:
+    """The transformers model type a GGUF file converts to: its `general.architecture`, renamed as transformers'
+    GGUF loader (`load_gguf_checkpoint`) renames it."""
+    try:
+        header = gguf_metadata(gguf)
+    except (OSError, ValueError, struct.error) as error:
+        raise HeadscoreError(f"cannot read the GGUF header of {gguf}: {error}") from error
+    architecture = str(header.get("general.architecture", ""))
+    if "llama" in architecture and "mistral" in str(header.get("general.name", "")).lower():
+        return "mistral"
+    renamed = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+    return renamed.get(architecture, architecture)
+
+
+def check_gguf_architecture(gguf: Path) -> None:
+    """Before converting: transformers' GGUF loader must convert the architecture, and headscore run it."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from headscore.core.model import UNSUPPORTED_FAMILIES, UNSUPPORTED_REASON
+
+    architecture = gguf_architecture(gguf)
+    if architecture in UNSUPPORTED_FAMILIES:
+        kind = UNSUPPORTED_FAMILIES[architecture]
+        raise HeadscoreError(f"model family '{architecture}' is not supported: {kind} ({UNSUPPORTED_REASON[kind]})")
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        known = ", ".join(sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")))
+        raise HeadscoreError(f"transformers' GGUF loader does not convert architecture '{architecture}' (it "
+                             f"converts {known}); convert the checkpoint to a Hugging Face folder and pass that")
+
+
 def convert_gguf(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF checkpoint once into `cache_dir()/models/<name>-<fingerprint>/` (safetensors).
 
@@ -94,6 +163,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / "models" / f"{name}-{fingerprint_file(gguf)}"
     if (target / "config.json").is_file():
         return target
+    check_gguf_architecture(gguf)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -85,12 +85,17 @@ def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     Why: such a pass comes with an explicit causal mask, and sdpa then scores every query against every key,
     the masked half of the new tokens' own square included: up to twice the attention work of a fresh
     prefill, which skips it through sdpa's causal flag (`bench/bench_suffix.py`). Any other mask (padding,
-    sliding windows, bidirectional), dropout, or extra terms (softcap, sinks) go to transformers' function.
+    sliding windows, bidirectional) or dropout goes to transformers' function. Logit soft-capping (Gemma 2's
+    `softcap`) and learned sinks (gpt-oss's `s_aux`), which sdpa cannot express, go to `blocked_attention`.
     `query` [b, q_heads, q, d], `key`/`value` [b, kv_heads, k, d], `attention_mask` [b, 1|heads, q, >= k].
     """
     q_len, k_len = query.shape[2], key.shape[2]
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if softcap is not None or sinks is not None:
+        mask = attention_mask[..., :k_len] if isinstance(attention_mask, torch.Tensor) else None
+        return blocked_attention(query, key, value, scaling, mask=mask, softcap=softcap, sinks=sinks), None
     if (k_len > q_len > 1 and not dropout and is_causal_suffix_mask(attention_mask, q_len, k_len)
-            and all(kwargs.get(name) is None for name in ("position_bias", "softcap", "s_aux", "sinks"))):
+            and kwargs.get("position_bias") is None):
         return causal_suffix_attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
@@ -103,6 +108,8 @@ def attention_rows(
     *,
     mask: torch.Tensor | None = None,
     causal_offset: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of some queries over all keys, in float32.
 
@@ -110,7 +117,9 @@ def attention_rows(
     `h // (q_heads // kv_heads)`; the keys are not repeated in memory). `mask`, broadcastable to
     [b, q_heads, q, k], is a boolean keep-mask or an additive float mask. `causal_offset`: the key index of
     query row 0, so row `i` sees keys `j <= causal_offset + i` (ignored when `mask` is given; None = no
-    causal mask). Returns probs [b, q_heads, q, k].
+    causal mask). `softcap`: logits become `softcap * tanh(logits / softcap)` before masking (Gemma 2);
+    `sinks` [q_heads]: one learned logit per head joins each row's softmax and is dropped after (gpt-oss), so
+    a row sums to less than 1. Returns probs [b, q_heads, q, k], as eager attention's `output_attentions`.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -120,6 +129,8 @@ def attention_rows(
     grouped = query.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
     scores = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(scale)
     scores = scores.view(batch, q_heads, q_len, k_len)
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -129,7 +140,36 @@ def attention_rows(
         rows = torch.arange(q_len, device=scores.device)[:, None] + causal_offset
         hidden = torch.arange(k_len, device=scores.device)[None, :] > rows
         scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float().view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :k_len]
+
+
+def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None = None,
+                      *, mask: torch.Tensor | None = None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None, max_logits: int = 1 << 24) -> torch.Tensor:
+    """Exact attention with the terms sdpa cannot express (soft-capped logits, learned sinks), computed by
+    blocks of queries so that at most about `max_logits` float32 logits exist at once (never the whole
+    queries × keys matrix of a long prefill). Costs eager attention's work (no fused kernel), in float32.
+
+    `query` [b, q_heads, q, d], `key`/`value` [b, kv_heads, k, d]; `mask` a boolean keep-mask or additive
+    mask broadcastable to [b, q_heads, q, k], or None: causal, the queries being the last q of the k
+    positions. `softcap`, `sinks`: as `attention_rows`. Returns [b, q, q_heads, d] (sdpa_forward's layout).
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    block = max(1, max_logits // max(1, batch * q_heads * k_len))
+    grouped_value = value.float()
+    parts = []
+    for start in range(0, q_len, block):  # loop over query blocks (memory bound), not over heads or tokens
+        stop = min(start + block, q_len)
+        rows = attention_rows(query[:, :, start:stop], key, scaling,
+                              mask=None if mask is None else mask[..., start:stop, :],
+                              causal_offset=k_len - q_len + start, softcap=softcap, sinks=sinks)
+        probs = rows.view(batch, kv_heads, (q_heads // kv_heads) * (stop - start), k_len)
+        parts.append(torch.matmul(probs, grouped_value).view(batch, q_heads, stop - start, dim))
+    return torch.cat(parts, dim=2).to(query.dtype).transpose(1, 2).contiguous()
 
 
 @contextmanager

@@ -16,15 +16,83 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+# attention layer kinds (transformers' `layer_types`): full attention is scored and compressed head-wise; sliding
+# (and chunked) layers keep the bounded cache transformers builds for them
+FULL_ATTENTION = "full_attention"
+WINDOWED_ATTENTION = ("sliding_attention", "chunked_attention")
+# families whose layers keep no per-token, per-head keys and values (checked from the config, before weights)
+UNSUPPORTED_FAMILIES = {
+    "deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention",
+    "deepseek_v32": "multi-head latent attention", "kimi_k25": "multi-head latent attention",
+    "minicpm3": "multi-head latent attention", "glm4_moe_lite": "multi-head latent attention",
+    "mamba": "state-space layers", "mamba2": "state-space layers", "falcon_mamba": "state-space layers",
+    "falcon_h1": "state-space layers", "jamba": "state-space layers", "bamba": "state-space layers",
+    "zamba": "state-space layers", "zamba2": "state-space layers", "nemotron_h": "state-space layers",
+    "granitemoehybrid": "state-space layers", "lfm2": "convolution layers", "lfm2_moe": "convolution layers",
+    "rwkv": "recurrent layers", "xlstm": "recurrent layers", "recurrent_gemma": "recurrent layers",
+    "qwen3_next": "linear-attention layers", "qwen3_5": "linear-attention layers",
+    "kimi_linear": "linear-attention layers", "minimax": "linear-attention layers",
+}
+UNSUPPORTED_REASON = {
+    "multi-head latent attention": "keys and values are one low-rank latent shared by every head, so there is "
+                                   "no per-head token cache to select from",
+    "state-space layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
+    "convolution layers": "they carry a convolution state instead of per-token keys and values",
+    "recurrent layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
+    "linear-attention layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
+}
+
+
+def attention_layer_types(config: Any) -> list[str]:
+    """Each decoder layer's attention kind (transformers' `layer_types`, inferred as its caches do), after
+    checking the family is supported: an unsupported one (multi-head latent attention, linear-attention,
+    state-space, recurrent or convolution layers) raises one HeadscoreError naming the family and the reason."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    family = getattr(text, "model_type", None) or type(text).__name__
+    kind = UNSUPPORTED_FAMILIES.get(family)
+    if kind is None and getattr(text, "kv_lora_rank", None):
+        kind = "multi-head latent attention"
+    try:
+        types = list(get_layer_types_and_kwargs(text)[0])
+    except (AttributeError, TypeError):
+        types = [FULL_ATTENTION] * text.num_hidden_layers
+    other = sorted({t for t in types if t != FULL_ATTENTION and t not in WINDOWED_ATTENTION})
+    if kind is None and other:
+        kind = "linear-attention layers" if "linear_attention" in other else None
+        if kind is None:
+            raise HeadscoreError(f"model family '{family}' is not supported: its {', '.join(other)} layers keep "
+                                 "no per-head token cache that headscore can select from")
+    if kind is not None:
+        raise HeadscoreError(f"model family '{family}' is not supported: {kind} ({UNSUPPORTED_REASON[kind]})")
+    return types
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Attention geometry: `layers` × `query_heads` query heads sharing `kv_heads` KV heads per layer."""
+    """Attention geometry: `layers` × `query_heads` query heads sharing `kv_heads` KV heads per layer.
+
+    `layers` counts the layers headscore scores and compresses: the full-attention ones. In a hybrid model
+    (sliding-window and full layers) `compressed_layers` lists their indices in the model (budgets and head
+    scores row `i` is model layer `compressed_layers[i]`); None: every layer is full attention.
+    """
 
     layers: int
     query_heads: int
     kv_heads: int
     head_dim: int
     max_context: int | None = None
+    compressed_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.compressed_layers is not None:
+            object.__setattr__(self, "compressed_layers", tuple(int(i) for i in self.compressed_layers))
+
+    @property
+    def model_layers(self) -> tuple[int, ...]:
+        """The model indices of the compressed layers (0 .. layers − 1 when every layer is full attention)."""
+        return tuple(range(self.layers)) if self.compressed_layers is None else self.compressed_layers
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -37,14 +105,20 @@ class Geometry:
         return self.query_heads // self.kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        found = asdict(self)
+        if self.compressed_layers is None:
+            del found["compressed_layers"]
+        else:
+            found["compressed_layers"] = list(self.compressed_layers)
+        return found
 
     @classmethod
     def from_dict(cls, data: Any) -> Geometry:
         """The inverse of `to_dict` (a missing `head_dim` reads as 0); KeyError, TypeError or ValueError on a
         malformed dict, for the caller to name its file."""
         return cls(layers=int(data["layers"]), query_heads=int(data["query_heads"]), kv_heads=int(data["kv_heads"]),
-                   head_dim=int(data.get("head_dim") or 0), max_context=data.get("max_context"))
+                   head_dim=int(data.get("head_dim") or 0), max_context=data.get("max_context"),
+                   compressed_layers=data.get("compressed_layers"))
 
     def describe(self, kv_heads: bool = True) -> str:
         """'30 layers × 9 query heads / 3 KV heads' (without the KV heads: `kv_heads=False`)."""
@@ -62,16 +136,27 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config: Any) -> Geometry:
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        """The geometry of a model's config; an unsupported family or a model without any full-attention layer
+        is a HeadscoreError (see `attention_layer_types`)."""
+        types = attention_layer_types(config)
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        full = tuple(i for i, kind in enumerate(types) if kind == FULL_ATTENTION)
+        if not full:
+            window = getattr(config, "sliding_window", None)
+            raise HeadscoreError(f"model family '{getattr(config, 'model_type', '?')}' has no full-attention "
+                                 f"layer (every layer attends within a window of {window} tokens): headscore "
+                                 "scores and compresses full-attention layers only; for contexts that fit the "
+                                 "window, load it with sliding_window set to null in its config")
         query_heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or query_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
         return cls(
-            layers=config.num_hidden_layers,
+            layers=len(full),
             query_heads=query_heads,
             kv_heads=kv_heads,
             head_dim=head_dim,
             max_context=getattr(config, "max_position_embeddings", None),
+            compressed_layers=None if len(full) == len(types) else full,
         )
 
 
@@ -135,9 +220,11 @@ def load_model(
     device = resolve_device(device)
     name, pin = split_revision(model)
     source = resolve_model(name)
+    config = read_config(model, source)
+    Geometry.from_config(config)  # an unsupported family fails here, before any weights load
     tokenizer = load_tokenizer(model)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "attn_implementation": attn_implementation,
-                              **pin}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device),
+                              "attn_implementation": loadable_attention(config, attn_implementation), **pin}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -176,8 +263,33 @@ def load_geometry(model: str = DEFAULT_MODEL) -> Geometry:
     """Geometry from the model's config alone (no weights loaded)."""
 
     quiet_transformers()
+    return check_config(model, resolve_model(split_revision(model)[0]))
+
+
+def read_config(model: str, source: Any) -> Any:
+    """The config of `source` (what `resolve_model` gave for `model`); no weights are read."""
     try:
-        name, pin = split_revision(model)
-        return Geometry.from_config(AutoConfig.from_pretrained(resolve_model(name), **pin))
+        _, pin = split_revision(model)
+        return AutoConfig.from_pretrained(source, **pin)
     except (OSError, ValueError) as error:
         raise HeadscoreError(f"cannot load config of model '{model}': {first_line(error)}") from error
+
+
+def check_config(model: str, source: Any) -> Geometry:
+    """Check from the config alone that headscore can run the family: its Geometry."""
+    return Geometry.from_config(read_config(model, source))
+
+
+def loadable_attention(config: Any, attn_implementation: str) -> str:
+    """`attn_implementation`, except `sdpa` for a family transformers runs without it (Gemma 2's soft-capped
+    logits, gpt-oss's sinks): `eager` then. headscore's own attention functions (`core.attention`) replace
+    either during its passes and compute those terms exactly."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if attn_implementation != "sdpa":
+        return attn_implementation
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return attn_implementation
+    return attn_implementation if getattr(model_class, "_supports_sdpa", True) else "eager"

@@ -22,7 +22,7 @@ import torch
 from headscore.core.defaults import TEMPLATE
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
-from headscore.core.model import input_device, load_geometry, load_model, load_tokenizer, resolve_device
+from headscore.core.model import Geometry, input_device, load_geometry, load_model, load_tokenizer, resolve_device
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import Sample, get_task, score, task_samples
@@ -59,13 +59,14 @@ def ablation_mask(heads: torch.Tensor, layers: int, num_heads: int) -> torch.Ten
 
 
 def attention_modules(model: Any) -> list[Any]:
-    """Each decoder layer's `self_attn` module, in layer order."""
+    """The `self_attn` module of each scored decoder layer (the full-attention ones of a hybrid model, the rows
+    of its head scores), in layer order."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj")
                                  for layer in layers):
         raise HeadscoreError("head ablation needs decoder layers with self_attn.o_proj (llama-style models)")
-    return [layer.self_attn for layer in layers]
+    return [layers[index].self_attn for index in Geometry.from_config(model.config).model_layers]
 
 
 class HeadAblation:

@@ -9,6 +9,8 @@ Teacher-forced mode: one forward pass over `prompt + answer[:-1]` (answer = the 
 queries that predict the N answer tokens are scored (they play the decoding steps of the r2 rule, with the
 same A), each over every position it sees, with the gold answer token as "the token just generated".
 The score rules themselves (with their sources) are in `scoring.rules`.
+Only full-attention layers are scored (`Geometry.compressed_layers` for a hybrid model; `SLIDING_NOTE` says why),
+and `metadata.json` records them under `scored_layers`.
 
 Results go to a JSONL journal in the output folder, one line per finished trial, and the final files are
 rebuilt from the journal, so an interrupted run continues where it stopped. In decode mode a run stops early
@@ -57,6 +59,12 @@ TABLE_COLUMNS = ("index", "id", "length", "depth", "needle", "response", "succes
 STOP_AFTER_FAILURES = 5
 STOP_RULES = ("newline", "official")
 ROUGE_VARIANTS = ("plain", "stemmed")
+# Why a hybrid model's sliding-window layers are not scored: their attention cannot reach a needle further back
+# than the window (a long-context needle is outside it), and headscore never compresses them (they keep
+# transformers' own bounded cache), so a score there would drive no budget. Only full-attention layers are
+# scored; the score file holds those rows only.
+SLIDING_NOTE = ("sliding-window layers are not scored: a needle beyond the window is out of their reach, and "
+                "their cache is never compressed (transformers' own bounded cache)")
 MODE_NOTES = {
     "decode": "greedy decoding; steps scored from the last prompt token on; only successful trials counted",
     "teacher-forced": "one pass over prompt + gold answer tokens; the queries predicting each answer token "
@@ -324,6 +332,17 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
 # ---------------------------------------------------------------- outputs
 
 
+def scored_layers(config: Any, geometry: Geometry) -> dict[str, Any]:
+    """Which model layers were scored (the score file's row `i` is model layer `indices[i]`) and why."""
+    found: dict[str, Any] = {"indices": list(geometry.model_layers), "kind": "full_attention"}
+    if geometry.compressed_layers is not None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        found["excluded"] = [i for i in range(text.num_hidden_layers) if i not in geometry.compressed_layers]
+        found["excluded_note"] = SLIDING_NOTE
+    return found
+
+
+
 def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[str, Any]],
                   extra: dict[str, Any]) -> EstimateResult:
     """Rebuild head_scores.json, trials.csv, metadata.json and heatmap.png from the journal's records."""
@@ -441,7 +460,7 @@ def estimate(
     stops = options.mode == "decode" and 0 < stop_after_failures <= len(keys)  # shorter runs just finish
     first = keys[:stop_after_failures] if stops else []
     prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if prefix.enabled else None
-    with attention_capture(model, geometry.layers) as capture:
+    with attention_capture(model, geometry.model_layers) as capture:
         records = run_journaled(
             out_dir, header, keys, "index",
             lambda index: score_trial(model, tokenizer, trials[index], index, options, capture, prefixes,
@@ -451,6 +470,7 @@ def estimate(
     result = None
     if records is not None:  # rank 0 (or the only process) writes the outputs
         extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
+                 "scored_layers": scored_layers(model.config, geometry),
                  "prefix_cache": prefix.describe(), "dtype": str(model.dtype).removeprefix("torch."),
                  "device": str(input_device(model)),
                  **({"processes": where.world} if where.distributed else {})}
