@@ -191,12 +191,12 @@ def test_estimate_and_evaluate_end_to_end(family, tokenizer, trials, tmp_path, n
     from headscore.evaluation.tasks import get_task
     from headscore.scoring.estimate import EstimateOptions, encode_trial, estimate
     from headscore.scoring.head_scores import read_head_scores
-    from headscore.scoring.rules import scorer
+    from headscore.scoring.rules import get_rule
 
     model = tiny_family(family, vocab=len(tokenizer))
     geometry = Geometry.from_config(model.config)
     result = estimate(model, tokenizer, trials, tmp_path / "scores", model_name=family,
-                      options=EstimateOptions(method="r2", mode="teacher-forced"))
+                      options=EstimateOptions(rule="r2", mode="teacher-forced"))
     assert result.counted == len(trials)
     metadata = json.loads((tmp_path / "scores" / "metadata.json").read_text())
     assert metadata["scored_layers"]["indices"] == list(geometry.model_layers)
@@ -210,7 +210,7 @@ def test_estimate_and_evaluate_end_to_end(family, tokenizer, trials, tmp_path, n
         attentions = model(inputs, output_attentions=True).attentions
     probs = torch.stack([attentions[i][0, :, -(end - start):] for i in geometry.model_layers]).permute(2, 0, 1, 3)
     answer_tokens = len(tokenizer(trials[0].answer, add_special_tokens=False)["input_ids"])
-    want = scorer("r2")(probs, (start, end), ids[start:end], ids, answer_tokens=answer_tokens)
+    want = get_rule("r2").score(probs, (start, end), ids[start:end], ids, answer_tokens=answer_tokens)
     first = torch.tensor([[values[0] for values in row] for row in scores.trials], dtype=torch.float64)
     torch.testing.assert_close(first, want.double(), atol=1e-5, rtol=1e-4)
 
@@ -409,7 +409,8 @@ def test_ablation_masks_rows_of_the_scored_layers():
 
 def test_budgets_of_a_hybrid_cover_its_full_layers_and_record_them(tmp_path, random_scores):
     """allocate over a hybrid's geometry: one row per full-attention layer; the budgets file records which."""
-    from headscore.compression.budgets import allocate, read_budgets, write_budgets
+    from headscore.compression.allocation import allocate
+    from headscore.compression.budgets_file import read_budgets, write_budgets
 
     geometry = Geometry.from_config(AutoConfig.for_model("cohere2", **{**COMMON, "num_hidden_layers": 8},
                                                          sliding_window=WINDOW))
