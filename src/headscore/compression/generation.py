@@ -8,8 +8,10 @@ full keys/values and window scores):
 - `prefill(model, input_ids, window)` -> `PrefillState` (every layer's full keys/values and window scores),
   then `compress_state(state, press)` for any number of methods/budgets ("prefill once, compress many").
 
-`decode(model, cache, logits, ...)` continues greedily from the prefill's last logits. `compress_generate`
-does it all for a context and a question and returns the answer with a `KVReport`.
+`decode_rows(model, cache, logits, rules)` continues greedily from the prefill's last logits, one batch row
+per condition (a cache of several rows: `compress_state(state, [press, ...])`), each row ending on its own
+`StopRule` and dropped from the batch when it does; `decode` is its one-row form. `compress_generate` does it
+all for a context and a question and returns the answer with a `KVReport`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
-from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, resolve_device
+from headscore.core.model import (
+    Geometry,
+    eos_ids,
+    input_device,
+    load_geometry,
+    load_model,
+    resolve_device,
+    with_cache,
+)
 from headscore.core.prompts import encode_prompt, render_prompt
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -62,8 +72,8 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:
-        raise HeadscoreError(f"compressed generation supports batch size 1 only, got a batch of "
-                             f"{input_ids.shape[0]}")
+        raise HeadscoreError(f"prefill takes one prompt (batches: model.generate on a HeadwiseCache), got a "
+                             f"batch of {input_ids.shape[0]}")
     if input_ids.shape[1] == 0:
         raise HeadscoreError("the prompt is empty")
     check_full_attention(model.config)
@@ -76,7 +86,7 @@ def _forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Ten
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1]
         _sync(device)
     return logits, time.perf_counter() - start
@@ -119,57 +129,134 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = 8, prefix: Dynami
                         geometry=geometry, seconds=seconds)
 
 
-def compress_state(state: PrefillState, press: Press) -> Any:
-    """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely)."""
+def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
+    """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely).
+
+    A list of presses gives one `HeadwiseCache` with a row per press (decoded together by `decode_rows`); the
+    full press alone gives a plain `DynamicCache` (it cannot share a batch with compressed rows).
+    """
+    if isinstance(press, Sequence):
+        presses = list(press)
+        if any(isinstance(p, FullPress) for p in presses):
+            raise HeadscoreError("the full press runs on its own cache, not as a row of a head-wise batch")
+        for p in presses:
+            _check_state_press(state, p)
+        recorded = list(zip(state.keys, state.values, state.scores, strict=True))
+        return HeadwiseCache.from_prefill(state.geometry, presses, recorded)
     if isinstance(press, FullPress):
         cache = DynamicCache()
         for layer, (keys, values) in enumerate(zip(state.keys, state.values, strict=True)):
             cache.update(keys[None], values[None], layer)
         return cache
+    _check_state_press(state, press)
+    recorded = list(zip(state.keys, state.values, state.scores, strict=True))
+    return HeadwiseCache.from_prefill(state.geometry, press, recorded)
+
+
+def _check_state_press(state: PrefillState, press: Press) -> None:
     if press.window != state.window:
         raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
                              f"for window {press.window}")
     press.check(state.geometry)
-    recorded = list(zip(state.keys, state.values, state.scores, strict=True))
-    return HeadwiseCache.from_prefill(state.geometry, press, recorded)
 
 
 # ---------------------------------------------------------------------------------------------- decode
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """When one row's greedy decoding ends (checked after every token, the stop token included in the answer).
+
+    After `max_new_tokens` tokens; at an `eos` token; at a `line_end` token, unless `skip_leading_line_ends`
+    and no other token came before it (leading line breaks do not end an answer). The first `min_new_tokens`
+    tokens cannot be `eos` tokens (their logits are -inf, as transformers' `min_length` does). A rule with
+    another test subclasses and overrides `finished`.
+    """
+
+    max_new_tokens: int
+    eos: frozenset[int] = frozenset()
+    line_end: frozenset[int] = frozenset()
+    min_new_tokens: int = 0
+    skip_leading_line_ends: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise HeadscoreError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "eos", frozenset(self.eos))
+        object.__setattr__(self, "line_end", frozenset(self.line_end))
+
+    def finished(self, tokens: Sequence[int]) -> bool:
+        """Whether a row that generated `tokens` (at least one) stops here."""
+        last = tokens[-1]
+        if len(tokens) >= self.max_new_tokens or last in self.eos:
+            return True
+        if last not in self.line_end:
+            return False
+        return not self.skip_leading_line_ends or any(token not in self.line_end for token in tokens[:-1])
+
+    def banned(self, step: int) -> frozenset[int]:
+        """Token ids the row may not pick at `step` (0-based)."""
+        return self.eos if step < self.min_new_tokens else frozenset()
+
+
+def greedy_pick(logits: torch.Tensor, rules: Sequence[StopRule], step: int) -> list[int]:
+    """Greedy tokens of rows `logits` `[rows, vocab]` at `step`, each row's banned ids excluded (one sync)."""
+    banned = [sorted(rule.banned(step)) for rule in rules]
+    if any(banned):
+        logits = logits.clone()
+        for row, ids in enumerate(banned):  # rows, during the first min_new_tokens steps only
+            if ids:
+                logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
+    return logits.argmax(dim=-1).tolist()
+
+
+def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule]
+                ) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
+    repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
+    the row took part in)`.
+
+    Row `i` ends on `rules[i]` (`StopRule`); a finished row is dropped from the batch
+    (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish.
+    The rows are one prompt's (equal, unpadded lengths: positions follow the cache length).
+    """
+    rows = len(rules)
+    if logits.ndim == 1:
+        logits = logits[None].expand(rows, -1)
+    if logits.shape[0] != rows:
+        raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
+    device = input_device(model)
+    tokens: list[list[int]] = [[token] for token in greedy_pick(logits, rules, 0)]
+    seconds: list[list[float]] = [[] for _ in range(rows)]
+    active = list(range(rows))
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        while True:
+            going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
+            if not going:
+                break
+            if len(going) < len(active):
+                cache.batch_select_indices(torch.tensor(going, device=device))
+                active = [active[position] for position in going]
+            start = time.perf_counter()
+            inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
+            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True)
+            step = len(tokens[active[0]])
+            picked = greedy_pick(out.logits[:, -1], [rules[row] for row in active], step)
+            elapsed = time.perf_counter() - start
+            for row, token in zip(active, picked, strict=True):
+                tokens[row].append(token)
+                seconds[row].append(elapsed)
+    return tokens, seconds
+
+
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
            eos: Sequence[int] | set[int] = (), line_end: Sequence[int] | set[int] = (),
            min_new_tokens: int = 0) -> tuple[list[int], list[float]]:
-    """Greedy decode from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each decode step)`.
-
-    Stops after `max_new_tokens` tokens, an `eos` token, or a `line_end` token once some other token has
-    been generated (leading line breaks do not end an answer); the stop token is included. The first
-    `min_new_tokens` tokens cannot be `eos` tokens (their logits are set to -inf, as transformers'
-    `min_length` does).
-    """
-    if max_new_tokens < 1:
-        raise HeadscoreError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = input_device(model)
-    eos, line_end = set(eos), set(line_end)
-    banned = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
-
-    def pick(row: torch.Tensor, step: int) -> int:
-        if step < min_new_tokens and len(banned):
-            row = row.index_fill(0, banned.to(row.device), float("-inf"))
-        return int(row.argmax())
-
-    token = pick(logits, 0)
-    tokens, seconds = [token], []
-    content = False  # a token other than a line end came before the last one
-    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
-        while len(tokens) < max_new_tokens and token not in eos and not (content and token in line_end):
-            content = content or token not in line_end
-            start = time.perf_counter()
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-            token = pick(out.logits[0, -1], len(tokens))
-            seconds.append(time.perf_counter() - start)
-            tokens.append(token)
-    return tokens, seconds
+    """Greedy decode of a one-row cache from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each
+    decode step)`, ending on `StopRule(max_new_tokens, eos, line_end, min_new_tokens)` (`decode_rows`)."""
+    rule = StopRule(max_new_tokens, frozenset(eos), frozenset(line_end), min_new_tokens)
+    tokens, seconds = decode_rows(model, cache, logits, [rule])
+    return tokens[0], seconds[0]
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -212,11 +299,11 @@ class KVReport:
 
 
 def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: int, generated_tokens: int,
-                 prefill_seconds: float, decode_seconds: list[float]) -> KVReport:
-    """Measure `cache` (a `HeadwiseCache` or the full `DynamicCache`) into a `KVReport`."""
+                 prefill_seconds: float, decode_seconds: list[float], row: int = 0) -> KVReport:
+    """Measure `cache` (a `HeadwiseCache`, its `row`, or the full `DynamicCache`) into a `KVReport`."""
     if isinstance(cache, HeadwiseCache):
-        kept = cache.kept().tolist()
-        kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
+        kept = cache.kept(row).tolist()
+        kv_bytes, index_bytes = cache.kv_bytes(row), cache.index_bytes(row)
         layer = cache.layers[0]
         cached, element, dim = layer.get_seq_length(), layer.keys.element_size(), layer.keys.shape[-1]
     else:

@@ -33,12 +33,13 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from headscore.core.attention import CAUSAL_SUFFIX
 from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
 from headscore.core.metrics import qa_f1, rouge1_recall
-from headscore.core.model import Geometry, eos_ids, input_device, load_model
+from headscore.core.model import Geometry, eos_ids, input_device, load_model, with_cache
 from headscore.core.plots import head_heatmap
 from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
@@ -189,7 +190,9 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     if cache is None:
         cache, start = DynamicCache(config=model.config), 0
     if start < prompt_ids.shape[0] - 1:
-        model(input_ids=prompt_ids[None, start:-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        after_cached = CAUSAL_SUFFIX if start > 0 else {}  # the pass right after the shared prefix's tokens
+        model(input_ids=prompt_ids[None, start:-1], **with_cache(model, cache), use_cache=True, logits_to_keep=1,
+              **after_cached)
     token = prompt_ids[None, -1:]
     total = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -197,7 +200,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
     for step in range(steps):
         capture.arm(1)
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
         probs = capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
         check_context(probs, prompt_ids.shape[0] + step)
         chosen = logits[0, -1].argmax() if forced is None else forced[step].to(device)
@@ -231,8 +234,8 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     if cache is None:
         logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
     else:
-        logits = model(input_ids=inputs[:, prefix:], past_key_values=cache, use_cache=True,
-                       logits_to_keep=end - start).logits
+        logits = model(input_ids=inputs[:, prefix:], **with_cache(model, cache), use_cache=True,
+                       logits_to_keep=end - start, **(CAUSAL_SUFFIX if prefix > 0 else {})).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
     total = scorer(method)(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
