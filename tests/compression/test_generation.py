@@ -20,7 +20,7 @@ from headscore.compression.generation import (
 from headscore.compression.presses import PRESSES, make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import Geometry
+from headscore.core.model import Geometry, with_cache
 from headscore.scoring.head_scores import HeadScores
 
 METHODS = list(PRESSES)
@@ -128,7 +128,7 @@ def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama, press_for)
     ours, _ = generate_ids(model, ids, press, max_new_tokens=8)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         cache = HeadwiseCache(geometry, press)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     assert out[0, 50:].tolist() == ours
     assert cache.kept().tolist() == [[16, 16]] * 2

@@ -1,6 +1,6 @@
 """Generation on a head-level compressed KV cache: prefill with selection, then greedy decode.
 
-Two ways in, identical by construction (both compress with `HeadwiseCache.compress_layer` on the same
+Two ways in, identical by construction (both compress with `HeadwiseLayer.build` on the same
 full keys/values and window scores):
 
 - `prefill_compressed(model, input_ids, press)`: one prefill that compresses each layer as soon as its exact
@@ -210,15 +210,20 @@ def greedy_pick(logits: torch.Tensor, rules: Sequence[StopRule], step: int) -> l
     return logits.argmax(dim=-1).tolist()
 
 
-def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule]
-                ) -> tuple[list[list[int]], list[list[float]]]:
+# called with (row, its position in the cache, its tokens, its step seconds) just before a finished row leaves
+FinishHook = Callable[[int, int, list[int], list[float]], None]
+
+
+def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
+                on_finish: FinishHook | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
     the row took part in)`.
 
     Row `i` ends on `rules[i]` (`StopRule`); a finished row is dropped from the batch
-    (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish.
-    The rows are one prompt's (equal, unpadded lengths: positions follow the cache length).
+    (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish;
+    `on_finish` sees each row's cache state just before (e.g. for `cache_report(..., row=position)`). The rows
+    are one prompt's (equal, unpadded lengths: positions follow the cache length).
     """
     rows = len(rules)
     if logits.ndim == 1:
@@ -232,6 +237,10 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         while True:
             going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
+            if on_finish is not None:
+                for position, row in enumerate(active):
+                    if position not in going:
+                        on_finish(row, position, tokens[row], seconds[row])
             if not going:
                 break
             if len(going) < len(active):
