@@ -11,9 +11,11 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.budgets import allocate
 from headscore.compression.cache import HeadwiseCache
 from headscore.compression.generation import (
+    StopRule,
     compress_generate,
     compress_state,
     decode,
+    decode_rows,
     generate_ids,
     prefill,
 )
@@ -117,6 +119,40 @@ def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method, p
     assert full == plain_greedy(model, ids, 10)
     with pytest.raises(HeadscoreError, match="window 4"):
         compress_state(state, make_press("snapkv", geometry, budget=30, window=8))
+
+
+def test_rows_that_stop_at_different_steps_decode_as_they_would_alone(tiny_llama, press_for):
+    """Each row of a batch ends on its own rule and leaves the batch; its tokens and report are those of its
+    one-row decode."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(8)
+    state = prefill(model, torch.randint(3, 128, (1, 60)), window=4)
+    presses = [press_for("snapkv", geometry, 12), press_for("headkv", geometry, 20),
+               press_for("ada-snapkv", geometry, 16), press_for("streaming", geometry, 30)]
+    alone = [decode(model, compress_state(state, press), state.logits, 12)[0] for press in presses]
+    line_end = frozenset({alone[1][3]})  # row 1 ends at its 4th token (a "line break" after content)
+    rules = [StopRule(2), StopRule(12, line_end=line_end), StopRule(7), StopRule(12, eos=frozenset({alone[3][5]}))]
+    cache = compress_state(state, presses)
+    finished = []
+    tokens, seconds = decode_rows(model, cache, state.logits, rules,
+                                  on_finish=lambda row, position, got, _: finished.append((row, cache.rows)))
+    want = [alone[0][:2], alone[1][:alone[1].index(alone[1][3]) + 1], alone[2][:7],
+            alone[3][:alone[3].index(alone[3][5]) + 1]]
+    assert tokens == want
+    assert [len(s) for s in seconds] == [len(t) - 1 for t in want]
+    assert finished[0] == (0, 4) and [row for row, _ in finished] == sorted(range(4), key=lambda r: len(want[r]))
+    assert cache.rows == 1  # finished rows left the batch; the last one is still there
+
+
+def test_stop_rules():
+    rule = StopRule(5, eos=frozenset({2}), line_end=frozenset({9}), min_new_tokens=2)
+    assert not rule.finished([9]) and not rule.finished([9, 9])  # leading line breaks do not end an answer
+    assert rule.finished([9, 4, 9]) and rule.finished([4, 2]) and rule.finished([1, 1, 1, 1, 1])
+    assert rule.banned(1) == {2} and rule.banned(2) == frozenset()
+    assert StopRule(5, line_end=frozenset({9}), skip_leading_line_ends=False).finished([9])
+    with pytest.raises(HeadscoreError, match="at least 1"):
+        StopRule(0)
 
 
 def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama, press_for):

@@ -14,7 +14,9 @@ from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import (
     EVAL_METHODS,
+    Condition,
     EvaluateOptions,
+    decode_groups,
     eval_method,
     evaluate,
     evaluate_sample,
@@ -104,6 +106,40 @@ def test_evaluate_writes_outputs(model, tokenizer, tmp_path, score_files):
     assert (out / "results.csv").read_bytes() == before
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["geometry"]["query_heads"] == 4 and len(metadata["conditions"]) == 5
+
+
+def test_decode_batch_changes_no_prediction_row_or_journal(tiny_llama, tokenizer, tmp_path, score_files):
+    """All conditions of a sample decoded as one batch, in batches of 2, and one at a time: the same rows and
+    journal (float64, so batching's rounding cannot flip a greedy choice)."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer)).double()
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(methods=["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r"], budgets=[12, 32],
+                              scores=score_files(geometry))
+    samples = small_samples(tokenizer)[:3]
+    runs = {}
+    for batch in (None, 2, 1):
+        out = tmp_path / f"batch-{batch}"
+        runs[batch] = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny", figures=False,
+                               decode_batch=batch)
+        runs[batch].journal = (out / "journal.jsonl").read_text()
+        runs[batch].csv = (out / "results.csv").read_bytes()
+    for batch in (2, 1):
+        assert runs[batch].rows == runs[None].rows
+        assert runs[batch].journal == runs[None].journal and runs[batch].csv == runs[None].csv
+    assert len({r["prediction"] for r in runs[None].rows}) > 1
+    with pytest.raises(HeadscoreError, match="decode-batch"):
+        evaluate(model, tokenizer, samples, tmp_path / "bad", options=options, model_name="tiny", decode_batch=0)
+
+
+def test_decode_groups_put_full_alone_and_cap_the_rest():
+    full, snap = make_press("full", GEOMETRY), make_press("snapkv", GEOMETRY, budget=16)
+    plan = [Condition(m, 8, None, p, m) for m, p in [("full", full), ("a", snap), ("b", snap), ("c", snap)]]
+    assert decode_groups(plan, None) == [[0], [1, 2, 3]]
+    assert decode_groups(plan, 2) == [[0], [1, 2], [3]]
+    assert decode_groups(plan, 1) == [[0], [1], [2], [3]]
+
+
+GEOMETRY = Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=16)
 
 
 def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
