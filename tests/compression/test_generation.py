@@ -210,6 +210,31 @@ def test_smollm2_headkv(smollm2, random_scores):
     assert small.report.full_kv_bytes == geometry.layers * geometry.kv_heads * cached * 64 * 2 * 4
 
 
+@pytest.mark.slow
+def test_smollm2_generate_on_a_padded_batch_equals_single_runs(smollm2, random_scores):
+    """The README's five lines on the real model: three prompts of different lengths, one press per row."""
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    scores = random_scores(geometry.layers, geometry.query_heads, seed=2)
+    prompts = [" ".join(f"Fact {i}: box {i} holds {1000 + 37 * i}." for i in range(n)) + " Box 3 holds"
+               for n in (12, 30, 20)]
+    presses = [make_press("snapkv", geometry, budget=64), make_press("headkv", geometry, budget=48, scores=scores),
+               make_press("pyramidkv", geometry, budget=96)]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side  # the fixture is shared
+    cache = HeadwiseCache(geometry, presses)
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        out = model.generate(**batch, **with_cache(model, cache), max_new_tokens=12, do_sample=False,
+                             min_new_tokens=12, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    for row, (prompt, press) in enumerate(zip(prompts, presses, strict=True)):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        tokens, _ = generate_ids(model, ids, press, max_new_tokens=12)
+        assert out[row, batch["input_ids"].shape[1]:].tolist() == tokens
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
