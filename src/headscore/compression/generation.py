@@ -29,6 +29,7 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, check_full_attention
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
+from headscore.core.decoding import StopRule, greedy_pick
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
 from headscore.core.model import (
@@ -161,53 +162,6 @@ def _check_state_press(state: PrefillState, press: Press) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """When one row's greedy decoding ends (checked after every token, the stop token included in the answer).
-
-    After `max_new_tokens` tokens; at an `eos` token; at a `line_end` token, unless `skip_leading_line_ends`
-    and no other token came before it (leading line breaks do not end an answer). The first `min_new_tokens`
-    tokens cannot be `eos` tokens (their logits are -inf, as transformers' `min_length` does). A rule with
-    another test subclasses and overrides `finished`.
-    """
-
-    max_new_tokens: int
-    eos: frozenset[int] = frozenset()
-    line_end: frozenset[int] = frozenset()
-    min_new_tokens: int = 0
-    skip_leading_line_ends: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise HeadscoreError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        object.__setattr__(self, "eos", frozenset(self.eos))
-        object.__setattr__(self, "line_end", frozenset(self.line_end))
-
-    def finished(self, tokens: Sequence[int]) -> bool:
-        """Whether a row that generated `tokens` (at least one) stops here."""
-        last = tokens[-1]
-        if len(tokens) >= self.max_new_tokens or last in self.eos:
-            return True
-        if last not in self.line_end:
-            return False
-        return not self.skip_leading_line_ends or any(token not in self.line_end for token in tokens[:-1])
-
-    def banned(self, step: int) -> frozenset[int]:
-        """Token ids the row may not pick at `step` (0-based)."""
-        return self.eos if step < self.min_new_tokens else frozenset()
-
-
-def greedy_pick(logits: torch.Tensor, rules: Sequence[StopRule], step: int) -> list[int]:
-    """Greedy tokens of rows `logits` `[rows, vocab]` at `step`, each row's banned ids excluded (one sync)."""
-    banned = [sorted(rule.banned(step)) for rule in rules]
-    if any(banned):
-        logits = logits.clone()
-        for row, ids in enumerate(banned):  # rows, during the first min_new_tokens steps only
-            if ids:
-                logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
-    return logits.argmax(dim=-1).tolist()
 
 
 # called with (row, its position in the cache, its tokens, its step seconds) just before a finished row leaves

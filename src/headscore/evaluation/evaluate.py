@@ -30,7 +30,6 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.generation import (
     KVReport,
     PrefillState,
-    StopRule,
     cache_report,
     compress_state,
     decode_rows,
@@ -38,6 +37,7 @@ from headscore.compression.generation import (
 )
 from headscore.compression.presses import PRESSES, FullPress, make_press, press_options
 from headscore.core.attention import use_attention
+from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.distributed import rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import (
@@ -165,13 +165,6 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
-
-
-def newline_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokens whose text holds a newline: answers end at the first line break."""
-    ids = list(range(len(tokenizer)))
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return {i for i, text in zip(ids, texts, strict=True) if "\n" in text}
 
 
 def tokenizer_eos(tokenizer: Any) -> set[int]:
@@ -375,7 +368,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
               "samples": len(samples)}
     if explicit:
         header["conditions"] = [[c.label, c.budget, c.press.describe()] for c in conditions]
-    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    stops, line_end = eos_ids(model, tokenizer), set(newline_token_ids(tokenizer))
     by_id: dict[str, Any] = {}
     for sample in samples:
         by_id.setdefault(sample.id, sample)

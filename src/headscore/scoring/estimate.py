@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from headscore.core.attention import CAUSAL_SUFFIX
+from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
@@ -168,16 +169,24 @@ def answer_token_count(tokenizer: Any, answer: str) -> int:
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
+def estimate_stop_rule(model: Any, tokenizer: Any, max_new_tokens: int) -> StopRule:
+    """Where a decode-mode trial ends: an EOS token (the model's and the tokenizer's), any token whose text holds
+    a newline (a leading one too), or `max_new_tokens` tokens."""
+    return StopRule(max_new_tokens, frozenset(eos_ids(model, tokenizer)), newline_token_ids(tokenizer),
+                    skip_leading_line_ends=False)
+
+
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
                  method: str, max_new_tokens: int, forced: torch.Tensor | None = None,
-                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0
-                 ) -> tuple[torch.Tensor, list[int], bool]:
+                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0,
+                 stop: StopRule | None = None) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
 
-    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
-    a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
-    greedy choices (scores a given continuation). `answer_tokens`: A of the r2 rule (default: the span's N).
+    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Ends on
+    `stop` (that step is still scored); by default `estimate_stop_rule`: a newline or EOS token, or
+    `max_new_tokens`. `forced` [steps] replaces the greedy choices (scores a given continuation; only its
+    length and `max_new_tokens` end it). `answer_tokens`: A of the r2 rule (default: the span's N).
     `cache`: one already holding `prompt[:start]` (a shared prefix, `start` < prompt length); only
     `prompt[start:-1]` is prefilled on it.
     """
@@ -186,7 +195,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
-    stops = eos_ids(model, tokenizer)
+    stop = stop or estimate_stop_rule(model, tokenizer, max_new_tokens)
     if cache is None:
         cache, start = DynamicCache(config=model.config), 0
     if start < prompt_ids.shape[0] - 1:
@@ -207,7 +216,7 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
         total = total + score(probs[None], span, chosen[None], prompt_ids, answer_tokens=answer_tokens)
         bad = bad | ~torch.isfinite(probs).all()
         generated.append(int(chosen))
-        if forced is None and (generated[-1] in stops or "\n" in tokenizer.decode(generated[-1:])):
+        if forced is None and stop.finished(generated):
             break
         token = chosen.view(1, 1)
     return total, generated, bool(bad)
