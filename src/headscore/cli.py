@@ -243,6 +243,9 @@ def ablate_command(
     template: str = typer.Option("chat", help="Prompt template: chat (default; instruct models answer "
                                  "nothing to raw prompts) or raw (as in build-needles)."),
     max_new_tokens: int = typer.Option(32, help="Greedy tokens generated per answer."),
+    decode_batch: int | None = typer.Option(None, "--decode-batch", min=1, metavar="N",
+                                            help="Decode at most N ablation conditions of a sample together, one "
+                                            "batch row each (default: all); 1 runs them one at a time."),
     device: str = typer.Option("auto", help="Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 [default: float32 on CPU, "
                                      "bfloat16 on CUDA]."),
@@ -262,7 +265,7 @@ def ablate_command(
     with progress_bar() as bar:
         task = bar.add_task(f"ablating ({len(setup.plan)} conditions × {len(setup.samples)} samples)",
                             total=setup.total)
-        rows, paths = ablate.execute(setup, out, progress=lambda: bar.advance(task))
+        rows, paths = ablate.execute(setup, out, progress=lambda: bar.advance(task), decode_batch=decode_batch)
     table = Table(title=f"NIAH accuracy with heads removed ({len(setup.samples)} samples) -> {out}")
     for column in ("condition", "k", "seed", "accuracy", "n"):
         table.add_column(column, justify="right")

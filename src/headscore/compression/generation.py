@@ -169,15 +169,17 @@ FinishHook = Callable[[int, int, list[int], list[float]], None]
 
 
 def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
-                on_finish: FinishHook | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None
+                ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
     the row took part in)`.
 
     Row `i` ends on `rules[i]` (`StopRule`); a finished row is dropped from the batch
     (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish;
-    `on_finish` sees each row's cache state just before (e.g. for `cache_report(..., row=position)`). The rows
-    are one prompt's (equal, unpadded lengths: positions follow the cache length).
+    `on_finish` sees each row's cache state just before (e.g. for `cache_report(..., row=position)`), and
+    `on_select` gets the kept positions whenever rows leave (for per-row state outside the cache). The rows are
+    one prompt's (equal, unpadded lengths: positions follow the cache length).
     """
     rows = len(rules)
     if logits.ndim == 1:
@@ -198,7 +200,10 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
             if not going:
                 break
             if len(going) < len(active):
-                cache.batch_select_indices(torch.tensor(going, device=device))
+                kept = torch.tensor(going, device=device)
+                cache.batch_select_indices(kept)
+                if on_select is not None:
+                    on_select(kept)
                 active = [active[position] for position in going]
             start = time.perf_counter()
             inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
