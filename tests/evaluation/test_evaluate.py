@@ -245,3 +245,21 @@ def test_answer_prefix_ends_the_prompt_inside_the_window(model, tokenizer, templ
     tokens, _ = generate_ids(model, torch.tensor([ids]), condition[0].press, max_new_tokens=5, eos=stops)
     assert row["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert row["length"] == len(ids)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_conditions_equal_one_at_a_time(smollm2, tmp_path, score_files):
+    """The default study's methods on the real model: all compressed conditions of a sample decoded as one
+    batch give the rows of `--decode-batch 1` (float32: a greedy tie could flip one; none does here)."""
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(budgets=[32, 128], scores=score_files(geometry))
+    conditions = plan_conditions(geometry, options)
+    sample = get_task("niah", lengths=[600], depths=[50], num_needles=1, max_new_tokens=24,
+                      template="chat").samples(tokenizer)[0]
+    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    batched = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end)
+    single = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end,
+                             decode_batch=1)
+    assert batched == single
+    assert any(row["score"] > 0 for row in batched)  # the model finds the needle under some conditions
