@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_batch.py                  # (a), (b), (c) on SmolLM2 / random tensors, CPU
     .venv/bin/python bench/bench_batch.py --parts c        # the attention alone (no model)
 
-(a) `evaluate` on SmolLM2, NIAH at `--length` tokens (depths 0, 50, 100), the default study's methods × budgets
-    (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic skewed head
-    scores): a sample's compressed conditions decoded as one batch vs `--decode-batch 1`. Each run in its own
+(a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
+    methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
+    skewed head scores): a sample's compressed conditions decoded as one batch vs `--decode-batch 1`. Each run in its own
     process: wall time, peak RSS, and peak RSS above the loaded model; predictions compared.
 (b) One decode step of SmolLM2 on a head-wise cache of 1, 4, 16 rows (one 2k prompt, snapkv / headkv rows at
     budgets 32-256), median over steps, relative to one row.
@@ -65,7 +65,8 @@ def child_evaluate(args) -> None:
     for seed, kind in enumerate(("retrieval", "r2")):
         scores[kind] = str(out / f"{kind}.json")
         write_head_scores(scores[kind], synthetic_scores(geometry, seed))
-    samples = get_task("niah", lengths=[args.length], depths=[0, 50, 100], num_needles=1,
+    depths = [float(d) for d in args.depths.split(",")]
+    samples = get_task("niah", lengths=[args.length], depths=depths, num_needles=1,
                        template="chat").samples(tokenizer)
     options = EvaluateOptions(methods=METHODS, budgets=BUDGETS, scores=scores)
     loaded = peak_rss_mib()
@@ -83,7 +84,7 @@ def part_a(args) -> None:
     for batch in (1, 0):  # 0: all of a sample's compressed conditions together
         with tempfile.TemporaryDirectory() as folder:
             command = [sys.executable, __file__, "--child-evaluate", "--decode-batch", str(batch), "--out", folder,
-                       "--length", str(args.length)]
+                       "--length", str(args.length), "--depths", args.depths]
             done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False)
             if done.returncode:
                 sys.exit(done.stderr)
@@ -91,8 +92,9 @@ def part_a(args) -> None:
     one, batched = runs[1], runs[0]
     same = one["predictions"] == batched["predictions"]
     above = (batched["peak_mib"] - batched["loaded_mib"], one["peak_mib"] - one["loaded_mib"])
-    print(f"(a) evaluate, SmolLM2 float32, NIAH {args.length} tokens × 3 depths, {one['rows'] // 3} conditions "
-          f"per sample")
+    samples = len(args.depths.split(","))
+    print(f"(a) evaluate, SmolLM2 float32, NIAH {args.length} tokens, depths {args.depths}, "
+          f"{one['rows'] // samples} conditions per sample")
     print(f"{'':>24}{'seconds':>10}{'peak MiB':>10}{'above model MiB':>17}")
     print(f"{'--decode-batch 1':>24}{one['seconds']:>10.1f}{one['peak_mib']:>10.0f}{above[1]:>17.0f}")
     print(f"{'batched (default)':>24}{batched['seconds']:>10.1f}{batched['peak_mib']:>10.0f}{above[0]:>17.0f}")
@@ -204,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run")
     parser.add_argument("--length", type=int, default=2000, help="(a): NIAH context length")
+    parser.add_argument("--depths", default="0,50,100", help="(a): NIAH needle depths (%%), comma-separated")
     parser.add_argument("--steps", type=int, default=10, help="(b): timed decode steps per row count")
     parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
     parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
