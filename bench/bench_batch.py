@@ -5,8 +5,8 @@
 
 (a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
     methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
-    skewed head scores): a sample's compressed conditions decoded as one batch vs `--decode-batch 1`. Each run in its own
-    process: wall time, peak RSS, and peak RSS above the loaded model; predictions compared.
+    skewed head scores): a sample's compressed conditions decoded as one batch vs `--decode-batch 1`. Each run
+    in its own process: wall time, peak RSS, and peak RSS above the loaded model; predictions compared.
 (b) One decode step of SmolLM2 on a head-wise cache of 1, 4, 16 rows (one 2k prompt, snapkv / headkv rows at
     budgets 32-256), median over steps, relative to one row.
 (c) Decode attention alone on one Llama-3-8B-geometry layer (32 query heads, 8 KV heads, head dim 128, random
