@@ -156,13 +156,16 @@ def row_presses(geometry, random_scores):
             make_press("pyramidkv", geometry, budget=80, window=4)]  # above its prompt: keeps everything
 
 
-def test_generate_on_a_padded_batch_with_per_row_presses_equals_separate_runs(tiny_llama, random_scores):
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_generate_on_a_padded_batch_with_per_row_presses_equals_separate_runs(tiny_llama, tiny_qwen2,
+                                                                             random_scores, architecture):
     """Rows of different lengths (left padding) and presses: each row's kept entries, stored keys and greedy
     tokens equal its batch-1 run (float64, so padding's rounding cannot flip a greedy choice)."""
-    model = tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=8).double()
+    model = (tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=8) if architecture == "llama"
+             else tiny_qwen2()).double()
     geometry = Geometry.from_config(model.config)
     torch.manual_seed(6)
-    prompts = [torch.randint(3, 128, (n,)) for n in (40, 52, 33)]
+    prompts = [torch.randint(3, model.config.vocab_size, (n,)) for n in (40, 52, 33)]
     presses = row_presses(geometry, random_scores)
     ids, mask = padded_batch(prompts)
     cache = HeadwiseCache(geometry, presses)
@@ -180,6 +183,7 @@ def test_generate_on_a_padded_batch_with_per_row_presses_equals_separate_runs(ti
             torch.testing.assert_close(stored, alone.keys[0:stored.shape[0]])
     # a budget above the prompt keeps only the row's real tokens, never padding
     assert cache.kept(2)[0].tolist() == [33, 33] and int(cache.kept(2).max()) == 33
+    assert out.shape[0] == 3 and cache.rows == 3
 
 
 def test_selecting_rows_keeps_their_entries_and_tails(tiny_llama, random_scores):
