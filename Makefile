@@ -29,13 +29,15 @@ lint:
 	$(BIN)/mypy
 
 ## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache,
-##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks
+##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks,
+##        the batched head-wise cache (evaluate batched vs --decode-batch 1, decode step vs rows, decode attention)
 bench:
 	$(BIN)/python bench/bench_estimate.py --length 4000
 	$(BIN)/python bench/bench_compress.py
 	$(BIN)/python bench/bench_prefix.py
 	$(BIN)/python bench/bench_suffix.py
 	$(BIN)/python bench/bench_variants.py
+	$(BIN)/python bench/bench_batch.py
 
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
 ## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)

@@ -36,7 +36,7 @@ def rss_mb() -> float:
 def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> dict:
     import torch
 
-    from headscore.core.model import Geometry, load_model
+    from headscore.core.model import Geometry, load_model, with_cache
     from headscore.scoring.capture import attention_capture
     from headscore.scoring.estimate import decode_trial, encode_trial, teacher_forced_trial
     from headscore.scoring.rules import r2_scores
@@ -78,10 +78,10 @@ def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> d
 
                 inputs = ids.to(device)
                 cache = DynamicCache(config=model.config)
-                model(input_ids=inputs[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=inputs[None, :-1], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
                 token, total = inputs[None, -1:], 0.0
                 for step in range(n):
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True, output_attentions=True,
+                    out = model(input_ids=token, **with_cache(model, cache), use_cache=True, output_attentions=True,
                                 logits_to_keep=1)
                     probs = torch.stack([a[0, :, -1] for a in out.attentions])  # [layers, heads, context]
                     total = total + r2_scores(probs[None], span, answer_tokens=n)

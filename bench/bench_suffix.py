@@ -9,7 +9,8 @@ On SmolLM2-135M (float32, random token ids):
   fresh           one pass over all `--length` tokens, no cache: the reference cost of those tokens
   plain           `cached` tokens first, then the rest in one pass, transformers' `sdpa` attention
   headscore       the same pass with the estimate capture function (`core.attention.sdpa_forward`, nothing
-                  armed): the suffix attends in two unmasked calls (`causal_suffix_attention`)
+                  armed) and the caller's `CAUSAL_SUFFIX` flag: the suffix attends in two unmasked calls
+                  (`causal_suffix_attention`); transformers' sdpa ignores the flag
 Reported: seconds of the suffix pass (best of --repeats, interleaved), the ratio headscore / plain, each over
 the fresh pass's time; `max |d logits|` compares the two passes' last logits.
 """
@@ -31,8 +32,8 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    from headscore.core.attention import use_attention
-    from headscore.core.model import load_model
+    from headscore.core.attention import CAUSAL_SUFFIX, use_attention
+    from headscore.core.model import load_model, with_cache
     from headscore.scoring.capture import CAPTURE_ATTENTION
 
     model, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
@@ -47,11 +48,11 @@ def main() -> None:
         with use_attention(model, implementation):
             cache = DynamicCache(config=model.config)
             if cached:
-                model(input_ids=ids[:, :cached], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids[:, :cached], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
             sync()
             began = time.perf_counter()
-            logits = model(input_ids=ids[:, cached:], past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits
+            logits = model(input_ids=ids[:, cached:], **with_cache(model, cache), use_cache=True,
+                           logits_to_keep=1, **(CAUSAL_SUFFIX if cached else {})).logits
             sync()
         return time.perf_counter() - began, logits
 

@@ -11,16 +11,18 @@ from headscore.compression.allocation import allocate
 from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache
 from headscore.compression.generation import (
+    StopRule,
     compress_generate,
     compress_state,
     decode,
+    decode_rows,
     generate_ids,
     prefill,
 )
 from headscore.compression.presses import PRESSES, make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import Geometry
+from headscore.core.model import Geometry, with_cache
 from headscore.scoring.head_scores import HeadScores
 
 METHODS = list(PRESSES)
@@ -119,6 +121,40 @@ def test_prefill_once_compress_many_equals_the_direct_path(tiny_llama, method, p
         compress_state(state, make_press("snapkv", geometry, budget=30, window=8))
 
 
+def test_rows_that_stop_at_different_steps_decode_as_they_would_alone(tiny_llama, press_for):
+    """Each row of a batch ends on its own rule and leaves the batch; its tokens and report are those of its
+    one-row decode."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(8)
+    state = prefill(model, torch.randint(3, 128, (1, 60)), window=4)
+    presses = [press_for("snapkv", geometry, 12), press_for("headkv", geometry, 20),
+               press_for("ada-snapkv", geometry, 16), press_for("streaming", geometry, 30)]
+    alone = [decode(model, compress_state(state, press), state.logits, 12)[0] for press in presses]
+    line_end = frozenset({alone[1][3]})  # row 1 ends at its 4th token (a "line break" after content)
+    rules = [StopRule(2), StopRule(12, line_end=line_end), StopRule(7), StopRule(12, eos=frozenset({alone[3][5]}))]
+    cache = compress_state(state, presses)
+    finished = []
+    tokens, seconds = decode_rows(model, cache, state.logits, rules,
+                                  on_finish=lambda row, position, got, _: finished.append((row, cache.rows)))
+    want = [alone[0][:2], alone[1][:alone[1].index(alone[1][3]) + 1], alone[2][:7],
+            alone[3][:alone[3].index(alone[3][5]) + 1]]
+    assert tokens == want
+    assert [len(s) for s in seconds] == [len(t) - 1 for t in want]
+    assert finished[0] == (0, 4) and [row for row, _ in finished] == sorted(range(4), key=lambda r: len(want[r]))
+    assert cache.rows == 1  # finished rows left the batch; the last one is still there
+
+
+def test_stop_rules():
+    rule = StopRule(5, eos=frozenset({2}), line_end=frozenset({9}), min_new_tokens=2)
+    assert not rule.finished([9]) and not rule.finished([9, 9])  # leading line breaks do not end an answer
+    assert rule.finished([9, 4, 9]) and rule.finished([4, 2]) and rule.finished([1, 1, 1, 1, 1])
+    assert rule.banned(1) == {2} and rule.banned(2) == frozenset()
+    assert StopRule(5, line_end=frozenset({9}), skip_leading_line_ends=False).finished([9])
+    with pytest.raises(HeadscoreError, match="at least 1"):
+        StopRule(0)
+
+
 def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama, press_for):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
     geometry = Geometry.from_config(model.config)
@@ -128,7 +164,7 @@ def test_transformers_generate_runs_on_the_headwise_cache(tiny_llama, press_for)
     ours, _ = generate_ids(model, ids, press, max_new_tokens=8)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         cache = HeadwiseCache(geometry, press)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     assert out[0, 50:].tolist() == ours
     assert cache.kept().tolist() == [[16, 16]] * 2
@@ -172,6 +208,31 @@ def test_smollm2_headkv(smollm2, random_scores):
     tail = geometry.layers * geometry.kv_heads * (len(small.tokens) - 1)
     assert small.report.kv_bytes == (budgets.total_entries + tail) * 64 * 2 * 4
     assert small.report.full_kv_bytes == geometry.layers * geometry.kv_heads * cached * 64 * 2 * 4
+
+
+@pytest.mark.slow
+def test_smollm2_generate_on_a_padded_batch_equals_single_runs(smollm2, random_scores):
+    """The README's five lines on the real model: three prompts of different lengths, one press per row."""
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    scores = random_scores(geometry.layers, geometry.query_heads, seed=2)
+    prompts = [" ".join(f"Fact {i}: box {i} holds {1000 + 37 * i}." for i in range(n)) + " Box 3 holds"
+               for n in (12, 30, 20)]
+    presses = [make_press("snapkv", geometry, budget=64), make_press("headkv", geometry, budget=48, scores=scores),
+               make_press("pyramidkv", geometry, budget=96)]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side  # the fixture is shared
+    cache = HeadwiseCache(geometry, presses)
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        out = model.generate(**batch, **with_cache(model, cache), max_new_tokens=12, do_sample=False,
+                             min_new_tokens=12, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    for row, (prompt, press) in enumerate(zip(prompts, presses, strict=True)):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        tokens, _ = generate_ids(model, ids, press, max_new_tokens=12)
+        assert out[row, batch["input_ids"].shape[1]:].tolist() == tokens
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -30,12 +30,16 @@ def inputs(past, q_len, heads=6, kv_heads=2, dtype=torch.float32):
     return query, key, value, keep
 
 
-def counting_flash(monkeypatch):
-    attention._flash_cpu_groups_keys()  # the once-per-process probe of the kernel, before counting
+def counting_flash(monkeypatch, groups_keys=None):
+    flash, grouped = attention.cpu_flash_kernel()  # the once-per-process probe of the kernel, before counting
     calls = []
-    flash = attention._FLASH_CPU
-    monkeypatch.setattr(attention, "_FLASH_CPU", lambda q, k, *args, **kwargs: calls.append(k.shape[2])
-                        or flash(q, k, *args, **kwargs))
+
+    def counted(q, k, *args, **kwargs):
+        calls.append(k.shape[2])
+        return flash(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "cpu_flash_kernel",
+                        lambda: (counted, grouped if groups_keys is None else groups_keys))
     return calls
 
 
@@ -43,11 +47,11 @@ def counting_flash(monkeypatch):
                                                   (301, 300, True), (1000, 2, False)])
 def test_a_pass_after_cached_tokens_is_the_masked_attention_in_two_unmasked_calls(monkeypatch, past, q_len,
                                                                                    grouped):
-    calls = counting_flash(monkeypatch)
-    if not grouped:  # a torch whose CPU kernel does not read grouped KV heads: the keys are repeated
-        monkeypatch.setattr(attention, "_flash_cpu_groups_keys", lambda: False)
+    # grouped=False: a torch whose CPU kernel does not read grouped KV heads: the keys are repeated
+    calls = counting_flash(monkeypatch, None if grouped else False)
     query, key, value, keep = inputs(past, q_len)
-    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None], scaling=0.25)
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None], scaling=0.25,
+                                       causal_suffix=True)
     torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25),
                                atol=1e-5, rtol=1e-5)
     assert output.shape == (1, q_len, 6, 16) and output.is_contiguous()
@@ -57,48 +61,58 @@ def test_a_pass_after_cached_tokens_is_the_masked_attention_in_two_unmasked_call
 def test_the_bfloat16_merge_stays_within_bfloat16_rounding(monkeypatch):
     calls = counting_flash(monkeypatch)
     query, key, value, keep = inputs(200, 100, dtype=torch.bfloat16)
-    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None])
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None], **attention.CAUSAL_SUFFIX)
     assert output.dtype == torch.bfloat16 and calls == [200, 100]
     torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 16**-0.5),
                                atol=2e-2, rtol=2e-2)
 
 
 def test_without_the_cpu_kernel_a_lower_right_causal_bias_gives_the_same(monkeypatch):
-    monkeypatch.setattr(attention, "_FLASH_CPU", None)  # as on CUDA: sdpa with torch's lower-right causal bias
+    monkeypatch.setattr(attention, "cpu_flash_kernel", lambda: (None, False))  # as on CUDA: sdpa, lower-right bias
     query, key, value, keep = inputs(50, 80)
     output = attention.causal_suffix_attention(query, key, value, 0.3)
     torch.testing.assert_close(output.transpose(1, 2).double(), plain_attention(query, key, value, keep, 0.3),
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["padded", "top-left", "one short", "float"])
-def test_any_other_mask_goes_to_transformers_function(monkeypatch, change):
+def test_without_the_callers_word_even_a_causal_suffix_mask_is_transformers_own(monkeypatch):
+    """The suffix path is chosen by the caller (`causal_suffix`), never guessed from the mask."""
     calls = counting_flash(monkeypatch)
     query, key, value, keep = inputs(20, 40)
-    if change == "padded":
-        keep[:, :5] = False  # left padding: keys no query may see
-    elif change == "top-left":
-        keep = torch.ones(40, 60, dtype=torch.bool).tril()
-    elif change == "one short":
-        keep[-1, -1] = False
-    mask = keep[None, None]
-    if change == "float":  # an additive mask is not inspected
-        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    output, _ = attention.sdpa_forward(DECODER, query, key, value, mask, scaling=0.25)
+    output, _ = attention.sdpa_forward(DECODER, query, key, value, keep[None, None], scaling=0.25)
     assert not calls
-    if change != "one short":  # a fully masked row is undefined
-        torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25),
-                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.double(), plain_attention(query, key, value, keep, 0.25), atol=1e-5,
+                               rtol=1e-5)
 
 
-def test_a_mask_is_checked_once_and_wider_masks_are_read_up_to_the_keys():
-    keep = inputs(20, 40)[3]
-    wider = torch.cat([keep, torch.zeros(40, 8, dtype=torch.bool)], dim=1)[None, None]
-    assert attention.is_causal_suffix_mask(wider, 40, 60)
-    wider[..., 0, 0] = False  # the verdict is remembered for this mask object (one check per forward pass)
-    assert attention.is_causal_suffix_mask(wider, 40, 60)
-    assert not attention.is_causal_suffix_mask(wider.clone(), 40, 60)
-    assert not attention.is_causal_suffix_mask(keep[None, None], 40, 61)
+def test_dropout_or_extra_terms_go_to_transformers_function(monkeypatch):
+    calls = counting_flash(monkeypatch)
+    query, key, value, keep = inputs(20, 40)
+    attention.sdpa_forward(DECODER, query, key, value, keep[None, None], dropout=0.5, causal_suffix=True)
+    try:
+        attention.sdpa_forward(DECODER, query, key, value, keep[None, None], softcap=30.0, causal_suffix=True)
+    except ValueError:  # transformers >= 5.2x refuses softcap in sdpa itself
+        pass
+    assert not calls
+
+
+def test_a_model_forward_hands_the_flag_to_the_attention_function(tiny_llama, suffix_passes):
+    from transformers import DynamicCache
+
+    from headscore.compression.attention import HEADWISE_ATTENTION  # plain tensors: sdpa_forward
+    from headscore.core.model import with_cache
+
+    model = tiny_llama()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (1, 30))
+    with torch.inference_mode(), attention.use_attention(model, HEADWISE_ATTENTION):
+        plain = model(input_ids=ids).logits[0, -1]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :10], **with_cache(model, cache), use_cache=True)
+        split = model(input_ids=ids[:, 10:], **with_cache(model, cache), use_cache=True,
+                      **attention.CAUSAL_SUFFIX).logits[0, -1]
+    assert suffix_passes == [(20, 30)] * 2  # both layers took the suffix path
+    torch.testing.assert_close(split, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_unmasked_and_non_causal_passes_are_transformers_own():

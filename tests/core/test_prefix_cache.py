@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from headscore.core.errors import HeadscoreError
+from headscore.core.model import with_cache
 from headscore.core.prefix_cache import (
     PrefixCache,
     PrefixOptions,
@@ -143,7 +144,7 @@ def test_suffix_on_the_shared_prefix_equals_a_plain_forward(model):
                 continue
             assert cache.get_seq_length() == shared
             before = [layer.keys.clone() for layer in cache.layers]
-            logits = model(input_ids=ids[None, shared:], past_key_values=cache, use_cache=True).logits[0]
+            logits = model(input_ids=ids[None, shared:], **with_cache(model, cache), use_cache=True).logits[0]
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
         assert cache.get_seq_length() == shared  # cropped back: the suffix is gone
         for layer, keys in zip(cache.layers, before, strict=True):
@@ -165,10 +166,10 @@ def test_extend_cache_in_passes_equals_one_forward(model, start, ends):
     ids = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(4))
     expected = DynamicCache(config=model.config)
     logits = model(input_ids=ids[None]).logits[0, -1]
-    model(input_ids=ids[None], past_key_values=expected, use_cache=True)
+    model(input_ids=ids[None], **with_cache(model, expected), use_cache=True)
     cache = DynamicCache(config=model.config)
     if start:
-        model(input_ids=ids[None, :start], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[None, :start], **with_cache(model, cache), use_cache=True)
     calls = []
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
@@ -180,7 +181,7 @@ def test_extend_cache_in_passes_equals_one_forward(model, start, ends):
     stops = [*(e for e in ends if start < e < 89), 89]
     assert calls == [b - a for a, b in zip([start, *stops], stops, strict=False)]
     assert cache.get_seq_length() == 89
-    last = model(input_ids=ids[None, 89:], past_key_values=cache, use_cache=True).logits[0, -1]
+    last = model(input_ids=ids[None, 89:], **with_cache(model, cache), use_cache=True).logits[0, -1]
     torch.testing.assert_close(last, logits, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(cache.layers, expected.layers, strict=True):
         torch.testing.assert_close(ours.keys, theirs.keys[:, :, :90], atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from headscore.core.errors import HeadscoreError
+from headscore.core.prompts import encode_prompt
 from headscore.evaluation.ablate import (
     HeadAblation,
     ablation_mask,
@@ -64,6 +65,31 @@ def test_no_hooks_for_untouched_layers(tiny_llama):
         assert len(ablation.handles) == 1
     with pytest.raises(HeadscoreError, match="2 layers"):
         HeadAblation(model, torch.ones(2, 4))
+
+
+def test_conditions_decoded_as_batch_rows_equal_plain_generation(tiny_llama, tokenizer):
+    """Each row of a batched ablation (its own head mask) answers what `model.generate`
+    answers with that mask alone, in batches of any size."""
+    from headscore.evaluation.ablate import greedy_answers, run_ablation
+    from headscore.evaluation.tasks import get_task
+
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8, vocab=len(tokenizer)).double()
+    importance = torch.rand(2, 4, generator=torch.Generator().manual_seed(3))
+    plan = plan_conditions(importance, [1, 3], [0])
+    sample = get_task("niah", lengths=[120], depths=[50], num_needles=1, max_new_tokens=10).samples(tokenizer)[0]
+    ids = torch.tensor([encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]])
+    masks = torch.stack([ablation_mask(c.heads, 2, 4) for c in plan])
+    want = []
+    for mask in masks:
+        with torch.inference_mode(), HeadAblation(model, mask):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                                 pad_token_id=0, temperature=None, top_p=None, top_k=None)
+        want.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert greedy_answers(model, tokenizer, sample, masks) == want
+    assert len(set(want)) > 1  # the masks change the answers
+    batched = run_ablation(model, tokenizer, [sample], importance, plan)
+    assert run_ablation(model, tokenizer, [sample], importance, plan, decode_batch=2) == batched
+    assert [p["prediction"] for p in batched[1]] == want
 
 
 def test_select_top_lowest_random():

@@ -13,8 +13,10 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import (
+    Condition,
     EvalMethod,
     EvaluateOptions,
+    decode_groups,
     eval_method,
     eval_methods,
     evaluate,
@@ -126,6 +128,38 @@ def test_a_task_score_override_scores_its_samples(model, tokenizer, tmp_path):
     result = evaluate(model, tokenizer, samples, tmp_path / "run", model_name="tiny",
                       options=EvaluateOptions(methods=["full"], budgets=[16], scores={}))
     assert [row["score"] for row in result.rows] == [0.375]
+def test_decode_batch_changes_no_prediction_row_or_journal(tiny_llama, tokenizer, tmp_path, score_files):
+    """All conditions of a sample decoded as one batch, in batches of 2, and one at a time: the same rows and
+    journal (float64, so batching's rounding cannot flip a greedy choice)."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer)).double()
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(methods=["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r"], budgets=[12, 32],
+                              scores=score_files(geometry))
+    samples = small_samples(tokenizer)[:3]
+    runs = {}
+    for batch in (None, 2, 1):
+        out = tmp_path / f"batch-{batch}"
+        runs[batch] = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny", figures=False,
+                               decode_batch=batch)
+        runs[batch].journal = (out / "journal.jsonl").read_text()
+        runs[batch].csv = (out / "results.csv").read_bytes()
+    for batch in (2, 1):
+        assert runs[batch].rows == runs[None].rows
+        assert runs[batch].journal == runs[None].journal and runs[batch].csv == runs[None].csv
+    assert len({r["prediction"] for r in runs[None].rows}) > 1
+    with pytest.raises(HeadscoreError, match="decode-batch"):
+        evaluate(model, tokenizer, samples, tmp_path / "bad", options=options, model_name="tiny", decode_batch=0)
+
+
+def test_decode_groups_put_full_alone_and_cap_the_rest():
+    full, snap = make_press("full", GEOMETRY), make_press("snapkv", GEOMETRY, budget=16)
+    plan = [Condition(m, 8, None, p, m) for m, p in [("full", full), ("a", snap), ("b", snap), ("c", snap)]]
+    assert decode_groups(plan, None) == [[0], [1, 2, 3]]
+    assert decode_groups(plan, 2) == [[0], [1, 2], [3]]
+    assert decode_groups(plan, 1) == [[0], [1], [2], [3]]
+
+
+GEOMETRY = Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=16)
 
 
 def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
@@ -233,3 +267,21 @@ def test_answer_prefix_ends_the_prompt_inside_the_window(model, tokenizer, templ
     tokens, _ = generate_ids(model, torch.tensor([ids]), condition[0].press, max_new_tokens=5, eos=stops)
     assert row["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert row["length"] == len(ids)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_conditions_equal_one_at_a_time(smollm2, tmp_path, score_files):
+    """The default study's methods on the real model: all compressed conditions of a sample decoded as one
+    batch give the rows of `--decode-batch 1` (float32: a greedy tie could flip one; none does here)."""
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    options = EvaluateOptions(budgets=[32, 128], scores=score_files(geometry))
+    conditions = plan_conditions(geometry, options)
+    sample = get_task("niah", lengths=[600], depths=[50], num_needles=1, max_new_tokens=24,
+                      template="chat").samples(tokenizer)[0]
+    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    batched = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end)
+    single = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end,
+                             decode_batch=1)
+    assert batched == single
+    assert any(row["score"] > 0 for row in batched)  # the model finds the needle under some conditions

@@ -74,7 +74,7 @@ def test_official_stop_rule_decodes_as_their_loop(tiny_llama, tokenizer, trial, 
     options = EstimateOptions(rule=method, stop_rule="official")
     stop = stop_criteria(model, tokenizer, options, answer_tokens, span[1] - span[0])
     with attention_capture(model, 2) as capture:
-        _, generated, _ = decode_trial(model, tokenizer, ids, span, capture, method, stop.max_steps,
+        _, generated, _ = decode_trial(model, tokenizer, ids, span, capture, method, stop.max_new_tokens,
                                        answer_tokens=answer_tokens, stop=stop)
     theirs = authors_decode(model, tokenizer, ids, 50, answer_tokens, r2=method == "r2")
     assert generated == theirs
@@ -83,7 +83,7 @@ def test_official_stop_rule_decodes_as_their_loop(tiny_llama, tokenizer, trial, 
     else:
         assert len(generated) > span[1] - span[0] and eos in generated  # no EOS stop, not capped at N
         default = stop_criteria(model, tokenizer, EstimateOptions(rule=method), answer_tokens, span[1] - span[0])
-        assert default.max_steps == span[1] - span[0] and eos in default.ids
+        assert default.max_new_tokens == span[1] - span[0] and eos in default.eos
 
 
 def test_unknown_stop_rule_and_rouge_are_errors():

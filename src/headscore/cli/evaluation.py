@@ -13,6 +13,7 @@ from headscore.cli.options import (
     AnswerPrefix,
     BetasOption,
     BudgetsOption,
+    DecodeBatch,
     Device,
     DType,
     Model,
@@ -70,6 +71,7 @@ def evaluate_command(
                                                       "loading only the tokenizer, and exit.")] = None,
     answer_prefix: AnswerPrefix = "",
     prefix_options: Any = None,
+    decode_batch: DecodeBatch = None,
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once); several
     --budgets and --betas make a sweep (full runs once)."""
@@ -91,7 +93,7 @@ def evaluate_command(
     with progress_bar() as bar:
         task = bar.add_task("evaluating samples", total=None)
         result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=run.model,
-                          task_settings=setup.task_settings, prefix=prefix_options,
+                          task_settings=setup.task_settings, prefix=prefix_options, decode_batch=decode_batch,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     if result is None:  # a rank other than 0 under torchrun
         return
@@ -129,6 +131,7 @@ def tune_command(
     fidelity_options: Any = None,
     task_options: Any = None,
     template: Template = TEMPLATE,
+    decode_batch: DecodeBatch = None,
 ) -> None:
     """Choose HeadKV's β per budget on a validation split, then compare it with the default β and the
     baselines on the held-out test split: one headkv-NAME method per --scores NAME=FILE."""
@@ -151,7 +154,7 @@ def tune_command(
 
         result = run_tune(run.model, run.tasks, out, options=options,
                           task_options={**task_options, "template": template}, device=run.device,
-                          dtype=run.dtype, limit=run.limit, progress=advance)
+                          dtype=run.dtype, limit=run.limit, progress=advance, decode_batch=decode_batch)
     if result is None:  # a rank other than 0 under a launcher: rank 0 reports
         return
     table = Table(title=f"validation score vs β ({result.val_samples} validation samples)")
@@ -193,6 +196,7 @@ def ablate_command(
     num_needles: int | None = typer.Option(None, help="Use only the first N needles."),
     haystack: str | None = typer.Option(None, help="Haystack (as in build-needles) [default: paul-graham]."),
     template: Template = TEMPLATE,
+    decode_batch: DecodeBatch = None,
     max_new_tokens: int = typer.Option(32, help="Greedy tokens generated per answer."),
     device: Device = "auto",
     dtype: DType = None,
@@ -212,7 +216,7 @@ def ablate_command(
     with progress_bar() as bar:
         task = bar.add_task(f"ablating ({len(setup.plan)} conditions × {len(setup.samples)} samples)",
                             total=setup.total)
-        rows, paths = ablate.execute(setup, out, progress=lambda: bar.advance(task))
+        rows, paths = ablate.execute(setup, out, progress=lambda: bar.advance(task), decode_batch=decode_batch)
     table = Table(title=f"NIAH accuracy with heads removed ({len(setup.samples)} samples) -> {out}")
     for column in ("condition", "k", "seed", "accuracy", "n"):
         table.add_column(column, justify="right")

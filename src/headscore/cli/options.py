@@ -64,6 +64,10 @@ Granularity = Annotated[str | None, typer.Option("--granularity", help="Every me
                                                  "head, scores averaged over its query heads) [default] or query "
                                                  "(one per query head, as the authors run every method: 4x the "
                                                  "entries on Llama-3).")]
+DecodeBatch = Annotated[int | None, typer.Option("--decode-batch", min=1, metavar="N", help="Decode at most N of a "
+                                              "sample's conditions together, one batch row each (a memory cap; "
+                                              "default: all); 1 decodes them one at a time. Results do not "
+                                              "depend on it.")]
 Window = Annotated[int, typer.Option("--window", help="Observation window w: the last w prompt tokens, kept by "
                                      "every head on top of its budget.")]
 Temp = Annotated[float, typer.Option("--temp", help="HeadKV: head importance is raised to this power and "

@@ -1,9 +1,19 @@
 """Attention over `headscore.compression.cache.HeadwiseCache` (registered through transformers'
-`AttentionInterface`): each head's kept prompt entries plus the generated tail, exact, with no loops over heads.
+`AttentionInterface`): each (row, query head) reads only its own cache head's kept prompt entries and its row's
+generated tail, exact, with no loops over heads.
+
+Decode attention in two parts merged by their log-sum-exps (exactly one softmax over both):
+
+- the prompt part over the flattened kept entries (`HeadwiseEntries.keys` `[total, d]`, one segment per
+  (row, cache head)): the segments are grouped into buckets of similar length (`plan_segments`), each bucket one
+  padded batched matmul; a bucket whose segments are one row's equal-length heads (every fixed-budget press)
+  is a view of the storage, the others gather their entries into a transient padded block;
+- the tail part, dense over the row's generated tokens `[rows, kv_heads, t, d]` (GQA without repeating keys).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,46 +23,145 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from headscore.core.attention import sdpa_forward
 
 HEADWISE_ATTENTION = "headscore_headwise"
+# a bucket costs about this many (segment, entry) logits of launch overhead: fewer, more padded buckets below it
+BUCKET_OVERHEAD = 2048
 
 
-def headwise_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head: torch.Tensor,
-                       heads: int, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                       scaling: float | None = None, softcap: float | None = None,
-                       sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact attention of new queries over a head-wise cache, without loops over heads.
+@dataclass(frozen=True)
+class Bucket:
+    """Segments attended in one padded batched matmul: `segments` int64 `[s]` (row · heads + head), padded to
+    `width` entries. `start` >= 0: the segments are consecutive in storage, all `width` long, from entry
+    `start` (the block is a view). Otherwise `index` int64 `[s · width]` gathers their entries and `padding`
+    bool `[s, width]` marks the pad slots (None when none)."""
 
-    `query` [q_heads, q, d] (the last q tokens); `keys`/`values` [total, d] the kept prompt entries, `head`
-    [total] the cache head of each (query head `h` reads cache head `h // (q_heads // heads)`);
-    `tail_keys`/`tail_values` [kv_heads, t, d] the generated tokens, the last q of them being the queries'
-    own (causal among themselves). One softmax over [prompt entries of the head's cache head, tail] per
-    query head: the prompt logits are computed against all entries ([q_heads, q, total], dense matmul) and
-    the other heads' entries masked out. `softcap`: logits become `softcap * tanh(logits / softcap)` (Gemma 2);
-    `sinks` [q_heads]: a learned logit per head that joins the softmax and takes no value (gpt-oss).
-    Returns [q_heads, q, d] in the query's dtype.
+    segments: torch.Tensor
+    width: int
+    start: int = -1
+    index: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+
+
+def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
+                  overhead: int = BUCKET_OVERHEAD) -> list[Bucket]:
+    """Buckets for the segments of `kept` (CPU int64 `[rows, heads]`, entries per (row, cache head), stored
+    row-major then head-major, each segment's entries consecutive).
+
+    A row whose heads all keep the same count is one view bucket. The other segments, sorted by length, are
+    cut where it minimizes Σ (segments × padded width) + `overhead` per bucket (a dynamic program over the
+    sorted lengths; a bucket spans at most 256 segments). Empty segments are in no bucket.
     """
-    q_heads, q_len, dim = query.shape
-    kv_heads, t_len = tail_keys.shape[0], tail_keys.shape[1]
+    rows, heads = kept.shape
+    lengths = kept.reshape(-1)
+    offsets = (lengths.cumsum(0) - lengths).tolist()
+    buckets: list[Bucket] = []
+    ragged: list[int] = []
+    for row in range(rows):
+        counts = kept[row]
+        if int(counts[0]) > 0 and bool((counts == counts[0]).all()):
+            segments = torch.arange(row * heads, (row + 1) * heads, device=device)
+            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads]))
+        else:
+            ragged.extend(s for s in range(row * heads, (row + 1) * heads) if int(lengths[s]) > 0)
+    if not ragged:
+        return buckets
+    ragged.sort(key=lambda s: int(lengths[s]))
+    sizes = [int(lengths[s]) for s in ragged]
+    best, cut = [0] + [0] * len(sizes), [0] * (len(sizes) + 1)
+    for end in range(1, len(sizes) + 1):  # bucket ragged[begin:end] is padded to sizes[end - 1]
+        best[end], cut[end] = min((best[begin] + (end - begin) * sizes[end - 1] + overhead, begin)
+                                  for begin in range(max(0, end - 256), end))
+    ends = []
+    end = len(sizes)
+    while end > 0:
+        ends.append((cut[end], end))
+        end = cut[end]
+    for begin, end in reversed(ends):
+        segments = torch.tensor(ragged[begin:end])
+        width = sizes[end - 1]
+        slots = torch.arange(width)[None, :]
+        counts = lengths[segments][:, None]
+        index = (torch.tensor([offsets[s] for s in ragged[begin:end]])[:, None] + slots).masked_fill(slots >= counts,
+                                                                                                     0)
+        padding = slots >= counts
+        buckets.append(Bucket(segments.to(device), width, index=index.reshape(-1).to(device),
+                              padding=padding.to(device) if bool(padding.any()) else None))
+    return buckets
+
+
+@dataclass(frozen=True)
+class HeadwiseEntries:
+    """What a compressed layer hands the attention function at decode (its `update`'s return): the kept prompt
+    entries `keys`/`values` `[total, d]` (segments of (row, cache head), row-major), their `buckets`, the number
+    of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t, d]`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    buckets: list[Bucket]
+    heads: int
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap).mul_(softcap)
+
+
+def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: float | None = None, *,
+                       softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention of new queries over a head-wise cache.
+
+    `query` `[rows, q_heads, q, d]` (the last q tokens of each row; query head `h` reads cache head
+    `h // (q_heads // heads)` and KV head `h // (q_heads // kv_heads)` of the tail, whose last q tokens are the
+    queries' own, causal among themselves). `softcap`: logits become `softcap · tanh(logits / softcap)` (Gemma
+    2). `sinks` `[q_heads]`: one extra logit per query head in the softmax denominator, with no value
+    (gpt-oss). Logits and the merge in float32 (float64 for float64 queries). Returns `[rows, q_heads, q, d]`
+    in the query's dtype.
+    """
+    rows, q_heads, q_len, dim = query.shape
+    heads, tail_keys, tail_values = entries.heads, entries.tail_keys, entries.tail_values
+    kv_heads, t_len = tail_keys.shape[1], tail_keys.shape[2]
     scale = dim**-0.5 if scaling is None else scaling
-    flat = query.reshape(q_heads * q_len, dim).float()  # logits in float32, as sdpa keeps them
-    prompt = torch.matmul(flat, keys.float().t()).view(q_heads, q_len, -1).mul_(scale)
-    if softcap is not None:
-        prompt = torch.tanh(prompt.div_(softcap)).mul_(softcap)
-    owner = torch.arange(q_heads, device=query.device) // (q_heads // heads)
-    foreign = head[None, :] != owner[:, None]  # [q_heads, total]
-    prompt = prompt.masked_fill_(foreign[:, None, :], float("-inf"))
-    grouped = flat.view(kv_heads, (q_heads // kv_heads) * q_len, dim)
-    tail = torch.matmul(grouped, tail_keys.float().transpose(1, 2)).view(q_heads, q_len, t_len).mul_(scale)
-    if softcap is not None:
-        tail = torch.tanh(tail.div_(softcap)).mul_(softcap)
+    group = q_heads // heads
+    accumulate = torch.promote_types(query.dtype, torch.float32)
+    flat = query.to(accumulate)
+    # prompt part: per segment (row, cache head) its `group` query heads × q rows
+    segment_queries = flat.reshape(rows * heads, group * q_len, dim)
+    prompt_out = flat.new_zeros(rows * heads, group * q_len, dim)
+    prompt_lse = flat.new_full((rows * heads, group * q_len), float("-inf"))
+    for bucket in entries.buckets:
+        count = bucket.segments.shape[0]
+        if bucket.start >= 0:
+            stop = bucket.start + count * bucket.width
+            keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
+            values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
+        else:
+            keys = entries.keys.index_select(0, bucket.index).view(count, bucket.width, dim)
+            values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
+        logits = _capped(torch.bmm(segment_queries[bucket.segments], keys.to(accumulate).transpose(1, 2)).mul_(scale),
+                         softcap)
+        if bucket.padding is not None:
+            logits = logits.masked_fill_(bucket.padding[:, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = logits.sub_(lse[..., None]).exp_()
+        prompt_out.index_copy_(0, bucket.segments, torch.bmm(probs, values.to(accumulate)))
+        prompt_lse.index_copy_(0, bucket.segments, lse)
+    # tail part: dense over the row's generated tokens, query heads grouped by KV head
+    grouped = flat.reshape(rows, kv_heads, (q_heads // kv_heads) * q_len, dim)
+    tail = torch.matmul(grouped, tail_keys.to(accumulate).transpose(-1, -2)).mul_(scale)
+    tail = _capped(tail.view(rows, q_heads, q_len, t_len), softcap)
     if q_len > 1:
-        rows = torch.arange(q_len, device=query.device)[:, None] + (t_len - q_len)
-        tail = tail.masked_fill_(torch.arange(t_len, device=query.device)[None, :] > rows, float("-inf"))
-    logits = [prompt, tail] if sinks is None else [prompt, tail, sinks.float().view(q_heads, 1, 1).expand(-1, q_len, 1)]
-    probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(values.dtype)
-    total = keys.shape[0]
-    out = torch.matmul(probs[..., :total].reshape(q_heads * q_len, total), values).view(q_heads, q_len, dim)
-    tail_probs = probs[..., total:total + t_len].reshape(kv_heads, (q_heads // kv_heads) * q_len, t_len)
-    return out + torch.matmul(tail_probs, tail_values).view(q_heads, q_len, dim)
+        visible = torch.arange(q_len, device=query.device)[:, None] + (t_len - q_len)
+        tail = tail.masked_fill_(torch.arange(t_len, device=query.device)[None, :] > visible, float("-inf"))
+    tail_lse = torch.logsumexp(tail, dim=-1)
+    tail_probs = tail.sub_(tail_lse[..., None]).exp_().view(rows, kv_heads, -1, t_len)
+    tail_out = torch.matmul(tail_probs, tail_values.to(accumulate)).view(rows, q_heads, q_len, dim)
+    prompt_lse = prompt_lse.view(rows, q_heads, q_len)
+    total = torch.logaddexp(prompt_lse, tail_lse)
+    if sinks is not None:
+        total = torch.logaddexp(total, sinks.to(accumulate).view(1, q_heads, 1))
+    out = prompt_out.view(rows, q_heads, q_len, dim) * (prompt_lse - total).exp_()[..., None]
+    out = out.add_(tail_out * (tail_lse - total).exp_()[..., None])
+    return out.to(query.dtype)
 
 
 def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
@@ -60,24 +169,22 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The registered function for `HeadwiseCache` (plain tensors, e.g. a DynamicCache: exactly sdpa).
 
-    `key` is a `HeadwiseLayer` (what its `update` returns). At prefill: the exact sdpa output over the full
-    keys/values, then the layer selects what it keeps. At decode: `headwise_attention` over the layer, with the
-    `softcap` and sinks (`s_aux`) the model passes. A sliding-window layer of a hybrid model is transformers'
-    own cache layer: its plain tensors go to sdpa with the model's sliding mask.
-    Output [b, q, q_heads, d] as sdpa's.
+    Prefill (`key` a `PendingPrefill`, what a recording layer's `update` returns): the exact sdpa output over
+    the full keys/values, then the layer selects what it keeps. Decode (`key` a `HeadwiseEntries`):
+    `headwise_attention`, with transformers' `softcap` and `s_aux` (sinks) arguments; the mask is not read (no
+    kept entry is padding). A sliding-window layer of a hybrid model is transformers' own cache layer: its
+    plain tensors go to sdpa with the model's sliding mask. Output `[b, q, q_heads, d]` as sdpa's.
     """
     if isinstance(key, torch.Tensor):
         return sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer = key
-    if layer.pending is not None:
-        keys, values = layer.pending
-        output = sdpa_forward(module, query, keys[None], values[None], attention_mask, dropout=dropout,
-                              scaling=scaling, **kwargs)
-        layer.finish_prefill(query[0], scaling)
-        return output
-    out = headwise_attention(query[0], layer.keys, layer.values, layer.head, layer.heads, layer.tail_keys,
-                             layer.tail_values, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
-    return out.transpose(0, 1)[None], None
+    if isinstance(key, HeadwiseEntries):
+        out = headwise_attention(query, key, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+        return out.transpose(1, 2), None
+    pending = key
+    output = sdpa_forward(module, query, pending.keys, pending.values, attention_mask, dropout=dropout,
+                          scaling=scaling, causal_suffix=pending.after_cached, **kwargs)
+    pending.finish(query, attention_mask, scaling)
+    return output
 
 
 AttentionInterface.register(HEADWISE_ATTENTION, headwise_attention_forward)

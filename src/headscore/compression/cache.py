@@ -1,28 +1,34 @@
-"""The head-wise variable-length KV cache.
+"""The head-wise variable-length KV cache, with a batch of rows.
 
-Each full-attention layer stores, for every cache head (a KV head, or a query head for query-granularity
-budgets), only the prompt entries that head kept, flattened head after head:
+Each layer goes through two objects:
 
-- `keys`, `values`: `[total_kept, head_dim]`, the kept prompt entries of head 0, then head 1, ... each head's
-  entries in original order (so their RoPE positions are the original ones);
-- `head`: int16 `[total_kept]`, the cache head of each entry; `kept`: int64 `[heads]`, entries per head;
-- `tail_keys`, `tail_values`: `[kv_heads, generated, head_dim]`, the dense tail of generated tokens, shared
-  by all heads (every head attends to every generated token).
+- `PrefillLayer` records one prefill: its `update` returns a `PendingPrefill` (the full keys/values
+  `[rows, kv_heads, n, d]`) to the registered attention function
+  (`headscore.compression.attention.headwise_attention_forward`), which computes the exact output and hands
+  back the pass's queries; the layer then scores the observation window of every row and the cache either
+  records the states (no press: for `headscore.compression.generation.prefill`) or replaces the layer by
+- `HeadwiseLayer`, the compressed layer. For every (row, cache head) (a cache head is a KV head, or a query
+  head for query-granularity budgets) it stores only the prompt entries that head kept, flattened:
+  `keys`, `values` `[total_kept, head_dim]`, the segments of row 0's heads 0, 1, ..., then row 1's, ..., each
+  segment's entries in original order (so their RoPE positions are the original ones); `kept` CPU int64
+  `[rows, heads]` entries per segment; `tail_keys`, `tail_values` `[rows, kv_heads, generated, head_dim]` the
+  dense tail of generated tokens of each row (every head attends to its row's generated tokens). Its `update`
+  appends to the tail and returns the `HeadwiseEntries` the decode attention reads.
 
-Storage is Σ kept × head_dim × 2 × dtype size plus the tail: no padding to the largest head, no mask.
-A hybrid model's sliding-window layers keep transformers' own bounded cache layer (`HeadwiseCache.make_layer`).
-The cache plugs into transformers through `Cache.update`: at prefill a layer holds the full keys/values until
-the registered attention function (`headscore.compression.attention.headwise_attention_forward`) has computed the exact
-output and the window scores; then the layer is compressed (or, in recording mode, kept whole for
-`headscore.compression.generation.prefill`). At decode, `update` appends to the tail and hands the layer itself to the
-attention function as `key` and `value`.
+Storage is Σ kept over rows and heads × head_dim × 2 × dtype size plus the tails: no padding to the largest head
+or row, no mask. Rows may hold different prompts (left padded, with an `attention_mask`: a padded position is
+never kept nor counted in a budget) and different presses (one per row); finished rows can be dropped
+(`batch_select_indices`). A hybrid model's sliding-window layers keep transformers' own bounded cache layer
+(`HeadwiseCache.make_layer`); budgets, presses and the KV report's compressed entries cover the full-attention
+layers, whose compressed slot (`PrefillLayer.index`, `Geometry.compressed_layers`) is the row of the budgets.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import (
@@ -33,11 +39,14 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from headscore.compression.attention import HeadwiseEntries, plan_segments
 from headscore.compression.presses import Press, kept_positions, window_scores
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import FULL_ATTENTION, Geometry
 
-PrefillHook = Callable[["HeadwiseLayer", torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
+#  perf_counter() when the scoring began)
+PrefillHook = Callable[["PrefillLayer", torch.Tensor, torch.Tensor, list[torch.Tensor], list[int], float], None]
 
 
 def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geometry,
@@ -49,14 +58,42 @@ def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geo
     ascending; the window included) and the CPU int64 `[heads]` entries per head.
     """
     selection_scores = press.head_scores(scores, press.cache_heads(geometry))
-    budgets = press.prompt_budgets(layer, selection_scores, geometry)
+    budgets = press.layer_budgets(layer, selection_scores, geometry)
     return kept_positions(selection_scores, budgets, length - scores.shape[1])
 
 
-class HeadwiseLayer(CacheLayerMixin):
-    """One full-attention layer of `HeadwiseCache` (see the module docstring for the storage). `index`: its
-    compressed slot, the row of the budgets and of `HeadwiseCache.recorded` (the model layer itself when every
-    layer is full attention)."""
+def prompt_lengths(attention_mask: torch.Tensor | None, rows: int, width: int) -> list[int]:
+    """Real (unpadded) prompt length of each row, from the 4-D mask a prefill's attention function gets
+    (`[rows, 1|heads, q, >= width]`, boolean keep-mask or additive float): the keys its last query sees. Rows
+    must be left padded (their real tokens last); no mask: every row is `width` long."""
+    if attention_mask is None:
+        return [width] * rows
+    last = attention_mask[:, 0, -1, :width]
+    visible = last if last.dtype == torch.bool else last == 0
+    lengths = visible.sum(dim=1)
+    left_padded = torch.arange(width, device=visible.device)[None, :] >= (width - lengths)[:, None]
+    if not bool((visible == left_padded).all()):
+        raise HeadscoreError("the head-wise cache needs left-padded batches (padding before each prompt)")
+    return lengths.tolist()
+
+
+@dataclass(frozen=True)
+class PendingPrefill:
+    """What a recording layer's `update` returns at prefill: the full `keys`/`values` `[rows, kv_heads, n, d]`
+    for the exact output; `after_cached`: the pass runs after a seeded prefix (its mask is the lower-right
+    causal one). The attention function calls `finish` with the pass's queries once the output is computed."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    after_cached: bool
+    layer: PrefillLayer
+
+    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        self.layer.finish(query, attention_mask, scaling)
+
+
+class PrefillLayer(CacheLayerMixin):
+    """One layer of `HeadwiseCache` during its prefill (see the module docstring)."""
 
     is_sliding = False
     is_croppable = False
@@ -68,111 +105,78 @@ class HeadwiseLayer(CacheLayerMixin):
         self.window = window
         self.on_prefill = on_prefill
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.selection_seconds = 0.0  # wall time of window scores + selection at prefill (no device sync)
-        self.prompt_length = 0
-        self.head: torch.Tensor | None = None
-        self.kept: torch.Tensor | None = None
-        self.heads = 0
-        self.tail_keys: torch.Tensor | None = None
-        self.tail_values: torch.Tensor | None = None
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.recorded = False
+        self.prompt_length = 0
+        self.selection_seconds = 0.0  # wall time of window scores + selection (no device sync)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.tail_keys = key_states.new_empty(key_states.shape[1], 0, key_states.shape[-1])
-        self.tail_values = value_states.new_empty(value_states.shape[1], 0, value_states.shape[-1])
         self.is_initialized = True
 
     def seed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Start the prefill from already computed states `[1, kv_heads, s, d]` of the prompt's first s tokens
         (a shared prefix): the prefill pass then runs only the rest, and the layer holds all n."""
         self.lazy_initialization(keys, values)
-        self.prefix = (keys[0], values[0])
+        self.prefix = (keys, values)
         self.prompt_length = keys.shape[2]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill: hold the full `[1, kv_heads, n, d]` states (after the seeded prefix, if any) until the
-        attention function compresses them. Decode: append to the tail. Returns `(self, self)`: the attention
-        function reads this layer."""
-        if key_states.shape[0] != 1:
-            raise HeadscoreError(f"the head-wise cache supports batch size 1 only, got a batch of "
-                                 f"{key_states.shape[0]}")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            # contiguous, as DynamicCache's copy makes them (projections arrive transposed; sdpa and the
-            # gather of the kept entries are faster on contiguous states)
-            self.pending = (key_states[0].contiguous(), value_states[0].contiguous())
-            self.prompt_length = key_states.shape[2]
-        elif self.prefix is not None:
-            keys, values = self.prefix
-            self.pending = (torch.cat([keys, key_states[0]], dim=1), torch.cat([values, value_states[0]], dim=1))
-            self.prompt_length, self.prefix = self.pending[0].shape[1], None
-        elif self.pending is not None:
-            raise HeadscoreError("the head-wise cache got a second forward pass before the prefill was compressed "
-                                 "(is the model using headscore's attention function?)")
-        elif self.keys is None:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[PendingPrefill, PendingPrefill]:
+        """Hold the full `[rows, kv_heads, n, d]` states (after the seeded prefix, if any) until the attention
+        function has computed the output; returns the `PendingPrefill` it reads (as key and value)."""
+        if self.recorded:
             raise HeadscoreError("this head-wise cache only recorded a prefill; build a compressed cache from "
                                  "it (headscore.compression.generation.compress_state) to decode")
-        elif self.tail_keys is not None and self.tail_values is not None:  # set by lazy_initialization
-            self.tail_keys = torch.cat([self.tail_keys, key_states[0]], dim=1)
-            self.tail_values = torch.cat([self.tail_values, value_states[0]], dim=1)
-        return self, self
+        if self.pending is not None:
+            raise HeadscoreError("the head-wise cache got a second forward pass before the prefill was compressed "
+                                 "(is the model using headscore's attention function?)")
+        self.lazy_initialization(key_states, value_states)
+        after_cached = self.prefix is not None
+        if after_cached:
+            if key_states.shape[0] != 1:
+                raise HeadscoreError("a seeded prefix takes one row")
+            keys, values = self.prefix
+            key_states, value_states = torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
+            self.prefix = None
+        # contiguous, as DynamicCache's copy makes them (projections arrive transposed; sdpa and the gather of
+        # the kept entries are faster on contiguous states)
+        self.pending = (key_states.contiguous(), value_states.contiguous())
+        self.prompt_length = key_states.shape[2]
+        pending = PendingPrefill(*self.pending, after_cached=after_cached, layer=self)
+        return pending, pending
 
-    def finish_prefill(self, query: torch.Tensor, scaling: float | None) -> None:
-        """Called by the attention function after the exact prefill output: window scores of the queries
-        `[q_heads, q, d]` (the prefill pass's; only the last `window` rows are used, so a pass after a seeded
-        prefix must hold at least `window` queries), then the prefill hook compresses."""
-
+    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        """Window scores of each row from the pass's queries `[rows, q_heads, q, d]` (only each row's last
+        `window` real queries are used, so a pass after a seeded prefix must hold at least `window`), then the
+        prefill hook keeps or records."""
         start = time.perf_counter()
-        if self.pending is None:
-            raise HeadscoreError("the head-wise cache has no prefill to compress")
         keys, values = self.pending
-        length = keys.shape[1]
-        window = min(self.window, length)
-        if window > query.shape[1]:
-            raise HeadscoreError(f"the prefill pass after a shared prefix has {query.shape[1]} tokens, fewer "
-                                 f"than the observation window ({window})")
-        if window > 0:
-            scores = window_scores(query[:, query.shape[1] - window:], keys, scaling, window)
-        else:
-            scores = query.new_zeros(query.shape[0], length, dtype=torch.float32)
+        rows, width = keys.shape[0], keys.shape[2]
+        lengths = prompt_lengths(attention_mask, rows, width)
+        scores = []
+        for row, length in enumerate(lengths):  # rows, not heads or tokens: each row's own real keys
+            window = min(self.window, length)
+            if window > query.shape[2]:
+                raise HeadscoreError(f"the prefill pass after a shared prefix has {query.shape[2]} tokens, fewer "
+                                     f"than the observation window ({window})")
+            if window > 0:
+                scores.append(window_scores(query[row, :, query.shape[2] - window:], keys[row, :, width - length:],
+                                            scaling, window))
+            else:
+                scores.append(query.new_zeros(query.shape[1], length, dtype=torch.float32))
         self.pending = None
-        self.on_prefill(self, keys, values, scores)
         self.selection_seconds = time.perf_counter() - start
-
-    def set_prefix(self, keys: torch.Tensor, values: torch.Tensor, head: torch.Tensor, kept: torch.Tensor,
-                   length: int) -> None:
-        """Store the kept prompt entries: `keys`/`values` `[total, d]`, `head` `[total]`, `kept` `[heads]`."""
-        self.keys, self.values = keys, values
-        self.head = head.to(torch.int16)
-        self.kept = kept
-        self.heads = kept.shape[0]
-        self.prompt_length = length
+        self.on_prefill(self, keys, values, scores, lengths, start)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        """The uncompressed length (prompt + generated), so new tokens get the right positions."""
-        if not self.is_initialized:
-            return 0
-        return self.prompt_length + (0 if self.tail_keys is None else self.tail_keys.shape[1])
+        return self.prompt_length
 
     def get_max_length(self) -> int:
         return -1
-
-    @property
-    def generated(self) -> int:
-        return 0 if self.tail_keys is None else self.tail_keys.shape[1]
-
-    def kv_bytes(self) -> int:
-        """Bytes of the stored keys and values: kept prompt entries plus the generated tail."""
-        tensors = (self.keys, self.values, self.tail_keys, self.tail_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def index_bytes(self) -> int:
-        """Bytes of the bookkeeping: the head index of every entry and the per-head counts."""
-        return sum(t.numel() * t.element_size() for t in (self.head, self.kept) if t is not None)
 
     def reset(self) -> None:
         raise HeadscoreError("a head-wise cache cannot be reset; build a new one")
@@ -180,35 +184,157 @@ class HeadwiseLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise HeadscoreError("a head-wise cache cannot be cropped")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise HeadscoreError("the head-wise cache does not support beam search (batch size 1, greedy)")
-
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
-            raise HeadscoreError("the head-wise cache supports batch size 1 only")
+            raise HeadscoreError("a head-wise cache cannot repeat rows before its prefill")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise HeadscoreError("the head-wise cache supports batch size 1 only")
+        raise HeadscoreError("a head-wise cache cannot select rows before its prefill")
+
+
+class HeadwiseLayer(CacheLayerMixin):
+    """One compressed layer of `HeadwiseCache` (see the module docstring for the storage)."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, width: int,
+                 lengths: Sequence[int], tail_keys: torch.Tensor, tail_values: torch.Tensor,
+                 selection_seconds: float = 0.0) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.kept = kept
+        self.heads = kept.shape[1]
+        self.width = width
+        self.lengths = list(lengths)
+        self.tail_keys, self.tail_values = tail_keys, tail_values
+        self.selection_seconds = selection_seconds
+        self.buckets = plan_segments(kept, keys.device)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Press]], index: int,
+              geometry: Geometry, width: int, selection_seconds: float = 0.0) -> HeadwiseLayer:
+        """Keep each row's press's selection: `rows` of (full keys, values `[kv_heads, n_row, d]` (the row's
+        real tokens), window scores `[q_heads, n_row − window]`, press); `width` the padded prompt length."""
+        keys, values, kept = [], [], []
+        for row_keys, row_values, scores, press in rows:
+            head, position, counts = select_entries(scores, press, index, geometry, row_keys.shape[1])
+            source = head // (counts.shape[0] // row_keys.shape[0])
+            keys.append(row_keys[source, position])
+            values.append(row_values[source, position])
+            kept.append(counts)
+        first = rows[0][0]
+        tail = first.new_empty(len(rows), first.shape[0], 0, first.shape[-1])
+        return cls(torch.cat(keys), torch.cat(values), torch.stack(kept), width, [r[0].shape[1] for r in rows],
+                   tail, tail.clone(), selection_seconds)
+
+    @property
+    def rows(self) -> int:
+        return self.kept.shape[0]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[HeadwiseEntries, HeadwiseEntries]:
+        """Append the new tokens `[rows, kv_heads, q, d]` to the tails; returns what decode attention reads."""
+        if key_states.shape[0] != self.rows:
+            raise HeadscoreError(f"the head-wise cache holds {self.rows} rows, the forward pass has "
+                                 f"{key_states.shape[0]}")
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
+        entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
+                                  self.tail_values)
+        return entries, entries
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """The uncompressed (padded) length, prompt + generated, so new tokens get the right cache positions."""
+        return self.width + self.generated
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def generated(self) -> int:
+        return self.tail_keys.shape[2]
+
+    def kv_bytes(self, row: int | None = None) -> int:
+        """Bytes of the stored keys and values (kept prompt entries plus generated tail), of one row or all."""
+        per_entry = self.keys.shape[-1] * self.keys.element_size() * 2
+        tail = self.tail_keys.shape[1] * self.generated * per_entry
+        if row is None:
+            return int(self.kept.sum()) * per_entry + self.rows * tail
+        return int(self.kept[row].sum()) * per_entry + tail
+
+    def index_bytes(self, row: int | None = None) -> int:
+        """Bytes of the bookkeeping (per-segment counts, the gather index of segments decoded from a padded
+        block), of one row or all."""
+        count = self.kept.element_size() * (self.kept.numel() if row is None else self.heads)
+        for bucket in self.buckets:
+            if bucket.index is None:
+                continue
+            segments = bucket.segments if row is None else bucket.segments[bucket.segments // self.heads == row]
+            slot = bucket.index.element_size() + (1 if bucket.padding is not None else 0)
+            count += int(segments.shape[0]) * bucket.width * slot
+        return count
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (in that order; repeats allowed)."""
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        totals = self.kept.sum(dim=1)
+        starts = totals.cumsum(0) - totals
+        counts = totals[indices]
+        shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
+        entries = (torch.arange(int(counts.sum())) + shift).to(self.keys.device)
+        self.keys, self.values = self.keys[entries], self.values[entries]
+        self.kept = self.kept[indices]
+        self.lengths = [self.lengths[i] for i in indices.tolist()]
+        on_device = indices.to(self.tail_keys.device)
+        self.tail_keys, self.tail_values = self.tail_keys[on_device], self.tail_values[on_device]
+        self.buckets = plan_segments(self.kept, self.keys.device)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.rows).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        raise HeadscoreError("a head-wise cache cannot be reset; build a new one")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise HeadscoreError("a head-wise cache cannot be cropped")
 
 
 class HeadwiseCache(DynamicCache):
-    """Per-head variable-length cache for every full-attention layer, compressed at prefill by `press` (see
-    module doc). With the model's `config`, a hybrid model's sliding-window layers get transformers' own
+    """Per-head variable-length cache for every full-attention layer, compressed at prefill (see the module
+    docstring). With the model's `config`, a hybrid model's sliding-window layers get transformers' own
     sliding-window layer (bounded by the window, never compressed; `make_layer`); without it every layer is
     full attention.
 
-    With `press=None` the cache records instead: each full-attention layer keeps its full keys/values and
-    window scores in `recorded` (indexed like `geometry`'s compressed layers, for
-    `headscore.generation.prefill`) and cannot decode.
+    `press`: one press for every row, or one per row (a list as long as the batch). With `press=None` the cache
+    records instead (one row): each full-attention layer's full keys/values and window scores go to `recorded`
+    (indexed like `geometry`'s compressed layers, for `headscore.compression.generation.prefill`) and the cache
+    cannot decode.
     """
 
-    layers: list[HeadwiseLayer]  # type: ignore[assignment]  # a DynamicCache whose layers are all head-wise
-
-    def __init__(self, geometry: Geometry, press: Press | None, *, window: int | None = None,
+    def __init__(self, geometry: Geometry, press: Press | Sequence[Press] | None, *, window: int | None = None,
                  config=None) -> None:
         self.geometry = geometry
-        self.press = press
-        self.window = press.window if press is not None else (8 if window is None else window)
+        self.presses = None if press is None else list(press) if isinstance(press, Sequence) else [press]
+        if self.presses is not None and not self.presses:
+            raise HeadscoreError("the head-wise cache got an empty press list")
+        windows = {p.window for p in self.presses or ()}
+        if len(windows) > 1:
+            raise HeadscoreError(f"the presses of one head-wise cache need one observation window, got "
+                                 f"{sorted(windows)}")
+        self.window = windows.pop() if windows else (8 if window is None else window)
         self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * geometry.layers
         if config is None:
             if geometry.compressed_layers is not None:
@@ -220,74 +346,103 @@ class HeadwiseCache(DynamicCache):
             types, self.layer_kwargs = get_layer_types_and_kwargs(text)
         if tuple(i for i, kind in enumerate(types) if kind == FULL_ATTENTION) != geometry.model_layers:
             raise HeadscoreError("the geometry's compressed layers are not the model's full-attention layers")
-        self.slots = {layer: slot for slot, layer in enumerate(geometry.model_layers)}
+        self.positions = geometry.model_layers  # compressed slot -> model layer
+        self.slots = {layer: slot for slot, layer in enumerate(self.positions)}
         Cache.__init__(self, layers=[self.make_layer(index, kind) for index, kind in enumerate(types)])
 
+    @property
+    def press(self) -> Press | None:
+        """The press of every row (None when recording; the first row's with a per-row list)."""
+        return None if self.presses is None else self.presses[0]
+
     def make_layer(self, index: int, layer_type: str) -> CacheLayerMixin:
-        """Model layer `index`'s cache: a `HeadwiseLayer` (at its compressed slot) for full attention,
-        transformers' own (sliding-window) layer otherwise, whose `update` returns plain tensors."""
+        """Model layer `index`'s cache before its prefill: a `PrefillLayer` (at its compressed slot) for full
+        attention, transformers' own (sliding-window) layer otherwise, whose `update` returns plain tensors."""
         if layer_type == FULL_ATTENTION:
-            return HeadwiseLayer(self.slots[index], self.window, self._on_prefill)
+            return PrefillLayer(self.slots[index], self.window, self._on_prefill)
         return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**self.layer_kwargs[index])
 
     @property
     def compressed(self) -> list[HeadwiseLayer]:
-        """The head-wise layers, in compressed-slot order."""
+        """The compressed (head-wise) layers, in compressed-slot order."""
         return [layer for layer in self.layers if isinstance(layer, HeadwiseLayer)]
 
-    def _on_prefill(self, layer: HeadwiseLayer, keys: torch.Tensor, values: torch.Tensor,
-                    scores: torch.Tensor) -> None:
-        if self.press is None:
-            self.recorded[layer.index] = (keys, values, scores)
-            return
-        self.compress_layer(layer, keys, values, scores)
+    def row_presses(self, rows: int) -> list[Press]:
+        presses = self.presses or []
+        if len(presses) == 1:
+            return presses * rows
+        if len(presses) != rows:
+            raise HeadscoreError(f"the head-wise cache has {len(presses)} presses for a batch of {rows}")
+        return presses
 
-    def compress_layer(self, layer: HeadwiseLayer, keys: torch.Tensor, values: torch.Tensor,
-                       scores: torch.Tensor) -> None:
-        """Keep the press's selection of one layer's full `keys`/`values` `[kv_heads, n, d]`."""
-        if self.press is None:
-            raise HeadscoreError("a recording head-wise cache does not compress")
-        length = keys.shape[1]
-        head, position, kept = select_entries(scores, self.press, layer.index, self.geometry, length)
-        source = head // (kept.shape[0] // keys.shape[0])
-        layer.set_prefix(keys[source, position], values[source, position], head, kept, length)
+    def _on_prefill(self, layer: PrefillLayer, keys: torch.Tensor, values: torch.Tensor,
+                    scores: list[torch.Tensor], lengths: list[int], started: float) -> None:
+        width = keys.shape[2]
+        if self.presses is None:
+            if keys.shape[0] != 1:
+                raise HeadscoreError("a recording head-wise cache takes one row")
+            self.recorded[layer.index] = (keys[0], values[0], scores[0])
+            layer.recorded = True
+            return
+        rows = [(keys[row, :, width - length:], values[row, :, width - length:], scores[row], press)
+                for row, (length, press) in enumerate(zip(lengths, self.row_presses(keys.shape[0]), strict=True))]
+        compressed = HeadwiseLayer.build(rows, layer.index, self.geometry, width)
+        compressed.selection_seconds = time.perf_counter() - started
+        self.layers[self.positions[layer.index]] = compressed
 
     @classmethod
-    def from_prefill(cls, geometry: Geometry, press: Press,
+    def from_prefill(cls, geometry: Geometry, press: Press | Sequence[Press],
                      recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, config=None,
                      windowed: dict[int, CacheLayerMixin] | None = None) -> HeadwiseCache:
-        """A compressed cache built from recorded full states `(keys, values, window scores)` per compressed
-        layer; a hybrid model's sliding-window layers start from copies of `windowed` (model index -> the
-        prefilled layer; their tensors are shared, never modified: an update replaces them)."""
+        """A compressed cache built from recorded full states `(keys, values, window scores)` of one prompt per
+        compressed layer: one row per press (`press` a list), or one row. A hybrid model's sliding-window layers
+        start from copies of `windowed` (model index -> the prefilled one-row layer, repeated for every row;
+        its tensors are shared, never modified: an update replaces them)."""
         cache = cls(geometry, press, config=config)
-        for layer, (keys, values, scores) in zip(cache.compressed, recorded, strict=True):
-            layer.lazy_initialization(keys[None], values[None])
-            cache.compress_layer(layer, keys, values, scores)
+        presses = cache.presses or []
+        for slot, (keys, values, scores) in enumerate(recorded):
+            rows = [(keys, values, scores, p) for p in presses]
+            cache.layers[cache.positions[slot]] = HeadwiseLayer.build(rows, slot, geometry, keys.shape[1])
         for index, layer in (windowed or {}).items():
-            cache.layers[index] = copy.copy(layer)
+            copied = copy.copy(layer)
+            if len(presses) > 1:
+                copied.batch_repeat_interleave(len(presses))
+            cache.layers[index] = copied
         return cache
 
-    def kept(self) -> torch.Tensor:
-        """Entries kept per head of the compressed layers, window included: int64 `[layers, heads]`."""
-        kept = [layer.kept for layer in self.compressed]
-        if any(count is None for count in kept):
-            raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
-        return torch.stack(kept)  # type: ignore[arg-type]  # every entry checked above
+    @property
+    def rows(self) -> int:
+        compressed = self.compressed
+        return compressed[0].rows if compressed else 0
 
-    def kv_bytes(self) -> int:
-        """Keys and values stored: the compressed layers' plus the sliding-window layers'."""
-        return sum(layer.kv_bytes() for layer in self.compressed) + window_kv_bytes(self)
+    def kept(self, row: int = 0) -> torch.Tensor:
+        """Entries kept per head of the compressed layers by one row, window included: int64 `[layers, heads]`."""
+        compressed = self.compressed
+        if len(compressed) != self.geometry.layers:
+            raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
+        return torch.stack([layer.kept[row] for layer in compressed])
+
+    def kv_bytes(self, row: int | None = None) -> int:
+        """Keys and values stored (all rows, or one): the compressed layers' plus the sliding-window layers'."""
+        window = window_kv_bytes(self)
+        if row is not None and self.rows:
+            window //= self.rows
+        return sum(layer.kv_bytes(row) for layer in self.compressed) + window
+
+    def index_bytes(self, row: int | None = None) -> int:
+        return sum(layer.index_bytes(row) for layer in self.compressed)
 
     @property
     def selection_seconds(self) -> float:
-        """Time spent at prefill on window scores and selection, all layers (CPU wall time)."""
+        """Time spent at prefill on window scores and selection, all compressed layers (CPU wall time)."""
         return sum(layer.selection_seconds for layer in self.compressed)
-
-    def index_bytes(self) -> int:
-        return sum(layer.index_bytes() for layer in self.compressed)
 
 
 def window_kv_bytes(cache: Cache) -> int:
     """Bytes of keys and values held by a cache's sliding-window layers (0 when it has none)."""
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if getattr(layer, "is_sliding", False) and layer.keys is not None)
+    total = 0
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if getattr(layer, "is_sliding", False) and keys is not None and values is not None:
+            total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return total

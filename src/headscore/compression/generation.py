@@ -1,6 +1,6 @@
 """Generation on a head-level compressed KV cache: prefill with selection, then greedy decode.
 
-Two ways in, identical by construction (both compress with `HeadwiseCache.compress_layer` on the same
+Two ways in, identical by construction (both compress with `HeadwiseLayer.build` on the same
 full keys/values and window scores):
 
 - `prefill_compressed(model, input_ids, press)`: one prefill that compresses each layer as soon as its exact
@@ -8,8 +8,10 @@ full keys/values and window scores):
 - `prefill(model, input_ids, window)` -> `PrefillState` (every layer's full keys/values and window scores),
   then `compress_state(state, press)` for any number of methods/budgets ("prefill once, compress many").
 
-`decode(model, cache, logits, ...)` continues greedily from the prefill's last logits. `compress_generate`
-does it all for a context and a question and returns the answer with a `KVReport`.
+`decode_rows(model, cache, logits, rules)` continues greedily from the prefill's last logits, one batch row
+per condition (a cache of several rows: `compress_state(state, [press, ...])`), each row ending on its own
+`StopRule` and dropped from the batch when it does; `decode` is its one-row form. `compress_generate` does it
+all for a context and a question and returns the answer with a `KVReport`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, HeadwiseLayer, window_kv_bytes
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
+from headscore.core.decoding import StopRule, greedy_pick
 from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
-from headscore.core.model import Geometry, eos_ids, input_device, load_geometry, load_model, resolve_device
+from headscore.core.model import (
+    Geometry,
+    eos_ids,
+    input_device,
+    load_geometry,
+    load_model,
+    resolve_device,
+    with_cache,
+)
 from headscore.core.prompts import encode_prompt, render_prompt
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -68,8 +79,8 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:
-        raise HeadscoreError(f"compressed generation supports batch size 1 only, got a batch of "
-                             f"{input_ids.shape[0]}")
+        raise HeadscoreError(f"prefill takes one prompt (batches: model.generate on a HeadwiseCache), got a "
+                             f"batch of {input_ids.shape[0]}")
     if input_ids.shape[1] == 0:
         raise HeadscoreError("the prompt is empty")
     return input_ids.to(input_device(model))
@@ -81,7 +92,7 @@ def _forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Ten
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1]
         _sync(device)
     return logits, time.perf_counter() - start
@@ -130,8 +141,21 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
                         geometry=geometry, seconds=seconds, windowed=windowed, config=model.config)
 
 
-def compress_state(state: PrefillState, press: Press) -> Any:
-    """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely)."""
+def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
+    """A fresh cache for `press` from a `PrefillState` (the state is not modified; reuse it freely).
+
+    A list of presses gives one `HeadwiseCache` with a row per press (decoded together by `decode_rows`); the
+    full press alone gives a plain `DynamicCache` (it cannot share a batch with compressed rows).
+    """
+    if isinstance(press, Sequence):
+        presses = list(press)
+        if any(isinstance(p, FullPress) for p in presses):
+            raise HeadscoreError("the full press runs on its own cache, not as a row of a head-wise batch")
+        for p in presses:
+            _check_state_press(state, p)
+        recorded = list(zip(state.keys, state.values, state.scores, strict=True))
+        return HeadwiseCache.from_prefill(state.geometry, presses, recorded, config=state.config,
+                                          windowed=state.windowed)
     if isinstance(press, FullPress):
         cache = DynamicCache() if state.config is None else DynamicCache(config=state.config)
         for layer, keys, values in zip(state.geometry.model_layers, state.keys, state.values, strict=True):
@@ -139,51 +163,83 @@ def compress_state(state: PrefillState, press: Press) -> Any:
         for index, layer in state.windowed.items():
             cache.layers[index] = copy.copy(layer)
         return cache
-    if press.window != state.window:
-        raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
-                             f"for window {press.window}")
-    press.check(state.geometry)
+    _check_state_press(state, press)
     recorded = list(zip(state.keys, state.values, state.scores, strict=True))
     return HeadwiseCache.from_prefill(state.geometry, press, recorded, config=state.config,
                                       windowed=state.windowed)
 
 
+def _check_state_press(state: PrefillState, press: Press) -> None:
+    if press.window != state.window:
+        raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
+                             f"for window {press.window}")
+    press.check(state.geometry)
+
+
 # ---------------------------------------------------------------------------------------------- decode
+
+
+# called with (row, its position in the cache, its tokens, its step seconds) just before a finished row leaves
+FinishHook = Callable[[int, int, list[int], list[float]], None]
+
+
+def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
+                on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None
+                ) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
+    repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
+    the row took part in)`.
+
+    Row `i` ends on `rules[i]` (`StopRule`); a finished row is dropped from the batch
+    (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish;
+    `on_finish` sees each row's cache state just before (e.g. for `cache_report(..., row=position)`), and
+    `on_select` gets the kept positions whenever rows leave (for per-row state outside the cache). The rows are
+    one prompt's (equal, unpadded lengths: positions follow the cache length).
+    """
+    rows = len(rules)
+    if logits.ndim == 1:
+        logits = logits[None].expand(rows, -1)
+    if logits.shape[0] != rows:
+        raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
+    device = input_device(model)
+    tokens: list[list[int]] = [[token] for token in greedy_pick(logits, rules, 0)]
+    seconds: list[list[float]] = [[] for _ in range(rows)]
+    active = list(range(rows))
+    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+        while True:
+            going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
+            if on_finish is not None:
+                for position, row in enumerate(active):
+                    if position not in going:
+                        on_finish(row, position, tokens[row], seconds[row])
+            if not going:
+                break
+            if len(going) < len(active):
+                kept = torch.tensor(going, device=device)
+                cache.batch_select_indices(kept)
+                if on_select is not None:
+                    on_select(kept)
+                active = [active[position] for position in going]
+            start = time.perf_counter()
+            inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
+            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True)
+            step = len(tokens[active[0]])
+            picked = greedy_pick(out.logits[:, -1], [rules[row] for row in active], step)
+            elapsed = time.perf_counter() - start
+            for row, token in zip(active, picked, strict=True):
+                tokens[row].append(token)
+                seconds[row].append(elapsed)
+    return tokens, seconds
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
            eos: Collection[int] = (), line_end: Collection[int] = (),
            min_new_tokens: int = 0) -> tuple[list[int], list[float]]:
-    """Greedy decode from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each decode step)`.
-
-    Stops after `max_new_tokens` tokens, an `eos` token, or a `line_end` token once some other token has
-    been generated (leading line breaks do not end an answer); the stop token is included. The first
-    `min_new_tokens` tokens cannot be `eos` tokens (their logits are set to -inf, as transformers'
-    `min_length` does).
-    """
-    if max_new_tokens < 1:
-        raise HeadscoreError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = input_device(model)
-    eos, line_end = set(eos), set(line_end)
-    banned = torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
-
-    def pick(row: torch.Tensor, step: int) -> int:
-        if step < min_new_tokens and len(banned):
-            row = row.index_fill(0, banned.to(row.device), float("-inf"))
-        return int(row.argmax())
-
-    token = pick(logits, 0)
-    tokens, seconds = [token], []
-    content = False  # a token other than a line end came before the last one
-    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
-        while len(tokens) < max_new_tokens and token not in eos and not (content and token in line_end):
-            content = content or token not in line_end
-            start = time.perf_counter()
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-            token = pick(out.logits[0, -1], len(tokens))
-            seconds.append(time.perf_counter() - start)
-            tokens.append(token)
-    return tokens, seconds
+    """Greedy decode of a one-row cache from the prefill's last `logits` `[vocab]`: `(tokens, seconds of each
+    decode step)`, ending on `StopRule(max_new_tokens, eos, line_end, min_new_tokens)` (`decode_rows`)."""
+    rule = StopRule(max_new_tokens, frozenset(eos), frozenset(line_end), min_new_tokens)
+    tokens, seconds = decode_rows(model, cache, logits, [rule])
+    return tokens[0], seconds[0]
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -228,17 +284,15 @@ class KVReport:
 
 
 def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: int, generated_tokens: int,
-                 prefill_seconds: float, decode_seconds: list[float]) -> KVReport:
-    """Measure `cache` (a `HeadwiseCache` or the full `DynamicCache`) into a `KVReport`."""
+                 prefill_seconds: float, decode_seconds: list[float], row: int = 0) -> KVReport:
+    """Measure `cache` (a `HeadwiseCache`, its `row`, or the full `DynamicCache`) into a `KVReport`."""
     windowed = window_kv_bytes(cache)
     if isinstance(cache, HeadwiseCache):
-        kept = cache.kept().tolist()
-        kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
+        kept = cache.kept(row).tolist()
+        kv_bytes, index_bytes = cache.kv_bytes(row), cache.index_bytes(row)
+        windowed //= max(cache.rows, 1)
         layer = cache.compressed[0]
-        first = layer.keys
-        if first is None:
-            raise HeadscoreError("the head-wise cache is not compressed yet (no prefill)")
-        cached, element, dim = layer.get_seq_length(), first.element_size(), first.shape[-1]
+        cached, element, dim = layer.get_seq_length(), layer.keys.element_size(), layer.keys.shape[-1]
     else:
         keys = [cache.layers[index].keys for index in geometry.model_layers]
         kept = [[context_tokens] * k.shape[1] for k in keys]

@@ -5,7 +5,6 @@ keys without repeating GQA keys, and switching a model's attention function.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -17,36 +16,30 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 
 from headscore.core.errors import HeadscoreError
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_LAST_MASK: tuple[Any, tuple[int, int], bool] | None = None  # (weakref to a mask, (q, k), verdict)
-
-
-def is_causal_suffix_mask(mask: Any, q_len: int, k_len: int) -> bool:
-    """Whether `mask` (boolean [b, 1|heads, q, >= k]) lets query `i` see exactly keys `0 .. k - q + i`: the
-    mask of a pass run after `k - q` cached tokens, no padding. One check per mask (every layer of a forward
-    pass gets the same mask object)."""
-    global _LAST_MASK
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[-2] != q_len:
-        return False
-    if _LAST_MASK is not None and _LAST_MASK[0]() is mask and _LAST_MASK[1] == (q_len, k_len):
-        return _LAST_MASK[2]
-    expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
-    verdict = mask.shape[-1] >= k_len and bool((mask[..., :k_len] == expected).all())
-    _LAST_MASK = (weakref.ref(mask), (q_len, k_len), verdict)
-    return verdict
+# `model(..., **CAUSAL_SUFFIX)`: this pass runs right after cached tokens of the same unpadded sequence
+CAUSAL_SUFFIX = {"causal_suffix": True}
 
 
 @cache
-def _flash_cpu_groups_keys() -> bool:
-    """Whether this torch's CPU flash kernel reads grouped KV heads itself (query head h -> KV head h // g)."""
-    if _FLASH_CPU is None:
-        return False
+def cpu_flash_kernel() -> tuple[Any, bool]:
+    """`(kernel, reads grouped KV heads)`: torch's private CPU flash-attention op, or `(None, False)`.
+
+    Why a private op: it is the only CPU attention that returns its log-sum-exps, which
+    `causal_suffix_attention` needs to merge two unmasked calls into the masked result (public sdpa returns
+    outputs only). The probe runs once per process: whether the op exists in this torch, and whether it maps
+    query head h to KV head h // g itself (else the caller repeats the KV heads). Everything else uses public
+    sdpa.
+    """
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None:
+        return None, False
     query, key = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
     try:
-        grouped = _FLASH_CPU(query, key, key, 0.0, False)[0]
+        grouped = kernel(query, key, key, 0.0, False)[0]
     except RuntimeError:
-        return False
-    return torch.allclose(grouped, _FLASH_CPU(query, key.expand(1, 2, 3, 8), key.expand(1, 2, 3, 8), 0.0, False)[0])
+        return kernel, False
+    return kernel, torch.allclose(grouped, kernel(query, key.expand(1, 2, 3, 8), key.expand(1, 2, 3, 8), 0.0,
+                                                  False)[0])
 
 
 def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,15 +54,16 @@ def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     """
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    if query.device.type != "cpu" or _FLASH_CPU is None:
+    kernel, groups_keys = cpu_flash_kernel() if query.device.type == "cpu" else (None, False)
+    if kernel is None:
         return torch.nn.functional.scaled_dot_product_attention(
             query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=causal_lower_right(q_len, k_len),
             scale=scaling)
-    if groups > 1 and not _flash_cpu_groups_keys():
+    if groups > 1 and not groups_keys:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     past = k_len - q_len
-    earlier, earlier_lse = _FLASH_CPU(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)[:2]
-    own, own_lse = _FLASH_CPU(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scaling)[:2]
+    earlier, earlier_lse = kernel(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)[:2]
+    own, own_lse = kernel(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scaling)[:2]
     total = torch.logaddexp(earlier_lse, own_lse)  # [b, q_heads, q], float32
     merged = earlier * (earlier_lse - total).exp_().unsqueeze(-1) + own * (own_lse - total).exp_().unsqueeze(-1)
     return merged.to(query.dtype)
@@ -77,15 +71,16 @@ def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+                 causal_suffix: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention (`sdpa_attention_forward`, same output [b, q, q_heads, d]), with a pass of
-    several tokens after cached ones (a prompt's suffix on a shared prefix) computed by
-    `causal_suffix_attention`.
+    several tokens after cached ones computed by `causal_suffix_attention` when the caller says so.
 
-    Why: such a pass comes with an explicit causal mask, and sdpa then scores every query against every key,
-    the masked half of the new tokens' own square included: up to twice the attention work of a fresh
-    prefill, which skips it through sdpa's causal flag (`bench/bench_suffix.py`). Any other mask (padding,
-    sliding windows, bidirectional) or dropout goes to transformers' function. Logit soft-capping (Gemma 2's
+    `causal_suffix=True` (a model forward argument, `CAUSAL_SUFFIX`, that transformers hands every attention
+    call): the caller knows this pass runs right after cached tokens of the same sequence, unpadded (a prompt's
+    suffix on a shared prefix), so its mask is the lower-right causal one and is not read. Why: sdpa with that
+    explicit mask scores every query against every key, the masked half of the new tokens' own square
+    included: up to twice the attention work of a fresh prefill (`bench/bench_suffix.py`). Without the flag,
+    and with dropout or a position bias, transformers' function runs. Logit soft-capping (Gemma 2's
     `softcap`) and learned sinks (gpt-oss's `s_aux`), which sdpa cannot express, go to `blocked_attention`.
     `query` [b, q_heads, q, d], `key`/`value` [b, kv_heads, k, d], `attention_mask` [b, 1|heads, q, >= k].
     """
@@ -94,8 +89,7 @@ def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     if softcap is not None or sinks is not None:
         mask = attention_mask[..., :k_len] if isinstance(attention_mask, torch.Tensor) else None
         return blocked_attention(query, key, value, scaling, mask=mask, softcap=softcap, sinks=sinks), None
-    if (k_len > q_len > 1 and not dropout and is_causal_suffix_mask(attention_mask, q_len, k_len)
-            and kwargs.get("position_bias") is None):
+    if causal_suffix and k_len > q_len > 1 and not dropout and kwargs.get("position_bias") is None:
         return causal_suffix_attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

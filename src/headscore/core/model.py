@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -293,3 +295,18 @@ def loadable_attention(config: Any, attn_implementation: str) -> str:
     except KeyError:
         return attn_implementation
     return attn_implementation if getattr(model_class, "_supports_sdpa", True) else "eager"
+def cache_argument(model: Any) -> str:
+    """The name under which `model`'s forward and `generate` take a KV cache: `cache` from transformers 5.23 on
+    (where `past_key_values` is deprecated, its removal announced for 5.40), `past_key_values` before."""
+    return _cache_argument(type(model))
+
+
+@functools.cache
+def _cache_argument(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """`{cache_argument(model): cache}`: pass a cache to `model(...)` or `model.generate(...)` on any
+    transformers 5.x (`model(input_ids=ids, **with_cache(model, cache), use_cache=True)`)."""
+    return {cache_argument(model): cache}

@@ -10,9 +10,9 @@ one KV cache of their common beginning instead of prefilling it again.
   haystack, template or tokenizer share nothing), prefills the missing part in chunks, and after the caller has
   run the prompt's suffix on it, crops it back to `shared` (the prefix entries are never modified: a layer's
   keys and values of earlier positions do not depend on later tokens);
-- a prompt's suffix runs in one pass on the cache; its attention (`headscore.core.attention.sdpa_forward`)
-  computes none of the masked half of the suffix's own causal square (`causal_suffix_attention`,
-  `bench/bench_suffix.py`).
+- a prompt's suffix runs in one pass on the cache; its caller passes `core.attention.CAUSAL_SUFFIX`, so its
+  attention (`headscore.core.attention.sdpa_forward`) computes none of the masked half of the suffix's own
+  causal square (`causal_suffix_attention`, `bench/bench_suffix.py`).
 
 Deterministic: a prefix is prefilled in passes that end at multiples of `chunk` and where it meets another
 planned prefix (where the two part, or where the other ends inside it; `pass_ends`), and the cache is only
@@ -37,8 +37,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
+from headscore.core.attention import CAUSAL_SUFFIX
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import input_device
+from headscore.core.model import input_device, with_cache
 
 CHUNK = 1024  # tokens per prefill pass of a shared prefix (bounds activation memory like a plain prefill)
 
@@ -148,8 +149,8 @@ def extend_cache(model: Any, cache: DynamicCache, ids: torch.Tensor, start: int,
     device = input_device(model)
     position, stop = start, ids.shape[0]
     for end in [*(end for end in ends if start < end < stop), stop] if start < stop else []:
-        model(input_ids=ids[None, position:end].to(device), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(input_ids=ids[None, position:end].to(device), **with_cache(model, cache), use_cache=True,
+              logits_to_keep=1, **(CAUSAL_SUFFIX if position > 0 else {}))
         position = end
 
 

@@ -3,7 +3,8 @@
 If the head scores mean something, removing the `k` highest-scoring heads hurts retrieval far more than
 removing `k` random heads, and removing the `k` lowest-scoring heads hurts least. A head is removed by a
 forward pre-hook on each layer's `self_attn.o_proj` that multiplies its `[..., heads * head_dim]` input by a
-per-head 0/1 mask (one `[heads, 1]` tensor per layer, broadcast over `head_dim`; no loop over heads).
+per-head 0/1 mask (one `[heads, 1]` tensor per layer, broadcast over `head_dim`; no loop over heads). A sample's
+conditions decode together, one batch row per condition with its own mask (`[rows, 1, heads, 1]`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
+from headscore.compression.generation import decode_rows
+from headscore.core.decoding import StopRule
 from headscore.core.defaults import TEMPLATE
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
-from headscore.core.model import Geometry, input_device, load_geometry, load_model, load_tokenizer, resolve_device
+from headscore.core.model import (
+    Geometry,
+    eos_ids,
+    input_device,
+    load_geometry,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    with_cache,
+)
 from headscore.core.plots import line_plot
 from headscore.core.prompts import encode_prompt
 from headscore.evaluation.tasks import Sample, get_task, score, task_samples
@@ -70,25 +83,31 @@ def attention_modules(model: Any) -> list[Any]:
 
 
 class HeadAblation:
-    """Context manager that zeroes the heads where `mask` (`[layers, heads]`) is 0, by o_proj pre-hooks.
+    """Context manager that zeroes the heads where `mask` is 0, by o_proj pre-hooks.
 
-    Only layers with a removed head get a hook; hooks are removed on exit.
+    `mask`: `[layers, heads]` (every batch row alike) or `[rows, layers, heads]` (one ablation per batch row:
+    conditions decoded together); `select_rows` follows the batch when rows leave it. Only layers with a
+    removed head get a hook; hooks are removed on exit.
     """
 
     def __init__(self, model: torch.nn.Module, mask: torch.Tensor):
         self.modules = attention_modules(model)
-        if mask.shape[0] != len(self.modules):
-            raise HeadscoreError(f"ablation mask has {mask.shape[0]} layers, the model {len(self.modules)}")
+        if mask.shape[-2] != len(self.modules):
+            raise HeadscoreError(f"ablation mask has {mask.shape[-2]} layers, the model {len(self.modules)}")
         self.mask = mask
+        self.factors: dict[int, torch.Tensor] = {}  # layer -> [heads, 1] or [rows, 1, heads, 1]
         self.handles: list[Any] = []
 
     def __enter__(self) -> HeadAblation:
-        heads = self.mask.shape[1]
-        for attn, layer_mask in zip(self.modules, self.mask, strict=True):
+        heads = self.mask.shape[-1]
+        per_row = self.mask.ndim == 3
+        for layer, attn in enumerate(self.modules):
+            layer_mask = self.mask[..., layer, :]
             if bool((layer_mask != 1).any()):
                 weight = attn.o_proj.weight
-                factor = layer_mask.to(weight.device, weight.dtype).view(heads, 1)  # [heads, 1]
-                self.handles.append(attn.o_proj.register_forward_pre_hook(_masking_hook(factor, heads)))
+                factor = layer_mask.to(weight.device, weight.dtype)
+                self.factors[layer] = factor[:, None, :, None] if per_row else factor.view(heads, 1)
+                self.handles.append(attn.o_proj.register_forward_pre_hook(self._hook(layer, heads)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,27 +115,35 @@ class HeadAblation:
             handle.remove()
         self.handles.clear()
 
+    def select_rows(self, indices: torch.Tensor) -> None:
+        """Keep the per-row masks of batch rows `indices` (as the cache keeps their rows)."""
+        if self.mask.ndim == 3:
+            self.factors = {layer: factor[indices.to(factor.device)] for layer, factor in self.factors.items()}
 
-def _masking_hook(factor: torch.Tensor, heads: int) -> Callable:
-    def hook(module: torch.nn.Module, args: tuple) -> tuple:
-        x = args[0]  # [..., heads * head_dim], head-major
-        masked = (x.unflatten(-1, (heads, x.shape[-1] // heads)) * factor).flatten(-2)
-        return (masked, *args[1:])
+    def _hook(self, layer: int, heads: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0]  # [rows, ..., heads * head_dim], head-major
+            masked = (x.unflatten(-1, (heads, x.shape[-1] // heads)) * self.factors[layer]).flatten(-2)
+            return (masked, *args[1:])
 
-    return hook
+        return hook
 
 
-@torch.inference_mode()
-def greedy_answer(model: Any, tokenizer: Any, sample: Sample,
-                  max_new_tokens: int | None = None) -> str:
-    """Plain greedy generation (`generate`, do_sample=False) for one sample; the new text only."""
+def greedy_answers(model: torch.nn.Module, tokenizer: Any, sample: Sample, masks: torch.Tensor,
+                   max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of one sample under each of `masks` (`[rows, layers, heads]`), decoded as one batch
+    (`compression.generation.decode_rows`): the prompt prefilled once per row, each row ending at an EOS token
+    of the model's generation config or after `max_new_tokens` (the sample's by default), as `generate`
+    stops. The new text only."""
     ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
-    input_ids = torch.tensor([ids], device=input_device(model))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                            max_new_tokens=max_new_tokens or sample.max_new_tokens, pad_token_id=pad,
-                            temperature=None, top_p=None, top_k=None)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    rows = masks.shape[0]
+    input_ids = torch.tensor([ids], device=input_device(model)).expand(rows, -1)
+    rule = StopRule(max_new_tokens or sample.max_new_tokens, frozenset(eos_ids(model)))
+    with torch.inference_mode(), HeadAblation(model, masks) as ablation:
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        tokens, _ = decode_rows(model, cache, logits[:, -1], [rule] * rows, on_select=ablation.select_rows)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 
 @dataclass(frozen=True)
@@ -143,24 +170,34 @@ def plan_conditions(importance: torch.Tensor, ks: Sequence[int], seeds: Sequence
 
 def run_ablation(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], importance: torch.Tensor,
                  plan: Sequence[Condition], progress: Callable[[], None] | None = None,
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                 decode_batch: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Generate every sample under every condition; returns (table rows, per-sample predictions).
 
-    A row's accuracy is the mean sample score (the task's metric: for niah, ROUGE-1 recall of the fact).
+    A sample's conditions decode together, one batch row each, at most `decode_batch` rows (None: all; 1: one
+    at a time; the results do not depend on it). A row's accuracy is the mean sample score (the task's
+    metric: for niah, ROUGE-1 recall of the fact).
     """
+    if decode_batch is not None and decode_batch < 1:
+        raise HeadscoreError(f"--decode-batch must be at least 1, got {decode_batch}")
     layers, heads = importance.shape
-    rows, predictions = [], []
-    for cond in plan:
-        scores = []
-        with HeadAblation(model, ablation_mask(cond.heads, layers, heads)):
-            for sample in samples:
-                answer = greedy_answer(model, tokenizer, sample)
-                value = score(sample, answer)
-                scores.append(value)
-                predictions.append({"condition": cond.condition, "k": cond.k, "seed": cond.seed,
-                                    "sample": sample.id, "prediction": answer, "score": value})
+    masks = torch.stack([ablation_mask(cond.heads, layers, heads) for cond in plan])
+    size = decode_batch or len(plan)
+    answers: dict[tuple[int, int], str] = {}
+    for index, sample in enumerate(samples):
+        for start in range(0, len(plan), size):
+            for offset, answer in enumerate(greedy_answers(model, tokenizer, sample, masks[start:start + size])):
+                answers[(start + offset, index)] = answer
                 if progress:
                     progress()
+    rows, predictions = [], []
+    for position, cond in enumerate(plan):
+        scores = []
+        for index, sample in enumerate(samples):
+            answer = answers[(position, index)]
+            value = score(sample, answer)
+            scores.append(value)
+            predictions.append({"condition": cond.condition, "k": cond.k, "seed": cond.seed,
+                                "sample": sample.id, "prediction": answer, "score": value})
         rows.append({"condition": cond.condition, "k": cond.k, "seed": cond.seed,
                      "accuracy": sum(scores) / len(scores) if scores else 0.0, "n": len(scores)})
     return rows, predictions
@@ -268,10 +305,10 @@ def prepare(model_name: str, scores_path: str | Path, *, ks: Sequence[int], seed
 
 
 def execute(setup: AblationSetup, out_dir: str | Path, progress: Callable[[], None] | None = None,
-            ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+            decode_batch: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run every condition and write the outputs; returns (table rows, output paths)."""
     rows, predictions = run_ablation(setup.model, setup.tokenizer, setup.samples, setup.importance,
-                                     setup.plan, progress)
+                                     setup.plan, progress, decode_batch)
     title = f"Head ablation: {setup.metadata['model']}, {len(setup.samples)} NIAH samples"
     paths = write_outputs(out_dir, rows, predictions, {**setup.metadata, "results": rows}, title)
     return rows, paths

@@ -1,9 +1,10 @@
 """`headscore evaluate`: methods × budgets over long-context tasks, each sample prefilled once.
 
 Every sample is prefilled once (`generation.prefill`: full keys/values plus the window scores of every layer);
-each (method, budget) condition then builds its own compressed cache from that one state
-(`generation.compress_state`) and decodes greedily from it. The results equal separate runs of each method
-(tested), at the cost of one prefill per sample instead of one per condition.
+its compressed (method, budget) conditions then become the rows of one head-wise cache built from that state
+(`generation.compress_state`) and decode greedily together (`generation.decode_rows`, `--decode-batch` caps
+the rows), the full cache on its own. The results equal separate runs of each method (tested), at the cost of
+one prefill per sample instead of one per condition and one decode step per token for all conditions.
 
 Outputs in the run folder: `results.csv` (one row per sample × condition), `summary.md` (mean score per
 method × budget, overall and per task), `metadata.json`, `niah_<method>_<budget>.png` heatmaps (length ×
@@ -26,9 +27,17 @@ import pandas as pd
 import torch
 
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.generation import cache_report, compress_state, decode, prefill
-from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
+from headscore.compression.generation import (
+    KVReport,
+    PrefillState,
+    cache_report,
+    compress_state,
+    decode_rows,
+    prefill,
+)
+from headscore.compression.presses import PRESSES, FidelityOptions, FullPress, make_press, press_options
 from headscore.core.attention import use_attention
+from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.defaults import (
     ALPHA,
     BETA,
@@ -197,13 +206,6 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
     return conditions
 
 
-def newline_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokens whose text holds a newline: answers end at the first line break."""
-    ids = list(range(len(tokenizer)))
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return {i for i, text in zip(ids, texts, strict=True) if "\n" in text}
-
-
 def tokenizer_eos(tokenizer: Any) -> set[int]:
     """The tokenizer's EOS id alone (the authors' `eos_token_id=[tokenizer.eos_token_id]`)."""
     if getattr(tokenizer, "eos_token_id", None) is None:
@@ -222,33 +224,61 @@ def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int
     return encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
 
 
+def decode_groups(conditions: Sequence[Condition], decode_batch: int | None) -> list[list[int]]:
+    """Which conditions (positions into `conditions`) decode together: the compressed ones in plan order, at
+    most `decode_batch` per group (None: all), each full-cache condition alone (its own `DynamicCache`)."""
+    if decode_batch is not None and decode_batch < 1:
+        raise HeadscoreError(f"--decode-batch must be at least 1, got {decode_batch}")
+    full = [[i] for i, c in enumerate(conditions) if isinstance(c.press, FullPress)]
+    compressed = [i for i, c in enumerate(conditions) if not isinstance(c.press, FullPress)]
+    size = decode_batch or max(len(compressed), 1)
+    return full + [compressed[start:start + size] for start in range(0, len(compressed), size)]
+
+
+def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule
+                      ) -> list[tuple[list[int], KVReport]]:
+    """Decode one prefill under several presses at once (one batch row each; the full press alone):
+    `(tokens, KVReport)` per press, the report taken when its row finished."""
+    cache = compress_state(state, presses[0] if isinstance(presses[0], FullPress) else presses)
+    decoded: dict[int, tuple[list[int], KVReport]] = {}
+
+    def finished(row: int, position: int, tokens: list[int], seconds: list[float]) -> None:
+        decoded[row] = (tokens, cache_report(cache, presses[row], state.geometry, state.length, len(tokens),
+                                             state.seconds, seconds, row=position))
+
+    decode_rows(model, cache, state.logits, [rule] * len(presses), on_finish=finished)
+    return [decoded[row] for row in range(len(presses))]
+
+
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
                     stops: set[int], window: int, line_end: Set[int] = frozenset(),
                     answer_prefix: str = "", prefixes: PrefixCache | None = None,
-                    shared: int = 0) -> list[dict[str, Any]]:
-    """Prefill `sample` (its prompt followed by `answer_prefix`) once, then compress and decode for every
-    condition: one result row per condition.
+                    shared: int = 0, decode_batch: int | None = None) -> list[dict[str, Any]]:
+    """Prefill `sample` (its prompt followed by `answer_prefix`) once, then decode every condition: one result
+    row per condition, in plan order.
 
-    The sample's stop rule picks the stop tokens (`stop_tokens`); "eos" predictions are kept unstripped.
-    With `prefixes`, the sample's first `shared` tokens come from the shared prefix cache (the prefill state
-    still holds every token's keys and values).
+    The compressed conditions decode together, one batch row each (`decode_groups`, at most `decode_batch`
+    rows; 1: one at a time), each row ending on the sample's stop rule (`stop_tokens`) and leaving the batch
+    when it does. "eos" predictions are kept unstripped. With `prefixes`, the sample's first `shared` tokens
+    come from the shared prefix cache (the prefill state still holds every token's keys and values).
     """
 
     ids = sample_ids(tokenizer, sample, answer_prefix)
-    geometry = Geometry.from_config(model.config)
     prompt = torch.tensor(ids)
     # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
     with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
         state = prefill(model, prompt[None].to(input_device(model)), window, cache, start)
     eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
+    rule = StopRule(sample.max_new_tokens, frozenset(eos), frozenset(line_end), sample.min_new_tokens)
+    results: dict[int, tuple[list[int], KVReport]] = {}
+    for group in decode_groups(conditions, decode_batch):
+        decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule)
+        results.update(zip(group, decoded, strict=True))
     rows = []
-    for condition in conditions:
-        cache = compress_state(state, condition.press)
-        tokens, seconds = decode(model, cache, state.logits, sample.max_new_tokens, eos, line_end,
-                                 sample.min_new_tokens)
+    for index, condition in enumerate(conditions):
+        tokens, report = results[index]
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = prediction if sample.stop == "eos" else prediction.strip()
-        report = cache_report(cache, condition.press, geometry, len(ids), len(tokens), state.seconds, seconds)
         rows.append({
             "task": sample.task, "sample": sample.id, "length": len(ids), "target_length": sample.target_length,
             "depth": sample.depth, "method": condition.label, "budget": condition.budget,
@@ -346,11 +376,13 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
              options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
              prefix: PrefixOptions = PrefixOptions(),
              progress: Callable[[int, int], None] | None = None, conditions: Sequence[Condition] | None = None,
-             figures: bool = True) -> EvaluateResult | None:
+             figures: bool = True, decode_batch: int | None = None) -> EvaluateResult | None:
     """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs.
 
     `conditions`: an explicit plan instead of `plan_conditions(options)` (e.g. `tune`'s per-budget β); its
     presses are part of the journal header. `figures=False` skips the NIAH heatmaps and the KV curve.
+    `decode_batch`: at most this many compressed conditions of a sample decode together (None: all of them;
+    1: one at a time); the outputs and the journal do not depend on it.
     Samples that begin with the same tokens (tasks cut from one haystack) share the prefill of their common
     beginning (`prefix`, see `headscore.core.prefix_cache`) and run in that order; the outputs stay in sample
     order.
@@ -361,7 +393,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)
     explicit = conditions is not None
-    conditions = list(conditions) if conditions is not None else plan_conditions(geometry, options)
+    conditions = list(conditions) if explicit else plan_conditions(geometry, options)
+    decode_groups(conditions, decode_batch)  # a bad --decode-batch fails before any work
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
     if too_long:
@@ -374,7 +407,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
               "samples": len(samples)}
     if explicit:
         header["conditions"] = [[c.label, c.budget, c.press.describe()] for c in conditions]
-    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    stops, line_end = eos_ids(model, tokenizer), set(newline_token_ids(tokenizer))
     by_id: dict[str, Any] = {}
     for sample in samples:
         by_id.setdefault(sample.id, sample)
@@ -388,7 +421,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
-                               options.answer_prefix, prefixes, shared[sample_id])
+                               options.answer_prefix, prefixes, shared[sample_id], decode_batch)
         return {"sample": sample_id, "rows": rows}
 
     began = time.perf_counter()
@@ -419,7 +452,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         "tasks": list(task_settings),
         "conditions": [{"method": c.method, "label": c.label, "budget": c.budget, "beta": c.beta,
                         "press": c.press.describe()} for c in conditions],
-        "prefix_cache": prefix.describe(),
+        "prefix_cache": prefix.describe(), "decode_batch": decode_batch,
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
         "seconds_this_run": round(time.perf_counter() - began, 2), "versions": versions(),
         **({"processes": where.world} if where.distributed else {}),
@@ -507,9 +540,10 @@ def prepare_evaluate(model_name: str, tasks: str, *, options: EvaluateOptions,
 def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: EvaluateOptions,
                  task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
                  limit: int | None = None, prefix: PrefixOptions = PrefixOptions(),
-                 progress: Callable[[int, int], None] | None = None) -> EvaluateResult | None:
+                 progress: Callable[[int, int], None] | None = None,
+                 decode_batch: int | None = None) -> EvaluateResult | None:
     """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate` (None on ranks other than 0)."""
     setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
                              dtype=dtype, limit=limit)
     return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
-                    task_settings=setup.task_settings, prefix=prefix, progress=progress)
+                    task_settings=setup.task_settings, prefix=prefix, progress=progress, decode_batch=decode_batch)

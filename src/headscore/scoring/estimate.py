@@ -35,12 +35,14 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from headscore.core.attention import CAUSAL_SUFFIX
+from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
 from headscore.core.metrics import qa_f1, rouge1_recall, rouge1_recall_stemmed
-from headscore.core.model import Geometry, eos_ids, input_device, load_model
+from headscore.core.model import Geometry, eos_ids, input_device, load_model, with_cache
 from headscore.core.plots import head_heatmap
 from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixes, shared_prefix
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
@@ -108,16 +110,6 @@ class EstimateOptions:
         return get_rule(self.rule).succeeded(f1, rouge, self.f1_threshold, self.rouge_threshold)
 
 
-@dataclass(frozen=True)
-class StopCriteria:
-    """When one trial's decoding ends: after `max_steps` steps, or at a step that generates one of `ids` or
-    (with `newline_text`) a token whose decoded text holds a newline; that step is still scored."""
-
-    max_steps: int
-    ids: frozenset[int]
-    newline_text: bool
-
-
 def official_newline_ids(tokenizer: Any) -> frozenset[int]:
     """The authors' newline test, `step_token == '<0x0A>' or inp.item() == 144`, as ids of this vocabulary:
     SentencePiece's byte token for a newline where the vocabulary has one, and id 144 whatever it is (on a
@@ -127,16 +119,17 @@ def official_newline_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def stop_criteria(model: Any, tokenizer: Any, options: EstimateOptions, answer_tokens: int,
-                  span_tokens: int) -> StopCriteria:
-    """The stop rule of `options` for one trial: A = `answer_tokens`, N = `span_tokens`."""
+                  span_tokens: int) -> StopRule:
+    """The stop rule of `options` for one trial (A = `answer_tokens`, N = `span_tokens`): "newline" is
+    `estimate_stop_rule` capped at the rule's decode length; "official" the authors' ids alone (no text test)."""
     if options.stop_rule == "official":
         if get_rule(options.rule).decode_length == "span":  # retrieval (Retrieval_Head): 50 steps, newline only
-            return StopCriteria(options.max_new_tokens, official_newline_ids(tokenizer), False)
+            return StopRule(options.max_new_tokens, official_newline_ids(tokenizer))
         eos = getattr(model.config, "eos_token_id", None)  # compared with `==`: a list never matches
-        return StopCriteria(min(answer_tokens, options.max_new_tokens),
-                            official_newline_ids(tokenizer) | ({eos} if isinstance(eos, int) else set()), False)
+        return StopRule(min(answer_tokens, options.max_new_tokens),
+                        official_newline_ids(tokenizer) | ({eos} if isinstance(eos, int) else set()))
     length = get_rule(options.rule).decode_steps(answer_tokens, span_tokens)
-    return StopCriteria(min(length, options.max_new_tokens), frozenset(eos_ids(model, tokenizer)), True)
+    return estimate_stop_rule(model, tokenizer, min(length, options.max_new_tokens))
 
 
 @dataclass
@@ -218,18 +211,26 @@ def answer_token_count(tokenizer: Any, answer: str) -> int:
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
+def estimate_stop_rule(model: Any, tokenizer: Any, max_new_tokens: int) -> StopRule:
+    """Where a decode-mode trial ends: an EOS token (the model's and the tokenizer's), any token whose text holds
+    a newline (a leading one too), or `max_new_tokens` tokens."""
+    return StopRule(max_new_tokens, frozenset(eos_ids(model, tokenizer)), newline_token_ids(tokenizer),
+                    skip_leading_line_ends=False)
+
+
 @torch.no_grad()
 def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
                  rule: str, max_new_tokens: int, forced: torch.Tensor | None = None,
                  answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0,
-                 stop: StopCriteria | None = None) -> tuple[torch.Tensor, list[int], bool]:
+                 stop: StopRule | None = None) -> tuple[torch.Tensor, list[int], bool]:
     """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
 
-    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Stops after
-    a newline or EOS token (that step is still scored) or `max_new_tokens`. `forced` [steps] replaces the
-    greedy choices (scores a given continuation). `answer_tokens`: A of the r2 rule (default: the span's N).
+    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Ends on
+    `stop` (that step is still scored); by default `estimate_stop_rule`: a newline or EOS token, or
+    `max_new_tokens`. `forced` [steps] replaces the greedy choices (scores a given continuation; only its
+    length and `max_new_tokens` end it). `answer_tokens`: A of the r2 rule (default: the span's N).
     `cache`: one already holding `prompt[:start]` (a shared prefix, `start` < prompt length); only
-    `prompt[start:-1]` is prefilled on it. `stop`: the stop rule (`stop_criteria`; its `max_steps` replaces
+    `prompt[start:-1]` is prefilled on it. `stop`: the stop rule (`stop_criteria`; its `max_new_tokens` replaces
     `max_new_tokens`); default: newline or EOS.
     """
 
@@ -237,28 +238,28 @@ def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tup
     answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
-    if stop is None:
-        stop = StopCriteria(max_new_tokens, frozenset(eos_ids(model, tokenizer)), True)
+    stop = stop or estimate_stop_rule(model, tokenizer, max_new_tokens)
     if cache is None:
         cache, start = DynamicCache(config=model.config), 0
     if start < prompt_ids.shape[0] - 1:
-        model(input_ids=prompt_ids[None, start:-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        after_cached = CAUSAL_SUFFIX if start > 0 else {}  # the pass right after the shared prefix's tokens
+        model(input_ids=prompt_ids[None, start:-1], **with_cache(model, cache), use_cache=True, logits_to_keep=1,
+              **after_cached)
     token = prompt_ids[None, -1:]
     total = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     generated: list[int] = []
-    steps = stop.max_steps if forced is None else min(stop.max_steps, len(forced))
+    steps = stop.max_new_tokens if forced is None else min(stop.max_new_tokens, len(forced))
     for step in range(steps):
         capture.arm(1)
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
         probs = capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
         check_context(probs, prompt_ids.shape[0] + step)
         chosen = logits[0, -1].argmax() if forced is None else forced[step].to(device)
         total = total + score(probs[None], span, chosen[None], prompt_ids, answer_tokens=answer_tokens)
         bad = bad | ~torch.isfinite(probs).all()
         generated.append(int(chosen))
-        if forced is None and (generated[-1] in stop.ids
-                               or (stop.newline_text and "\n" in tokenizer.decode(generated[-1:]))):
+        if forced is None and stop.finished(generated):
             break
         token = chosen.view(1, 1)
     return total, generated, bool(bad)
@@ -285,8 +286,8 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     if cache is None:
         logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
     else:
-        logits = model(input_ids=inputs[:, prefix:], past_key_values=cache, use_cache=True,
-                       logits_to_keep=end - start).logits
+        logits = model(input_ids=inputs[:, prefix:], **with_cache(model, cache), use_cache=True,
+                       logits_to_keep=end - start, **(CAUSAL_SUFFIX if prefix > 0 else {})).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
     total = get_rule(rule).score(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
@@ -311,7 +312,7 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
         else:
             stop = stop_criteria(model, tokenizer, options, answer_tokens, span[1] - span[0])
             scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.rule,
-                                                  stop.max_steps, answer_tokens=answer_tokens, cache=cache,
+                                                  stop.max_new_tokens, answer_tokens=answer_tokens, cache=cache,
                                                   start=start, stop=stop)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
     recall = rouge1_recall_stemmed if options.rouge == "stemmed" else rouge1_recall

@@ -1,0 +1,230 @@
+"""Benchmark: the batched head-wise cache, side by side in one run.
+
+    .venv/bin/python bench/bench_batch.py                  # (a), (b), (c) on SmolLM2 / random tensors, CPU
+    .venv/bin/python bench/bench_batch.py --parts c        # the attention alone (no model)
+
+(a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
+    methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
+    skewed head scores): a sample's compressed conditions decoded as one batch vs `--decode-batch 1`. Each run
+    in its own process: wall time, peak RSS, and peak RSS above the loaded model; predictions compared.
+(b) One decode step of SmolLM2 on a head-wise cache of 1, 4, 16 rows (one 2k prompt, snapkv / headkv rows at
+    budgets 32-256), median over steps, relative to one row.
+(c) Decode attention alone on one Llama-3-8B-geometry layer (32 query heads, 8 KV heads, head dim 128, random
+    float32 tensors, one query token, 16 generated tokens): head-wise at mean budgets 128 / 512 / 2048 per KV
+    head, uniform (snapkv-like: view buckets) and head-level (headkv-like: ragged, gathered buckets), and the
+    previous formulation (every query head against all heads' entries, foreign ones masked), vs the full cache
+    at 8k and 32k (the faster of sdpa with `enable_gqa` and a grouped matmul-softmax-matmul). Median of
+    `--repeats` interleaved calls.
+Goals (issue 20): (a) <= 0.35x time, <= 1.2x memory; (b) 16 rows <= 3x one row; (c) at 2048 <= 0.3x of the
+full cache at 8k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-r2"]
+BUDGETS = [32, 64, 128, 256]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_scores(geometry, seed: int):
+    """Skewed per-head scores (a few strong heads), the shape real head scores have."""
+    from headscore.scoring.head_scores import HeadScores
+
+    generator = torch.Generator().manual_seed(seed)
+    strength = torch.rand(geometry.layers, geometry.query_heads, generator=generator) ** 4
+    return HeadScores.from_tensor(strength[None] * torch.rand(5, 1, 1, generator=generator))
+
+
+def child_evaluate(args) -> None:
+    """(a) in this process: one evaluate run; prints a JSON line."""
+    from headscore.core.model import Geometry, load_model
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate
+    from headscore.evaluation.tasks import get_task
+    from headscore.scoring.head_scores import write_head_scores
+
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    geometry = Geometry.from_config(model.config)
+    out = Path(args.out)
+    scores = {}
+    for seed, kind in enumerate(("retrieval", "r2")):
+        scores[kind] = str(out / f"{kind}.json")
+        write_head_scores(scores[kind], synthetic_scores(geometry, seed))
+    depths = [float(d) for d in args.depths.split(",")]
+    samples = get_task("niah", lengths=[args.length], depths=depths, num_needles=1,
+                       template="chat").samples(tokenizer)
+    options = EvaluateOptions(methods=METHODS, budgets=BUDGETS, scores=scores)
+    loaded = peak_rss_mib()
+    began = time.perf_counter()
+    batch = None if args.decode_batch == 0 else args.decode_batch
+    result = evaluate(model, tokenizer, samples, out / "run", options=options, model_name="smollm2-135m",
+                      figures=False, decode_batch=batch)
+    seconds = time.perf_counter() - began
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "loaded_mib": loaded,
+                      "rows": len(result.rows), "predictions": [r["prediction"] for r in result.rows]}))
+
+
+def part_a(args) -> None:
+    runs = {}
+    for batch in (1, 0):  # 0: all of a sample's compressed conditions together
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, __file__, "--child-evaluate", "--decode-batch", str(batch), "--out", folder,
+                       "--length", str(args.length), "--depths", args.depths]
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False)
+            if done.returncode:
+                sys.exit(done.stderr)
+            runs[batch] = json.loads(done.stdout.strip().splitlines()[-1])
+    one, batched = runs[1], runs[0]
+    same = one["predictions"] == batched["predictions"]
+    above = (batched["peak_mib"] - batched["loaded_mib"], one["peak_mib"] - one["loaded_mib"])
+    samples = len(args.depths.split(","))
+    print(f"(a) evaluate, SmolLM2 float32, NIAH {args.length} tokens, depths {args.depths}, "
+          f"{one['rows'] // samples} conditions per sample")
+    print(f"{'':>24}{'seconds':>10}{'peak MiB':>10}{'above model MiB':>17}")
+    print(f"{'--decode-batch 1':>24}{one['seconds']:>10.1f}{one['peak_mib']:>10.0f}{above[1]:>17.0f}")
+    print(f"{'batched (default)':>24}{batched['seconds']:>10.1f}{batched['peak_mib']:>10.0f}{above[0]:>17.0f}")
+    print(f"{'ratio batched / 1':>24}{batched['seconds'] / one['seconds']:>10.3f}"
+          f"{batched['peak_mib'] / one['peak_mib']:>10.3f}{above[0] / max(above[1], 1):>17.3f}"
+          f"   predictions identical: {same}", flush=True)
+
+
+def part_b(args) -> None:
+    from headscore.compression.generation import compress_state, prefill
+    from headscore.compression.presses import make_press
+    from headscore.core.model import Geometry, load_model, with_cache
+
+    model, _ = load_model("smollm2-135m", dtype="float32")
+    geometry = Geometry.from_config(model.config)
+    scores = synthetic_scores(geometry, 0)
+    ids = torch.randint(100, 20000, (1, 2000), generator=torch.Generator().manual_seed(0))
+    state = prefill(model, ids, window=8)
+    kinds = [make_press(method, geometry, budget=budget, scores=scores if method == "headkv" else None)
+             for method in ("snapkv", "headkv") for budget in BUDGETS]
+    print(f"(b) one decode step, SmolLM2 float32, a 2000-token prompt, rows of snapkv/headkv at {BUDGETS}")
+    print(f"{'rows':>6}{'ms/step':>10}{'x one row':>11}{'ms/row':>9}")
+    times = {}
+    from headscore.compression.attention import HEADWISE_ATTENTION
+    from headscore.core.attention import use_attention
+
+    for rows in (1, 4, 16):
+        cache = compress_state(state, [kinds[i % len(kinds)] for i in range(rows)])
+        token = torch.full((rows, 1), int(state.logits.argmax()))
+        steps = []
+        with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
+            for _ in range(args.steps + 2):
+                began = time.perf_counter()
+                model(input_ids=token, **with_cache(model, cache), use_cache=True)
+                steps.append(time.perf_counter() - began)
+        times[rows] = statistics.median(steps[2:])
+        print(f"{rows:>6}{times[rows] * 1e3:>10.1f}{times[rows] / times[1]:>11.2f}"
+              f"{times[rows] * 1e3 / rows:>9.1f}", flush=True)
+
+
+def masked_attention(query, keys, values, head, heads, tail_keys, tail_values, scale):
+    """The previous decode attention: every query head against all entries, foreign heads masked."""
+    q_heads, q_len, dim = query.shape
+    kv_heads, t_len = tail_keys.shape[0], tail_keys.shape[1]
+    flat = query.reshape(q_heads * q_len, dim)
+    prompt = torch.matmul(flat, keys.t()).view(q_heads, q_len, -1).mul_(scale)
+    owner = torch.arange(q_heads) // (q_heads // heads)
+    prompt = prompt.masked_fill_((head[None, :] != owner[:, None])[:, None, :], float("-inf"))
+    grouped = flat.view(kv_heads, (q_heads // kv_heads) * q_len, dim)
+    tail = torch.matmul(grouped, tail_keys.transpose(1, 2)).view(q_heads, q_len, t_len).mul_(scale)
+    probs = torch.softmax(torch.cat([prompt, tail], dim=-1), dim=-1)
+    total = keys.shape[0]
+    out = torch.matmul(probs[..., :total].reshape(q_heads * q_len, total), values).view(q_heads, q_len, dim)
+    tail_probs = probs[..., total:].reshape(kv_heads, (q_heads // kv_heads) * q_len, t_len)
+    return out + torch.matmul(tail_probs, tail_values).view(q_heads, q_len, dim)
+
+
+def part_c(args) -> None:
+    from headscore.compression.attention import HeadwiseEntries, headwise_attention, plan_segments
+
+    q_heads, kv_heads, dim, generated = 32, 8, 128, 16
+    generator = torch.Generator().manual_seed(0)
+    scale = dim**-0.5
+    query = torch.randn(1, q_heads, 1, dim, generator=generator)
+    tail_keys, tail_values = (torch.randn(1, kv_heads, generated, dim, generator=generator) for _ in range(2))
+    cases = {}
+    for length in (8192, 32768):
+        keys, values = (torch.randn(1, kv_heads, length + generated, dim, generator=generator) for _ in range(2))
+        cases[f"full cache {length // 1024}k (sdpa)"] = lambda k=keys, v=values: (
+            torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True))
+        cases[f"full cache {length // 1024}k (matmul)"] = lambda k=keys, v=values: torch.matmul(torch.softmax(
+            torch.matmul(query.view(1, kv_heads, q_heads // kv_heads, dim), k.transpose(-1, -2)) * scale, -1), v)
+    skew = torch.rand(kv_heads, generator=generator) ** 3 + 0.05
+    for budget in (128, 512, 2048):
+        for shape in ("uniform", "head-level"):
+            if shape == "uniform":
+                kept = torch.full((1, kv_heads), budget)
+            else:  # same mean, spread over heads as head scores spread them (at least 8 per head)
+                kept = (skew / skew.sum() * budget * kv_heads).round().long().clamp(min=8)[None]
+            total = int(kept.sum())
+            keys, values = torch.randn(total, dim, generator=generator), torch.randn(total, dim, generator=generator)
+            entries = HeadwiseEntries(keys, values, plan_segments(kept), kv_heads, tail_keys, tail_values)
+            cases[f"head-wise {budget} {shape}"] = lambda e=entries: headwise_attention(query, e, scale)
+            if shape == "head-level":
+                head = torch.repeat_interleave(torch.arange(kv_heads), kept[0])
+                cases[f"previous (masked) {budget} {shape}"] = lambda k=keys, v=values, h=head: masked_attention(
+                    query[0], k, v, h, kv_heads, tail_keys[0], tail_values[0], scale)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.inference_mode():
+        for call in cases.values():
+            call()  # warm-up
+        for _ in range(args.repeats):
+            for name, call in cases.items():  # interleaved: a busy machine slows every case alike
+                began = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - began)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    # the reference: the faster of the two dense formulations of the full cache
+    full8k = min(median["full cache 8k (sdpa)"], median["full cache 8k (matmul)"])
+    full32k = min(median["full cache 32k (sdpa)"], median["full cache 32k (matmul)"])
+    print(f"(c) decode attention, one Llama-3-8B-geometry layer (32/8 heads, dim 128), float32, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'':>34}{'ms':>9}{'x full 8k':>11}{'x full 32k':>12}")
+    for name, seconds in median.items():
+        print(f"{name:>34}{seconds * 1e3:>9.3f}{seconds / full8k:>11.3f}{seconds / full32k:>12.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run")
+    parser.add_argument("--length", type=int, default=2000, help="(a): NIAH context length")
+    parser.add_argument("--depths", default="0,50,100", help="(a): NIAH needle depths (%%), comma-separated")
+    parser.add_argument("--steps", type=int, default=10, help="(b): timed decode steps per row count")
+    parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
+    parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-batch", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from headscore.core.assets import quiet_transformers
+
+    quiet_transformers()
+    if args.child_evaluate:
+        child_evaluate(args)
+        return
+    print(f"bench_batch {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+    for part, run in (("c", part_c), ("b", part_b), ("a", part_a)):
+        if part in args.parts:
+            run(args)
+
+
+if __name__ == "__main__":
+    main()
