@@ -269,7 +269,7 @@ def test_headwise_cache_of_a_hybrid_needs_its_config():
 def test_decode_attention_with_softcap_and_sinks_equals_plain():
     """`headwise_attention` (the compressed cache's decode) with soft-capping and sinks, on a cache that kept
     everything, equals plain attention over all keys with the same terms."""
-    from headscore.compression.attention import headwise_attention
+    from headscore.compression.attention import HeadwiseEntries, headwise_attention, plan_segments
 
     torch.manual_seed(4)
     q_heads, kv_heads, n, t, d = 4, 2, 10, 3, 8
@@ -277,9 +277,10 @@ def test_decode_attention_with_softcap_and_sinks_equals_plain():
     keys, values = torch.randn(kv_heads, n, d), torch.randn(kv_heads, n, d)
     tail_keys, tail_values = torch.randn(kv_heads, t, d), torch.randn(kv_heads, t, d)
     sinks = torch.randn(q_heads)
-    head = torch.arange(kv_heads).repeat_interleave(n)
-    got = headwise_attention(query, keys.reshape(-1, d), values.reshape(-1, d), head, kv_heads, tail_keys,
-                             tail_values, 0.5, softcap=1.5, sinks=sinks)
+    kept = torch.full((1, kv_heads), n, dtype=torch.int64)
+    entries = HeadwiseEntries(keys.reshape(-1, d), values.reshape(-1, d), plan_segments(kept), kv_heads,
+                              tail_keys[None], tail_values[None])
+    got = headwise_attention(query[None], entries, 0.5, softcap=1.5, sinks=sinks)[0]
     all_keys = torch.cat([keys, tail_keys], 1).repeat_interleave(2, 0)
     all_values = torch.cat([values, tail_values], 1).repeat_interleave(2, 0)
     logits = 1.5 * torch.tanh(query @ all_keys.transpose(1, 2) * 0.5 / 1.5)

@@ -135,6 +135,7 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
             keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
             values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
         else:
+            assert bucket.index is not None  # a gathered bucket always has its index (plan_segments)
             keys = entries.keys.index_select(0, bucket.index).view(count, bucket.width, dim)
             values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
         logits = _capped(torch.bmm(segment_queries[bucket.segments], keys.to(accumulate).transpose(1, 2)).mul_(scale),

@@ -29,6 +29,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import (
@@ -58,7 +59,7 @@ def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geo
     ascending; the window included) and the CPU int64 `[heads]` entries per head.
     """
     selection_scores = press.head_scores(scores, press.cache_heads(geometry))
-    budgets = press.layer_budgets(layer, selection_scores, geometry)
+    budgets = press.prompt_budgets(layer, selection_scores, geometry)
     return kept_positions(selection_scores, budgets, length - scores.shape[1])
 
 
@@ -121,8 +122,9 @@ class PrefillLayer(CacheLayerMixin):
         self.prefix = (keys, values)
         self.prompt_length = keys.shape[2]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[PendingPrefill, PendingPrefill]:
+    def update(  # type: ignore[override]  # hands the attention function the pending prefill, not tensors
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[PendingPrefill, PendingPrefill]:
         """Hold the full `[rows, kv_heads, n, d]` states (after the seeded prefix, if any) until the attention
         function has computed the output; returns the `PendingPrefill` it reads (as key and value)."""
         if self.recorded:
@@ -132,11 +134,12 @@ class PrefillLayer(CacheLayerMixin):
             raise HeadscoreError("the head-wise cache got a second forward pass before the prefill was compressed "
                                  "(is the model using headscore's attention function?)")
         self.lazy_initialization(key_states, value_states)
-        after_cached = self.prefix is not None
-        if after_cached:
+        prefix = self.prefix
+        after_cached = prefix is not None
+        if prefix is not None:
             if key_states.shape[0] != 1:
                 raise HeadscoreError("a seeded prefix takes one row")
-            keys, values = self.prefix
+            keys, values = prefix
             key_states, value_states = torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
             self.prefix = None
         # contiguous, as DynamicCache's copy makes them (projections arrive transposed; sdpa and the gather of
@@ -151,6 +154,8 @@ class PrefillLayer(CacheLayerMixin):
         `window` real queries are used, so a pass after a seeded prefix must hold at least `window`), then the
         prefill hook keeps or records."""
         start = time.perf_counter()
+        if self.pending is None:
+            raise HeadscoreError("the head-wise cache has no pending prefill to finish")
         keys, values = self.pending
         rows, width = keys.shape[0], keys.shape[2]
         lengths = prompt_lengths(attention_mask, rows, width)
@@ -195,6 +200,11 @@ class PrefillLayer(CacheLayerMixin):
 class HeadwiseLayer(CacheLayerMixin):
     """One compressed layer of `HeadwiseCache` (see the module docstring for the storage)."""
 
+    keys: torch.Tensor  # always set: built compressed
+    values: torch.Tensor
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+
     is_sliding = False
     is_croppable = False
     is_compileable = False
@@ -238,8 +248,9 @@ class HeadwiseLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[HeadwiseEntries, HeadwiseEntries]:
+    def update(  # type: ignore[override]  # hands decode attention the kept entries, not dense tensors
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[HeadwiseEntries, HeadwiseEntries]:
         """Append the new tokens `[rows, kv_heads, q, d]` to the tails; returns what decode attention reads."""
         if key_states.shape[0] != self.rows:
             raise HeadscoreError(f"the head-wise cache holds {self.rows} rows, the forward pass has "
@@ -404,7 +415,7 @@ class HeadwiseCache(DynamicCache):
             rows = [(keys, values, scores, p) for p in presses]
             cache.layers[cache.positions[slot]] = HeadwiseLayer.build(rows, slot, geometry, keys.shape[1])
         for index, layer in (windowed or {}).items():
-            copied = copy.copy(layer)
+            copied: Any = copy.copy(layer)
             if len(presses) > 1:
                 copied.batch_repeat_interleave(len(presses))
             cache.layers[index] = copied

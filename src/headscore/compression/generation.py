@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.cache import HeadwiseCache, HeadwiseLayer, window_kv_bytes
+from headscore.compression.cache import HeadwiseCache, window_kv_bytes
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
 from headscore.core.decoding import StopRule, greedy_pick
@@ -128,7 +128,8 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
         if geometry.compressed_layers is not None:
             raise HeadscoreError("a shared prefix cannot seed a model with sliding-window layers")
         shared_layers: list[Any] = prefix.layers  # DynamicCache's full-attention layers
-        for layer, shared in zip(cache.layers, shared_layers, strict=True):
+        prefill_layers: list[Any] = cache.layers  # PrefillLayers (every layer is full attention here)
+        for layer, shared in zip(prefill_layers, shared_layers, strict=True):
             layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
         input_ids = input_ids[:, start:]
     logits, seconds = _forward(model, input_ids, cache)
@@ -136,7 +137,8 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
         raise HeadscoreError("some layers did not call the registered attention function; this model type "
                              "cannot use the head-wise cache")
     keys, values, scores = (list(parts) for parts in zip(*cache.recorded, strict=True))
-    windowed = {index: layer for index, layer in enumerate(cache.layers) if not isinstance(layer, HeadwiseLayer)}
+    full = set(geometry.model_layers)
+    windowed = {index: layer for index, layer in enumerate(cache.layers) if index not in full}
     return PrefillState(keys=keys, values=values, scores=scores, window=window, logits=logits,
                         geometry=geometry, seconds=seconds, windowed=windowed, config=model.config)
 

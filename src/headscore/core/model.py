@@ -295,14 +295,16 @@ def loadable_attention(config: Any, attn_implementation: str) -> str:
     except KeyError:
         return attn_implementation
     return attn_implementation if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
 def cache_argument(model: Any) -> str:
     """The name under which `model`'s forward and `generate` take a KV cache: `cache` from transformers 5.23 on
     (where `past_key_values` is deprecated, its removal announced for 5.40), `past_key_values` before."""
-    return _cache_argument(type(model))
+    return _cache_argument(type(model))  # type: ignore[arg-type]  # classes are hashable
 
 
 @functools.cache
-def _cache_argument(model_type: type) -> str:
+def _cache_argument(model_type: Any) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 

@@ -129,7 +129,7 @@ class HeadAblation:
         return hook
 
 
-def greedy_answers(model: torch.nn.Module, tokenizer: Any, sample: Sample, masks: torch.Tensor,
+def greedy_answers(model: Any, tokenizer: Any, sample: Sample, masks: torch.Tensor,
                    max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers of one sample under each of `masks` (`[rows, layers, heads]`), decoded as one batch
     (`compression.generation.decode_rows`): the prompt prefilled once per row, each row ending at an EOS token

@@ -393,7 +393,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     out_dir = Path(out_dir)
     geometry = Geometry.from_config(model.config)
     explicit = conditions is not None
-    conditions = list(conditions) if explicit else plan_conditions(geometry, options)
+    conditions = list(conditions) if conditions is not None else plan_conditions(geometry, options)
     decode_groups(conditions, decode_batch)  # a bad --decode-batch fails before any work
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
