@@ -17,7 +17,7 @@ HEADWISE_ATTENTION = "headscore_headwise"
 
 def headwise_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head: torch.Tensor,
                        heads: int, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                       scaling: float | None = None) -> torch.Tensor:
+                       scaling: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of new queries over a head-wise cache, without loops over heads.
 
     `query` [q_heads, q, d] (the last q tokens); `keys`/`values` [total, d] the kept prompt entries, `head`
@@ -25,13 +25,16 @@ def headwise_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     `tail_keys`/`tail_values` [kv_heads, t, d] the generated tokens, the last q of them being the queries'
     own (causal among themselves). One softmax over [prompt entries of the head's cache head, tail] per
     query head: the prompt logits are computed against all entries ([q_heads, q, total], dense matmul) and
-    the other heads' entries masked out. Returns [q_heads, q, d] in the query's dtype.
+    the other heads' entries masked out. `bias` [total] float32 (or None) is added to each entry's prompt
+    logits (a summary entry standing for c tokens carries log c). Returns [q_heads, q, d] in the query's dtype.
     """
     q_heads, q_len, dim = query.shape
     kv_heads, t_len = tail_keys.shape[0], tail_keys.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
     flat = query.reshape(q_heads * q_len, dim).float()  # logits in float32, as sdpa keeps them
     prompt = torch.matmul(flat, keys.float().t()).view(q_heads, q_len, -1).mul_(scale)
+    if bias is not None:
+        prompt = prompt.add_(bias)
     owner = torch.arange(q_heads, device=query.device) // (q_heads // heads)
     foreign = head[None, :] != owner[:, None]  # [q_heads, total]
     prompt = prompt.masked_fill_(foreign[:, None, :], float("-inf"))
@@ -66,7 +69,7 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         layer.finish_prefill(query[0], scaling)
         return output
     out = headwise_attention(query[0], layer.keys, layer.values, layer.head, layer.heads, layer.tail_keys,
-                             layer.tail_values, scaling)
+                             layer.tail_values, scaling, layer.bias)
     return out.transpose(0, 1)[None], None
 
 

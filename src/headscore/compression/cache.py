@@ -66,6 +66,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bias: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -129,9 +130,10 @@ class HeadwiseLayer(CacheLayerMixin):
         self.selection_seconds = time.perf_counter() - start
 
     def set_prefix(self, keys: torch.Tensor, values: torch.Tensor, head: torch.Tensor, kept: torch.Tensor,
-                   length: int) -> None:
-        """Store the kept prompt entries: `keys`/`values` `[total, d]`, `head` `[total]`, `kept` `[heads]`."""
-        self.keys, self.values = keys, values
+                   length: int, bias: torch.Tensor | None = None) -> None:
+        """Store the kept prompt entries: `keys`/`values` `[total, d]`, `head` `[total]`, `kept` `[heads]`;
+        `bias` float32 `[total]` (or None): added to each entry's attention logits (a summary entry's weight)."""
+        self.keys, self.values, self.bias = keys, values, bias
         self.head = head.to(torch.int16)
         self.kept = kept
         self.heads = kept.shape[0]
@@ -159,8 +161,9 @@ class HeadwiseLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def index_bytes(self) -> int:
-        """Bytes of the bookkeeping: the head index of every entry and the per-head counts."""
-        return sum(t.numel() * t.element_size() for t in (self.head, self.kept) if t is not None)
+        """Bytes of the bookkeeping: the head index of every entry, the per-head counts (and the logit bias of
+        summary entries, if any)."""
+        return sum(t.numel() * t.element_size() for t in (self.head, self.kept, self.bias) if t is not None)
 
     def reset(self) -> None:
         raise HeadscoreError("a head-wise cache cannot be reset; build a new one")
@@ -210,7 +213,17 @@ class HeadwiseCache(DynamicCache):
         length = keys.shape[1]
         head, position, kept = select_entries(scores, self.press, layer.index, self.geometry, length)
         source = head // (kept.shape[0] // keys.shape[0])
-        layer.set_prefix(keys[source, position], values[source, position], head, kept, length)
+        kept_keys, kept_values, bias = keys[source, position], values[source, position], None
+        extra = self.press.summary_entries(layer.index, keys, values, kept, kept.shape[0])
+        if extra is not None:  # merged head-major: each head's extra entries after its selection
+            head = torch.cat([head, extra.head])
+            order = torch.argsort(head, stable=True)
+            head = head[order]
+            kept_keys = torch.cat([kept_keys, extra.keys])[order]
+            kept_values = torch.cat([kept_values, extra.values])[order]
+            bias = torch.cat([torch.zeros(position.shape[0], device=keys.device), extra.log_weight])[order]
+            kept = kept + torch.bincount(extra.head.cpu(), minlength=kept.shape[0])
+        layer.set_prefix(kept_keys, kept_values, head, kept, length, bias)
 
     @classmethod
     def from_prefill(cls, geometry: Geometry, press: Press,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,14 +73,21 @@ EVAL_METHODS: dict[str, EvalMethod] = {
     **{name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)},
     "headkv-r": EvalMethod("headkv", "retrieval"),
     "headkv-r2": EvalMethod("headkv", "r2"),
+    "razor": EvalMethod("razor", "retrieval"),  # RazorAttention on retrieval scores, as the HeadKV authors ran it
 }
+HEADKV_PREFIX = "headkv-"
 
 
-def eval_method(name: str) -> EvalMethod:
-    """The `EvalMethod` named `name`; an unknown name is an error listing the known ones."""
-    if name not in EVAL_METHODS:
-        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(EVAL_METHODS)}")
-    return EVAL_METHODS[name]
+def eval_method(name: str, scores: Mapping[str, Any] | None = None) -> EvalMethod:
+    """The `EvalMethod` named `name`; `headkv-NAME` also exists for every key NAME of `scores` (a named
+    head-score file, e.g. "er" for Head-ER). An unknown name is an error listing the known ones."""
+    if name in EVAL_METHODS:
+        return EVAL_METHODS[name]
+    named = name.removeprefix(HEADKV_PREFIX)
+    if name.startswith(HEADKV_PREFIX) and named in (scores or {}):
+        return EvalMethod("headkv", named)
+    known = [*EVAL_METHODS, *(HEADKV_PREFIX + key for key in scores or {} if HEADKV_PREFIX + key not in EVAL_METHODS)]
+    raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(known)}")
 
 
 SCORE_OPTIONS = {"retrieval": "--scores-r (retrieval head scores: estimate --method retrieval)",
@@ -128,7 +135,7 @@ class Condition:
 def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
     """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets)."""
 
-    entries = [(name, eval_method(name)) for name in options.methods]
+    entries = [(name, eval_method(name, options.scores)) for name in options.methods]
     takes = {entry.press: press_options(PRESSES[entry.press]) for _, entry in entries}
     if not options.methods:
         raise HeadscoreError("evaluate: no method given")
@@ -144,7 +151,7 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
         if needs is not None and needs not in loaded:
             path = options.scores.get(needs)
             if not path:
-                raise HeadscoreError(f"evaluate: method {method} needs {SCORE_OPTIONS[needs]}")
+                raise HeadscoreError(f"evaluate: method {method} needs {SCORE_OPTIONS.get(needs, needs + ' scores')}")
             loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
         betas = options.betas if "beta" in takes[kind] else [None]
         for budget in options.budgets if "budget" in takes[kind] else [None]:
@@ -217,6 +224,7 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
+            "full_heads": report.press.get("full_heads") if condition.press.name == "razor" else None,
         })
     return rows
 
