@@ -273,22 +273,28 @@ def compress_command(
     context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file holding the context."),
     question: str = typer.Option(..., "--question", "-q", help="The question asked about the context."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
-    method: str = typer.Option("headkv", help="full, streaming, snapkv, pyramidkv, ada-snapkv or headkv."),
+    method: str = typer.Option("headkv", help="full, streaming, snapkv, pyramidkv, ada-snapkv, headkv or razor."),
     scores: Path | None = typer.Option(None, "--scores", "-s", help="headkv: head-score file (HeadKV "
-                                          "format); budgets are allocated on the fly with --budget/--beta."),
+                                          "format); budgets are allocated on the fly with --budget/--beta. "
+                                          "razor: the scores ranking the full-cache heads (retrieval scores)."),
     budgets: Path | None = typer.Option(None, help="headkv: a budgets file from `headscore allocate` "
                                            "(instead of --scores; its window wins over --window)."),
     budget: int = typer.Option(128, help="Average KV entries per head, observation window included."),
     beta: float = typer.Option(1.01, help="headkv: β of the shared pool (larger β = smaller pool)."),
     temp: float = typer.Option(1.0, help="headkv: temperature on the importance before allocation."),
-    granularity: str | None = typer.Option(None, help="headkv with --scores: kv (one budget per KV head) "
-                                              "or query (one selection per query head) [default: kv under "
-                                              "GQA]."),
+    granularity: str | None = typer.Option(None, help="headkv with --scores, razor: kv (one budget per KV "
+                                              "head) or query (one selection per query head) [default: kv "
+                                              "under GQA]."),
     window: int = typer.Option(8, help="Observation window: the last W prompt tokens, kept by every head."),
     kernel: int = typer.Option(7, help="Max-pool width smoothing the window scores."),
     alpha: float = typer.Option(0.2, help="ada-snapkv: per-head floor as a fraction of the budget."),
-    sinks: int = typer.Option(4, help="streaming: attention-sink tokens kept at the start."),
+    sinks: int = typer.Option(4, help="streaming, razor: attention-sink tokens kept at the start."),
     pyramid_beta: float = typer.Option(20.0, help="pyramidkv: how far the last layer's budget falls."),
+    full_heads: int | None = typer.Option(None, help="razor: k, the heads keeping their full cache [default: "
+                                          "from --budget: round((B - sinks - window) x L x H / prompt length)]."),
+    compensation: bool = typer.Option(False, "--compensation", help="razor: one compensation entry (mean of the "
+                                      "dropped keys and values) per compressed head; the HeadKV authors found "
+                                      "it made runs ~3x slower at large k, so it is off by default."),
     max_new_tokens: int = typer.Option(64, help="Greedy tokens generated at most."),
     template: str = typer.Option("chat", help="Prompt template: chat (default; the tokenizer's chat template, "
                                  "instruct models answer) or raw (as in build-needles)."),
@@ -314,7 +320,8 @@ def compress_command(
             progress=lambda stage: bar.update(task, description=stage),
             budget=budget, window=window, kernel=kernel, alpha=alpha, sinks=sinks,
             pyramid_beta=pyramid_beta, beta=beta, temp=temp, granularity=granularity,
-            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None)
+            scores=str(scores) if scores else None, budgets=str(budgets) if budgets else None,
+            full_heads=full_heads, compensation=compensation)
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
     table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "
@@ -330,6 +337,8 @@ def compress_command(
     summary.add_row("KV bytes (full cache)", f"{kv.full_kv_bytes:,}")
     summary.add_row("ratio", f"{kv.ratio:.4f}")
     summary.add_row("index bytes", f"{kv.index_bytes:,}")
+    if "full_heads_rule" in kv.press:  # razor: k and where it came from
+        summary.add_row("full-cache heads (k)", f"{kv.press['full_heads']} ({kv.press['full_heads_rule']})")
     summary.add_row("prefill", f"{kv.prefill_seconds:.3f} s")
     per_token = kv.decode_per_token
     summary.add_row("decode per token", "-" if per_token is None else f"{per_token * 1000:.1f} ms")
@@ -442,7 +451,8 @@ def evaluate_command(
                               "docs/longbench.md)."),
     methods: str = typer.Option("full,snapkv,pyramidkv,ada-snapkv,headkv-r,headkv-r2",
                                 help="Comma-separated: full, streaming, snapkv, pyramidkv, ada-snapkv, headkv-r "
-                                "(needs --scores-r), headkv-r2 (needs --scores-r2)."),
+                                "(needs --scores-r), headkv-r2 (needs --scores-r2), razor (RazorAttention at each "
+                                "budget's KV; needs --scores-r)."),
     budgets: str = typer.Option("32,64,128,256", help="KV sizes (average entries per head, window included), "
                                 "comma-separated; full runs once."),
     scores_r: Path | None = typer.Option(None, "--scores-r", help="Retrieval head scores (estimate --method "
