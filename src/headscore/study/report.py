@@ -123,8 +123,9 @@ def ablation_section(root: Path, geometry: Geometry, budget: int, beta: float, w
         if any(float(loaded[x].mean().sum()) == 0 for x in (a, b)):
             agreement.append([pair, "-", "-", "-", "-"])  # a set without any score: nothing to rank
             continue
-        c = compare_scores(loaded[a], loaded[b], geometry=geometry, budget=budget, beta=beta, window=window)
-        top = 20 if 20 in c.overlap else max(c.overlap)
+        top = min(20, geometry.layers * geometry.query_heads)
+        c = compare_scores(loaded[a], loaded[b], geometry=geometry, budget=budget, beta=beta, window=window,
+                           ks=(top,))
         agreement.append([pair, f"{c.spearman:.3f}", f"{c.kendall:.3f}", f"{c.overlap[top]:.2f} (top {top})",
                           f"{c.budget_l1:.3f}"])
     lines.append(f"\nRank agreement (`headscore compare`: importance per query head; budgets at B={budget}, "
