@@ -137,3 +137,26 @@ def test_razor_errors(random_scores):
         make_press("razor", GEOMETRY, scores=random_scores(2, 4))
     with pytest.raises(HeadscoreError, match="full heads \\(k\\) must be a non-negative integer"):
         RazorPress(scores=random_scores(3, 4), full_heads=-1)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "razor needs head scores"),
+    (["--full-heads", "-2"], "full heads (k) must be a non-negative integer"),
+])
+def test_cli_razor_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    import sys
+
+    from headscore.cli import main
+
+    context = tmp_path / "doc.txt"
+    context.write_text("Some text.", encoding="utf-8")
+    scores = [] if not args else ["--scores", str(tmp_path / "s.json")]
+    if scores:
+        from headscore.scoring.head_scores import HeadScores, write_head_scores
+        write_head_scores(scores[1], HeadScores.from_tensor(torch.rand(2, 30, 9)))
+    monkeypatch.setattr(sys, "argv", ["headscore", "compress", "--context-file", str(context), "--question", "What?",
+                                      "--method", "razor", *scores, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("headscore: error: ") and message in err and "\n" not in err
