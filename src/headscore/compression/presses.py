@@ -470,8 +470,9 @@ class RazorPress(Press):
         return press
 
     def ranks(self, geometry: Geometry) -> torch.Tensor:
-        """Every cache head's rank by score, `[layers, heads]` (computed once)."""
-        if self._ranks is None:
+        """Every cache head's rank by score, `[layers, heads]` (computed once per geometry)."""
+        shape = (geometry.layers, self.cache_heads(geometry))
+        if self._ranks is None or tuple(self._ranks.shape) != shape:
             self._ranks = head_ranks(head_importance(self.scores, geometry, self.granularity))
         return self._ranks
 
