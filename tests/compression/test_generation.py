@@ -36,10 +36,10 @@ def tiny_model(request, tiny_llama, tiny_neox):
 
 @pytest.fixture
 def press_for(random_scores):
-    """Factory: the press of `method` at `budget` with window 4 (headkv: budgets from random head scores)."""
+    """Factory: the press of `method` at `budget` with window 4 (headkv, razor: random head scores)."""
 
     def make(method: str, geometry: Geometry, budget: int, **options):
-        scores = random_scores(geometry.layers, geometry.query_heads) if method == "headkv" else None
+        scores = random_scores(geometry.layers, geometry.query_heads) if method in ("headkv", "razor") else None
         return make_press(method, geometry, budget=budget, window=4, scores=scores, **options)
 
     return make
@@ -74,6 +74,9 @@ def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method, press_for)
     if method == "ada-snapkv":
         assert kept.sum(1).tolist() == [20 * geometry.kv_heads] * geometry.layers
         assert int(kept.min()) >= 4 + int(0.2 * 16)
+    elif method == "razor":  # k = round((20 − 4 − 4) · heads / 64) full heads, the rest 4 sinks + 4 window
+        k = round(12 * kept.numel() / 64)
+        assert sorted(kept.flatten().tolist()) == [8] * (kept.numel() - k) + [64] * k
     else:
         assert torch.equal(kept, press_matrix(press, geometry) + 4)
     generated_in_cache = len(tokens) - 1

@@ -123,11 +123,11 @@ def test_make_press_errors():
         make_press("ada-snapkv", GEOMETRY, alpha=2.0)
 
 
-def test_registry_names_every_method_and_describe_keeps_the_report_layout():
-    assert list(PRESSES) == ["full", "snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv"]
-    described = {name: list(make_press(name, GEOMETRY, budget=16, window=4, budgets=allocate("uniform", GEOMETRY, 16,
-                                                                                             window=4)).describe())
-                 for name in PRESSES}
+def test_registry_names_every_method_and_describe_keeps_the_report_layout(random_scores):
+    assert list(PRESSES) == ["full", "snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv", "razor"]
+    params = {"budget": 16, "window": 4, "budgets": allocate("uniform", GEOMETRY, 16, window=4),
+              "scores": random_scores(GEOMETRY.layers, GEOMETRY.query_heads)}
+    described = {name: list(make_press(name, GEOMETRY, **params).describe()) for name in PRESSES}
     assert described == {
         "full": ["method", "window", "kernel"],
         "snapkv": ["method", "window", "kernel", "budget"],
@@ -135,9 +135,10 @@ def test_registry_names_every_method_and_describe_keeps_the_report_layout():
         "pyramidkv": ["method", "window", "kernel", "budget", "pyramid_beta"],
         "ada-snapkv": ["method", "window", "kernel", "budget", "alpha"],
         "headkv": ["method", "window", "kernel", "budget", "beta", "granularity", "budget_method", "source_scores"],
+        "razor": ["method", "window", "budget", "sinks", "full_heads", "average_length", "full_heads_rule",
+                  "compensation", "granularity", "source_scores"],
     }
-    assert all(make_press(name, GEOMETRY, budget=16, window=4, budgets=allocate("uniform", GEOMETRY, 16, window=4)
-                          ).name == name for name in PRESSES)
+    assert all(make_press(name, GEOMETRY, **params).name == name for name in PRESSES)
 
 
 def test_make_press_takes_one_set_of_parameters():

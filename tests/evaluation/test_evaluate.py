@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from headscore.compression.allocation import allocate
 from headscore.compression.generation import compress_generate, generate_ids
 from headscore.compression.presses import make_press
 from headscore.core.errors import HeadscoreError
@@ -27,7 +29,7 @@ from headscore.evaluation.evaluate import (
     summary_table,
 )
 from headscore.evaluation.tasks import get_task
-from headscore.scoring.head_scores import write_head_scores
+from headscore.scoring.head_scores import HeadScores, read_head_scores, write_head_scores
 
 
 @pytest.fixture
@@ -195,10 +197,42 @@ def test_eval_methods_name_a_press_and_its_scores():
     assert {name: (entry.press, entry.scores) for name, entry in eval_methods().items()} == {
         "full": ("full", None), "snapkv": ("snapkv", None), "streaming": ("streaming", None),
         "pyramidkv": ("pyramidkv", None), "ada-snapkv": ("ada-snapkv", None),
-        "headkv-r": ("headkv", "r"), "headkv-r2": ("headkv", "r2")}
+        "headkv-r": ("headkv", "r"), "headkv-r2": ("headkv", "r2"), "razor": ("razor", "r")}
     assert eval_method("headkv-er", ["er"]) == EvalMethod("headkv", "er")  # any named score file
     with pytest.raises(HeadscoreError, match="unknown method 'headkv': use some of full, snapkv"):
         eval_method("headkv")
+    with pytest.raises(HeadscoreError, match="unknown method 'headkv-er': use some of .*headkv-x"):
+        eval_method("headkv-er", ["x"])
+
+
+def test_named_score_files_and_razor_at_matched_kv(model, tokenizer, tmp_path, score_files):
+    """headkv-er from a score file named "er" runs beside headkv-r / headkv-r2 and razor; razor's rows state
+    the k the equal-total-KV rule gave each prompt, and its KV is that budget's, up to the rounding of k."""
+    geometry = Geometry.from_config(model.config)
+    scores = score_files(geometry)
+    scores["er"] = str(tmp_path / "er.json")
+    write_head_scores(scores["er"], HeadScores.from_tensor(torch.rand(4, 2, 4, generator=torch.Generator()
+                                                                         .manual_seed(9), dtype=torch.float64)))
+    options = EvaluateOptions(methods=["razor", "headkv-r", "headkv-er", "headkv-r2"], budgets=[24], scores=scores)
+    conditions = plan_conditions(geometry, options)
+    er = next(c for c in conditions if c.method == "headkv-er")
+    assert er.press.budgets.source_scores == read_head_scores(scores["er"]).fingerprint
+    want = allocate("headkv", geometry, 24, window=8, scores=read_head_scores(scores["er"]))
+    assert torch.equal(er.press.budgets.matrix, want.matrix)
+    samples = small_samples(tokenizer)[:2]
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny")
+    assert [r["method"] for r in result.rows[:4]] == ["razor", "headkv-r", "headkv-er", "headkv-r2"]
+    for row in result.rows:
+        if row["method"] != "razor":
+            assert row["full_heads"] is None
+            continue
+        heads = geometry.layers * geometry.kv_heads
+        k = math.floor((24 - 12) * heads / row["length"] + 0.5)
+        assert row["full_heads"] == k
+        entries = k * row["length"] + (heads - k) * 12
+        generated = row["kv_bytes"] // (geometry.head_dim * 2 * 4) - entries
+        assert 0 <= generated <= heads * 6  # the generated tail, at most max_new_tokens − 1 steps
+    assert "| headkv-er | 24 |" in (tmp_path / "run" / "summary.md").read_text()
 
 
 def test_summary_table_is_the_markdown_table():

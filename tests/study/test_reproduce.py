@@ -94,7 +94,8 @@ def test_quick_study_end_to_end(tmp_path):
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(figures) >= 10
     assert all((root / f).is_file() for f in figures)
-    for expected in ("scores-r2/heatmap.png", "scores-retrieval/heatmap.png", "evaluate/score_vs_kv.png",
+    for expected in ("scores-r2/heatmap.png", "scores-retrieval/heatmap.png", "scores-er/heatmap.png",
+                     "evaluate/score_vs_kv.png",
                      "tune/validation_vs_beta.png", "stability/stability.png", "ablate/ablation.png",
                      "latency/latency.png", "latency/kv_bytes.png"):
         assert expected in figures
@@ -109,6 +110,13 @@ def test_quick_study_end_to_end(tmp_path):
     assert f"{latency['kv_bytes'].iloc[0] / 2**20:.2f}" in text
     tuned = pd.read_csv(root / "tune" / "comparison.csv").iloc[0]
     assert f"B={tuned['budget']}: β={tuned['chosen_beta']:g} ({tuned['test_gain']:+.3f})" in text
+    # the Table-2 section (Head-R / Head-ER / Head-R2) and the RazorAttention section, from the result files
+    assert "## Head-R, Head-ER, Head-R2 (the paper's Table 2)" in text and "## RazorAttention at matched KV" in text
+    er = summary[(summary["method"] == "headkv-er") & (summary["budget"] == 16)]["score"].mean()
+    assert re.search(rf"\| 16 \| [0-9.]+ \| {er:.3f} \| [0-9.]+ \|", text)
+    razor = summary[(summary["method"] == "razor") & (summary["budget"] == 32)]
+    assert f"| {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} |" in text
+    assert "13.03" in text and "not this run's" in text
     stability = json.loads((root / "stability" / "stability.json").read_text())
     assert stability["trials"] > 0 and f"| {stability['rows'][-1]['overlap_mean']:.3f} |" in text
     # rerunning continues: every stage but the report is skipped
@@ -121,7 +129,7 @@ def test_stage_errors_name_the_stage(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text((CONFIGS / "quick.yaml").read_text().replace("tasks: niah,twohop", "tasks: niah,twohops"))
     scores = tmp_path / "quick"
-    for which in ("r2", "retrieval"):
+    for which in ("r2", "retrieval", "er"):
         (scores / f"scores-{which}").mkdir(parents=True)
         (scores / f"scores-{which}" / "head_scores.json").write_text(
             json.dumps({f"{layer}-{head}": [1.0 + head] for layer in range(30) for head in range(9)}))

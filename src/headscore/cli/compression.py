@@ -124,10 +124,11 @@ def compress_command(
     question: Annotated[str, typer.Option("--question", "-q", help="The question asked about the context.")],
     model: Model = DEFAULT_MODEL,
     method: Annotated[str, typer.Option("--method", help="Press: full, streaming, snapkv, pyramidkv, ada-snapkv, "
-                                        "headkv or any registered press.")] = "headkv",
+                                        "headkv, razor or any registered press.")] = "headkv",
     scores: Annotated[Path | None, typer.Option("--scores", "-s", help="headkv: head-score file (HeadKV "
                                                 "format); budgets are allocated on the fly with --budgets / "
-                                                "--betas.")] = None,
+                                                "--betas. razor: the scores ranking its full-cache heads (retrieval "
+                                                "scores).")] = None,
     budget_file: Annotated[Path | None, typer.Option("--budget-file", help="headkv: a budgets file from "
                                                      "`headscore allocate` (instead of --scores; its window wins "
                                                      "over --window).")] = None,
@@ -135,6 +136,13 @@ def compress_command(
     betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
     fidelity_options: Any = None,
+    full_heads: Annotated[int | None, typer.Option("--full-heads", help="razor: k, the heads keeping their full "
+                                                   "cache [default: from --budgets: round((B - sinks - window) x "
+                                                   "L x H / prompt length)].")] = None,
+    compensation: Annotated[bool, typer.Option("--compensation", help="razor: one compensation entry (mean of "
+                                               "the dropped keys and values) per compressed head; the HeadKV "
+                                               "authors found it made runs ~3x slower at large k, so it is off "
+                                               "by default.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated at most.")] = 64,
     template: Template = TEMPLATE,
     device: Device = "auto",
@@ -157,6 +165,7 @@ def compress_command(
             answer_prefix=answer_prefix, device=device, dtype=dtype,
             progress=lambda stage: bar.update(task, description=stage),
             budget=budget, beta=beta, **press_parameters, **fidelity_options.params(),
+            full_heads=full_heads, compensation=compensation,
             scores=str(scores) if scores else None, budgets=str(budget_file) if budget_file else None)
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
@@ -172,6 +181,8 @@ def compress_command(
     summary.add_row("KV bytes (compressed)", f"{kv.kv_bytes:,}")
     summary.add_row("KV bytes (full cache)", f"{kv.full_kv_bytes:,}")
     summary.add_row("ratio", f"{kv.ratio:.4f}")
+    if "full_heads_rule" in kv.press:  # razor: k and where it came from
+        summary.add_row("full-cache heads (k)", f"{kv.press['full_heads']} ({kv.press['full_heads_rule']})")
     summary.add_row("index bytes", f"{kv.index_bytes:,}")
     summary.add_row("prefill", f"{kv.prefill_seconds:.3f} s")
     per_token = kv.decode_per_token

@@ -92,7 +92,9 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
 class HeadwiseEntries:
     """What a compressed layer hands the attention function at decode (its `update`'s return): the kept prompt
     entries `keys`/`values` `[total, d]` (segments of (row, cache head), row-major), their `buckets`, the number
-    of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t, d]`."""
+    of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t, d]`. `bias`
+    float32 `[total]` (or None): added to each entry's logits (a summary entry standing for c tokens carries
+    log c: RazorAttention's compensation token)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -100,6 +102,7 @@ class HeadwiseEntries:
     heads: int
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -134,12 +137,17 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
             stop = bucket.start + count * bucket.width
             keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
             values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
+            bias = None if entries.bias is None else entries.bias[bucket.start:stop].view(count, 1, bucket.width)
         else:
             assert bucket.index is not None  # a gathered bucket always has its index (plan_segments)
             keys = entries.keys.index_select(0, bucket.index).view(count, bucket.width, dim)
             values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
+            bias = (None if entries.bias is None
+                    else entries.bias.index_select(0, bucket.index).view(count, 1, bucket.width))
         logits = _capped(torch.bmm(segment_queries[bucket.segments], keys.to(accumulate).transpose(1, 2)).mul_(scale),
                          softcap)
+        if bias is not None:
+            logits = logits.add_(bias)
         if bucket.padding is not None:
             logits = logits.masked_fill_(bucket.padding[:, None, :], float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)

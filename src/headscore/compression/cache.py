@@ -211,7 +211,7 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, width: int,
                  lengths: Sequence[int], tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                 selection_seconds: float = 0.0) -> None:
+                 selection_seconds: float = 0.0, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.keys, self.values = keys, values
         self.kept = kept
@@ -220,6 +220,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.lengths = list(lengths)
         self.tail_keys, self.tail_values = tail_keys, tail_values
         self.selection_seconds = selection_seconds
+        self.bias = bias  # float32 [total] logit bias of summary entries (a press's `summary_entries`), or None
         self.buckets = plan_segments(kept, keys.device)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
@@ -229,17 +230,28 @@ class HeadwiseLayer(CacheLayerMixin):
               geometry: Geometry, width: int, selection_seconds: float = 0.0) -> HeadwiseLayer:
         """Keep each row's press's selection: `rows` of (full keys, values `[kv_heads, n_row, d]` (the row's
         real tokens), window scores `[q_heads, n_row − window]`, press); `width` the padded prompt length."""
-        keys, values, kept = [], [], []
+        keys, values, kept, biases = [], [], [], []
         for row_keys, row_values, scores, press in rows:
             head, position, counts = select_entries(scores, press, index, geometry, row_keys.shape[1])
             source = head // (counts.shape[0] // row_keys.shape[0])
-            keys.append(row_keys[source, position])
-            values.append(row_values[source, position])
+            row_kept_keys, row_kept_values = row_keys[source, position], row_values[source, position]
+            bias = torch.zeros(position.shape[0], device=row_keys.device)
+            extra = press.summary_entries(index, row_keys, row_values, counts, counts.shape[0])
+            if extra is not None:  # merged head-major: each head's extra entries after its selection
+                order = torch.argsort(torch.cat([head, extra.head]), stable=True)
+                row_kept_keys = torch.cat([row_kept_keys, extra.keys])[order]
+                row_kept_values = torch.cat([row_kept_values, extra.values])[order]
+                bias = torch.cat([bias, extra.log_weight])[order]
+                counts = counts + torch.bincount(extra.head.cpu(), minlength=counts.shape[0])
+            keys.append(row_kept_keys)
+            values.append(row_kept_values)
             kept.append(counts)
+            biases.append((bias, extra is not None))
         first = rows[0][0]
         tail = first.new_empty(len(rows), first.shape[0], 0, first.shape[-1])
+        summary = torch.cat([b for b, _ in biases]) if any(has for _, has in biases) else None
         return cls(torch.cat(keys), torch.cat(values), torch.stack(kept), width, [r[0].shape[1] for r in rows],
-                   tail, tail.clone(), selection_seconds)
+                   tail, tail.clone(), selection_seconds, summary)
 
     @property
     def rows(self) -> int:
@@ -258,7 +270,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
         self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
         entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
-                                  self.tail_values)
+                                  self.tail_values, self.bias)
         return entries, entries
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -287,6 +299,8 @@ class HeadwiseLayer(CacheLayerMixin):
         """Bytes of the bookkeeping (per-segment counts, the gather index of segments decoded from a padded
         block), of one row or all."""
         count = self.kept.element_size() * (self.kept.numel() if row is None else self.heads)
+        if self.bias is not None:  # summary entries' logit bias
+            count += self.bias.element_size() * (self.bias.numel() if row is None else int(self.kept[row].sum()))
         for bucket in self.buckets:
             if bucket.index is None:
                 continue
@@ -304,6 +318,8 @@ class HeadwiseLayer(CacheLayerMixin):
         shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
         entries = (torch.arange(int(counts.sum())) + shift).to(self.keys.device)
         self.keys, self.values = self.keys[entries], self.values[entries]
+        if self.bias is not None:
+            self.bias = self.bias[entries]
         self.kept = self.kept[indices]
         self.lengths = [self.lengths[i] for i in indices.tolist()]
         on_device = indices.to(self.tail_keys.device)

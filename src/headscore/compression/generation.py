@@ -301,7 +301,7 @@ def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: i
         kv_bytes = sum(2 * k.numel() * k.element_size() for k in keys) + windowed
         index_bytes, cached, element, dim = 0, keys[0].shape[2], keys[0].element_size(), keys[0].shape[-1]
     full = geometry.layers * geometry.kv_heads * cached * dim * 2 * element + windowed
-    return KVReport(method=press.name, press=press.describe(), context_tokens=context_tokens,
+    return KVReport(method=press.name, press=press.describe_at(context_tokens), context_tokens=context_tokens,
                     generated_tokens=generated_tokens, kept=kept, kv_bytes=kv_bytes, full_kv_bytes=full,
                     index_bytes=index_bytes, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                     window_kv_bytes=windowed)

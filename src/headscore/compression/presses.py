@@ -15,6 +15,7 @@ builds any of them from one set of parameters (the CLI's options).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
-from headscore.compression.allocation import PYRAMID_SCHEDULES, allocate, pyramid_official_budgets
+from headscore.compression.allocation import PYRAMID_SCHEDULES, allocate, head_importance, pyramid_official_budgets
 from headscore.compression.budgets import (
     GRANULARITIES,
     Budgets,
@@ -176,6 +177,33 @@ def streaming_scores(heads: int, m: int, sinks: int, device: torch.device | str 
     return order.expand(heads, m)
 
 
+def equal_kv_full_heads(budget: int, heads: int, length: int, sinks: int, window: int) -> int:
+    """RazorAttention's k at the KV of a budget (the HeadKV authors' rule for their comparison): the entries a
+    budget B leaves beyond every head's sinks and window, (B − sinks − window) · heads, spread over full-cache
+    heads of `length` entries: k = round((B − sinks − window) · heads / length), halves rounded up, clamped to
+    [0, heads]. `heads`: heads over all layers (L · H). B = 128, L = H = 32, length 8,640 -> 13.75 -> 14."""
+    spare = max(budget - sinks - window, 0) * heads
+    return min((2 * spare + length) // (2 * length), heads)
+
+
+def head_ranks(importance: torch.Tensor) -> torch.Tensor:
+    """`[layers, heads]` scores -> int64 `[layers, heads]` rank of every head over all layers (0: the highest;
+    ties broken by position, stable)."""
+    order = torch.argsort(importance.flatten(), descending=True, stable=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel())).view(importance.shape)
+
+
+@dataclass
+class SummaryEntries:
+    """Entries a press adds beside its selection: `keys`/`values` `[c, d]`, their cache `head` int64 `[c]`, and
+    `log_weight` float32 `[c]`, added to their attention logits (log of the number of tokens each stands for)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    head: torch.Tensor
+    log_weight: torch.Tensor
+
+
 # ---------------------------------------------------------------------------------------------- presses
 
 PRESSES: dict[str, type[Press]] = {}
@@ -263,12 +291,23 @@ class Press:
         them to the `m` positions of `scores` `[heads, m]`)."""
         raise NotImplementedError
 
+    def summary_entries(self, layer: int, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor,
+                        heads: int) -> SummaryEntries | None:
+        """Extra entries that stand for dropped ones (RazorAttention's compensation token); None: no extras.
+        `keys`/`values` `[kv_heads, n, d]`: the layer's full prompt; `kept` `[heads]` the selection's counts."""
+        return None
+
     def describe(self) -> dict:
         """The method and its parameters (the dataclass fields), for reports and metadata; the fidelity options
         (`FIDELITY_OPTIONS`) only where they differ from their defaults, so the default report layout stays."""
         shown = [f.name for f in fields(self)
                  if f.init and (f.name not in FIDELITY_OPTIONS or getattr(self, f.name) != f.default)]
         return {"method": self.name, **{name: getattr(self, name) for name in shown}}
+
+    def describe_at(self, length: int) -> dict:
+        """`describe()` for one prompt of `length` tokens (the KV report; a press whose choices depend on the
+        prompt's length adds them)."""
+        return self.describe()
 
 
 def press_options(cls: type[Press]) -> set[str]:
@@ -490,3 +529,121 @@ class HeadKVPress(BudgetPress):
                 "source_scores": b.source_scores,
                 **{k: v for k, v in (("beyond_prompt", self.beyond_prompt), ("score_dtype", self.score_dtype))
                    if v != getattr(HeadKVPress, k)}}
+
+
+@register_press("razor")
+@dataclass
+class RazorPress(Press):
+    """RazorAttention (Tang et al., 2024), as the HeadKV authors re-implemented it for their comparison: the
+    top `full_heads` heads by head score (all layers jointly, `head_ranks`) keep their whole prompt; every
+    other head keeps StreamingLLM's entries, the first `sinks` tokens plus the observation window (the recent
+    `window` tokens): 4 + 8 = 12 entries by default.
+
+    `full_heads` None: k from `budget` by `equal_kv_full_heads`, with `average_length` tokens per full head
+    (None: each prompt's own length, so every prompt gets the KV of the budget). `granularity` "kv" ranks and
+    keeps KV heads (query-head scores summed per KV head), "query" query heads (each stores its own copy, as
+    headkv's query granularity). `compensation`: every compressed head also stores one entry summarizing its
+    dropped tokens (RazorAttention's compensation token: the mean of their keys and of their values, its
+    attention weight counted once per dropped token); off by default, as in the HeadKV authors' runs, who
+    found it made a run about three times slower at large k.
+    """
+
+    budget: int = BUDGET
+    sinks: int = SINKS
+    full_heads: int | None = None
+    average_length: int | None = None
+    compensation: bool = False
+    granularity: str = "kv"
+    scores: HeadScores = field(default=None, repr=False)  # type: ignore[assignment]  # required
+    source_scores: str | None = None
+    _ranks: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget(self.budget, self.window)
+        check_count(self.sinks, "sinks", 0)
+        if self.full_heads is not None:
+            check_count(self.full_heads, "full heads (k)", 0)
+        if self.average_length is not None:
+            check_count(self.average_length, "average prompt length", 1)
+        if not isinstance(self.compensation, bool):
+            raise HeadscoreError(f"compensation must be true or false, got {self.compensation!r}")
+        if self.granularity not in ("kv", "query"):
+            raise HeadscoreError(f"unknown granularity '{self.granularity}': use kv or query")
+        if not isinstance(self.scores, HeadScores):
+            raise HeadscoreError("method razor needs head scores (--scores: retrieval scores, as the authors)")
+
+    @classmethod
+    def build(cls, geometry: Geometry, *, scores: HeadScores | str | os.PathLike | None = None,
+              granularity: str | None = None, **params: Any) -> RazorPress:
+        """From `scores` (a `HeadScores` or a head-score file); granularity None: "kv" under GQA."""
+        if scores is None:
+            raise HeadscoreError("method razor needs head scores (--scores: retrieval scores, as the authors)")
+        head_scores = scores if isinstance(scores, HeadScores) else read_head_scores(scores)
+        source = None if isinstance(scores, HeadScores) else str(scores)
+        press = cls(scores=head_scores, granularity=resolve_granularity(geometry, granularity),
+                    source_scores=source, **params)
+        press.check(geometry)
+        return press
+
+    def ranks(self, geometry: Geometry) -> torch.Tensor:
+        """Every cache head's rank by score, `[layers, heads]` (computed once per geometry)."""
+        shape = (geometry.layers, self.cache_heads(geometry))
+        if self._ranks is None or tuple(self._ranks.shape) != shape:
+            self._ranks = head_ranks(head_importance(self.scores, geometry, self.granularity))
+        return self._ranks
+
+    def check(self, geometry: Geometry) -> None:
+        self.ranks(geometry)  # scores of another grid are an error here
+        total = geometry.layers * self.cache_heads(geometry)
+        if self.full_heads is not None and self.full_heads > total:
+            raise HeadscoreError(f"razor: {self.full_heads} full heads, but the model has {total} "
+                                 f"{self.granularity} heads")
+
+    def cache_heads(self, geometry: Geometry) -> int:
+        return geometry.query_heads if self.granularity == "query" else geometry.kv_heads
+
+    def full_head_count(self, length: int) -> int:
+        """k for a prompt of `length` tokens: `full_heads`, or the equal-total-KV rule."""
+        if self.full_heads is not None:
+            return self.full_heads
+        ranks = self._ranks
+        if ranks is None:
+            raise HeadscoreError("razor: check the press against the model first (press.check(geometry))")
+        return equal_kv_full_heads(self.budget, ranks.numel(), self.average_length or length, self.sinks,
+                                   self.window)
+
+    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
+        return streaming_scores(heads, scores.shape[1], self.sinks, scores.device)
+
+    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        m = scores.shape[1]
+        full = self.ranks(geometry)[layer] < self.full_head_count(m + self.window)
+        return torch.where(full, m, min(self.sinks, m))
+
+    def summary_entries(self, layer: int, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor,
+                        heads: int) -> SummaryEntries | None:
+        """The compensation token of every compressed head with dropped tokens: mean key and value of the
+        positions between its sinks and its window, weighted by their number."""
+        length = keys.shape[1]
+        dropped = length - self.window - self.sinks
+        if not self.compensation or dropped <= 0:
+            return None
+        head = torch.nonzero(kept < length).flatten()  # compressed heads (CPU)
+        source = (head // (heads // keys.shape[0])).to(keys.device)
+        span = slice(self.sinks, length - self.window)
+        weight = torch.full((head.numel(),), math.log(dropped), dtype=torch.float32, device=keys.device)
+        return SummaryEntries(keys=keys[:, span].mean(dim=1)[source], values=values[:, span].mean(dim=1)[source],
+                              head=head.to(keys.device), log_weight=weight)
+
+    def describe(self) -> dict:
+        rule = ("given" if self.full_heads is not None else
+                f"equal total KV: k = round((B − {self.sinks} sinks − {self.window} window) · L · H / "
+                f"{'average length ' + str(self.average_length) if self.average_length else 'prompt length'})")
+        return {"method": self.name, "window": self.window, "budget": self.budget, "sinks": self.sinks,
+                "full_heads": self.full_heads, "average_length": self.average_length, "full_heads_rule": rule,
+                "compensation": self.compensation, "granularity": self.granularity,
+                "source_scores": self.source_scores}
+
+    def describe_at(self, length: int) -> dict:
+        return {**self.describe(), "full_heads": self.full_head_count(length)}

@@ -110,6 +110,7 @@ def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
     methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
     for name in dict.fromkeys([*(rule.scores_name for rule in RULES.values()), *score_names]):
         methods[HEADKV_METHOD + name] = EvalMethod("headkv", name)
+    methods["razor"] = EvalMethod("razor", "r")  # RazorAttention on retrieval scores, as the HeadKV authors ran it
     return methods
 
 
@@ -286,6 +287,7 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
+            "full_heads": report.press.get("full_heads") if condition.press.name == "razor" else None,
         })
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import pandas as pd
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
+from headscore.core.model import Geometry, load_geometry
+from headscore.evaluation.compare import compare_scores
 from headscore.evaluation.tune import comparison_markdown, validation_markdown
-from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.head_scores import HeadScores, read_head_scores
 
 
 def read_json(path: Path) -> Any:
@@ -74,6 +77,109 @@ def tune_section(folder: Path) -> list[str]:
     return lines
 
 
+# the paper's Table 2 score sets: folder name -> (label, rule and needles)
+SCORE_SET_LABELS = {"retrieval": ("Head-R", "retrieval rule, retrieval needles"),
+                    "er": ("Head-ER", "r2 rule, retrieval needles"),
+                    "r2": ("Head-R2", "r2 rule, retrieval-reasoning needles")}
+SCORE_SET_METHODS = {"retrieval": "headkv-r", "er": "headkv-er", "r2": "headkv-r2"}
+# the HeadKV authors' RazorAttention comparison (their ICLR 2025 rebuttal): Llama-3-8B-Instruct, average over six
+# LongBench QA datasets; (budget, k, RazorAttention), HeadKV-R2 per budget, FullKV
+THEIR_RAZOR = [(128, 5, 13.03), (128, 10, 12.87), (128, 20, 13.13), (1024, 100, 14.68), (1024, 500, 29.58)]
+THEIR_HEADKV_R2 = {128: 32.00, 1024: 32.95}
+THEIR_FULL = 32.90
+
+
+def head_distribution(scores: HeadScores) -> dict[str, float]:
+    """How concentrated a head-score set is: the share of heads with a zero mean score, the share of the total
+    held by the top 10 % of heads, and the fewest heads holding half of it."""
+    mean = scores.mean().flatten()
+    total = float(mean.sum())
+    ordered = mean.sort(descending=True).values
+    top = max(1, math.ceil(0.1 * mean.numel()))
+    half = int((ordered.cumsum(0) < 0.5 * total).sum()) + 1 if total > 0 else 0
+    return {"zero_share": float((mean == 0).double().mean()),
+            "top10_share": float(ordered[:top].sum()) / total if total > 0 else 0.0,
+            "half_heads": half, "heads": mean.numel()}
+
+
+def ablation_section(root: Path, geometry: Geometry, budget: int, beta: float, window: int,
+                     results: pd.DataFrame) -> list[str]:
+    """The paper's Table 2 on this model: the Head-R / Head-ER / Head-R2 head distributions, their rank
+    agreement (`compare_scores`) and the score of each at every evaluated budget."""
+    loaded = {name: read_head_scores(root / f"scores-{name}" / "head_scores.json") for name in SCORE_SET_LABELS}
+    lines = ["Three head-score sets separate what the r2 score rule contributes from what the retrieval-reasoning "
+             "needles contribute: " + "; ".join(f"**{label}**: {what}" for label, what in SCORE_SET_LABELS.values())
+             + ".\n\n"]
+    rows = []
+    for name, scores in loaded.items():
+        d = head_distribution(scores)
+        rows.append([SCORE_SET_LABELS[name][0], scores.num_trials, f"{d['zero_share']:.1%}",
+                     f"{d['top10_share']:.1%}", f"{d['half_heads']} of {d['heads']}"])
+    lines.append(markdown_table(["score set", "trials", "heads with zero score", "score share of the top 10 % heads",
+                                 "heads holding half the score"], rows))
+    agreement = []
+    for a, b in (("retrieval", "er"), ("er", "r2"), ("retrieval", "r2")):
+        pair = f"{SCORE_SET_LABELS[a][0]} vs {SCORE_SET_LABELS[b][0]}"
+        if any(float(loaded[x].mean().sum()) == 0 for x in (a, b)):
+            agreement.append([pair, "-", "-", "-", "-"])  # a set without any score: nothing to rank
+            continue
+        top = min(20, geometry.layers * geometry.query_heads)
+        c = compare_scores(loaded[a], loaded[b], geometry=geometry, budget=budget, beta=beta, window=window,
+                           ks=(top,))
+        agreement.append([pair, f"{c.spearman:.3f}", f"{c.kendall:.3f}", f"{c.overlap[top]:.2f} (top {top})",
+                          f"{c.budget_l1:.3f}"])
+    lines.append(f"\nRank agreement (`headscore compare`: importance per query head; budgets at B={budget}, "
+                 f"β={beta:g}):\n\n")
+    lines.append(markdown_table(["pair", "Spearman", "Kendall", "top-k overlap", "budget L1 share"], agreement))
+    labels = {SCORE_SET_METHODS[name]: label for name, (label, _) in SCORE_SET_LABELS.items()}
+    present = [m for m in labels if m in set(results["method"])]
+    if present:
+        chosen = results[results["method"].isin(present)]
+        means = chosen.groupby(["budget", "method"])["score"].mean()
+        table = [[int(budget), *[f"{means[(budget, m)]:.3f}" if (budget, m) in means.index else "-" for m in present]]
+                 for budget in sorted(chosen["budget"].dropna().unique())]
+        lines.append("\nMean score per KV size (evaluate: the same samples and budgets for each):\n\n")
+        lines.append(markdown_table(["KV size", *[f"{labels[m]} (`{m}`)" for m in present]], table))
+    else:
+        lines.append("\n`evaluate.methods` runs none of headkv-r, headkv-er, headkv-r2.\n")
+    return lines
+
+
+def razor_section(results: pd.DataFrame) -> list[str]:
+    """RazorAttention at each budget's total KV beside HeadKV-R2 and full, then the HeadKV authors' numbers."""
+    lines = ["`razor`: the top-k heads by retrieval score keep their whole prompt, every other head StreamingLLM's "
+             "4 sink tokens + the 8-token window; k per prompt from the HeadKV authors' equal-total-KV rule, "
+             "k = round((B − 4 − 8) · L · H / prompt length) (halves up; L · H cache heads), so razor holds about "
+             "the KV of budget B. Compensation token off, as in the authors' runs.\n\n"]
+    razor = results[results["method"] == "razor"]
+    if razor.empty:
+        lines.append("`evaluate.methods` does not run razor.\n")
+    else:
+        full = results.loc[results["method"] == "full", "score"]
+        r2 = results[results["method"] == "headkv-r2"]
+        rows = []
+        for budget, group in razor.groupby("budget"):
+            other = r2[r2["budget"] == budget]
+            low, high = int(group["full_heads"].min()), int(group["full_heads"].max())
+            rows.append([int(budget), f"{low}–{high}" if low != high else low, f"{group['kv_ratio'].mean():.3f}",
+                         f"{group['score'].mean():.3f}",
+                         f"{other['kv_ratio'].mean():.3f}" if not other.empty else "-",
+                         f"{other['score'].mean():.3f}" if not other.empty else "-",
+                         f"{full.mean():.3f}" if not full.empty else "-"])
+        lines.append(markdown_table(["KV size B", "razor k", "razor KV ratio", "razor score", "headkv-r2 KV ratio",
+                                     "headkv-r2 score", "full score"], rows))
+    lines.append("\n**The HeadKV authors' numbers, not this run's** (their rebuttal: Llama-3-8B-Instruct, average "
+                 "over six LongBench QA datasets; their rule gave k ≈ 14 at B = 128 for an 8,640-token average, "
+                 "so they ran k = 5, 10, 20 at B = 128 and k = 100, 500 at B = 1024):\n\n")
+    lines.append(markdown_table(
+        ["KV size B", "k", "RazorAttention (theirs)", "HeadKV-R2 (theirs)", "FullKV (theirs)"],
+        [[budget, k, f"{value:.2f}", f"{THEIR_HEADKV_R2[budget]:.2f}", f"{THEIR_FULL:.2f}"]
+         for budget, k, value in THEIR_RAZOR]))
+    lines.append("\nThey also found RazorAttention's compensation token (`compress --compensation` here) made a run "
+                 "about three times slower at large k.\n")
+    return lines
+
+
 def write_report(study: Any) -> Path:
     """Write `results/<config>/report.md` from the files the stages wrote (missing ones are named)."""
 
@@ -81,7 +187,7 @@ def write_report(study: Any) -> Path:
     config = study.config
     top = config.top
     need = {
-        "estimate": [root / "scores-r2" / "metadata.json", root / "scores-retrieval" / "metadata.json"],
+        "estimate": [root / f"scores-{name}" / "metadata.json" for name in SCORE_SET_LABELS],
         "allocate": [root / "budgets"],
         "evaluate": [root / "evaluate" / "summary.md", root / "evaluate" / "results.csv"],
         "stability": [root / "stability" / "stability.json"],
@@ -94,6 +200,7 @@ def write_report(study: Any) -> Path:
     stages = read_json(root / "stages.json") if (root / "stages.json").is_file() else {}
     meta_r2 = read_json(root / "scores-r2" / "metadata.json")
     meta_ret = read_json(root / "scores-retrieval" / "metadata.json")
+    meta_er = read_json(root / "scores-er" / "metadata.json")
     out: list[str] = [f"# headscore study: {config.name}\n"]
     if top.get("note"):
         out.append(str(top["note"]).strip() + "\n")
@@ -122,7 +229,8 @@ def write_report(study: Any) -> Path:
     # ---- head scores
     out.append("## Head scores\n")
     for name, meta, folder in (("retrieval-reasoning (r2)", meta_r2, "scores-r2"),
-                               ("retrieval", meta_ret, "scores-retrieval")):
+                               ("retrieval", meta_ret, "scores-retrieval"),
+                               ("Head-ER: the r2 rule on the retrieval needles", meta_er, "scores-er")):
         out.append(f"### {name}\n")
         out.append(f"Mode **{meta['mode']}**: {meta['mode_note']}. Trials counted: {meta['trials_counted']} of "
                    f"{meta['trials_run']} run.\n")
@@ -185,6 +293,14 @@ def write_report(study: Any) -> Path:
                 out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
         out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
                    f"({budgets[0] if budgets else '-'}).\n")
+
+    # ---- the paper's ablation and RazorAttention
+    evaluate_settings = config.section("evaluate")
+    out.append("## Head-R, Head-ER, Head-R2 (the paper's Table 2)\n")
+    out.extend(ablation_section(root, load_geometry(top["model"]), int(config.section("allocate")["budgets"][0]),
+                                float(evaluate_settings["beta"]), int(evaluate_settings["window"]), results))
+    out.append("## RazorAttention at matched KV\n")
+    out.extend(razor_section(results))
 
     # ---- tune
     out.append("## β chosen on a validation split\n")

@@ -5,7 +5,7 @@ Stages, each writing its own folder under `results/<config>/` (every stage reada
 | stage | output | what |
 |---|---|---|
 | needles | `trials-r2.jsonl`, `trials-retrieval.jsonl` | build-needles for both needle kinds |
-| estimate | `scores-r2/`, `scores-retrieval/` | head scores (HeadKV format) + heatmaps |
+| estimate | `scores-r2/`, `scores-retrieval/`, `scores-er/` | head scores (HeadKV format) + heatmaps (`SCORE_SETS`) |
 | stability | `stability/` | bootstrap of the r2 scores: how many trials a stable top-k needs (`compare --bootstrap`) |
 | allocate | `budgets/` | budget files and heatmaps for a few β |
 | evaluate | `evaluate/` | methods × budgets on niah + synthetic tasks |
@@ -42,7 +42,7 @@ from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
 from headscore.evaluation.ablate import execute, prepare
 from headscore.evaluation.compare import bootstrap_stability, write_stability
-from headscore.evaluation.evaluate import EvaluateOptions, eval_method, eval_methods, run_evaluate
+from headscore.evaluation.evaluate import EvaluateOptions, eval_method, run_evaluate
 from headscore.evaluation.latency import run_latency
 from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
 from headscore.scoring.estimate import EstimateOptions, run_estimate
@@ -57,13 +57,16 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": None, "model": "smollm2-135m", "seed": 0, "device": "auto", "dtype": None, "note": ""},
     "needles": {"min_length": 1000, "max_length": None, "lengths": 5, "depths": 10, "template": "raw",
                 "r2_haystack": None, "retrieval_haystack": None, "span": "answer"},
-    "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "max_new_tokens": 50, "limit": None,
-                 "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline", "rouge": "plain"},
+    "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "er_mode": "decode", "max_new_tokens": 50,
+                 "limit": None, "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline",
+                 "rouge": "plain"},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
                   "budget": defaults.BUDGET, "beta": defaults.BETA},
     "allocate": {"budgets": [defaults.BUDGET], "betas": [1.005, defaults.BETA, 1.2, 2.0], "window": defaults.WINDOW,
                  "scores": "r2", "granularity": None},
-    "evaluate": {"tasks": "niah,synthetic", "methods": list(defaults.EVALUATE_METHODS),
+    "evaluate": {"tasks": "niah,synthetic",
+                 "methods": ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-er", "headkv-r2",
+                             "razor"],
                  "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "window": defaults.WINDOW,
                  "kernel": defaults.KERNEL, "alpha": defaults.ALPHA,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
@@ -81,6 +84,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "beta": defaults.BETA, "max_new_tokens": 16},
 }
 SECTIONS = tuple(s for s in SCHEMA if s)
+# the head-score sets the estimate stage writes (`scores-<name>/`): name -> (score rule, needle trials); the
+# paper's Table 2: Head-R (retrieval rule, retrieval needles), Head-ER (r2 rule on the retrieval needles),
+# Head-R2 (r2 rule, retrieval-reasoning needles). Evaluation names them headkv-r, headkv-er, headkv-r2.
+SCORE_SETS = {"r2": ("r2", "r2"), "retrieval": ("retrieval", "retrieval"), "er": ("r2", "retrieval")}
 # sections that were renamed: old name -> what to write instead
 RENAMED = {"beta_sweep": "section 'beta_sweep' was replaced by 'tune' (β chosen on a validation split, checked on "
                          "held-out samples): rename it and give 'budgets' as a list"}
@@ -238,18 +245,18 @@ class Study:
         settings = self.config.section("estimate")
         top = self.config.top
         found = {}
-        for method in ("r2", "retrieval"):
-            trials = self.path(f"trials-{'r2' if method == 'r2' else 'retrieval'}.jsonl")
+        for name, (rule, needles) in SCORE_SETS.items():
+            trials = self.path(f"trials-{needles}.jsonl")
             self.require("estimate", trials)
-            options = EstimateOptions(rule=method, mode=settings[f"{method}_mode"],
+            options = EstimateOptions(rule=rule, mode=settings[f"{name}_mode"],
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
                                       max_new_tokens=settings["max_new_tokens"], stop_rule=settings["stop_rule"],
                                       rouge=settings["rouge"])
-            result = run_estimate(top["model"], trials, self.path(f"scores-{method}"), options=options,
+            result = run_estimate(top["model"], trials, self.path(f"scores-{name}"), options=options,
                                   device=top["device"], dtype=top["dtype"], limit=settings["limit"])
             if result is not None:  # None on ranks other than 0
-                found[method] = {"run": result.run, "counted": result.counted, "mode": options.mode}
+                found[name] = {"run": result.run, "counted": result.counted, "mode": options.mode}
         return {"estimate": found}
 
     def scores_file(self, which: str, stage: str) -> Path:
@@ -258,6 +265,18 @@ class Study:
         path = self.path(f"scores-{rule.name if rule else which}", "head_scores.json")
         self.require(stage, path)
         return path
+
+    def method_scores(self, methods: Sequence[str], stage: str) -> dict[str, str]:
+        """The score files `methods` need (headkv-r, headkv-er, headkv-r2, razor ...), by score-set name."""
+        scores = {}
+        for method in methods:
+            try:
+                needs = eval_method(method, list(SCORE_SETS)).scores
+            except HeadscoreError:  # an unknown method: the stage's own check names it
+                needs = None
+            if needs:
+                scores[needs] = str(self.scores_file(needs, stage))
+        return scores
 
     def stage_stability(self) -> dict[str, Any]:
         s = self.config.section("stability")
@@ -292,11 +311,7 @@ class Study:
 
         settings = self.config.section("evaluate")
         top = self.config.top
-        scores = {}
-        for method in methods:
-            needs = eval_method(method).scores
-            if needs:
-                scores[needs] = str(self.scores_file(needs, stage))
+        scores = self.method_scores(methods, stage)
         fidelity = FidelityOptions(**{k: settings[k] for k in FidelityOptions.__dataclass_fields__})
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
                                   window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
@@ -317,12 +332,7 @@ class Study:
     def stage_tune(self) -> dict[str, Any]:
         s, e = self.config.section("tune"), self.config.section("evaluate")
         top = self.config.top
-        scores = {}
-        for method in s["methods"]:
-            known = eval_methods()
-            needs = known[method].scores if method in known else None  # tune names unknown ones
-            if needs:
-                scores[needs] = str(self.scores_file(needs, "tune"))
+        scores = self.method_scores(s["methods"], "tune")
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),

@@ -1,0 +1,89 @@
+"""report.md's Table-2 (Head-R / Head-ER / Head-R2) and RazorAttention sections, from small result files."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from headscore.core.model import Geometry
+from headscore.scoring.head_scores import HeadScores, write_head_scores
+from headscore.study.report import (
+    THEIR_RAZOR,
+    ablation_section,
+    head_distribution,
+    razor_section,
+)
+
+GEOMETRY = Geometry(layers=2, query_heads=4, kv_heads=2, head_dim=8)
+
+
+def test_head_distribution_counts_zeros_top_share_and_half_heads():
+    means = [0.0, 0.0, 1.0, 3.0, 0.5, 0.5, 0.0, 5.0, 0.0, 0.0]  # total 10, one layer of 10 heads
+    scores = HeadScores.from_tensor(torch.tensor(means, dtype=torch.float64).view(1, 1, 10))
+    d = head_distribution(scores)
+    assert d["zero_share"] == pytest.approx(0.5)
+    assert d["top10_share"] == pytest.approx(5.0 / 10)  # the top 10 % = one head, 5 of 10
+    assert d["half_heads"] == 1 and d["heads"] == 10  # 5 reaches half of 10
+    scores = HeadScores.from_tensor(torch.tensor([[[4.0, 3.0, 2.0, 1.0]]], dtype=torch.float64))
+    assert head_distribution(scores)["half_heads"] == 2  # 4 < 5, 4 + 3 >= 5
+
+
+def score_sets(root, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sets = {}
+    for name in ("retrieval", "er", "r2"):
+        per_trial = torch.rand(3, 2, 4, generator=generator, dtype=torch.float64)
+        per_trial[:, 0, 0] = 0.0  # one zero-score head
+        (root / f"scores-{name}").mkdir(parents=True)
+        sets[name] = HeadScores.from_tensor(per_trial)
+        write_head_scores(root / f"scores-{name}" / "head_scores.json", sets[name])
+    return sets
+
+
+def results_frame():
+    rows = []
+    for sample, length in enumerate((300, 420)):
+        rows.append({"method": "full", "budget": None, "score": 1.0, "kv_ratio": 1.0, "full_heads": None,
+                     "sample": sample})
+        for budget in (16, 32):
+            for index, method in enumerate(("headkv-r", "headkv-er", "headkv-r2")):
+                rows.append({"method": method, "budget": budget, "score": (index + sample + budget / 16) / 5,
+                             "kv_ratio": budget / length, "full_heads": None, "sample": sample})
+            rows.append({"method": "razor", "budget": budget, "score": sample / 2, "kv_ratio": 0.1 * budget / 16,
+                         "full_heads": (budget - 12) * 4 // length + sample, "sample": sample})
+    return pd.DataFrame(rows)
+
+
+def test_ablation_section_numbers_come_from_the_files(tmp_path):
+    sets = score_sets(tmp_path)
+    results = results_frame()
+    text = "".join(ablation_section(tmp_path, GEOMETRY, 16, 1.01, 8, results))
+    assert "**Head-ER**: r2 rule, retrieval needles" in text
+    assert "| Head-R | 3 | 12.5% |" in text  # 1 of 8 heads scores zero
+    a, b = sets["er"].importance().flatten(), sets["r2"].importance().flatten()
+    assert f"| Head-ER vs Head-R2 | {stats.spearmanr(a, b).statistic:.3f} |" in text
+    means = results.groupby(["budget", "method"])["score"].mean()
+    for budget in (16, 32):
+        cells = " | ".join(f"{means[(budget, m)]:.3f}" for m in ("headkv-r", "headkv-er", "headkv-r2"))
+        assert f"| {budget} | {cells} |" in text
+    assert "Head-ER (`headkv-er`)" in text
+    without = "".join(ablation_section(tmp_path, GEOMETRY, 16, 1.01, 8, results[results["method"] == "full"]))
+    assert "runs none of headkv-r, headkv-er, headkv-r2" in without
+
+
+def test_razor_section_ours_beside_theirs():
+    results = results_frame()
+    text = "".join(razor_section(results))
+    for budget in (16, 32):
+        razor = results[(results["method"] == "razor") & (results["budget"] == budget)]
+        r2 = results[(results["method"] == "headkv-r2") & (results["budget"] == budget)]
+        low, high = int(razor["full_heads"].min()), int(razor["full_heads"].max())
+        assert (f"| {budget} | {low}–{high} | {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} | "
+                f"{r2['kv_ratio'].mean():.3f} | {r2['score'].mean():.3f} | 1.000 |") in text
+    assert "not this run's" in text and "RazorAttention (theirs)" in text
+    for budget, k, value in THEIR_RAZOR:
+        assert f"| {budget} | {k} | {value:.2f} |" in text
+    assert "| 1024 | 500 | 29.58 | 32.95 | 32.90 |" in text
+    assert "does not run razor" in "".join(razor_section(results[results["method"] != "razor"]))
