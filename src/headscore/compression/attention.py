@@ -53,6 +53,7 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     rows, heads = kept.shape
     lengths = kept.reshape(-1)
     offsets = (lengths.cumsum(0) - lengths).tolist()
+    length_of = lengths.tolist()  # Python ints once, not one tensor read per segment
     buckets: list[Bucket] = []
     ragged: list[int] = []
     for row in range(rows):
@@ -61,11 +62,11 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
             segments = torch.arange(row * heads, (row + 1) * heads, device=device)
             buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads]))
         else:
-            ragged.extend(s for s in range(row * heads, (row + 1) * heads) if int(lengths[s]) > 0)
+            ragged.extend(s for s in range(row * heads, (row + 1) * heads) if length_of[s] > 0)
     if not ragged:
         return buckets
-    ragged.sort(key=lambda s: int(lengths[s]))
-    sizes = [int(lengths[s]) for s in ragged]
+    ragged.sort(key=lambda s: length_of[s])
+    sizes = [length_of[s] for s in ragged]
     best, cut = [0] + [0] * len(sizes), [0] * (len(sizes) + 1)
     for end in range(1, len(sizes) + 1):  # bucket ragged[begin:end] is padded to sizes[end - 1]
         best[end], cut[end] = min((best[begin] + (end - begin) * sizes[end - 1] + overhead, begin)
