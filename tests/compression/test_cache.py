@@ -87,9 +87,18 @@ def test_buckets_cover_each_segment_once_with_bounded_padding():
     buckets = plan_segments(kept, overhead=64)
     covered = torch.cat([b.segments for b in buckets]).sort().values
     assert covered.tolist() == [s for s in range(16) if s != 7]  # the empty segment is in none
-    views = [b for b in buckets if b.start >= 0]
-    assert [(v.start, v.width, v.segments.tolist()) for v in views] == [(int(kept[0].sum()), 8, list(range(8, 16)))]
     lengths = kept.reshape(-1)
+    offsets = lengths.cumsum(0) - lengths
+    views = [b for b in buckets if b.start >= 0]
+    assert (int(kept[0].sum()), 8, list(range(8, 16))) in [(v.start, v.width, v.segments.tolist()) for v in views]
+    for view in views:  # a view: consecutive segments of its width, read in place from `start`
+        count = view.segments.shape[0]
+        assert view.segments.tolist() == list(range(view.first, view.first + count))
+        assert view.start == int(offsets[view.first]) and (lengths[view.segments] == view.width).all()
+        assert view.index is None and view.padding is None
+    gathered = [b for b in buckets if b.start < 0]
+    assert gathered and all(b.segments.shape[0] > 1 for b in gathered)  # one segment is never copied
+    assert any(v.segments.shape[0] == 1 and v.first // 8 == 0 for v in views)  # a ragged row's lone head
     for bucket in buckets:
         assert bucket.width == int(lengths[bucket.segments].max())
     padded = sum(b.segments.shape[0] * b.width for b in buckets if b.start < 0)

@@ -6,8 +6,9 @@ Decode attention in two parts merged by their log-sum-exps (exactly one softmax 
 
 - the prompt part over the flattened kept entries (`HeadwiseEntries.keys` `[total, d]`, one segment per
   (row, cache head)): the segments are grouped into buckets of similar length (`plan_segments`), each bucket one
-  padded batched matmul; a bucket whose segments are one row's equal-length heads (every fixed-budget press)
-  is a view of the storage, the others gather their entries into a transient padded block;
+  padded batched matmul; a bucket of one segment, or of one row's equal-length heads (every fixed-budget
+  press), is a view of the storage (no copy, no padding), the others gather their entries into a transient
+  padded block;
 - the tail part, dense over the row's generated tokens `[rows, kv_heads, t, d]` (GQA without repeating keys).
 """
 
@@ -25,18 +26,23 @@ from headscore.core.attention import sdpa_forward
 HEADWISE_ATTENTION = "headscore_headwise"
 # a bucket costs about this many (segment, entry) logits of launch overhead: fewer, more padded buckets below it
 BUCKET_OVERHEAD = 2048
+# a gathered bucket copies its keys and values each step: measured (bench_batch.py (c), CPU) at about 1.5× the
+# cost of reading them in the matmuls, so a gathered entry costs 2.5 read entries
+GATHER_COST = 2.5
 
 
 @dataclass(frozen=True)
 class Bucket:
     """Segments attended in one padded batched matmul: `segments` int64 `[s]` (row · heads + head), padded to
-    `width` entries. `start` >= 0: the segments are consecutive in storage, all `width` long, from entry
-    `start` (the block is a view). Otherwise `index` int64 `[s · width]` gathers their entries and `padding`
-    bool `[s, width]` marks the pad slots (None when none)."""
+    `width` entries. `start` >= 0: the segments are `first, first + 1, ...`, consecutive in storage, all
+    `width` long, from entry `start` (the block, its queries and its outputs are views). Otherwise `index`
+    int64 `[s · width]` gathers their entries and `padding` bool `[s, width]` marks the pad slots (None when
+    none)."""
 
     segments: torch.Tensor
     width: int
     start: int = -1
+    first: int = -1
     index: torch.Tensor | None = None
     padding: torch.Tensor | None = None
 
@@ -47,8 +53,9 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     row-major then head-major, each segment's entries consecutive).
 
     A row whose heads all keep the same count is one view bucket. The other segments, sorted by length, are
-    cut where it minimizes Σ (segments × padded width) + `overhead` per bucket (a dynamic program over the
-    sorted lengths; a bucket spans at most 256 segments). Empty segments are in no bucket.
+    cut where it minimizes the summed cost of the buckets (a dynamic program over the sorted lengths; a bucket
+    spans at most 256 segments): `overhead` per bucket, plus its segments × padded width, × `GATHER_COST`
+    when it gathers (a bucket of one segment is a view). Empty segments are in no bucket.
     """
     rows, heads = kept.shape
     lengths = kept.reshape(-1)
@@ -60,7 +67,7 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         counts = kept[row]
         if int(counts[0]) > 0 and bool((counts == counts[0]).all()):
             segments = torch.arange(row * heads, (row + 1) * heads, device=device)
-            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads]))
+            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads], first=row * heads))
         else:
             ragged.extend(s for s in range(row * heads, (row + 1) * heads) if length_of[s] > 0)
     if not ragged:
@@ -69,7 +76,8 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     sizes = [length_of[s] for s in ragged]
     best, cut = [0] + [0] * len(sizes), [0] * (len(sizes) + 1)
     for end in range(1, len(sizes) + 1):  # bucket ragged[begin:end] is padded to sizes[end - 1]
-        best[end], cut[end] = min((best[begin] + (end - begin) * sizes[end - 1] + overhead, begin)
+        best[end], cut[end] = min((best[begin] + overhead + (end - begin) * sizes[end - 1]
+                                   * (GATHER_COST if end - begin > 1 else 1.0), begin)
                                   for begin in range(max(0, end - 256), end))
     ends = []
     end = len(sizes)
@@ -77,8 +85,13 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         ends.append((cut[end], end))
         end = cut[end]
     for begin, end in reversed(ends):
-        segments = torch.tensor(ragged[begin:end])
         width = sizes[end - 1]
+        if end - begin == 1:  # one segment: a view of its entries
+            segment = ragged[begin]
+            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets[segment],
+                                  first=segment))
+            continue
+        segments = torch.tensor(ragged[begin:end])
         slots = torch.arange(width)[None, :]
         counts = lengths[segments][:, None]
         index = (torch.tensor([offsets[s] for s in ragged[begin:end]])[:, None] + slots).masked_fill(slots >= counts,
@@ -135,6 +148,7 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
     for bucket in entries.buckets:
         count = bucket.segments.shape[0]
         if bucket.start >= 0:
+            queries = segment_queries[bucket.first:bucket.first + count]
             stop = bucket.start + count * bucket.width
             keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
             values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
@@ -145,16 +159,21 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
             values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
             bias = (None if entries.bias is None
                     else entries.bias.index_select(0, bucket.index).view(count, 1, bucket.width))
-        logits = _capped(torch.bmm(segment_queries[bucket.segments], keys.to(accumulate).transpose(1, 2)).mul_(scale),
-                         softcap)
+            queries = segment_queries[bucket.segments]
+        # keys × queries^T, then viewed transposed: measured faster on CPU than queries × keys^T for long buckets
+        logits = _capped(torch.bmm(keys.to(accumulate), queries.transpose(1, 2)).transpose(1, 2).mul_(scale), softcap)
         if bias is not None:
             logits = logits.add_(bias)
         if bucket.padding is not None:
             logits = logits.masked_fill_(bucket.padding[:, None, :], float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)
         probs = logits.sub_(lse[..., None]).exp_()
-        prompt_out.index_copy_(0, bucket.segments, torch.bmm(probs, values.to(accumulate)))
-        prompt_lse.index_copy_(0, bucket.segments, lse)
+        if bucket.start >= 0:  # consecutive segments: written in place
+            torch.bmm(probs, values.to(accumulate), out=prompt_out[bucket.first:bucket.first + count])
+            prompt_lse[bucket.first:bucket.first + count] = lse
+        else:
+            prompt_out.index_copy_(0, bucket.segments, torch.bmm(probs, values.to(accumulate)))
+            prompt_lse.index_copy_(0, bucket.segments, lse)
     # tail part: dense over the row's generated tokens, query heads grouped by KV head
     grouped = flat.reshape(rows, kv_heads, (q_heads // kv_heads) * q_len, dim)
     tail = torch.matmul(grouped, tail_keys.to(accumulate).transpose(-1, -2)).mul_(scale)
