@@ -57,7 +57,7 @@ KEPT = {  # [rows, heads]: ragged rows (head-level budgets), an empty head, a un
 
 
 @pytest.mark.parametrize("granularity,q_len", [("kv", 1), ("kv", 3), ("query", 1), ("query", 2)])
-def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len):
+def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len, kernel):
     kept = KEPT[granularity]
     rows, q_heads, kv_heads = kept.shape[0], 8, 4 if granularity == "kv" else 2
     entries, generator = random_entries(kept, kv_heads, tail=4, seed=q_len)
@@ -69,7 +69,7 @@ def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len):
     assert got.shape == query.shape and got.dtype == query.dtype
 
 
-def test_softcap_and_sinks_match_the_plain_softmax():
+def test_softcap_and_sinks_match_the_plain_softmax(kernel):
     kept = KEPT["kv"]
     entries, generator = random_entries(kept, 4, tail=3, seed=7)
     query = torch.randn(3, 8, 1, 16, generator=generator) * 3
@@ -80,6 +80,25 @@ def test_softcap_and_sinks_match_the_plain_softmax():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     plain = headwise_attention(query, entries, 0.5)
     assert not torch.allclose(got, plain, atol=1e-3)  # both terms change the result
+
+
+def test_flex_block_mask_lists_exactly_the_blocks_each_segment_overlaps():
+    from headscore.compression.attention import FLEX_BLOCK, segment_block_mask
+
+    kept = torch.tensor([[130, 0, 5, 300], [1, 256, 127, 129]])  # segments across block edges, one empty
+    q_heads = 8  # 2 query heads per cache head
+    mask = segment_block_mask(kept, q_heads, 1, torch.device("cpu"))
+    counts, indices = mask.kv_num_blocks[0, :, 0], mask.kv_indices[0, :, 0]  # per flattened query head
+    lengths = kept.reshape(-1)
+    offsets = lengths.cumsum(0) - lengths
+    blocks = (int(lengths.sum()) + FLEX_BLOCK - 1) // FLEX_BLOCK
+    for head in range(kept.shape[0] * q_heads):
+        segment = head // 2
+        start, count = int(offsets[segment]), int(lengths[segment])
+        want = [b for b in range(blocks) if count and b * FLEX_BLOCK < start + count and (b + 1) * FLEX_BLOCK > start]
+        assert indices[head, :int(counts[head])].tolist() == want, head
+    keep = mask.mask_mod(0, torch.tensor(6), 0, torch.arange(int(lengths.sum())))  # query head 6: segment 3
+    assert keep.nonzero().flatten().tolist() == list(range(135, 435))
 
 
 def test_buckets_cover_each_segment_once_with_bounded_padding():
