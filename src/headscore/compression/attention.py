@@ -148,6 +148,14 @@ def decode_kernel(device: torch.device) -> str:
     return choice
 
 
+try:  # how flex_attention is asked for the log-sum-exp: `return_aux` from torch 2.9, `return_lse` before
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    _LSE_REQUEST: dict[str, Any] = {"return_aux": AuxRequest(lse=True)}
+except ImportError:  # pragma: no cover  # older torch
+    _LSE_REQUEST = {"return_lse": True}
+
+
 @cache
 def _compiled_flex() -> Any:
     from torch.nn.attention.flex_attention import flex_attention
@@ -219,7 +227,8 @@ def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float
     with warnings.catch_warnings():  # eager flex (CPU, tests) warns that it is unfused: known
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         out, lse = run(query.to(keys.dtype).reshape(1, rows * q_heads, q_len, dim), keys, values,
-                       score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+                       score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True, **_LSE_REQUEST)
+        lse = getattr(lse, "lse", lse)  # AuxOutput (torch >= 2.9) or the tensor
     return (out[0].to(accumulate).masked_fill_(empty[:, None, None], 0.0),
             lse[0].to(accumulate).masked_fill_(empty[:, None], float("-inf")))
 
