@@ -9,7 +9,8 @@ Four parts, each printing ratios measured in one process, interleaved in ABBA or
             `generate` of the same number of tokens, at --estimate-lengths (default 8k, 32k)
   prefill   prefill with headkv selection (budget 128) vs plain prefill, and the selection's own time over the
             plain prefill, at --prefill-lengths (default 1k-32k)
-  decode    decode per token on the headkv@128 cache vs the full cache, at --decode-lengths (8k, 32k, 128k)
+  decode    decode per token on the headkv@128 cache vs the full cache, at --decode-lengths (8k, 32k, 128k);
+            on CUDA with both decode-attention kernels (bucketed matmuls and compiled flex_attention)
   memory    peak GPU memory during prefill above the loaded model, headkv vs full cache (the head-wise cache
             compresses each layer right after its attention, so the full KV of all layers never coexists);
             measured in the prefill part (CUDA only: '-' on CPU)
@@ -19,6 +20,7 @@ Random weights: the timings and memory depend on the geometry and the kernels, n
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -153,8 +155,12 @@ def part_prefill(model, press, lengths, repeats, device) -> None:
 
 
 def part_decode(model, press, lengths, tokens, device) -> None:
-    print(f"\n[decode] per token, median of {tokens} steps: headkv@128 cache vs full cache")
-    print(f"{'context':>8} {'full_ms':>8} {'headkv_ms':>9} {'ratio':>6}", flush=True)
+    """Per-token decode on the full cache and on the headkv cache, with each prompt-part kernel of the decode
+    attention (`HEADSCORE_DECODE_KERNEL`: the bucketed matmuls, and on CUDA the compiled flex_attention)."""
+    kernels = ("buckets", "flex") if device.type == "cuda" else ("buckets",)
+    print(f"\n[decode] per token, median of {tokens} steps: headkv@128 cache ({', '.join(kernels)} kernel) vs "
+          "full cache")
+    print(f"{'context':>8} {'full_ms':>8}" + "".join(f" {k + '_ms':>10} {'ratio':>6}" for k in kernels), flush=True)
     generator = torch.Generator().manual_seed(3)
     for length in lengths:
         ids = torch.randint(100, model.config.vocab_size - 100, (1, length), generator=generator).to(device)
@@ -162,11 +168,19 @@ def part_decode(model, press, lengths, tokens, device) -> None:
         logits, _ = _forward(model, ids, cache)
         _, steps_full = decode(model, cache, logits, tokens + 1)
         del cache
-        cache, logits, _ = prefill_compressed(model, ids, press)
-        _, steps_hkv = decode(model, cache, logits, tokens + 1)
-        del cache
-        full, ours = statistics.median(steps_full), statistics.median(steps_hkv)
-        print(f"{length:>8} {full * 1e3:>8.2f} {ours * 1e3:>9.2f} {ours / full:>6.3f}", flush=True)
+        full = statistics.median(steps_full)
+        line = f"{length:>8} {full * 1e3:>8.2f}"
+        for kernel in kernels:
+            os.environ["HEADSCORE_DECODE_KERNEL"] = kernel
+            cache, logits, _ = prefill_compressed(model, ids, press)
+            decode(model, cache, logits, 3)  # warm-up (flex compiles here)
+            cache, logits, _ = prefill_compressed(model, ids, press)
+            _, steps = decode(model, cache, logits, tokens + 1)
+            del cache
+            ours = statistics.median(steps)
+            line += f" {ours * 1e3:>10.2f} {ours / full:>6.3f}"
+        os.environ.pop("HEADSCORE_DECODE_KERNEL")
+        print(line, flush=True)
 
 
 def numbers(text: str) -> list[int]:

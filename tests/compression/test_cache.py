@@ -57,7 +57,7 @@ KEPT = {  # [rows, heads]: ragged rows (head-level budgets), an empty head, a un
 
 
 @pytest.mark.parametrize("granularity,q_len", [("kv", 1), ("kv", 3), ("query", 1), ("query", 2)])
-def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len):
+def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len, kernel):
     kept = KEPT[granularity]
     rows, q_heads, kv_heads = kept.shape[0], 8, 4 if granularity == "kv" else 2
     entries, generator = random_entries(kept, kv_heads, tail=4, seed=q_len)
@@ -69,7 +69,7 @@ def test_batched_attention_matches_a_per_row_and_head_loop(granularity, q_len):
     assert got.shape == query.shape and got.dtype == query.dtype
 
 
-def test_softcap_and_sinks_match_the_plain_softmax():
+def test_softcap_and_sinks_match_the_plain_softmax(kernel):
     kept = KEPT["kv"]
     entries, generator = random_entries(kept, 4, tail=3, seed=7)
     query = torch.randn(3, 8, 1, 16, generator=generator) * 3
@@ -82,14 +82,42 @@ def test_softcap_and_sinks_match_the_plain_softmax():
     assert not torch.allclose(got, plain, atol=1e-3)  # both terms change the result
 
 
+def test_flex_block_mask_lists_exactly_the_blocks_each_segment_overlaps():
+    from headscore.compression.attention import FLEX_BLOCK, segment_block_mask
+
+    kept = torch.tensor([[130, 0, 5, 300], [1, 256, 127, 129]])  # segments across block edges, one empty
+    q_heads = 8  # 2 query heads per cache head
+    mask = segment_block_mask(kept, q_heads, 1, torch.device("cpu"))
+    counts, indices = mask.kv_num_blocks[0, :, 0], mask.kv_indices[0, :, 0]  # per flattened query head
+    lengths = kept.reshape(-1)
+    offsets = lengths.cumsum(0) - lengths
+    blocks = (int(lengths.sum()) + FLEX_BLOCK - 1) // FLEX_BLOCK
+    for head in range(kept.shape[0] * q_heads):
+        segment = head // 2
+        start, count = int(offsets[segment]), int(lengths[segment])
+        want = [b for b in range(blocks) if count and b * FLEX_BLOCK < start + count and (b + 1) * FLEX_BLOCK > start]
+        assert indices[head, :int(counts[head])].tolist() == want, head
+    keep = mask.mask_mod(0, torch.tensor(6), 0, torch.arange(int(lengths.sum())))  # query head 6: segment 3
+    assert keep.nonzero().flatten().tolist() == list(range(135, 435))
+
+
 def test_buckets_cover_each_segment_once_with_bounded_padding():
     kept = torch.tensor([[1, 2, 3, 500, 510, 520, 1000, 0], [8] * 8])
     buckets = plan_segments(kept, overhead=64)
     covered = torch.cat([b.segments for b in buckets]).sort().values
     assert covered.tolist() == [s for s in range(16) if s != 7]  # the empty segment is in none
-    views = [b for b in buckets if b.start >= 0]
-    assert [(v.start, v.width, v.segments.tolist()) for v in views] == [(int(kept[0].sum()), 8, list(range(8, 16)))]
     lengths = kept.reshape(-1)
+    offsets = lengths.cumsum(0) - lengths
+    views = [b for b in buckets if b.start >= 0]
+    assert (int(kept[0].sum()), 8, list(range(8, 16))) in [(v.start, v.width, v.segments.tolist()) for v in views]
+    for view in views:  # a view: consecutive segments of its width, read in place from `start`
+        count = view.segments.shape[0]
+        assert view.segments.tolist() == list(range(view.first, view.first + count))
+        assert view.start == int(offsets[view.first]) and (lengths[view.segments] == view.width).all()
+        assert view.index is None and view.padding is None
+    gathered = [b for b in buckets if b.start < 0]
+    assert gathered and all(b.segments.shape[0] > 1 for b in gathered)  # one segment is never copied
+    assert any(v.segments.shape[0] == 1 and v.first // 8 == 0 for v in views)  # a ragged row's lone head
     for bucket in buckets:
         assert bucket.width == int(lengths[bucket.segments].max())
     padded = sum(b.segments.shape[0] * b.width for b in buckets if b.start < 0)
@@ -221,7 +249,7 @@ def test_a_recording_cache_cannot_decode(model_and_ids):
     model, ids = model_and_ids
     cache = HeadwiseCache(Geometry.from_config(model.config), None, window=4)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **with_cache(model, cache), use_cache=True)
         assert [scores.shape for _, _, scores in cache.recorded] == [(4, 46)] * 3
         with pytest.raises(HeadscoreError, match="only recorded a prefill"):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **with_cache(model, cache), use_cache=True)

@@ -148,6 +148,25 @@ def test_rows_that_stop_at_different_steps_decode_as_they_would_alone(tiny_llama
     assert cache.rows == 1  # finished rows left the batch; the last one is still there
 
 
+def test_flex_kernel_decodes_what_the_buckets_decode(tiny_llama, press_for, monkeypatch):
+    """The flex prompt kernel through a whole batched decode (block masks built per layer, rebuilt when rows
+    leave): the same tokens as the bucketed kernel."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8).double()
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(9)
+    state = prefill(model, torch.randint(3, 128, (1, 300)), window=4)
+    presses = [press_for("headkv", geometry, 40), press_for("snapkv", geometry, 150),
+               press_for("ada-snapkv", geometry, 90)]
+    rules = [StopRule(3), StopRule(9), StopRule(6)]
+    got = {}
+    for kernel in ("buckets", "flex"):
+        monkeypatch.setenv("HEADSCORE_DECODE_KERNEL", kernel)
+        cache = compress_state(state, presses)
+        got[kernel] = decode_rows(model, cache, state.logits, rules)[0]
+        assert any(layer.flex_masks for layer in cache.layers) == (kernel == "flex")
+    assert got["flex"] == got["buckets"] and [len(t) for t in got["flex"]] == [3, 9, 6]
+
+
 def test_stop_rules():
     rule = StopRule(5, eos=frozenset({2}), line_end=frozenset({9}), min_new_tokens=2)
     assert not rule.finished([9]) and not rule.finished([9, 9])  # leading line breaks do not end an answer

@@ -91,7 +91,7 @@ def attend(query, layer, tail_keys, tail_values):
     return headwise_attention(query[None], entries, 0.3)[0]
 
 
-def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores):
+def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores, kernel):
     """A compressed head's compensation entry (mean key and value, weighted by the dropped count) gives exactly
     full attention when every dropped token has the same key and value."""
     torch.manual_seed(4)

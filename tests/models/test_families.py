@@ -23,7 +23,7 @@ from headscore.compression.generation import cache_report, decode, prefill_compr
 from headscore.compression.presses import make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import Geometry, check_config, load_model
+from headscore.core.model import Geometry, check_config, load_model, with_cache
 from headscore.scoring.capture import attention_capture
 
 HYBRID = ["sliding_attention", "full_attention"]
@@ -101,9 +101,9 @@ def test_captured_rows_equal_eager_attention(family):
         full = list(Geometry.from_config(model.config).model_layers)
     with attention_capture(model, full) as capture:
         cache = DynamicCache(config=model.config)
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        model(ids[:, :-1], **with_cache(model, cache), use_cache=True)
         capture.arm(1)
-        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        step = model(ids[:, -1:], **with_cache(model, cache), use_cache=True).logits
         rows = capture.take()
     torch.testing.assert_close(rows[:, 0, :, 0], expected[full, :, -1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(step[0, -1], reference.logits[0, -1], atol=1e-5, rtol=1e-4)
@@ -297,7 +297,7 @@ def test_hybrid_prefill_uses_headscore_attention_on_full_layers_only():
     ids = torch.randint(3, SMALL_VOCAB, (1, 30), generator=torch.Generator().manual_seed(5))
     cache = HeadwiseCache(geometry, make_press("snapkv", geometry, budget=10, window=4), config=model.config)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **with_cache(model, cache), use_cache=True)
     assert cache.kept().tolist() == [[10, 10]]
     assert cache.layers[0].keys.shape[2] == WINDOW - 1 and cache.get_seq_length() == 30
 

@@ -7,6 +7,7 @@ import torch
 
 from headscore.core.attention import attention_rows
 from headscore.core.errors import HeadscoreError
+from headscore.core.model import with_cache
 from headscore.scoring.capture import CAPTURE_ATTENTION, AttentionCapture, attention_capture
 
 
@@ -58,9 +59,9 @@ def test_capture_equals_eager_output_attentions(build, tiny_llama, tiny_qwen2):
     with attention_capture(model, layers) as capture:
         # decode step: prefill ids[:-1] uncaptured, then the last token with capture on
         cache = DynamicCache(config=model.config)
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        model(ids[:, :-1], **with_cache(model, cache), use_cache=True)
         capture.arm(1)
-        logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, -1:], **with_cache(model, cache), use_cache=True).logits
         rows = capture.take()
         assert rows.shape == (layers, 1, model.config.num_attention_heads, 1, 40)
         torch.testing.assert_close(rows[:, 0, :, 0], expected[:, :, -1], atol=1e-6, rtol=1e-5)

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.metrics import rouge1_recall, rouge1_recall_stemmed
+from headscore.core.model import with_cache
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.estimate import (
     EstimateOptions,
@@ -39,10 +40,10 @@ def test_official_newline_test_is_theirs_and_never_fires_on_byte_level_newlines(
 def authors_decode(model, tokenizer, prompt_ids, decode_len, answer_tokens_num, r2):
     """Their loop: prefill all but the last token, then greedy steps with their stop test."""
     past = DynamicCache(config=model.config)
-    model(input_ids=prompt_ids[None, :-1], past_key_values=past, use_cache=True)
+    model(input_ids=prompt_ids[None, :-1], **with_cache(model, past), use_cache=True)
     inp, output = prompt_ids[-1], []
     for _ in range(decode_len):
-        logits = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True).logits
+        logits = model(input_ids=inp.view(1, 1), **with_cache(model, past), use_cache=True).logits
         inp = logits[0, -1].argmax()
         step_token = tokenizer.convert_ids_to_tokens(inp.item())
         output.append(inp.item())

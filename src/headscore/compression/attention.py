@@ -6,14 +6,24 @@ Decode attention in two parts merged by their log-sum-exps (exactly one softmax 
 
 - the prompt part over the flattened kept entries (`HeadwiseEntries.keys` `[total, d]`, one segment per
   (row, cache head)): the segments are grouped into buckets of similar length (`plan_segments`), each bucket one
-  padded batched matmul; a bucket whose segments are one row's equal-length heads (every fixed-budget press)
-  is a view of the storage, the others gather their entries into a transient padded block;
+  padded batched matmul; a bucket of one segment, or of one row's equal-length heads (every fixed-budget
+  press), is a view of the storage (no copy, no padding), the others gather their entries into a transient
+  padded block;
 - the tail part, dense over the row's generated tokens `[rows, kv_heads, t, d]` (GQA without repeating keys).
+
+The prompt part has a second kernel for CUDA: `torch.nn.attention.flex_attention` over the flattened entries
+with a block mask built from the segments (`segment_block_mask`: each query head visits only the 128-entry
+blocks its segment overlaps), compiled. `decode_kernel` picks it: `HEADSCORE_DECODE_KERNEL=auto` (default:
+flex on CUDA, buckets elsewhere), `buckets` or `flex` (on CPU flex runs eagerly, for tests: it scores every
+entry). If compiling flex fails, the buckets take over with one warning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -21,22 +31,28 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headscore.core.attention import sdpa_forward
+from headscore.core.errors import HeadscoreError
 
 HEADWISE_ATTENTION = "headscore_headwise"
 # a bucket costs about this many (segment, entry) logits of launch overhead: fewer, more padded buckets below it
 BUCKET_OVERHEAD = 2048
+# a gathered bucket copies its keys and values each step: measured (bench_batch.py (c), CPU) at about 1.5× the
+# cost of reading them in the matmuls, so a gathered entry costs 2.5 read entries
+GATHER_COST = 2.5
 
 
 @dataclass(frozen=True)
 class Bucket:
     """Segments attended in one padded batched matmul: `segments` int64 `[s]` (row · heads + head), padded to
-    `width` entries. `start` >= 0: the segments are consecutive in storage, all `width` long, from entry
-    `start` (the block is a view). Otherwise `index` int64 `[s · width]` gathers their entries and `padding`
-    bool `[s, width]` marks the pad slots (None when none)."""
+    `width` entries. `start` >= 0: the segments are `first, first + 1, ...`, consecutive in storage, all
+    `width` long, from entry `start` (the block, its queries and its outputs are views). Otherwise `index`
+    int64 `[s · width]` gathers their entries and `padding` bool `[s, width]` marks the pad slots (None when
+    none)."""
 
     segments: torch.Tensor
     width: int
     start: int = -1
+    first: int = -1
     index: torch.Tensor | None = None
     padding: torch.Tensor | None = None
 
@@ -47,8 +63,9 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     row-major then head-major, each segment's entries consecutive).
 
     A row whose heads all keep the same count is one view bucket. The other segments, sorted by length, are
-    cut where it minimizes Σ (segments × padded width) + `overhead` per bucket (a dynamic program over the
-    sorted lengths; a bucket spans at most 256 segments). Empty segments are in no bucket.
+    cut where it minimizes the summed cost of the buckets (a dynamic program over the sorted lengths; a bucket
+    spans at most 256 segments): `overhead` per bucket, plus its segments × padded width, × `GATHER_COST`
+    when it gathers (a bucket of one segment is a view). Empty segments are in no bucket.
     """
     rows, heads = kept.shape
     lengths = kept.reshape(-1)
@@ -60,7 +77,7 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         counts = kept[row]
         if int(counts[0]) > 0 and bool((counts == counts[0]).all()):
             segments = torch.arange(row * heads, (row + 1) * heads, device=device)
-            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads]))
+            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads], first=row * heads))
         else:
             ragged.extend(s for s in range(row * heads, (row + 1) * heads) if length_of[s] > 0)
     if not ragged:
@@ -69,7 +86,8 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     sizes = [length_of[s] for s in ragged]
     best, cut = [0] + [0] * len(sizes), [0] * (len(sizes) + 1)
     for end in range(1, len(sizes) + 1):  # bucket ragged[begin:end] is padded to sizes[end - 1]
-        best[end], cut[end] = min((best[begin] + (end - begin) * sizes[end - 1] + overhead, begin)
+        best[end], cut[end] = min((best[begin] + overhead + (end - begin) * sizes[end - 1]
+                                   * (GATHER_COST if end - begin > 1 else 1.0), begin)
                                   for begin in range(max(0, end - 256), end))
     ends = []
     end = len(sizes)
@@ -77,8 +95,13 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         ends.append((cut[end], end))
         end = cut[end]
     for begin, end in reversed(ends):
-        segments = torch.tensor(ragged[begin:end])
         width = sizes[end - 1]
+        if end - begin == 1:  # one segment: a view of its entries
+            segment = ragged[begin]
+            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets[segment],
+                                  first=segment))
+            continue
+        segments = torch.tensor(ragged[begin:end])
         slots = torch.arange(width)[None, :]
         counts = lengths[segments][:, None]
         index = (torch.tensor([offsets[s] for s in ragged[begin:end]])[:, None] + slots).masked_fill(slots >= counts,
@@ -104,6 +127,172 @@ class HeadwiseEntries:
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
     bias: torch.Tensor | None = None
+    # the layer's flex block masks (and empty-segment flags) by query length: the compressed layer passes its
+    # own dict, so they are built once per layer and batch (`segment_block_mask`)
+    flex_masks: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+DECODE_KERNELS = ("auto", "buckets", "flex")
+_flex_failed = False  # set when compiling flex failed once: auto then stays on the buckets
+FLEX_BLOCK = 128  # flex_attention's block size: a query head visits the blocks its segment overlaps
+
+
+def decode_kernel(device: torch.device) -> str:
+    """`buckets` or `flex`, the prompt-part kernel for `device` (env `HEADSCORE_DECODE_KERNEL`: auto, buckets,
+    flex; auto is flex on CUDA, buckets elsewhere)."""
+    choice = os.environ.get("HEADSCORE_DECODE_KERNEL", "auto")
+    if choice not in DECODE_KERNELS:
+        raise HeadscoreError(f"HEADSCORE_DECODE_KERNEL={choice}: use one of {', '.join(DECODE_KERNELS)}")
+    if choice == "auto":
+        return "flex" if device.type == "cuda" and not _flex_failed else "buckets"
+    return choice
+
+
+try:  # how flex_attention is asked for the log-sum-exp: `return_aux` from torch 2.9, `return_lse` before
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    _LSE_REQUEST: dict[str, Any] = {"return_aux": AuxRequest(lse=True)}
+except ImportError:  # pragma: no cover  # older torch
+    _LSE_REQUEST = {"return_lse": True}
+
+
+@cache
+def _compiled_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def segment_block_mask(kept: torch.Tensor, q_heads: int, q_len: int, device: torch.device) -> Any:
+    """The flex `BlockMask` of the prompt part, for `kept` (CPU int64 `[rows, heads]`, segments stored
+    row-major) and flattened query heads `rows · q_heads` (query head h of row r reads segment
+    r · heads + h // (q_heads // heads)): each query head lists the `FLEX_BLOCK`-entry blocks its segment
+    overlaps (its first to its last), and the mask keeps, inside them, only its segment's entries."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, heads = kept.shape
+    lengths = kept.reshape(-1)
+    offsets = lengths.cumsum(0) - lengths
+    total = int(lengths.sum())
+    segment = torch.arange(rows * heads).repeat_interleave(q_heads // heads)  # [rows · q_heads]
+    first, last = offsets[segment] // FLEX_BLOCK, (offsets[segment] + lengths[segment] - 1) // FLEX_BLOCK
+    count = torch.where(lengths[segment] > 0, last - first + 1, 0)
+    widest = max(int(count.max()), 1)
+    blocks = (first[:, None] + torch.arange(widest)[None]).clamp(max=max((total - 1) // FLEX_BLOCK, 0))
+    entry_segment = torch.repeat_interleave(torch.arange(rows * heads), lengths).to(device)
+    head_segment = segment.to(device)
+
+    def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return entry_segment[kv_idx] == head_segment[h]
+
+    return BlockMask.from_kv_blocks(count.view(1, -1, 1).to(device=device, dtype=torch.int32),
+                                    blocks.view(1, -1, 1, widest).to(device=device, dtype=torch.int32),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, max(total, 1)),
+                                    compute_q_blocks=False)  # inference: no backward's query-block lists
+
+
+def segment_lengths(buckets: list[Bucket], segments: int) -> torch.Tensor:
+    """CPU int64 `[segments]`: the entries of each segment, read back from its bucket (0: in no bucket)."""
+    lengths = torch.zeros(segments, dtype=torch.long)
+    for bucket in buckets:
+        width = torch.full((bucket.segments.shape[0],), bucket.width)
+        if bucket.padding is not None:
+            width = width - bucket.padding.sum(-1).cpu()
+        lengths[bucket.segments.cpu()] = width
+    return lengths
+
+
+def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float, softcap: float | None,
+                     accumulate: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part by flex_attention: `query` `[rows, q_heads, q, d]` → (out `[rows · q_heads, q, d]`,
+    log-sum-exp `[rows · q_heads, q]`) in `accumulate`; computed in the entries' dtype (flex accumulates in
+    float32), a query head of an empty segment gets lse −inf and out 0."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows, q_heads, q_len, dim = query.shape
+    if q_len not in entries.flex_masks:
+        kept = segment_lengths(entries.buckets, rows * entries.heads).view(rows, entries.heads)
+        empty = (kept.reshape(-1) == 0).repeat_interleave(q_heads // entries.heads).to(query.device)
+        entries.flex_masks[q_len] = (segment_block_mask(kept, q_heads, q_len, query.device), empty)
+    block_mask, empty = entries.flex_masks[q_len]
+    bias = entries.bias
+
+    def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
+        return score if bias is None else score + bias[kv_idx]
+
+    keys, values = entries.keys.view(1, 1, -1, dim), entries.values.view(1, 1, -1, dim)
+    run = _compiled_flex() if query.device.type == "cuda" else flex_attention
+    with warnings.catch_warnings():  # eager flex (CPU, tests) warns that it is unfused: known
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out, lse = run(query.to(keys.dtype).reshape(1, rows * q_heads, q_len, dim), keys, values,
+                       score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True, **_LSE_REQUEST)
+        lse = getattr(lse, "lse", lse)  # AuxOutput (torch >= 2.9) or the tensor
+    return (out[0].to(accumulate).masked_fill_(empty[:, None, None], 0.0),
+            lse[0].to(accumulate).masked_fill_(empty[:, None], float("-inf")))
+
+
+def bucket_prompt_part(flat: torch.Tensor, entries: HeadwiseEntries, scale: float, softcap: float | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part bucket by bucket (`plan_segments`): `flat` `[rows, q_heads, q, d]` in the accumulation
+    dtype → (out `[rows · heads, group · q, d]`, log-sum-exp `[rows · heads, group · q]`)."""
+    rows, q_heads, q_len, dim = flat.shape
+    heads = entries.heads
+    group = q_heads // heads
+    accumulate = flat.dtype
+    # prompt part: per segment (row, cache head) its `group` query heads × q rows
+    segment_queries = flat.reshape(rows * heads, group * q_len, dim)
+    prompt_out = flat.new_zeros(rows * heads, group * q_len, dim)
+    prompt_lse = flat.new_full((rows * heads, group * q_len), float("-inf"))
+    for bucket in entries.buckets:
+        count = bucket.segments.shape[0]
+        if bucket.start >= 0:
+            queries = segment_queries[bucket.first:bucket.first + count]
+            stop = bucket.start + count * bucket.width
+            keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
+            values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
+            bias = None if entries.bias is None else entries.bias[bucket.start:stop].view(count, 1, bucket.width)
+        else:
+            assert bucket.index is not None  # a gathered bucket always has its index (plan_segments)
+            keys = entries.keys.index_select(0, bucket.index).view(count, bucket.width, dim)
+            values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
+            bias = (None if entries.bias is None
+                    else entries.bias.index_select(0, bucket.index).view(count, 1, bucket.width))
+            queries = segment_queries[bucket.segments]
+        # keys × queries^T, then viewed transposed: measured faster on CPU than queries × keys^T for long buckets
+        logits = _capped(torch.bmm(keys.to(accumulate), queries.transpose(1, 2)).transpose(1, 2).mul_(scale), softcap)
+        if bias is not None:
+            logits = logits.add_(bias)
+        if bucket.padding is not None:
+            logits = logits.masked_fill_(bucket.padding[:, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = logits.sub_(lse[..., None]).exp_()
+        if bucket.start >= 0:  # consecutive segments: written in place
+            torch.bmm(probs, values.to(accumulate), out=prompt_out[bucket.first:bucket.first + count])
+            prompt_lse[bucket.first:bucket.first + count] = lse
+        else:
+            prompt_out.index_copy_(0, bucket.segments, torch.bmm(probs, values.to(accumulate)))
+            prompt_lse.index_copy_(0, bucket.segments, lse)
+    return prompt_out, prompt_lse
+
+
+def _prompt_part(query: torch.Tensor, flat: torch.Tensor, entries: HeadwiseEntries, scale: float,
+                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part by the kernel `decode_kernel` picks, `[rows · heads, group · q, d]` and its lse."""
+    global _flex_failed
+    rows, q_heads, q_len, dim = query.shape
+    if decode_kernel(query.device) == "flex":
+        try:
+            out, lse = flex_prompt_part(query, entries, scale, softcap, flat.dtype)
+            return out.view(rows * entries.heads, -1, dim), lse.view(rows * entries.heads, -1)
+        except Exception as error:  # noqa: BLE001  # a compiler failure: the exact buckets instead, said once
+            if os.environ.get("HEADSCORE_DECODE_KERNEL") == "flex":
+                raise
+            _flex_failed = True
+            warnings.warn(f"flex_attention failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                          "decode attention uses the bucketed kernel", stacklevel=2)
+    return bucket_prompt_part(flat, entries, scale, softcap)
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -122,39 +311,12 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
     in the query's dtype.
     """
     rows, q_heads, q_len, dim = query.shape
-    heads, tail_keys, tail_values = entries.heads, entries.tail_keys, entries.tail_values
+    tail_keys, tail_values = entries.tail_keys, entries.tail_values
     kv_heads, t_len = tail_keys.shape[1], tail_keys.shape[2]
     scale = dim**-0.5 if scaling is None else scaling
-    group = q_heads // heads
     accumulate = torch.promote_types(query.dtype, torch.float32)
     flat = query.to(accumulate)
-    # prompt part: per segment (row, cache head) its `group` query heads × q rows
-    segment_queries = flat.reshape(rows * heads, group * q_len, dim)
-    prompt_out = flat.new_zeros(rows * heads, group * q_len, dim)
-    prompt_lse = flat.new_full((rows * heads, group * q_len), float("-inf"))
-    for bucket in entries.buckets:
-        count = bucket.segments.shape[0]
-        if bucket.start >= 0:
-            stop = bucket.start + count * bucket.width
-            keys = entries.keys[bucket.start:stop].view(count, bucket.width, dim)
-            values = entries.values[bucket.start:stop].view(count, bucket.width, dim)
-            bias = None if entries.bias is None else entries.bias[bucket.start:stop].view(count, 1, bucket.width)
-        else:
-            assert bucket.index is not None  # a gathered bucket always has its index (plan_segments)
-            keys = entries.keys.index_select(0, bucket.index).view(count, bucket.width, dim)
-            values = entries.values.index_select(0, bucket.index).view(count, bucket.width, dim)
-            bias = (None if entries.bias is None
-                    else entries.bias.index_select(0, bucket.index).view(count, 1, bucket.width))
-        logits = _capped(torch.bmm(segment_queries[bucket.segments], keys.to(accumulate).transpose(1, 2)).mul_(scale),
-                         softcap)
-        if bias is not None:
-            logits = logits.add_(bias)
-        if bucket.padding is not None:
-            logits = logits.masked_fill_(bucket.padding[:, None, :], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)
-        probs = logits.sub_(lse[..., None]).exp_()
-        prompt_out.index_copy_(0, bucket.segments, torch.bmm(probs, values.to(accumulate)))
-        prompt_lse.index_copy_(0, bucket.segments, lse)
+    prompt_out, prompt_lse = _prompt_part(query, flat, entries, scale, softcap)
     # tail part: dense over the row's generated tokens, query heads grouped by KV head
     grouped = flat.reshape(rows, kv_heads, (q_heads // kv_heads) * q_len, dim)
     tail = torch.matmul(grouped, tail_keys.to(accumulate).transpose(-1, -2)).mul_(scale)

@@ -222,6 +222,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.selection_seconds = selection_seconds
         self.bias = bias  # float32 [total] logit bias of summary entries (a press's `summary_entries`), or None
         self.buckets = plan_segments(kept, keys.device)
+        self.flex_masks: dict[int, Any] = {}  # the flex decode kernel's block masks, for these rows
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -270,7 +271,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
         self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
         entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
-                                  self.tail_values, self.bias)
+                                  self.tail_values, self.bias, self.flex_masks)
         return entries, entries
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -325,6 +326,7 @@ class HeadwiseLayer(CacheLayerMixin):
         on_device = indices.to(self.tail_keys.device)
         self.tail_keys, self.tail_values = self.tail_keys[on_device], self.tail_values[on_device]
         self.buckets = plan_segments(self.kept, self.keys.device)
+        self.flex_masks = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
