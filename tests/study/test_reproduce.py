@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from headscore.core.errors import HeadscoreError
+from headscore.evaluation.evaluate import eval_method
 from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -39,6 +40,9 @@ def test_shipped_configs_validate(name):
             "granularity": "query", "beyond_prompt": "keep", "score_dtype": "float16", "pyramid_schedule": "headkv",
             "ada_allocation": "official", "dtype": "float16"}
         assert config.section("allocate")["granularity"] == "query"
+        # RazorAttention as the authors ran it: k given (B = 128: 5, 10, 20; B = 1024: 100, 500), beside razor
+        assert {"razor", "razor-k5", "razor-k10", "razor-k20", "razor-k100", "razor-k500"} <= set(evaluate["methods"])
+        assert evaluate["razor_compensation"] is False
         needles, estimate = config.section("needles"), config.section("estimate")
         assert (needles["min_length"], needles["max_length"], needles["lengths"], needles["template"]) == (
             0, 10000, 5, "official")
@@ -49,6 +53,9 @@ def test_shipped_configs_validate(name):
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
     if name == "smollm2-135m":
         assert config.section("estimate")["r2_mode"] == "teacher-forced"
+        assert "razor-k5" in config.section("evaluate")["methods"]  # once per sample: cheap
+    for method in config.section("evaluate")["methods"]:  # every method resolves
+        eval_method(method, ["r", "er", "r2"])
 
 
 @pytest.mark.parametrize(
