@@ -124,6 +124,10 @@ def test_quick_study_end_to_end(tmp_path):
     razor = summary[(summary["method"] == "razor") & (summary["budget"] == 32)]
     assert f"| {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} |" in text
     assert "13.03" in text and "not this run's" in text
+    fixed = summary[summary["method"] == "razor-k5"]  # k given: once per sample, beside the authors' k = 5
+    assert len(fixed) == summary["sample"].nunique() and fixed["budget"].isna().all()
+    assert (f"| `razor-k5` | 5 | {fixed['kv_size'].mean():.1f} | {fixed['kv_ratio'].mean():.3f} | "
+            f"{fixed['score'].mean():.3f} | 128 | 13.03 |") in text
     stability = json.loads((root / "stability" / "stability.json").read_text())
     assert stability["trials"] > 0 and f"| {stability['rows'][-1]['overlap_mean']:.3f} |" in text
     # rerunning continues: every stage but the report is skipped
