@@ -108,7 +108,8 @@ RAZOR_K_PATTERN = re.compile(r"razor-k(0|[1-9][0-9]*)")
 def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
     """Every evaluation method, resolved from the registries when called: each registered press that needs no
     head scores under its own name, and headkv-NAME for the scores of every registered score rule (headkv-r2,
-    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`."""
+    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`, and razor. `razor-kN`
+    (any N) is not listed: `eval_method` resolves it from its name."""
     from headscore.scoring.rules import RULES
 
     methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
