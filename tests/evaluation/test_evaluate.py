@@ -258,6 +258,7 @@ def test_newline_tokens(tokenizer):
     (["--methods", "headkv-r2"], "needs --scores r2=FILE"),
     (["--scores", "r2"], "--scores 'r2' is not NAME=FILE"),
     (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
+    (["--methods", "razor-k05"], "unknown method 'razor-k05'"),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     import subprocess
@@ -319,3 +320,116 @@ def test_smollm2_batched_conditions_equal_one_at_a_time(smollm2, tmp_path, score
                              decode_batch=1)
     assert batched == single
     assert any(row["score"] > 0 for row in batched)  # the model finds the needle under some conditions
+
+
+def test_razor_k_resolves_for_any_k_when_used():
+    """razor-kN is resolved from its name (no registry copy): razor on the retrieval scores with k = N."""
+    assert eval_method("razor-k20") == EvalMethod("razor", "r", full_heads=20)
+    assert eval_method("razor-k0").full_heads == 0 and eval_method("razor-k12345").full_heads == 12345
+    assert not any(name.startswith("razor-k") for name in eval_methods())
+    for bad in ("razor-k", "razor-k05", "razor-k-1", "razor-kx", "razor-k5 "):
+        with pytest.raises(HeadscoreError, match=f"unknown method '{bad}'.*razor-kN"):
+            eval_method(bad)
+
+
+def test_razor_k_through_evaluate_equals_a_razor_press_compress(model, tokenizer, score_files):
+    """A razor-kN condition is one RazorPress(full_heads=N) compress of the same sample: the same tokens, bytes
+    and kept entries; it is planned once (budget None) whatever the budgets; its KV size is the plain count
+    (k heads keep the prompt, the others 4 sinks + the window)."""
+    geometry = Geometry.from_config(model.config)
+    scores = score_files(geometry)
+    options = EvaluateOptions(methods=["razor-k3", "razor"], budgets=[16, 24], scores=scores)
+    conditions = plan_conditions(geometry, options)
+    assert [(c.method, c.budget) for c in conditions] == [("razor-k3", None), ("razor", 16), ("razor", 24)]
+    assert conditions[0].press.full_heads == 3 and conditions[1].press.full_heads is None
+    assert conditions[0].press.describe()["budget"] is None  # a given k holds its own KV
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 5
+    stops = eos_ids(model, tokenizer)
+    row = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)[0]
+    ids = torch.tensor([encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]])
+    press = make_press("razor", geometry, window=8, scores=read_head_scores(scores["r"]), full_heads=3)
+    tokens, report = generate_ids(model, ids, press, max_new_tokens=5, eos=stops)
+    assert row["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert (row["kv_bytes"], row["full_heads"], row["compensation"], row["budget"]) == (report.kv_bytes, 3, False,
+                                                                                      None)
+    heads, n = geometry.layers * geometry.kv_heads, ids.shape[1]
+    assert row["kv_size"] == pytest.approx((3 * n + (heads - 3) * (4 + 8)) / heads)
+    assert row["kv_size"] == pytest.approx(sum(map(sum, report.kept)) / heads)
+
+
+def test_razor_k_runs_once_per_sample_whatever_the_budgets(model, tokenizer, tmp_path, score_files):
+    """razor-kN does not depend on the budget: one row per sample (budget empty), the same rows under other
+    budgets, one summary entry, its own heatmap and a point on the KV curve; the journal resumes it."""
+    geometry = Geometry.from_config(model.config)
+    scores = score_files(geometry)
+    samples = small_samples(tokenizer)
+    runs = {}
+    for name, budgets in (("two", [16, 24]), ("one", [24])):
+        options = EvaluateOptions(methods=["snapkv", "razor-k2"], budgets=budgets, scores=scores)
+        runs[name] = evaluate(model, tokenizer, samples, tmp_path / name, options=options, model_name="tiny")
+    rows = {name: [r for r in result.rows if r["method"] == "razor-k2"] for name, result in runs.items()}
+    assert len(rows["two"]) == len(samples) and all(r["budget"] is None for r in rows["two"])
+    assert rows["two"] == rows["one"]
+    assert len(runs["two"].rows) == len(samples) * 3
+    entry = [e for e in runs["two"].summary if e["method"] == "razor-k2"]
+    assert len(entry) == 1 and entry[0]["budget"] is None
+    assert entry[0]["kv_ratio"] == pytest.approx(sum(r["kv_ratio"] for r in rows["two"]) / len(samples))
+    assert (tmp_path / "two" / "niah_razor-k2_all.png").is_file()
+    assert not (tmp_path / "two" / "niah_razor-k2_full.png").exists()
+    calls = []
+    again = evaluate(model, tokenizer, samples, tmp_path / "two", options=EvaluateOptions(
+        methods=["snapkv", "razor-k2"], budgets=[16, 24], scores=scores), model_name="tiny",
+        progress=lambda done, total: calls.append(done))
+    assert calls == [len(samples)] and again.rows == runs["two"].rows
+
+
+def test_compensation_reaches_every_razor_press(model, tokenizer, score_files):
+    """razor_compensation: every razor condition stores one more entry per compressed head (the rows say so);
+    the other methods are untouched."""
+    geometry = Geometry.from_config(model.config)
+    scores = score_files(geometry)
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 3
+    stops = eos_ids(model, tokenizer)
+    rows = {}
+    for on in (False, True):
+        options = EvaluateOptions(methods=["razor-k1", "razor", "snapkv"], budgets=[24], scores=scores,
+                                  razor_compensation=on)
+        conditions = plan_conditions(geometry, options)
+        assert [c.press.compensation for c in conditions[:2]] == [on, on]
+        rows[on] = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    heads = geometry.layers * geometry.kv_heads
+    for off, on in zip(rows[False][:2], rows[True][:2], strict=True):
+        assert (off["compensation"], on["compensation"]) == (False, True)
+        assert on["full_heads"] == off["full_heads"]
+        assert on["kv_size"] - off["kv_size"] == pytest.approx((heads - on["full_heads"]) / heads)
+    assert rows[False][2]["kv_size"] == rows[True][2]["kv_size"] and rows[True][2]["compensation"] is None
+    with pytest.raises(HeadscoreError, match="compensation must be true or false"):
+        plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"], scores=scores, razor_compensation="yes"))
+
+
+def test_razor_k_above_the_heads_is_one_error(model, score_files):
+    geometry = Geometry.from_config(model.config)  # 2 layers × 2 KV heads
+    scores = score_files(geometry)
+    plan_conditions(geometry, EvaluateOptions(methods=["razor-k4"], scores=scores))
+    with pytest.raises(HeadscoreError, match="method razor-k5: razor: 5 full heads, but the model has 4 kv heads"):
+        plan_conditions(geometry, EvaluateOptions(methods=["razor-k5"], scores=scores))
+    with pytest.raises(HeadscoreError, match="needs --scores r=FILE"):
+        plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"]))
+
+
+def test_cli_razor_k_above_the_models_heads_is_one_line(tmp_path, random_scores):
+    """SmolLM2 has 30 layers × 3 KV heads: razor-k91 fails before any weight is loaded, in one line."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.json"
+    write_head_scores(path, random_scores(30, 9))
+    out = tmp_path / "evaluation"
+    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), "--methods",
+                             "razor-k91", "--scores", f"r={path}", "--compensation"], capture_output=True, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "method razor-k91: razor: 91 full heads, but the model has 90 kv heads" in lines[0]
+    assert not out.exists()

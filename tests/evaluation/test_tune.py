@@ -78,8 +78,11 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
         return rows
 
     monkeypatch.setattr(evaluate_module, "evaluate_sample", scored)
-    options = TuneOptions(methods=["headkv-r2"], budgets=[16, 32], scores={"r2": str(tmp_path / "r2.json")},
-                          betas=[1.01, 1.2, 2.0], val_fraction=0.5, seed=1)
+    write_head_scores(tmp_path / "r.json", HeadScores.from_tensor(per_trial.flip(0)))
+    options = TuneOptions(methods=["headkv-r2"], budgets=[16, 32],
+                          scores={"r2": str(tmp_path / "r2.json"), "r": str(tmp_path / "r.json")},
+                          betas=[1.01, 1.2, 2.0], val_fraction=0.5, seed=1,
+                          baselines=["snapkv", "ada-snapkv", "razor-k1"], razor_compensation=True)
     out = tmp_path / "tune"
     result = tune(model, tokenizer, samples, out, options=options, model_name="tiny")
     val, test = split_samples(samples, 0.5, seed=1)
@@ -103,13 +106,16 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
     assert sorted(val_rows["beta"].dropna().unique()) == [1.01, 1.2, 2.0]
     test_rows = pd.read_csv(out / "test" / "results.csv")
     assert set(test_rows["sample"]) == {s.id for s in test}
-    assert set(test_rows["method"]) == {"snapkv", "ada-snapkv", "headkv-r2 default", "headkv-r2 tuned"}
+    assert set(test_rows["method"]) == {"snapkv", "ada-snapkv", "razor-k1", "headkv-r2 default", "headkv-r2 tuned"}
+    razor = test_rows[test_rows["method"] == "razor-k1"]  # a baseline without a budget: once per sample
+    assert len(razor) == len(test) and razor["budget"].isna().all() and razor["compensation"].all()
     # the held-out comparison: tuned scores 1, default 0.25
     for row in result.comparison:
         assert (row["test_tuned"], row["test_default"]) == (1.0, 0.25)
         assert row["test_gain"] == pytest.approx(0.75)
         plain = test_rows[(test_rows["method"] == "snapkv") & (test_rows["budget"] == row["budget"])]["score"].mean()
         assert row["test[snapkv]"] == pytest.approx(plain)
+        assert row["test[razor-k1]"] == pytest.approx(razor["score"].mean())
     for name in ("validation.csv", "validation_vs_beta.png", "comparison.csv", "tune.md", "metadata.json"):
         assert (out / name).is_file()
     meta = json.loads((out / "metadata.json").read_text())
@@ -132,6 +138,9 @@ def test_bad_tune_options(tmp_path):
         TuneOptions(scores=scores, betas=[1.01, 0.9]).check()
     with pytest.raises(HeadscoreError, match="unknown baseline 'headkv-r'"):
         TuneOptions(scores=scores, baselines=["headkv-r"]).check()
+    with pytest.raises(HeadscoreError, match="unknown baseline 'razor-k05'.*razor-kN"):
+        TuneOptions(scores=scores, baselines=["razor-k05"]).check()
+    TuneOptions(scores=scores, baselines=["full", "razor-k3"]).check()  # methods without a β
     run = subprocess.run([sys.executable, "-m", "headscore", "tune", "--scores", f"r2={tmp_path / 'absent.json'}",
                           "--val-fraction", "1.5", "--out", str(tmp_path / "t")], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "val-fraction" in run.stderr

@@ -87,3 +87,31 @@ def test_razor_section_ours_beside_theirs():
         assert f"| {budget} | {k} | {value:.2f} |" in text
     assert "| 1024 | 500 | 29.58 | 32.95 | 32.90 |" in text
     assert "does not run razor" in "".join(razor_section(results[results["method"] != "razor"]))
+
+
+def test_razor_section_shows_fixed_k_rows_beside_theirs():
+    """razor-kN rows (no budget) get their own table: k, the KV size they held, KV ratio and score from the
+    results, the authors' score at the same k where they ran it; compensation on is said."""
+    results = results_frame()
+    fixed = []
+    for sample in range(2):
+        for k, size in ((5, 40.0 + sample), (3, 20.0), (500, 300.0 + 2 * sample)):
+            fixed.append({"method": f"razor-k{k}", "budget": None, "score": (k % 7 + sample) / 10,
+                          "kv_ratio": size / 400, "kv_size": size, "full_heads": k, "compensation": False,
+                          "sample": sample})
+    both = pd.concat([results, pd.DataFrame(fixed)], ignore_index=True)
+    text = "".join(razor_section(both))
+    frame = pd.DataFrame(fixed)
+    order = []
+    for k, (budget, value) in ((3, ("-", "-")), (5, (128, "13.03")), (500, (1024, "29.58"))):
+        group = frame[frame["method"] == f"razor-k{k}"]
+        line = (f"| `razor-k{k}` | {k} | {group['kv_size'].mean():.1f} | {group['kv_ratio'].mean():.3f} | "
+                f"{group['score'].mean():.3f} | {budget} | {value} |")
+        assert line in text
+        order.append(text.index(line))
+    assert order == sorted(order)  # in order of k
+    assert "Compensation token off" in text
+    frame["compensation"] = True
+    on = "".join(razor_section(pd.concat([results, frame], ignore_index=True)))
+    assert "Compensation token **on**" in on
+    assert "RazorAttention at a given k" not in "".join(razor_section(results))

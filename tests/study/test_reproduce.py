@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from headscore.core.errors import HeadscoreError
+from headscore.evaluation.evaluate import eval_method
 from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -39,6 +40,9 @@ def test_shipped_configs_validate(name):
             "granularity": "query", "beyond_prompt": "keep", "score_dtype": "float16", "pyramid_schedule": "headkv",
             "ada_allocation": "official", "dtype": "float16"}
         assert config.section("allocate")["granularity"] == "query"
+        # RazorAttention as the authors ran it: k given (B = 128: 5, 10, 20; B = 1024: 100, 500), beside razor
+        assert {"razor", "razor-k5", "razor-k10", "razor-k20", "razor-k100", "razor-k500"} <= set(evaluate["methods"])
+        assert evaluate["razor_compensation"] is False
         needles, estimate = config.section("needles"), config.section("estimate")
         assert (needles["min_length"], needles["max_length"], needles["lengths"], needles["template"]) == (
             0, 10000, 5, "official")
@@ -49,6 +53,9 @@ def test_shipped_configs_validate(name):
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
     if name == "smollm2-135m":
         assert config.section("estimate")["r2_mode"] == "teacher-forced"
+        assert "razor-k5" in config.section("evaluate")["methods"]  # once per sample: cheap
+    for method in config.section("evaluate")["methods"]:  # every method resolves
+        eval_method(method, ["r", "er", "r2"])
 
 
 @pytest.mark.parametrize(
@@ -117,6 +124,10 @@ def test_quick_study_end_to_end(tmp_path):
     razor = summary[(summary["method"] == "razor") & (summary["budget"] == 32)]
     assert f"| {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} |" in text
     assert "13.03" in text and "not this run's" in text
+    fixed = summary[summary["method"] == "razor-k5"]  # k given: once per sample, beside the authors' k = 5
+    assert len(fixed) == summary["sample"].nunique() and fixed["budget"].isna().all()
+    assert (f"| `razor-k5` | 5 | {fixed['kv_size'].mean():.1f} | {fixed['kv_ratio'].mean():.3f} | "
+            f"{fixed['score'].mean():.3f} | 128 | 13.03 |") in text
     stability = json.loads((root / "stability" / "stability.json").read_text())
     assert stability["trials"] > 0 and f"| {stability['rows'][-1]['overlap_mean']:.3f} |" in text
     # rerunning continues: every stage but the report is skipped

@@ -13,6 +13,7 @@ from headscore.cli.options import (
     AnswerPrefix,
     BetasOption,
     BudgetsOption,
+    Compensation,
     DecodeBatch,
     Device,
     DType,
@@ -58,7 +59,9 @@ def evaluate_command(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated presses: full, streaming, snapkv, "
                                          "pyramidkv, ada-snapkv, any registered press, and headkv-NAME for each "
                                          "--scores NAME=FILE (headkv-r: --scores r=FILE, headkv-r2: --scores "
-                                         "r2=FILE).")] = ",".join(EVALUATE_METHODS),
+                                         "r2=FILE); razor (k per prompt at each budget's KV) and razor-kN (k = N "
+                                         "full-cache heads, run once: its KV does not depend on the budget), "
+                                         "both on --scores r=FILE.")] = ",".join(EVALUATE_METHODS),
     budgets: BudgetsOption = option_values(*EVALUATE_BUDGETS),
     betas: BetasOption = option_values(BETA),
     run_setup: Any = None,
@@ -72,6 +75,7 @@ def evaluate_command(
     answer_prefix: AnswerPrefix = "",
     prefix_options: Any = None,
     decode_batch: DecodeBatch = None,
+    compensation: Compensation = False,
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once); several
     --budgets and --betas make a sweep (full runs once)."""
@@ -81,7 +85,8 @@ def evaluate_command(
     run = run_setup
     options = EvaluateOptions(methods=names(methods), budgets=number_list(budgets, int, "--budgets"),
                               scores=run.scores, betas=number_list(betas, float, "--betas"),
-                              answer_prefix=answer_prefix, fidelity=fidelity_options, **press_parameters)
+                              answer_prefix=answer_prefix, fidelity=fidelity_options,
+                              razor_compensation=compensation, **press_parameters)
     tasks = {**task_options, "template": template}
     if dump_prompts is not None:
         count = write_prompts(run.model, run.tasks, dump_prompts, task_options=tasks, limit=run.limit,
@@ -122,7 +127,8 @@ def tune_command(
     default_beta: Annotated[float, typer.Option("--default-beta", help="The β the tuned one is compared with on "
                                                 "the test split.")] = BETA,
     baselines: Annotated[str, typer.Option("--baselines", help="Methods also run on the test split "
-                                           "(comma-separated; empty for none).")] = ",".join(TUNE_BASELINES),
+                                           "(comma-separated; empty for none; razor and razor-kN need --scores "
+                                           "r=FILE).")] = ",".join(TUNE_BASELINES),
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each task's samples used for "
                                                 "validation.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation/test split.")] = 0,
@@ -132,6 +138,7 @@ def tune_command(
     task_options: Any = None,
     template: Template = TEMPLATE,
     decode_batch: DecodeBatch = None,
+    compensation: Compensation = False,
 ) -> None:
     """Choose HeadKV's β per budget on a validation split, then compare it with the default β and the
     baselines on the held-out test split: one headkv-NAME method per --scores NAME=FILE."""
@@ -145,7 +152,7 @@ def tune_command(
                           budgets=number_list(budgets, int, "--budgets"), scores=run.scores,
                           betas=number_list(betas, float, "--betas"), default_beta=default_beta,
                           baselines=names(baselines), val_fraction=val_fraction, seed=seed, fidelity=fidelity_options,
-                          **press_parameters)
+                          razor_compensation=compensation, **press_parameters)
     with progress_bar() as bar:
         task = bar.add_task("validation samples", total=None)
 

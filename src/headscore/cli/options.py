@@ -45,6 +45,10 @@ TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, v
               "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md).")
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
+                                            "of the dropped keys and values) per compressed head. Off by default, "
+                                            "as the HeadKV authors ran RazorAttention: they found it made runs "
+                                            "about 3x slower at large k.")]
 Device = Annotated[str, typer.Option("--device", help="Device: auto (CUDA when available, else CPU), cpu, cuda, "
                                      "cuda:1, ... (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")]
 DType = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32 on "

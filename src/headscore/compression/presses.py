@@ -637,10 +637,11 @@ class RazorPress(Press):
                               head=head.to(keys.device), log_weight=weight)
 
     def describe(self) -> dict:
-        rule = ("given" if self.full_heads is not None else
+        rule = ("given (the budget plays no part)" if self.full_heads is not None else
                 f"equal total KV: k = round((B − {self.sinks} sinks − {self.window} window) · L · H / "
                 f"{'average length ' + str(self.average_length) if self.average_length else 'prompt length'})")
-        return {"method": self.name, "window": self.window, "budget": self.budget, "sinks": self.sinks,
+        budget = None if self.full_heads is not None else self.budget  # a given k holds its own KV
+        return {"method": self.name, "window": self.window, "budget": budget, "sinks": self.sinks,
                 "full_heads": self.full_heads, "average_length": self.average_length, "full_heads_rule": rule,
                 "compensation": self.compensation, "granularity": self.granularity,
                 "source_scores": self.source_scores}

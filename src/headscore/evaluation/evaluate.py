@@ -17,6 +17,7 @@ settings without loading weights.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass, field
@@ -96,15 +97,19 @@ class EvalMethod:
 
     press: str
     scores: str | None = None
+    full_heads: int | None = None  # razor-kN: k given directly (the condition then takes no budget)
 
 
 HEADKV_METHOD = "headkv-"  # headkv-NAME: the headkv press on the head scores named NAME
+RAZOR_K_METHOD = "razor-k"  # razor-kN: RazorAttention with N full-cache heads, whatever the budget
+RAZOR_K_PATTERN = re.compile(r"razor-k(0|[1-9][0-9]*)")
 
 
 def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
     """Every evaluation method, resolved from the registries when called: each registered press that needs no
     head scores under its own name, and headkv-NAME for the scores of every registered score rule (headkv-r2,
-    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`."""
+    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`, and razor. `razor-kN`
+    (any N) is not listed: `eval_method` resolves it from its name."""
     from headscore.scoring.rules import RULES
 
     methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
@@ -115,11 +120,16 @@ def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
 
 
 def eval_method(name: str, score_names: Sequence[str] = ()) -> EvalMethod:
-    """The `EvalMethod` named `name` (`score_names`: the names of the given head-score files); an unknown name is
-    an error listing the known ones."""
+    """The `EvalMethod` named `name` (`score_names`: the names of the given head-score files); an unknown name
+    is an error listing the known ones. Besides `eval_methods`, `razor-kN` for any N ≥ 0 (written without
+    leading zeros): razor on the retrieval scores with k = N full-cache heads (the authors' fixed-k runs)."""
     methods = eval_methods(score_names)
+    fixed = RAZOR_K_PATTERN.fullmatch(name)
+    if fixed:
+        return EvalMethod("razor", "r", full_heads=int(fixed.group(1)))
     if name not in methods:
-        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(methods)}")
+        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(methods)}, "
+                             f"{RAZOR_K_METHOD}N (N ≥ 0 full-cache heads)")
     return methods[name]
 
 
@@ -142,6 +152,8 @@ class EvaluateOptions:
     `headscore compress` (`sinks` too); `fidelity` selects the authors' behaviour (docs/fidelity.md).
     `answer_prefix` is appended to every prompt (after the generation prompt, so the
     observation window covers it); the model continues it and the prediction excludes it.
+    `razor_compensation` turns on RazorAttention's compensation token in every razor method (off: as the HeadKV
+    authors ran it; they found it made a run about three times slower at large k).
     """
 
     methods: Sequence[str] = EVALUATE_METHODS
@@ -157,11 +169,13 @@ class EvaluateOptions:
     sinks: int = SINKS
     answer_prefix: str = ""
     fidelity: FidelityOptions = field(default_factory=FidelityOptions)
+    razor_compensation: bool = False
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One compared setting: an evaluation method at a budget (None for full), β for headkv, and its press.
+    """One compared setting: an evaluation method at a budget (None for a method that takes none: full, razor-kN),
+    β for headkv, and its press.
 
     `label` names it in tables and figures: the method, with β appended in a β sweep.
     """
@@ -174,7 +188,9 @@ class Condition:
 
 
 def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
-    """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets)."""
+    """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets, a k
+    above the model's heads). A method whose press takes no budget runs once (budget None), and so does
+    razor-kN: its KV does not depend on the budget (k full heads, sinks + window for the rest)."""
 
     entries = [(name, eval_method(name, list(options.scores))) for name in options.methods]
     takes = {entry.press: press_options(PRESSES[entry.press]) for _, entry in entries}
@@ -184,6 +200,9 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
         raise HeadscoreError("evaluate: no budget given")
     if not options.betas:
         raise HeadscoreError("evaluate: no beta given")
+    if not isinstance(options.razor_compensation, bool):
+        raise HeadscoreError(f"evaluate: razor compensation must be true or false, got "
+                             f"{options.razor_compensation!r}")
     loaded: dict[str, Any] = {}
     conditions = []
     sweep = len(options.betas) > 1
@@ -195,16 +214,34 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
                 raise HeadscoreError(f"evaluate: method {method} needs {scores_option(needs)}")
             loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
         betas = options.betas if "beta" in takes[kind] else [None]
-        for budget in options.budgets if "budget" in takes[kind] else [None]:
+        budgeted = "budget" in takes[kind] and entry.full_heads is None
+        for budget in options.budgets if budgeted else [None]:
             for beta in betas:
-                press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
-                                   kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
-                                   temp=options.temp, granularity=options.granularity,
-                                   pyramid_beta=options.pyramid_beta, sinks=options.sinks,
-                                   scores=loaded.get(needs) if needs else None, **options.fidelity.params())
+                try:
+                    press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
+                                       kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
+                                       temp=options.temp, granularity=options.granularity,
+                                       pyramid_beta=options.pyramid_beta, sinks=options.sinks,
+                                       scores=loaded.get(needs) if needs else None, full_heads=entry.full_heads,
+                                       compensation=options.razor_compensation, **options.fidelity.params())
+                except HeadscoreError as error:
+                    if entry.full_heads is None:
+                        raise
+                    raise HeadscoreError(f"evaluate: method {method}: {error}") from error
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
+
+
+def condition_columns(press: Any, report: KVReport) -> dict[str, Any]:
+    """The columns of a result row that describe what its cache held: `kv_size`, the mean prompt entries kept
+    per cache head (window and compensation entries included: the paper's KV size, measured); for razor rows
+    `full_heads` (k) and `compensation`, None for the others."""
+    kept = [count for layer in report.kept for count in layer]
+    razor = press.name == "razor"
+    return {"kv_size": sum(kept) / len(kept) if kept else None,
+            "full_heads": report.press.get("full_heads") if razor else None,
+            "compensation": report.press.get("compensation") if razor else None}
 
 
 def tokenizer_eos(tokenizer: Any) -> set[int]:
@@ -287,7 +324,7 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
-            "full_heads": report.press.get("full_heads") if condition.press.name == "razor" else None,
+            **condition_columns(condition.press, report),
         })
     return rows
 
@@ -338,7 +375,10 @@ def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
-    """NIAH heatmaps (length × depth) per method and budget, and the score-vs-KV-size curves."""
+    """NIAH heatmaps (length × depth) per method and budget, and the score-vs-KV-size curves.
+
+    A compressed method that takes no budget (razor-kN) has its heatmap named `niah_<method>_all.png` and is
+    one point on the curve, at the mean KV size its rows held (`kv_size`)."""
 
     frame = pd.DataFrame(rows)
     figures = []
@@ -349,7 +389,7 @@ def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         for (method, budget), group in niah.groupby(["method", "budget"], dropna=False, sort=False):
             grid = group.pivot_table(index="depth", columns="target_length", values="score", aggfunc="mean")
             grid = grid.reindex(index=depths, columns=lengths)
-            label = "full" if pd.isna(budget) else f"{int(budget)}"
+            label = f"{int(budget)}" if not pd.isna(budget) else "full" if method == "full" else "all"
             path = out_dir / f"niah_{method}_{label}.png"
             grid_heatmap(torch.tensor(grid.to_numpy(dtype=float)), path,
                          title=f"NIAH {method}" + ("" if pd.isna(budget) else f", KV size {int(budget)}"),
@@ -358,15 +398,20 @@ def write_figures(out_dir: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
                          vmin=0.0, vmax=1.0, cmap="RdYlGn")
             figures.append(path)
     compressed = frame[frame["budget"].notna()]
-    if not compressed.empty:
+    fixed = frame[frame["budget"].isna() & (frame["method"] != "full")]
+    if "kv_size" in frame:
+        fixed = fixed[fixed["kv_size"].notna()]
+    if not compressed.empty or not fixed.empty:
         series = {}
         for method, group in compressed.groupby("method", sort=False):
             means = group.groupby("budget")["score"].mean().sort_index()
             series[method] = ([float(b) for b in means.index], [float(v) for v in means], None)
+        for method, group in fixed.groupby("method", sort=False):
+            series[method] = ([float(group["kv_size"].mean())], [float(group["score"].mean())], None)
         full = frame[frame["method"] == "full"]
         if not full.empty:
-            budgets = sorted(float(b) for b in compressed["budget"].unique())
-            series["full"] = (budgets, [float(full["score"].mean())] * len(budgets), None)
+            sizes = sorted({x for xs, _, _ in series.values() for x in xs})
+            series["full"] = (sizes, [float(full["score"].mean())] * len(sizes), None)
         path = out_dir / CURVE_FILE
         line_plot(series, path, title="score vs KV size", xlabel="KV size (entries per head)",
                   ylabel="mean score", xscale="log")
@@ -402,8 +447,11 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if too_long:
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
+    described = asdict(options)
+    if not options.razor_compensation:  # named only when on, so the journals of earlier runs stay valid
+        described.pop("razor_compensation")
     header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
-              "options": {**asdict(options), "methods": list(options.methods), "budgets": list(options.budgets),
+              "options": {**described, "methods": list(options.methods), "budgets": list(options.budgets),
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
               "samples_fingerprint": fingerprint_bytes(*(s.id + "\0" + s.prompt for s in samples)),
               "samples": len(samples)}

@@ -54,15 +54,17 @@ def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses:
 
 def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int], method: str = "headkv",
                 label: str | None = None, budget: int = BUDGET, beta: float = BETA, scores: str | None = None,
-                max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None) -> list[dict[str, Any]]:
-    """Measure `full` and `method` at every length; write latency.csv, latency.png, kv_bytes.png, metadata."""
+                full_heads: int | None = None, max_new_tokens: int = 16, device: str = "auto",
+                dtype: str | None = None) -> list[dict[str, Any]]:
+    """Measure `full` and `method` at every length; write latency.csv, latency.png, kv_bytes.png, metadata.
+    `full_heads`: razor's k given directly (razor-kN)."""
 
     out_dir = Path(out_dir)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     geometry = Geometry.from_config(model.config)
     label = label or method
     presses = {"full": make_press("full", geometry),
-               label: make_press(method, geometry, budget=budget, beta=beta, scores=scores)}
+               label: make_press(method, geometry, budget=budget, beta=beta, scores=scores, full_heads=full_heads)}
     rows = measure_lengths(model, tokenizer, lengths, presses, max_new_tokens)
     frame = pd.DataFrame(rows)
     with atomic_open(out_dir / TABLE_FILE) as handle:
@@ -80,6 +82,7 @@ def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int],
               xlabel="context tokens", ylabel="KV cache (MiB)", xscale="linear")
     write_json(out_dir / "metadata.json", {
         "model": model_name, "geometry": geometry.to_dict(), "method": method, "label": label, "budget": budget,
-        "beta": beta, "scores": scores, "lengths": list(lengths), "max_new_tokens": max_new_tokens,
+        "beta": beta, "scores": scores, **({"full_heads": full_heads} if full_heads is not None else {}),
+        "lengths": list(lengths), "max_new_tokens": max_new_tokens,
         "device": resolve_device(device), "dtype": str(model.dtype).removeprefix("torch."), "versions": versions()})
     return rows

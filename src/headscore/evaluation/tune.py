@@ -95,9 +95,9 @@ RULE = ("best mean validation score; ties (within 1e-9) to the beta whose shared
 @dataclass
 class TuneOptions:
     """What to tune: `methods` (headkv-NAME, each needing its file in `scores` under NAME, as in
-    `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` run on
-    the test split beside the tuned and the `default_beta` allocation. The compression parameters are those
-    of `evaluate`."""
+    `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` (any evaluation method without a β,
+    razor-kN included) run on the test split beside the tuned and the `default_beta` allocation. The
+    compression parameters (and `razor_compensation`) are those of `evaluate`."""
 
     methods: Sequence[str] = ("headkv-r2",)
     budgets: Sequence[int] = TUNE_BUDGETS
@@ -115,6 +115,7 @@ class TuneOptions:
     pyramid_beta: float = PYRAMID_BETA
     sinks: int = SINKS
     fidelity: FidelityOptions = field(default_factory=FidelityOptions)
+    razor_compensation: bool = False
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""
@@ -129,9 +130,15 @@ class TuneOptions:
             if not self.scores.get(needs):
                 raise HeadscoreError(f"tune: method {method} needs {scores_option(needs)}")
         for method in self.baselines:
-            if method not in methods or method in tunable:
+            try:
+                eval_method(method, list(self.scores))
+                known = method not in tunable
+            except HeadscoreError:  # not a method at all
+                known = False
+            if not known:
                 baselines = [m for m in methods if m not in tunable]
-                raise HeadscoreError(f"tune: unknown baseline '{method}': use some of {', '.join(baselines)}")
+                raise HeadscoreError(f"tune: unknown baseline '{method}': use some of {', '.join(baselines)}, "
+                                     "razor-kN")
         if not self.budgets:
             raise HeadscoreError("tune: no budget given")
         for budget in self.budgets:
@@ -150,7 +157,8 @@ class TuneOptions:
         return EvaluateOptions(methods=list(methods), budgets=[int(b) for b in self.budgets],
                                scores=dict(self.scores), window=self.window, kernel=self.kernel, alpha=self.alpha,
                                betas=[float(b) for b in betas], temp=self.temp, granularity=self.granularity,
-                               pyramid_beta=self.pyramid_beta, sinks=self.sinks, fidelity=self.fidelity)
+                               pyramid_beta=self.pyramid_beta, sinks=self.sinks, fidelity=self.fidelity,
+                               razor_compensation=self.razor_compensation)
 
 
 def split_samples(samples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -258,9 +266,11 @@ def test_conditions(geometry: Geometry, tuned: Sequence[Budgets], options: TuneO
 def comparison_table(test_rows: Sequence[dict[str, Any]], validation: Sequence[dict[str, Any]],
                      tuned: Sequence[Budgets], options: TuneOptions) -> list[dict[str, Any]]:
     """Per tuned (method, budget): chosen β, validation and test scores of tuned and default β, the held-out
-    gain, and the baselines' test scores at that budget."""
+    gain, and the baselines' test scores at that budget (a baseline that takes no budget, full or razor-kN: its
+    one score at every budget)."""
     frame = pd.DataFrame(test_rows)
     means = frame.groupby(["method", "budget"])["score"].mean().to_dict()
+    unbudgeted = frame[frame["budget"].isna()].groupby("method")["score"].mean().to_dict()
     table = []
     for budgets in tuned:
         method, budget = tuned_method(budgets), budgets.budget
@@ -271,7 +281,7 @@ def comparison_table(test_rows: Sequence[dict[str, Any]], validation: Sequence[d
                       "val_tuned": val[budgets.beta], "val_default": val.get(float(options.default_beta)),
                       "test_tuned": tuned_score, "test_default": default_score,
                       "test_gain": tuned_score - default_score,
-                      **{f"test[{b}]": means[(b, budget)] for b in options.baselines}})
+                      **{f"test[{b}]": means.get((b, budget), unbudgeted.get(b)) for b in options.baselines}})
     return table
 
 

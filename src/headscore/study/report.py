@@ -14,6 +14,7 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
 from headscore.core.model import Geometry, load_geometry
 from headscore.evaluation.compare import compare_scores
+from headscore.evaluation.evaluate import RAZOR_K_METHOD, RAZOR_K_PATTERN
 from headscore.evaluation.tune import comparison_markdown, validation_markdown
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
@@ -145,12 +146,27 @@ def ablation_section(root: Path, geometry: Geometry, budget: int, beta: float, w
     return lines
 
 
+def razor_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of razor-kN methods (k given directly), with their k, in order of k."""
+    fixed = results[results["method"].map(lambda m: RAZOR_K_PATTERN.fullmatch(str(m)) is not None)]
+    return fixed.assign(k=fixed["method"].str.removeprefix(RAZOR_K_METHOD).astype(int)).sort_values("k",
+                                                                                               kind="stable")
+
+
 def razor_section(results: pd.DataFrame) -> list[str]:
-    """RazorAttention at each budget's total KV beside HeadKV-R2 and full, then the HeadKV authors' numbers."""
+    """RazorAttention at each budget's total KV beside HeadKV-R2 and full, razor-kN (k given, as the authors ran
+    it) beside the authors' numbers at the same k, then all the HeadKV authors' numbers."""
+    every = results[results["method"].eq("razor") | results["method"].map(
+        lambda m: RAZOR_K_PATTERN.fullmatch(str(m)) is not None)]
+    compensated = "compensation" in every and bool(every["compensation"].fillna(False).astype(bool).any())
     lines = ["`razor`: the top-k heads by retrieval score keep their whole prompt, every other head StreamingLLM's "
              "4 sink tokens + the 8-token window; k per prompt from the HeadKV authors' equal-total-KV rule, "
              "k = round((B − 4 − 8) · L · H / prompt length) (halves up; L · H cache heads), so razor holds about "
-             "the KV of budget B. Compensation token off, as in the authors' runs.\n\n"]
+             "the KV of budget B. `razor-kN`: k = N given, as the authors ran it; its KV does not depend on B, so "
+             "it runs once per sample and is placed by the KV size it held (mean entries per cache head). "
+             + ("Compensation token **on** (`evaluate.razor_compensation`): one more entry per compressed head; "
+                "the authors ran without it.\n\n" if compensated else
+                "Compensation token off, as in the authors' runs.\n\n")]
     razor = results[results["method"] == "razor"]
     if razor.empty:
         lines.append("`evaluate.methods` does not run razor.\n")
@@ -168,6 +184,20 @@ def razor_section(results: pd.DataFrame) -> list[str]:
                          f"{full.mean():.3f}" if not full.empty else "-"])
         lines.append(markdown_table(["KV size B", "razor k", "razor KV ratio", "razor score", "headkv-r2 KV ratio",
                                      "headkv-r2 score", "full score"], rows))
+    fixed = razor_rows(results)
+    if not fixed.empty:
+        theirs = {k: (budget, value) for budget, k, value in THEIR_RAZOR}
+        rows = []
+        for method, group in fixed.groupby("method", sort=False):
+            k = int(group["k"].iloc[0])
+            size = f"{group['kv_size'].mean():.1f}" if "kv_size" in group and group["kv_size"].notna().any() else "-"
+            budget, value = theirs.get(k, ("-", None))
+            rows.append([f"`{method}`", k, size, f"{group['kv_ratio'].mean():.3f}", f"{group['score'].mean():.3f}",
+                         budget, "-" if value is None else f"{value:.2f}"])
+        lines.append("\nRazorAttention at a given k (this run; the authors' score at the same k beside it, theirs "
+                     "on Llama-3-8B-Instruct's 1,024 heads, six LongBench QA datasets, not this run's tasks):\n\n")
+        lines.append(markdown_table(["method", "k", "KV size held (entries per head)", "KV ratio", "score",
+                                     "their B", "RazorAttention at this k (theirs)"], rows))
     lines.append("\n**The HeadKV authors' numbers, not this run's** (their rebuttal: Llama-3-8B-Instruct, average "
                  "over six LongBench QA datasets; their rule gave k ≈ 14 at B = 128 for an 8,640-token average, "
                  "so they ran k = 5, 10, 20 at B = 128 and k = 100, 500 at B = 1024):\n\n")
@@ -175,8 +205,9 @@ def razor_section(results: pd.DataFrame) -> list[str]:
         ["KV size B", "k", "RazorAttention (theirs)", "HeadKV-R2 (theirs)", "FullKV (theirs)"],
         [[budget, k, f"{value:.2f}", f"{THEIR_HEADKV_R2[budget]:.2f}", f"{THEIR_FULL:.2f}"]
          for budget, k, value in THEIR_RAZOR]))
-    lines.append("\nThey also found RazorAttention's compensation token (`compress --compensation` here) made a run "
-                 "about three times slower at large k.\n")
+    lines.append("\nThey also found RazorAttention's compensation token (`--compensation` in compress, evaluate "
+                 "and tune; `evaluate.razor_compensation` in a config) made a run about three times slower at "
+                 "large k.\n")
     return lines
 
 
@@ -286,7 +317,9 @@ def write_report(study: Any) -> Path:
     budgets = sorted(int(b) for b in results["budget"].dropna().unique())
     if (results["task"] == "niah").any():
         out.append("\n### NIAH heatmaps (length × depth)\n")
-        shown = [("full", "full")] + [(m, str(budgets[0])) for m in results["method"].unique() if m != "full"]
+        labels = [str(budgets[0])] if budgets else []
+        shown = [("full", "full")] + [(m, label) for m in results["method"].unique() if m != "full"
+                                      for label in [*labels, "all"]]  # "all": razor-kN, which takes no budget
         for method, label in shown:
             figure = root / "evaluate" / f"niah_{method}_{label}.png"
             if figure.is_file():

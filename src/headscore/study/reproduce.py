@@ -73,7 +73,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  "max_length": None, "limit": None, "template": None, "num_needles": None,
                  # docs/fidelity.md: the authors' compression settings and LongBench weights
                  "granularity": None, "beyond_prompt": "clamp", "score_dtype": "float32",
-                 "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None},
+                 "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None,
+                 # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, off as the
+                 # HeadKV authors ran it (about 3x slower at large k)
+                 "razor_compensation": False},
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
              "lengths": None, "depths": None},
@@ -316,7 +319,7 @@ class Study:
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
                                   window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
                                   betas=[float(b) for b in betas], granularity=settings["granularity"],
-                                  fidelity=fidelity)
+                                  fidelity=fidelity, razor_compensation=settings["razor_compensation"])
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
@@ -337,7 +340,7 @@ class Study:
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
                               seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"],
-                              granularity=e["granularity"],
+                              granularity=e["granularity"], razor_compensation=e["razor_compensation"],
                               fidelity=FidelityOptions(**{k: e[k] for k in FidelityOptions.__dataclass_fields__}))
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
@@ -369,6 +372,7 @@ class Study:
         scores = str(self.scores_file(entry.scores, "latency")) if entry.scores else None
         rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=entry.press,
                            label=s["method"], budget=s["budget"], beta=s["beta"], scores=scores,
+                           full_heads=entry.full_heads,
                            max_new_tokens=s["max_new_tokens"], device=top["device"], dtype=top["dtype"])
         return {"lengths": len(rows)}
 
