@@ -259,13 +259,9 @@ def test_newline_tokens(tokenizer):
     (["--scores", "r2"], "--scores 'r2' is not NAME=FILE"),
     (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
 ])
-def test_cli_bad_input_one_line(tmp_path, args, message):
-    import subprocess
-    import sys
-
+def test_cli_bad_input_one_line(tmp_path, args, message, headscore_cli):
     out = tmp_path / "evaluation"
-    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), *args],
-                            capture_output=True, text=True)
+    result = headscore_cli("evaluate", "--out", out, *args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr

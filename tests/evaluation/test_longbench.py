@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -425,14 +423,13 @@ def test_paper_averages_are_the_main_tables():
 # ------------------------------------------------------------------------------------------------ dump
 
 
-def test_dump_prompts_cli(tokenizer, tmp_path):
+def test_dump_prompts_cli(tokenizer, tmp_path, headscore_cli):
     for dataset in ("hotpotqa", "trec"):
         write_jsonl(tmp_path / f"{dataset}.jsonl", [RECORDS[dataset]])
     out = tmp_path / "prompts.jsonl"
     tasks = f"longbench:{tmp_path / 'hotpotqa.jsonl'},longbench:{tmp_path / 'trec.jsonl'}"
-    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--tasks", tasks, "--max-length", "30",
-                             "--dump-prompts", str(out), "--out", str(tmp_path / "never")],
-                            capture_output=True, text=True)
+    result = headscore_cli("evaluate", "--tasks", tasks, "--max-length", "30", "--dump-prompts", out, "--out",
+                           tmp_path / "never")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["dataset"] for line in lines] == ["hotpotqa", "trec"]
@@ -444,7 +441,6 @@ def test_dump_prompts_cli(tokenizer, tmp_path):
     assert [(x["max_new_tokens"], x["min_new_tokens"], x["stop"], x["template"]) for x in lines] == [
         (32, 1, "eos", "raw"), (64, 1, "eos", "raw")]
     assert not (tmp_path / "never").exists()
-    bad = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--tasks",
-                          f"longbench:{tmp_path / 'absent.jsonl'}", "--dump-prompts", str(tmp_path / "x.jsonl")],
-                         capture_output=True, text=True)
+    bad = headscore_cli("evaluate", "--tasks", f"longbench:{tmp_path / 'absent.jsonl'}", "--dump-prompts",
+                        tmp_path / "x.jsonl")
     assert bad.returncode == 2 and "not found" in bad.stderr and not (tmp_path / "x.jsonl").exists()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pandas as pd
@@ -120,7 +118,7 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
     assert calls == [] and again.comparison == result.comparison
 
 
-def test_bad_tune_options(tmp_path):
+def test_bad_tune_options(tmp_path, headscore_cli):
     with pytest.raises(HeadscoreError, match="no β to tune"):
         TuneOptions(methods=["snapkv"]).check()
     with pytest.raises(HeadscoreError, match="needs --scores r2=FILE"):
@@ -132,7 +130,7 @@ def test_bad_tune_options(tmp_path):
         TuneOptions(scores=scores, betas=[1.01, 0.9]).check()
     with pytest.raises(HeadscoreError, match="unknown baseline 'headkv-r'"):
         TuneOptions(scores=scores, baselines=["headkv-r"]).check()
-    run = subprocess.run([sys.executable, "-m", "headscore", "tune", "--scores", f"r2={tmp_path / 'absent.json'}",
-                          "--val-fraction", "1.5", "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    run = headscore_cli("tune", "--scores", f"r2={tmp_path / 'absent.json'}", "--val-fraction", "1.5", "--out",
+                        tmp_path / "t")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "val-fraction" in run.stderr
     assert not (tmp_path / "t").exists()

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,6 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import headscore
 from headscore.core.errors import HeadscoreError
 from headscore.core.haystack import Haystack, load_haystack, load_haystack_parts
 from headscore.core.prompts import OFFICIAL_QUESTION, encode_prompt
@@ -169,15 +165,13 @@ def test_retrieval_parts_go_to_their_needles_in_order():
     assert load_haystack_parts(str(HAYSTACKS / "retrieval_head" / "haystack_for_detect" / "part1")) is None
 
 
-def test_official_set_past_the_context_warns_and_is_built(tmp_path):
+def test_official_set_past_the_context_warns_and_is_built(tmp_path, headscore_cli):
     """`build-needles --template official --haystack <their folder> --min-length 0 --max-length L --lengths 5`:
     their trial set, length 0 included; past the model's context a warning, not an error."""
     out = tmp_path / "trials.jsonl"
-    result = subprocess.run([sys.executable, "-m", "headscore", "build-needles", "--template", "official",
-                             "--haystack", str(HAYSTACKS / "headkv" / "haystack_for_detect_r2"), "--min-length",
-                             "0", "--max-length", "10000", "--lengths", "5", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(Path(headscore.__file__).parents[1])})
+    result = headscore_cli("build-needles", "--template", "official", "--haystack",
+                           HAYSTACKS / "headkv" / "haystack_for_detect_r2", "--min-length", "0", "--max-length",
+                           "10000", "--lengths", "5", "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "longer than the model's 8192 positions" in result.stderr
     trials = read_trials(out)
