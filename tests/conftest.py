@@ -116,6 +116,17 @@ def smollm2():
 
 
 @pytest.fixture
+def no_plots(monkeypatch):
+    """estimate's and evaluate's figures are not drawn (their paths are still listed): for tests of numbers and
+    files other than the figures, where drawing would take most of the time. `write_figures`' own test draws."""
+    from headscore.evaluation import evaluate
+    from headscore.scoring import estimate
+
+    for module, name in ((evaluate, "grid_heatmap"), (evaluate, "line_plot"), (estimate, "head_heatmap")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture
 def suffix_passes(monkeypatch) -> list[tuple[int, int]]:
     """(queries, keys) of every attention call that took `causal_suffix_attention` (a pass after cached tokens)."""
     from headscore.core import attention

@@ -366,7 +366,8 @@ def test_evaluate_writes_the_longbench_table(tiny_llama, tokenizer, tmp_path):
     write_jsonl(path, records)
     samples = get_task(f"longbench:{path}", max_new_tokens=3).samples(tokenizer)
     options = EvaluateOptions(methods=["full", "snapkv"], budgets=[16])
-    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny")
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny",
+                      figures=False)
     table = longbench_table(samples, result.rows)
     for entry in table:
         scores = [r["score"] for r in result.rows if r["method"] == entry["method"]]

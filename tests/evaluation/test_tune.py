@@ -55,7 +55,7 @@ def test_ties_go_to_the_pool_closest_to_the_default():
     assert choose_beta({1.005: 0.5, 1.02: 0.5}, budget, window, default) == 1.005
 
 
-def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeypatch):
+def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeypatch, no_plots):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer))
     geometry = Geometry.from_config(model.config)
     per_trial = torch.rand(6, geometry.layers, geometry.query_heads, generator=torch.Generator().manual_seed(2),
