@@ -15,6 +15,7 @@ from headscore.scoring.estimate import EstimateOptions, encode_trial, estimate, 
 from headscore.scoring.trials import build_needle_trials
 
 OFF = PrefixOptions(enabled=False)
+pytestmark = pytest.mark.usefixtures("no_plots")  # journals, tables and score files are compared, not heatmaps
 
 
 @pytest.fixture(scope="module")
