@@ -117,12 +117,17 @@ def test_needle_goes_in_at_the_requested_depth(tokenizer):
 
 
 def test_default_build_writes_100_trials_and_is_byte_identical(tmp_path, headscore_cli):
-    """Once through a fresh interpreter (the entry point, its own hash seed) and once in this process."""
-    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    for out, run in ((first, run_cli), (second, headscore_cli)):
-        result = run("build-needles", "--out", str(out), cwd=tmp_path)
+    """Once through a fresh interpreter (the entry point, its own hash seed) and once in this process: the same
+    file, and the same report (the in-process runner other CLI tests use gives what the entry point gives)."""
+    results = []
+    for folder, run in (("a", run_cli), ("b", headscore_cli)):
+        (tmp_path / folder).mkdir()
+        result = run("build-needles", "--out", "trials.jsonl", cwd=tmp_path / folder)
         assert result.returncode == 0, result.stderr
+        results.append(result)
+    first, second = tmp_path / "a" / "trials.jsonl", tmp_path / "b" / "trials.jsonl"
     assert first.read_bytes() == second.read_bytes()
+    assert (results[0].stdout, results[0].stderr) == (results[1].stdout, results[1].stderr)
     trials = read_trials(first)
     assert len(trials) == 100
     assert sorted({t.target_length for t in trials}) == [1000, 2748, 4496, 6244, 7992]
