@@ -116,6 +116,17 @@ def smollm2():
 
 
 @pytest.fixture
+def no_plots(monkeypatch):
+    """estimate's and evaluate's figures are not drawn (their paths are still listed): for tests of numbers and
+    files other than the figures, where drawing would take most of the time. `write_figures`' own test draws."""
+    from headscore.evaluation import evaluate
+    from headscore.scoring import estimate
+
+    for module, name in ((evaluate, "grid_heatmap"), (evaluate, "line_plot"), (estimate, "head_heatmap")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture
 def suffix_passes(monkeypatch) -> list[tuple[int, int]]:
     """(queries, keys) of every attention call that took `causal_suffix_attention` (a pass after cached tokens)."""
     from headscore.core import attention
@@ -129,3 +140,50 @@ def suffix_passes(monkeypatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(attention, "causal_suffix_attention", counted)
     return calls
+
+
+@pytest.fixture
+def headscore_cli(monkeypatch):
+    """Run `headscore ARGS...` in this process, as the console entry point runs it (`headscore.cli.main`:
+    a HeadscoreError is one stderr line and exit status 2), without paying a new interpreter's torch import.
+
+    Returns a `subprocess.CompletedProcess` (returncode, stdout, stderr), like `subprocess.run(...,
+    capture_output=True, text=True)`; `cwd` and `env` (variables to add) apply for the call only. Python warnings
+    raised during the call land on its stderr under a fresh interpreter's default filters, as they would in a
+    subprocess (so "one line on stderr" still fails on a stray warning). A handful of tests still start a real
+    `python -m headscore` (the entry point itself, a fresh interpreter).
+    """
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    import warnings
+
+    from headscore.cli import main
+
+    def run(*args: object, cwd: str | os.PathLike | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        argv = ["headscore", *map(str, args)]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            if cwd is not None:
+                patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                    warnings.catch_warnings(record=True) as raised:
+                warnings.resetwarnings()  # a fresh interpreter's defaults: these four ignored, the rest shown
+                for ignored in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                    warnings.simplefilter("ignore", ignored)
+                try:
+                    main()
+                    code = 0
+                except SystemExit as done:  # typer's standalone mode and main() both end in SystemExit
+                    code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            for warning in raised:
+                stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                    warning.lineno, warning.line))
+        return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+    return run

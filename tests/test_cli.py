@@ -122,3 +122,17 @@ def test_old_spellings_reach_the_command(tmp_path):
                                  "--budgets", str(budgets)])
     assert isinstance(result.exception, HeadscoreError) and "context file not found" in str(result.exception)
     assert "compress --budgets FILE is deprecated" in result.stderr and result.stderr.count("deprecated") == 1
+
+
+def test_in_process_runner_matches_the_entry_point(tmp_path, headscore_cli):
+    """The `headscore_cli` fixture (most CLI tests run through it) gives what a real `python -m headscore`
+    gives: exit status, stdout and the one stderr line."""
+    import subprocess
+    import sys
+
+    args = ["compare", str(tmp_path / "a.json"), "--plot", "x.txt"]
+    real = subprocess.run([sys.executable, "-m", "headscore", *args], capture_output=True, text=True, cwd=tmp_path)
+    ours = headscore_cli(*args, cwd=tmp_path)
+    assert real.returncode == ours.returncode == 2
+    assert (ours.stdout, ours.stderr) == (real.stdout, real.stderr)
+    assert ours.stderr.startswith("headscore: error: ") and ours.stderr.count("\n") == 1

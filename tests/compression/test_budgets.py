@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -302,13 +299,13 @@ def test_geometry_resolution(tmp_path, sparse_scores):
         resolve_geometry(layers=2, heads=9, kv_heads=2)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "headscore", "allocate", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env)
+@pytest.fixture
+def run_cli(headscore_cli):
+    """`headscore allocate ARGS...` in this process, 200 columns wide."""
+    return lambda *args: headscore_cli("allocate", *args, env={"COLUMNS": "200"})
 
 
-def test_cli_official_file_with_plot(data_dir, tmp_path):
+def test_cli_official_file_with_plot(data_dir, tmp_path, run_cli):
     scores = data_dir / "headkv" / OFFICIAL[3]
     out, plot = tmp_path / "budgets.json", tmp_path / "budgets.png"
     done = run_cli("--scores", scores, "--layers", 32, "--heads", 32, "--kv-heads", 8, "--budgets", "128,256",
@@ -324,7 +321,7 @@ def test_cli_official_file_with_plot(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["beta", "budget", "negative", "nan", "empty", "geometry"])
-def test_cli_bad_input_one_line_no_output(tmp_path, case, sparse_scores):
+def test_cli_bad_input_one_line_no_output(tmp_path, case, sparse_scores, run_cli):
     scores = tmp_path / "head_scores.json"
     write_head_scores(scores, sparse_scores(30, 9))
     args = ["--scores", scores, "--layers", 30, "--heads", 9, "--kv-heads", 3]
@@ -349,7 +346,7 @@ def test_cli_bad_input_one_line_no_output(tmp_path, case, sparse_scores):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head_scores.json"]
 
 
-def test_cli_reads_an_authors_file_as_is(data_dir, tmp_path):
+def test_cli_reads_an_authors_file_as_is(data_dir, tmp_path, run_cli):
     """No --model, no metadata: layers × heads come from the file's keys; kv granularity asks for --kv-heads."""
     scores = tmp_path / OFFICIAL[1]
     scores.write_bytes((data_dir / "headkv" / OFFICIAL[1]).read_bytes())
@@ -375,16 +372,14 @@ def test_cli_reads_an_authors_file_as_is(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["allocate", "build-needles"])
-def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command, sparse_scores):
+def test_cli_out_naming_a_folder_is_one_clear_line(tmp_path, command, sparse_scores, headscore_cli):
     scores = tmp_path / "head_scores.json"
     write_head_scores(scores, sparse_scores(30, 9))
     folder = tmp_path / "existing"
     folder.mkdir()
     args = ["--scores", scores] if command == "allocate" else ["--min-length", 300, "--max-length", 300,
                                                                "--lengths", 1, "--depths", 1]
-    env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "headscore", command, *map(str, args), "--out", str(folder)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = headscore_cli(command, *args, "--out", folder, env={"COLUMNS": "200"})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == f"headscore: error: cannot write {folder}: it is a folder; give a " \

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -116,7 +114,7 @@ def test_top_k_overlap_batched_equals_loop():
     assert got.tolist() == [plain_overlap(row.tolist(), b.tolist(), 8) for row in a]
 
 
-def test_geometry_from_keys_and_bad_input(tmp_path):
+def test_geometry_from_keys_and_bad_input(tmp_path, headscore_cli):
     scores = random_scores(0)
     assert scores_geometry(scores).kv_heads == HEADS
     assert scores_geometry(scores, kv_heads=2).kv_heads == 2
@@ -128,8 +126,7 @@ def test_geometry_from_keys_and_bad_input(tmp_path):
     path_a, path_b = tmp_path / "a.json", tmp_path / "b.json"
     write_head_scores(path_a, scores)
     write_head_scores(path_b, other)
-    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(path_a), str(path_b)],
-                         capture_output=True, text=True)
+    run = headscore_cli("compare", path_a, path_b)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "one geometry" in run.stderr
 
 
@@ -177,24 +174,21 @@ def test_bootstrap_of_identical_trials_is_stable_at_once(tmp_path):
         run_bootstrap(path)
 
 
-def test_compare_cli_json_and_plots(tmp_path):
+def test_compare_cli_json_and_plots(tmp_path, headscore_cli):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_head_scores(a, random_scores(1))
     write_head_scores(b, random_scores(2))
-    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), str(b), "--json", "--budgets",
-                          "24", "--betas", "1.2", "--window", "4", "--kv-heads", "3", "--plot",
-                          str(tmp_path / "scatter.png")], capture_output=True, text=True)
+    run = headscore_cli("compare", a, b, "--json", "--budgets", "24", "--betas", "1.2", "--window", "4", "--kv-heads",
+                        "3", "--plot", tmp_path / "scatter.png")
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     geometry = Geometry(layers=LAYERS, query_heads=HEADS, kv_heads=KV, head_dim=0)
     direct = compare_scores(random_scores(1), random_scores(2), geometry=geometry, budget=24, beta=1.2, window=4)
     assert data["spearman"] == pytest.approx(direct.spearman) and data["budget_l1"] == pytest.approx(direct.budget_l1)
     assert (tmp_path / "scatter.png").is_file()
-    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), "--bootstrap", "--draws", "20",
-                          "--k", "5", "--budgets", "16", "--window", "4", "--plot", str(tmp_path / "stab.png")],
-                         capture_output=True, text=True)
+    run = headscore_cli("compare", a, "--bootstrap", "--draws", "20", "--k", "5", "--budgets", "16", "--window",
+                        "4", "--plot", tmp_path / "stab.png")
     assert run.returncode == 0, run.stderr
     assert "stable" in run.stdout and (tmp_path / "stab.png").is_file()
-    run = subprocess.run([sys.executable, "-m", "headscore", "compare", str(a), "--plot", "x.txt"],
-                         capture_output=True, text=True)
+    run = headscore_cli("compare", a, "--plot", "x.txt")
     assert run.returncode == 2 and "two head-score files" in run.stderr

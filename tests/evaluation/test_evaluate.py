@@ -127,7 +127,7 @@ def test_a_task_score_override_scores_its_samples(model, tokenizer, tmp_path):
     task = LengthScoredNiah(lengths=[160], depths=[50], num_needles=1, max_new_tokens=6)
     samples = task_samples(task, tokenizer)
     assert samples[0].task_scorer is task and "task_scorer" not in samples[0].to_dict()
-    result = evaluate(model, tokenizer, samples, tmp_path / "run", model_name="tiny",
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", model_name="tiny", figures=False,
                       options=EvaluateOptions(methods=["full"], budgets=[16], scores={}))
     assert [row["score"] for row in result.rows] == [0.375]
 def test_decode_batch_changes_no_prediction_row_or_journal(tiny_llama, tokenizer, tmp_path, score_files):
@@ -168,13 +168,13 @@ def test_resume_continues_a_partial_journal(model, tokenizer, tmp_path):
     options = EvaluateOptions(methods=["full", "snapkv"], budgets=[16], scores={})
     samples = small_samples(tokenizer)[:4]
     calls = []
-    full = evaluate(model, tokenizer, samples, tmp_path / "a", options=options, model_name="tiny")
+    full = evaluate(model, tokenizer, samples, tmp_path / "a", options=options, model_name="tiny", figures=False)
     journal = (tmp_path / "a" / "journal.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "b").mkdir()
     # keep the header and two finished samples, plus half a line from a killed write
     (tmp_path / "b" / "journal.jsonl").write_text("".join(journal[:3]) + journal[3][:40])
     resumed = evaluate(model, tokenizer, samples, tmp_path / "b", options=options, model_name="tiny",
-                       progress=lambda done, total: calls.append(done))
+                       progress=lambda done, total: calls.append(done), figures=False)
     assert calls[0] == 2
     assert resumed.rows == full.rows
     assert (tmp_path / "a" / "results.csv").read_bytes() == (tmp_path / "b" / "results.csv").read_bytes()
@@ -220,7 +220,8 @@ def test_named_score_files_and_razor_at_matched_kv(model, tokenizer, tmp_path, s
     want = allocate("headkv", geometry, 24, window=8, scores=read_head_scores(scores["er"]))
     assert torch.equal(er.press.budgets.matrix, want.matrix)
     samples = small_samples(tokenizer)[:2]
-    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny")
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny",
+                      figures=False)
     assert [r["method"] for r in result.rows[:4]] == ["razor", "headkv-r", "headkv-er", "headkv-r2"]
     for row in result.rows:
         if row["method"] != "razor":
@@ -260,13 +261,9 @@ def test_newline_tokens(tokenizer):
     (["--budgets", "64,lots"], "--budgets: 'lots' is not a valid number"),
     (["--methods", "razor-k05"], "unknown method 'razor-k05'"),
 ])
-def test_cli_bad_input_one_line(tmp_path, args, message):
-    import subprocess
-    import sys
-
+def test_cli_bad_input_one_line(tmp_path, args, message, headscore_cli):
     out = tmp_path / "evaluation"
-    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), *args],
-                            capture_output=True, text=True)
+    result = headscore_cli("evaluate", "--out", out, *args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr

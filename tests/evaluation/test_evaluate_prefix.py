@@ -78,10 +78,11 @@ def test_evaluate_results_are_identical_with_and_without_the_prefix_cache(model,
     options = EvaluateOptions(methods=["full", "snapkv", "pyramidkv", "headkv-r2"], budgets=[16, 32],
                               scores={"r2": str(scores)})
     chosen = samples(tokenizer, template)
-    shared = evaluate(model, tokenizer, chosen, tmp_path / "shared", options=options, model_name="tiny")
+    shared = evaluate(model, tokenizer, chosen, tmp_path / "shared", options=options, model_name="tiny",
+                      figures=False)  # rows and results.csv are compared: the heatmaps would take half the time
     assert suffix_passes  # the prompts' suffixes attended without their masked half
     plain = evaluate(model, tokenizer, chosen, tmp_path / "plain", options=options, model_name="tiny",
-                     prefix=PrefixOptions(enabled=False))
+                     prefix=PrefixOptions(enabled=False), figures=False)
     assert [r["prediction"] for r in shared.rows] == [r["prediction"] for r in plain.rows]
     assert (tmp_path / "shared" / "results.csv").read_bytes() == (tmp_path / "plain" / "results.csv").read_bytes()
     assert len({r["prediction"] for r in shared.rows}) > 3  # the answers are not all alike

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -368,7 +366,8 @@ def test_evaluate_writes_the_longbench_table(tiny_llama, tokenizer, tmp_path):
     write_jsonl(path, records)
     samples = get_task(f"longbench:{path}", max_new_tokens=3).samples(tokenizer)
     options = EvaluateOptions(methods=["full", "snapkv"], budgets=[16])
-    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny")
+    result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny",
+                      figures=False)
     table = longbench_table(samples, result.rows)
     for entry in table:
         scores = [r["score"] for r in result.rows if r["method"] == entry["method"]]
@@ -425,14 +424,13 @@ def test_paper_averages_are_the_main_tables():
 # ------------------------------------------------------------------------------------------------ dump
 
 
-def test_dump_prompts_cli(tokenizer, tmp_path):
+def test_dump_prompts_cli(tokenizer, tmp_path, headscore_cli):
     for dataset in ("hotpotqa", "trec"):
         write_jsonl(tmp_path / f"{dataset}.jsonl", [RECORDS[dataset]])
     out = tmp_path / "prompts.jsonl"
     tasks = f"longbench:{tmp_path / 'hotpotqa.jsonl'},longbench:{tmp_path / 'trec.jsonl'}"
-    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--tasks", tasks, "--max-length", "30",
-                             "--dump-prompts", str(out), "--out", str(tmp_path / "never")],
-                            capture_output=True, text=True)
+    result = headscore_cli("evaluate", "--tasks", tasks, "--max-length", "30", "--dump-prompts", out, "--out",
+                           tmp_path / "never")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["dataset"] for line in lines] == ["hotpotqa", "trec"]
@@ -444,7 +442,6 @@ def test_dump_prompts_cli(tokenizer, tmp_path):
     assert [(x["max_new_tokens"], x["min_new_tokens"], x["stop"], x["template"]) for x in lines] == [
         (32, 1, "eos", "raw"), (64, 1, "eos", "raw")]
     assert not (tmp_path / "never").exists()
-    bad = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--tasks",
-                          f"longbench:{tmp_path / 'absent.jsonl'}", "--dump-prompts", str(tmp_path / "x.jsonl")],
-                         capture_output=True, text=True)
+    bad = headscore_cli("evaluate", "--tasks", f"longbench:{tmp_path / 'absent.jsonl'}", "--dump-prompts",
+                        tmp_path / "x.jsonl")
     assert bad.returncode == 2 and "not found" in bad.stderr and not (tmp_path / "x.jsonl").exists()

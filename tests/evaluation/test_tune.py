@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pandas as pd
@@ -57,7 +55,7 @@ def test_ties_go_to_the_pool_closest_to_the_default():
     assert choose_beta({1.005: 0.5, 1.02: 0.5}, budget, window, default) == 1.005
 
 
-def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeypatch):
+def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeypatch, no_plots):
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=len(tokenizer))
     geometry = Geometry.from_config(model.config)
     per_trial = torch.rand(6, geometry.layers, geometry.query_heads, generator=torch.Generator().manual_seed(2),
@@ -126,7 +124,7 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
     assert calls == [] and again.comparison == result.comparison
 
 
-def test_bad_tune_options(tmp_path):
+def test_bad_tune_options(tmp_path, headscore_cli):
     with pytest.raises(HeadscoreError, match="no β to tune"):
         TuneOptions(methods=["snapkv"]).check()
     with pytest.raises(HeadscoreError, match="needs --scores r2=FILE"):
@@ -141,7 +139,7 @@ def test_bad_tune_options(tmp_path):
     with pytest.raises(HeadscoreError, match="unknown baseline 'razor-k05'.*razor-kN"):
         TuneOptions(scores=scores, baselines=["razor-k05"]).check()
     TuneOptions(scores=scores, baselines=["full", "razor-k3"]).check()  # methods without a β
-    run = subprocess.run([sys.executable, "-m", "headscore", "tune", "--scores", f"r2={tmp_path / 'absent.json'}",
-                          "--val-fraction", "1.5", "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    run = headscore_cli("tune", "--scores", f"r2={tmp_path / 'absent.json'}", "--val-fraction", "1.5", "--out",
+                        tmp_path / "t")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "val-fraction" in run.stderr
     assert not (tmp_path / "t").exists()

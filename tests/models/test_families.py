@@ -173,16 +173,6 @@ def trials():
     return build_needle_trials("smollm2-135m", min_length=120, max_length=160, lengths=1, depths=2)
 
 
-@pytest.fixture
-def no_plots(monkeypatch):
-    """The end-to-end runs below test numbers, not figures: drawing them would take most of their time."""
-    from headscore.evaluation import evaluate
-    from headscore.scoring import estimate
-
-    for module, name in ((evaluate, "grid_heatmap"), (evaluate, "line_plot"), (estimate, "head_heatmap")):
-        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
-
-
 @pytest.mark.parametrize("family", END_TO_END)
 def test_estimate_and_evaluate_end_to_end(family, tokenizer, trials, tmp_path, no_plots):
     """Teacher-forced estimate scores the full-attention layers only (equal to the rule applied to eager

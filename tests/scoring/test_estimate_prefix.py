@@ -15,6 +15,7 @@ from headscore.scoring.estimate import EstimateOptions, encode_trial, estimate, 
 from headscore.scoring.trials import build_needle_trials
 
 OFF = PrefixOptions(enabled=False)
+pytestmark = pytest.mark.usefixtures("no_plots")  # journals, tables and score files are compared, not heatmaps
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +134,9 @@ def test_a_capped_prefix_cache_still_agrees(tiny, tokenizer, trials, tmp_path):
     assert max(r["cached_tokens"] for r in records(tmp_path / "capped").values()) == 40
 
 
-def test_cli_bad_prefix_cap_is_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "headscore", "estimate", "--trials", str(tmp_path / "t.jsonl"),
-                             "--out", str(tmp_path / "out"), "--prefix-max-tokens", "0"],
-                            capture_output=True, text=True)
+def test_cli_bad_prefix_cap_is_one_line(tmp_path, headscore_cli):
+    result = headscore_cli("estimate", "--trials", tmp_path / "t.jsonl", "--out", tmp_path / "out",
+                           "--prefix-max-tokens", "0")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "--prefix-max-tokens must be at least 1" in lines[0]
     assert not (tmp_path / "out").exists()

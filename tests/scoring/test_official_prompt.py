@@ -1,18 +1,17 @@
 """`build-needles --template official`: the authors' prompt, character for character.
 
 The reference below re-implements, in plain Python, the steps of HeadKV's `retrieval_head_detection_r2.py`
-(`read_context_files`, `encode_and_trim`, `insert_needle`, `evaluate_and_log`), once per trial, without any
-of headscore's helpers; headscore's trials must equal it on SmolLM2's tokenizer (no BOS) and on a tiny BPE
+(`read_context_files`, `encode_and_trim`, `insert_needle`, `evaluate_and_log`), for every trial (the context,
+which depends on the length alone, tokenized once per length), without any of headscore's helpers;
+headscore's trials must equal it on SmolLM2's tokenizer (no BOS) and on a tiny BPE
 tokenizer trained here that adds a BOS (as Llama and Mistral tokenizers do).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import headscore
 from headscore.core.errors import HeadscoreError
 from headscore.core.haystack import Haystack, load_haystack, load_haystack_parts
 from headscore.core.prompts import OFFICIAL_QUESTION, encode_prompt
@@ -34,17 +32,24 @@ from headscore.scoring.trials import (
 )
 
 
-def official_prompt(enc, haystack_text: str, needle: str, question: str, context_length: int,
-                    depth_percent: float, max_context_length: int, period_tokens: list[int]) -> str:
-    """The authors' steps, as they run them for one trial."""
+@functools.lru_cache(maxsize=64)
+def authors_context_tokens(enc, haystack_text: str, context_length: int, max_context_length: int) -> tuple[int, ...]:
+    """Their context for one length, tokenized: the part of their steps that depends on neither the needle nor
+    the depth (memoized, so the reference encodes the haystack once per length, not once per trial)."""
     context = ""
     while len(context.split()) < max_context_length:  # read_context_files (one file)
         context += haystack_text
     tokens = enc.encode(context)  # encode_and_trim
     if len(tokens) > context_length:
         context = enc.decode(tokens[:context_length])
+    return tuple(enc.encode(context))
+
+
+def official_prompt(enc, haystack_text: str, needle: str, question: str, context_length: int,
+                    depth_percent: float, max_context_length: int, period_tokens: list[int]) -> str:
+    """The authors' steps, as they run them for one trial."""
+    tokens_context = list(authors_context_tokens(enc, haystack_text, context_length, max_context_length))
     tokens_needle = enc.encode(needle)  # insert_needle
-    tokens_context = enc.encode(context)
     context_length -= 200
     if len(tokens_context) + len(tokens_needle) > context_length:
         tokens_context = tokens_context[:context_length - len(tokens_needle)]
@@ -169,15 +174,13 @@ def test_retrieval_parts_go_to_their_needles_in_order():
     assert load_haystack_parts(str(HAYSTACKS / "retrieval_head" / "haystack_for_detect" / "part1")) is None
 
 
-def test_official_set_past_the_context_warns_and_is_built(tmp_path):
+def test_official_set_past_the_context_warns_and_is_built(tmp_path, headscore_cli):
     """`build-needles --template official --haystack <their folder> --min-length 0 --max-length L --lengths 5`:
     their trial set, length 0 included; past the model's context a warning, not an error."""
     out = tmp_path / "trials.jsonl"
-    result = subprocess.run([sys.executable, "-m", "headscore", "build-needles", "--template", "official",
-                             "--haystack", str(HAYSTACKS / "headkv" / "haystack_for_detect_r2"), "--min-length",
-                             "0", "--max-length", "10000", "--lengths", "5", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(Path(headscore.__file__).parents[1])})
+    result = headscore_cli("build-needles", "--template", "official", "--haystack",
+                           HAYSTACKS / "headkv" / "haystack_for_detect_r2", "--min-length", "0", "--max-length",
+                           "10000", "--lengths", "5", "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "longer than the model's 8192 positions" in result.stderr
     trials = read_trials(out)

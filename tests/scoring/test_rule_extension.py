@@ -67,7 +67,7 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def test_a_third_rule_through_estimate_allocate_evaluate(top1, tiny_folder, tmp_path):
+def test_a_third_rule_through_estimate_allocate_evaluate(top1, tiny_folder, tmp_path, no_plots):
     from headscore.scoring.trials import build_needle_trials, write_trials
 
     trials = tmp_path / "trials.jsonl"

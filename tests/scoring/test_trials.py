@@ -26,6 +26,7 @@ from headscore.scoring.trials import (
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A real `python -m headscore` (the entry point, a fresh interpreter): the in-process runs use `headscore_cli`."""
     return subprocess.run([sys.executable, "-m", "headscore", *args], cwd=cwd, capture_output=True, text=True)
 
 
@@ -115,12 +116,18 @@ def test_needle_goes_in_at_the_requested_depth(tokenizer):
             assert fraction >= trial.depth / 100 - 0.2
 
 
-def test_default_build_writes_100_trials_and_is_byte_identical(tmp_path):
-    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    for out in (first, second):
-        result = run_cli("build-needles", "--out", str(out), cwd=tmp_path)
+def test_default_build_writes_100_trials_and_is_byte_identical(tmp_path, headscore_cli):
+    """Once through a fresh interpreter (the entry point, its own hash seed) and once in this process: the same
+    file, and the same report (the in-process runner other CLI tests use gives what the entry point gives)."""
+    results = []
+    for folder, run in (("a", run_cli), ("b", headscore_cli)):
+        (tmp_path / folder).mkdir()
+        result = run("build-needles", "--out", "trials.jsonl", cwd=tmp_path / folder)
         assert result.returncode == 0, result.stderr
+        results.append(result)
+    first, second = tmp_path / "a" / "trials.jsonl", tmp_path / "b" / "trials.jsonl"
     assert first.read_bytes() == second.read_bytes()
+    assert (results[0].stdout, results[0].stderr) == (results[1].stdout, results[1].stderr)
     trials = read_trials(first)
     assert len(trials) == 100
     assert sorted({t.target_length for t in trials}) == [1000, 2748, 4496, 6244, 7992]
@@ -189,14 +196,14 @@ def test_short_haystack_is_repeated(tokenizer):
         (["--kind", "sideways"], "unknown needle kind"),
     ],
 )
-def test_bad_input_gets_one_line_and_no_file(tmp_path, args, message):
+def test_bad_input_gets_one_line_and_no_file(tmp_path, args, message, headscore_cli):
     (tmp_path / "empty.txt").write_text("   \n")
     (tmp_path / "bad.jsonl").write_text('{"needle": "x", \n')
     (tmp_path / "noanswer.jsonl").write_text('{"needle": "A fact.", "question": "Q?", "answer": "other"}\n')
     substitutions = {"EMPTY": str(tmp_path / "empty.txt"), "BADNEEDLES": str(tmp_path / "bad.jsonl"),
                      "NOANSWER": str(tmp_path / "noanswer.jsonl")}
     out = tmp_path / "trials.jsonl"
-    result = run_cli("build-needles", "--out", str(out), *[substitutions.get(a, a) for a in args], cwd=tmp_path)
+    result = headscore_cli("build-needles", "--out", str(out), *[substitutions.get(a, a) for a in args], cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("headscore: error:") and message in lines[0], result.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,13 +74,13 @@ def test_bad_configs(tmp_path, text, message):
         load_config(path)
 
 
-def test_missing_config_and_stage_inputs(tmp_path):
+def test_missing_config_and_stage_inputs(tmp_path, headscore_cli):
     with pytest.raises(HeadscoreError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
     with pytest.raises(HeadscoreError, match="unknown stage 'train'"):
         run_study(CONFIGS / "quick.yaml", results=tmp_path, stages=["train"])
-    result = subprocess.run([sys.executable, "-m", "headscore", "reproduce", "--config", str(CONFIGS / "quick.yaml"),
-                             "--results", str(tmp_path), "--stages", "allocate"], capture_output=True, text=True)
+    result = headscore_cli("reproduce", "--config", CONFIGS / "quick.yaml", "--results", tmp_path, "--stages",
+                           "allocate")
     assert result.returncode == 2
     assert "reproduce stage 'allocate': missing" in result.stderr and "head_scores.json" in result.stderr
 
