@@ -416,16 +416,13 @@ def test_razor_k_above_the_heads_is_one_error(model, score_files):
         plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"]))
 
 
-def test_cli_razor_k_above_the_models_heads_is_one_line(tmp_path, random_scores):
+def test_cli_razor_k_above_the_models_heads_is_one_line(tmp_path, random_scores, headscore_cli):
     """SmolLM2 has 30 layers × 3 KV heads: razor-k91 fails before any weight is loaded, in one line."""
-    import subprocess
-    import sys
-
     path = tmp_path / "r.json"
     write_head_scores(path, random_scores(30, 9))
     out = tmp_path / "evaluation"
-    result = subprocess.run([sys.executable, "-m", "headscore", "evaluate", "--out", str(out), "--methods",
-                             "razor-k91", "--scores", f"r={path}", "--compensation"], capture_output=True, text=True)
+    result = headscore_cli("evaluate", "--out", out, "--methods", "razor-k91", "--scores", f"r={path}",
+                           "--compensation")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "method razor-k91: razor: 91 full heads, but the model has 90 kv heads" in lines[0]
