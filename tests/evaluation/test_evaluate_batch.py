@@ -138,3 +138,18 @@ def test_batch_groups_order_and_cap():
     plan = [Condition(m, 8, None, p, m) for m, p in [("full", full), ("a", snap), ("b", snap)]]
     assert batch_groups(plan, 2, None) == [[(0, 0), (1, 0)], [(0, 1), (0, 2), (1, 1), (1, 2)]]
     assert batch_groups(plan, 2, 3) == [[(0, 0), (1, 0)], [(0, 1), (0, 2), (1, 1)], [(1, 2)]]
+
+
+def test_a_study_stage_does_not_depend_on_its_batch_size():
+    """reproduce's `evaluate.batch_size` changes how the stage runs, not what it writes: same fingerprint."""
+    from pathlib import Path
+
+    from headscore.study.reproduce import load_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml")
+    before = config.fingerprint("evaluate")
+    assert config.section("evaluate")["batch_size"] == 1
+    config.values["evaluate"]["batch_size"] = 4
+    assert config.fingerprint("evaluate") == before
+    config.values["evaluate"]["window"] += 1
+    assert config.fingerprint("evaluate") != before
