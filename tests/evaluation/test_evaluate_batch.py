@@ -153,3 +153,31 @@ def test_a_study_stage_does_not_depend_on_its_batch_size():
     assert config.fingerprint("evaluate") == before
     config.values["evaluate"]["window"] += 1
     assert config.fingerprint("evaluate") != before
+
+
+@pytest.mark.slow
+def test_smollm2_batched_samples_agree_with_one_at_a_time(smollm2, tmp_path, random_scores):
+    """The real model in float32: three samples of different lengths prefilled as one padded batch and decoded
+    as one batch of rows give the predictions of one sample at a time (padding's rounding could flip a greedy
+    tie; none does here) and scores within rounding."""
+    from headscore.core.model import eos_ids
+    from headscore.evaluation.evaluate import evaluate_batch, evaluate_sample, newline_token_ids, plan_conditions
+
+    model, tokenizer = smollm2
+    geometry = Geometry.from_config(model.config)
+    path = tmp_path / "r2.json"
+    write_head_scores(path, random_scores(geometry.layers, geometry.query_heads, trials=5, seed=2,
+                                          dtype=torch.float64))
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[32, 128], scores={"r2": str(path)})
+    conditions = plan_conditions(geometry, options)
+    samples = get_task("niah", lengths=[300, 600], depths=[50], num_needles=1, max_new_tokens=16,
+                       template="chat").samples(tokenizer)
+    samples += get_task("twohop", lengths=[450], samples_per_length=1, max_new_tokens=8,
+                        template="chat").samples(tokenizer)
+    stops, line_end = eos_ids(model, tokenizer), newline_token_ids(tokenizer)
+    batched = evaluate_batch(model, tokenizer, samples, conditions, stops, options.window, line_end)
+    for sample, rows in zip(samples, batched, strict=True):
+        alone = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, line_end)
+        assert [r["prediction"] for r in rows] == [r["prediction"] for r in alone]
+        assert [r["kv_bytes"] for r in rows] == [r["kv_bytes"] for r in alone]
+    assert any(row["score"] > 0 for rows in batched for row in rows)
