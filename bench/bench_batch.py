@@ -1,7 +1,8 @@
 """Benchmark: the batched head-wise cache, side by side in one run.
 
-    .venv/bin/python bench/bench_batch.py                  # (a), (b), (c) on SmolLM2 / random tensors, CPU
+    .venv/bin/python bench/bench_batch.py                  # (a)-(d) on SmolLM2 / random tensors, CPU
     .venv/bin/python bench/bench_batch.py --parts c        # the attention alone (no model)
+    .venv/bin/python bench/bench_batch.py --parts d        # evaluate --batch-size 4 vs 1
 
 (a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
     methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
@@ -15,6 +16,10 @@
     previous formulation (every query head against all heads' entries, foreign ones masked), vs the full cache
     at 8k and 32k (the faster of sdpa with `enable_gqa` and a grouped matmul-softmax-matmul). Median of
     `--repeats` interleaved calls.
+(d) `evaluate --batch-size 4` vs 1 on SmolLM2, short prompts (NIAH at `--short-lengths`, default 500 and 1000
+    tokens, depths 25 and 75: four samples), full, snapkv, pyramidkv, headkv-r2 × 64, 128: four samples
+    prefilled together (left padded) and all their rows decoded as one batch vs one sample at a time. Each run
+    in its own process (batch 1 first): wall time, peak RSS; predictions compared.
 Goals (issue 20): (a) <= 0.35x time, <= 1.2x memory; (b) 16 rows <= 3x one row; (c) at 2048 <= 0.3x of the
 full cache at 8k.
 """
@@ -101,6 +106,55 @@ def part_a(args) -> None:
     print(f"{'ratio batched / 1':>24}{batched['seconds'] / one['seconds']:>10.3f}"
           f"{batched['peak_mib'] / one['peak_mib']:>10.3f}{above[0] / max(above[1], 1):>17.3f}"
           f"   predictions identical: {same}", flush=True)
+
+
+SHORT_METHODS = ["full", "snapkv", "pyramidkv", "headkv-r2"]
+SHORT_BUDGETS = [64, 128]
+
+
+def child_batch(args) -> None:
+    """(d) in this process: one evaluate run at `--batch-size`; prints a JSON line."""
+    from headscore.core.model import Geometry, load_model
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate
+    from headscore.evaluation.tasks import get_task
+    from headscore.scoring.head_scores import write_head_scores
+
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    geometry = Geometry.from_config(model.config)
+    out = Path(args.out)
+    scores = {"r2": str(out / "r2.json")}
+    write_head_scores(scores["r2"], synthetic_scores(geometry, 1))
+    lengths = [int(n) for n in args.short_lengths.split(",")]
+    samples = get_task("niah", lengths=lengths, depths=[25, 75], num_needles=1, template="chat").samples(tokenizer)
+    options = EvaluateOptions(methods=SHORT_METHODS, budgets=SHORT_BUDGETS, scores=scores)
+    began = time.perf_counter()
+    result = evaluate(model, tokenizer, samples, out / "run", options=options, model_name="smollm2-135m",
+                      figures=False, batch_size=args.batch_size)
+    seconds = time.perf_counter() - began
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "samples": len(samples),
+                      "rows": len(result.rows), "predictions": [r["prediction"] for r in result.rows],
+                      "lengths": sorted({r["length"] for r in result.rows})}))
+
+
+def part_d(args) -> None:
+    runs = {}
+    for size in (1, 4):
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, __file__, "--child-batch", "--batch-size", str(size), "--out", folder,
+                       "--short-lengths", args.short_lengths]
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False)
+            if done.returncode:
+                sys.exit(done.stderr)
+            runs[size] = json.loads(done.stdout.strip().splitlines()[-1])
+    one, four = runs[1], runs[4]
+    agree = sum(a == b for a, b in zip(one["predictions"], four["predictions"], strict=True))
+    print(f"(d) evaluate --batch-size 4 vs 1, SmolLM2 float32, {one['samples']} NIAH samples of "
+          f"{one['lengths']} tokens, {one['rows'] // one['samples']} conditions each")
+    print(f"{'':>24}{'seconds':>10}{'peak MiB':>10}")
+    for name, run in (("--batch-size 1", one), ("--batch-size 4", four)):
+        print(f"{name:>24}{run['seconds']:>10.1f}{run['peak_mib']:>10.0f}")
+    print(f"{'ratio 4 / 1':>24}{four['seconds'] / one['seconds']:>10.3f}{four['peak_mib'] / one['peak_mib']:>10.3f}"
+          f"   predictions agreeing: {agree}/{len(one['predictions'])}", flush=True)
 
 
 def part_b(args) -> None:
@@ -204,12 +258,15 @@ def part_c(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run")
+    parser.add_argument("--parts", default="abcd", help="which of (a), (b), (c), (d) to run")
     parser.add_argument("--length", type=int, default=2000, help="(a): NIAH context length")
     parser.add_argument("--depths", default="0,50,100", help="(a): NIAH needle depths (%%), comma-separated")
     parser.add_argument("--steps", type=int, default=10, help="(b): timed decode steps per row count")
     parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
+    parser.add_argument("--short-lengths", default="500,1000", help="(d): NIAH context lengths, comma-separated")
     parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--decode-batch", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,9 +276,12 @@ def main() -> None:
     if args.child_evaluate:
         child_evaluate(args)
         return
+    if args.child_batch:
+        child_batch(args)
+        return
     print(f"bench_batch {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
-    for part, run in (("c", part_c), ("b", part_b), ("a", part_a)):
+    for part, run in (("c", part_c), ("b", part_b), ("a", part_a), ("d", part_d)):
         if part in args.parts:
             run(args)
 

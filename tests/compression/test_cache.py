@@ -250,6 +250,6 @@ def test_a_recording_cache_cannot_decode(model_and_ids):
     cache = HeadwiseCache(Geometry.from_config(model.config), None, window=4)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         model(input_ids=ids, **with_cache(model, cache), use_cache=True)
-        assert [scores.shape for _, _, scores in cache.recorded] == [(4, 46)] * 3
+        assert [[scores.shape for _, _, scores in rows] for rows in cache.recorded] == [[(4, 46)]] * 3
         with pytest.raises(HeadscoreError, match="only recorded a prefill"):
             model(input_ids=ids[:, :1], **with_cache(model, cache), use_cache=True)

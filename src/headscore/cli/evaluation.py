@@ -11,6 +11,7 @@ from rich.table import Table
 from headscore.cli.app import Alias, command, names, number_list, one_number, progress_bar, stdout
 from headscore.cli.options import (
     AnswerPrefix,
+    BatchSize,
     BetasOption,
     BudgetsOption,
     Compensation,
@@ -76,6 +77,7 @@ def evaluate_command(
     prefix_options: Any = None,
     decode_batch: DecodeBatch = None,
     compensation: Compensation = False,
+    batch_size: BatchSize = 1,
 ) -> None:
     """Compare KV compression methods × budgets on long-context tasks (each sample prefilled once); several
     --budgets and --betas make a sweep (full runs once)."""
@@ -99,6 +101,7 @@ def evaluate_command(
         task = bar.add_task("evaluating samples", total=None)
         result = evaluate(setup.model, setup.tokenizer, setup.samples, out, options=options, model_name=run.model,
                           task_settings=setup.task_settings, prefix=prefix_options, decode_batch=decode_batch,
+                          batch_size=batch_size,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     if result is None:  # a rank other than 0 under torchrun
         return
@@ -139,6 +142,7 @@ def tune_command(
     template: Template = TEMPLATE,
     decode_batch: DecodeBatch = None,
     compensation: Compensation = False,
+    batch_size: BatchSize = 1,
 ) -> None:
     """Choose HeadKV's β per budget on a validation split, then compare it with the default β and the
     baselines on the held-out test split: one headkv-NAME method per --scores NAME=FILE."""
@@ -161,7 +165,8 @@ def tune_command(
 
         result = run_tune(run.model, run.tasks, out, options=options,
                           task_options={**task_options, "template": template}, device=run.device,
-                          dtype=run.dtype, limit=run.limit, progress=advance, decode_batch=decode_batch)
+                          dtype=run.dtype, limit=run.limit, progress=advance, decode_batch=decode_batch,
+                          batch_size=batch_size)
     if result is None:  # a rank other than 0 under a launcher: rank 0 reports
         return
     table = Table(title=f"validation score vs β ({result.val_samples} validation samples)")

@@ -72,6 +72,11 @@ DecodeBatch = Annotated[int | None, typer.Option("--decode-batch", min=1, metava
                                               "sample's conditions together, one batch row each (a memory cap; "
                                               "default: all); 1 decodes them one at a time. Results do not "
                                               "depend on it.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Run N samples at a time: "
+                                       "their prompts prefilled together (left padded; each prompt whole, no "
+                                       "shared prefix) and all their conditions decoded as one batch (capped by "
+                                       "--decode-batch). Pays where prefill is not compute-bound (GPU, short "
+                                       "prompts); results do not depend on it.")]
 Window = Annotated[int, typer.Option("--window", help="Observation window w: the last w prompt tokens, kept by "
                                      "every head on top of its budget.")]
 Temp = Annotated[float, typer.Option("--temp", help="HeadKV: head importance is raised to this power and "

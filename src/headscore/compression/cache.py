@@ -47,6 +47,7 @@ from headscore.core.model import FULL_ATTENTION, Geometry
 
 # (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
 #  perf_counter() when the scoring began)
+Recorded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one prompt's keys, values [kv_heads, n, d], window scores
 PrefillHook = Callable[["PrefillLayer", torch.Tensor, torch.Tensor, list[torch.Tensor], list[int], float], None]
 
 
@@ -348,9 +349,9 @@ class HeadwiseCache(DynamicCache):
     full attention.
 
     `press`: one press for every row, or one per row (a list as long as the batch). With `press=None` the cache
-    records instead (one row): each full-attention layer's full keys/values and window scores go to `recorded`
-    (indexed like `geometry`'s compressed layers, for `headscore.compression.generation.prefill`) and the cache
-    cannot decode.
+    records instead: each full-attention layer's full keys/values and window scores of every row's real tokens
+    go to `recorded` (indexed like `geometry`'s compressed layers, then by row, for
+    `headscore.compression.generation.prefill`) and the cache cannot decode.
     """
 
     def __init__(self, geometry: Geometry, press: Press | Sequence[Press] | None, *, window: int | None = None,
@@ -364,7 +365,8 @@ class HeadwiseCache(DynamicCache):
             raise HeadscoreError(f"the presses of one head-wise cache need one observation window, got "
                                  f"{sorted(windows)}")
         self.window = windows.pop() if windows else (8 if window is None else window)
-        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * geometry.layers
+        # per compressed layer, per row: (keys [kv_heads, n_row, d], values, window scores) of the row's real tokens
+        self.recorded: list[list[Recorded] | None] = [None] * geometry.layers
         if config is None:
             if geometry.compressed_layers is not None:
                 raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")
@@ -408,9 +410,8 @@ class HeadwiseCache(DynamicCache):
                     scores: list[torch.Tensor], lengths: list[int], started: float) -> None:
         width = keys.shape[2]
         if self.presses is None:
-            if keys.shape[0] != 1:
-                raise HeadscoreError("a recording head-wise cache takes one row")
-            self.recorded[layer.index] = (keys[0], values[0], scores[0])
+            self.recorded[layer.index] = [(keys[row, :, width - length:], values[row, :, width - length:], scores[row])
+                                          for row, length in enumerate(lengths)]
             layer.recorded = True
             return
         rows = [(keys[row, :, width - length:], values[row, :, width - length:], scores[row], press)
@@ -427,16 +428,27 @@ class HeadwiseCache(DynamicCache):
         compressed layer: one row per press (`press` a list), or one row. A hybrid model's sliding-window layers
         start from copies of `windowed` (model index -> the prefilled one-row layer, repeated for every row;
         its tensors are shared, never modified: an update replaces them)."""
-        cache = cls(geometry, press, config=config)
-        presses = cache.presses or []
-        for slot, (keys, values, scores) in enumerate(recorded):
-            rows = [(keys, values, scores, p) for p in presses]
-            cache.layers[cache.positions[slot]] = HeadwiseLayer.build(rows, slot, geometry, keys.shape[1])
+        presses = list(press) if isinstance(press, Sequence) else [press]
+        cache = cls.from_rows(geometry, [(recorded, p) for p in presses], config=config)
         for index, layer in (windowed or {}).items():
             copied: Any = copy.copy(layer)
             if len(presses) > 1:
                 copied.batch_repeat_interleave(len(presses))
             cache.layers[index] = copied
+        return cache
+
+    @classmethod
+    def from_rows(cls, geometry: Geometry, rows: Sequence[tuple[Sequence[Recorded], Press]], *,
+                  config=None) -> HeadwiseCache:
+        """A compressed cache with one row per `(recorded, press)`: `recorded` one prompt's full states `(keys,
+        values, window scores)` per compressed layer. Rows may hold different prompts: they are left padded to the
+        longest (nothing is stored for the padding; decode them with per-row positions). No sliding-window layers
+        (`from_prefill` copies a hybrid model's)."""
+        cache = cls(geometry, [press for _, press in rows], config=config)
+        width = max(recorded[0][0].shape[1] for recorded, _ in rows)
+        for slot in range(geometry.layers):
+            layer_rows = [(*recorded[slot], press) for recorded, press in rows]
+            cache.layers[cache.positions[slot]] = HeadwiseLayer.build(layer_rows, slot, geometry, width)
         return cache
 
     @property

@@ -86,14 +86,18 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids.to(input_device(model))
 
 
-def _forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, float]:
-    """Prefill `input_ids` into `cache`: (last logits [vocab], seconds)."""
+def _forward(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, float]:
+    """Prefill `input_ids` `[rows, n]` into `cache`: (last logits [rows, vocab], seconds). With a left-padded
+    batch's `attention_mask` `[rows, n]`, each row's positions count from its first real token."""
     device = input_device(model)
+    masked = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1]
+        out = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1, **masked)
+        logits = out.logits[:, -1]
         _sync(device)
     return logits, time.perf_counter() - start
 
@@ -110,7 +114,7 @@ def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tup
     cache = (DynamicCache(config=model.config) if isinstance(press, FullPress)
              else HeadwiseCache(geometry, press, config=model.config))
     logits, seconds = _forward(model, input_ids, cache)
-    return cache, logits, seconds
+    return cache, logits[0], seconds
 
 
 def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: DynamicCache | None = None,
@@ -133,14 +137,48 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
             layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
         input_ids = input_ids[:, start:]
     logits, seconds = _forward(model, input_ids, cache)
+    return _states(model, cache, logits, seconds)[0]
+
+
+def prefill_batch(model: Any, prompts: Sequence[torch.Tensor], window: int = WINDOW) -> list[PrefillState]:
+    """One prefill of several prompts (1-D ids, any lengths), left padded with an attention mask: one
+    `PrefillState` per prompt, equal to its own `prefill` but for the rounding padding may bring (each holds
+    only its prompt's real tokens; `seconds`: the whole batch's). One prompt: `prefill`. Models with
+    sliding-window layers take one prompt at a time."""
+    if len(prompts) == 1:
+        return [prefill(model, prompts[0], window)]
+    geometry = Geometry.from_config(model.config)
+    if geometry.compressed_layers is not None:
+        raise HeadscoreError("a batch of prompts needs a model whose layers are all full attention (this one has "
+                             "sliding-window layers): use a batch size of 1")
+    if any(prompt.numel() == 0 for prompt in prompts):
+        raise HeadscoreError("the prompt is empty")
+    width = max(prompt.shape[-1] for prompt in prompts)
+    device = input_device(model)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # rows, not tokens
+        ids[row, width - prompt.shape[-1]:], mask[row, width - prompt.shape[-1]:] = prompt.reshape(-1), 1
+    cache = HeadwiseCache(geometry, None, window=window, config=model.config)
+    logits, seconds = _forward(model, ids, cache, mask)
+    return _states(model, cache, logits, seconds)
+
+
+def _states(model: Any, cache: HeadwiseCache, logits: torch.Tensor, seconds: float) -> list[PrefillState]:
+    """One `PrefillState` per row of a recording cache after its prefill (`logits` `[rows, vocab]`)."""
     if any(item is None for item in cache.recorded):
         raise HeadscoreError("some layers did not call the registered attention function; this model type "
                              "cannot use the head-wise cache")
-    keys, values, scores = (list(parts) for parts in zip(*cache.recorded, strict=True))
+    geometry = cache.geometry
     full = set(geometry.model_layers)
     windowed = {index: layer for index, layer in enumerate(cache.layers) if index not in full}
-    return PrefillState(keys=keys, values=values, scores=scores, window=window, logits=logits,
-                        geometry=geometry, seconds=seconds, windowed=windowed, config=model.config)
+    states = []
+    for row in range(logits.shape[0]):
+        keys, values, scores = (list(parts) for parts in zip(*(rows[row] for rows in cache.recorded), strict=True))
+        states.append(PrefillState(keys=keys, values=values, scores=scores, window=cache.window,
+                                   logits=logits[row], geometry=geometry, seconds=seconds, windowed=windowed,
+                                   config=model.config))
+    return states
 
 
 def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
@@ -171,6 +209,42 @@ def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
                                       windowed=state.windowed)
 
 
+def compress_rows(rows: Sequence[tuple[PrefillState, Press]]) -> Any:
+    """A fresh cache with one row per `(state, press)`; the states are not modified.
+
+    Rows of one state: `compress_state`. Rows of several states (prompts of different lengths) are left padded
+    to the longest: a `HeadwiseCache` (`HeadwiseCache.from_rows`; nothing stored for the padding), or, when every
+    press is full, a `DynamicCache` holding zeros at the padding. Decode them with `decode_rows(...,
+    lengths=[state.length, ...])`, which gives each row its own positions and masks the padding.
+    """
+    states = [state for state, _ in rows]
+    presses = [press for _, press in rows]
+    if all(state is states[0] for state in states):
+        return compress_state(states[0], presses[0] if len(presses) == 1 else presses)
+    if any(state.windowed for state in states):
+        raise HeadscoreError("rows of several prompts need a model whose layers are all full attention")
+    full = [isinstance(press, FullPress) for press in presses]
+    if any(full) and not all(full):
+        raise HeadscoreError("the full press runs on its own cache, not as a row of a head-wise batch")
+    geometry, config = states[0].geometry, states[0].config
+    if not all(full):
+        for state, press in rows:
+            _check_state_press(state, press)
+        return HeadwiseCache.from_rows(geometry, [(list(zip(state.keys, state.values, state.scores, strict=True)),
+                                                   press) for state, press in rows], config=config)
+    cache = DynamicCache() if config is None else DynamicCache(config=config)
+    width = max(state.length for state in states)
+    for slot, layer in enumerate(geometry.model_layers):
+        first = states[0].keys[slot]
+        keys = first.new_zeros(len(rows), first.shape[0], width, first.shape[-1])
+        values = keys.clone()
+        for row, state in enumerate(states):  # rows, not tokens
+            keys[row, :, width - state.length:] = state.keys[slot]
+            values[row, :, width - state.length:] = state.values[slot]
+        cache.update(keys, values, layer)
+    return cache
+
+
 def _check_state_press(state: PrefillState, press: Press) -> None:
     if press.window != state.window:
         raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
@@ -186,8 +260,8 @@ FinishHook = Callable[[int, int, list[int], list[float]], None]
 
 
 def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
-                on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None
-                ) -> tuple[list[list[int]], list[list[float]]]:
+                on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
+                lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
     the row took part in)`.
@@ -196,7 +270,9 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish;
     `on_finish` sees each row's cache state just before (e.g. for `cache_report(..., row=position)`), and
     `on_select` gets the kept positions whenever rows leave (for per-row state outside the cache). The rows are
-    one prompt's (equal, unpadded lengths: positions follow the cache length).
+    one prompt's (equal, unpadded lengths: positions follow the cache length), or, with `lengths` (each row's
+    real prompt length), prompts left padded to the longest (`compress_rows`): each row then gets its own
+    positions and an attention mask hiding its padding.
     """
     rows = len(rules)
     if logits.ndim == 1:
@@ -207,6 +283,8 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     tokens: list[list[int]] = [[token] for token in greedy_pick(logits, rules, 0)]
     seconds: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))
+    real = None if lengths is None else torch.tensor(list(lengths), device=device)
+    width = 0 if real is None else int(real.max())
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         while True:
             going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
@@ -222,16 +300,26 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
                 if on_select is not None:
                     on_select(kept)
                 active = [active[position] for position in going]
+                real = None if real is None else real[kept]
             start = time.perf_counter()
             inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
-            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True)
             step = len(tokens[active[0]])
+            padded = {} if real is None else _padded_step(real, width, step)
+            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, **padded)
             picked = greedy_pick(out.logits[:, -1], [rules[row] for row in active], step)
             elapsed = time.perf_counter() - start
             for row, token in zip(active, picked, strict=True):
                 tokens[row].append(token)
                 seconds[row].append(elapsed)
     return tokens, seconds
+
+
+def _padded_step(lengths: torch.Tensor, width: int, step: int) -> dict[str, torch.Tensor]:
+    """Decode step `step` (tokens generated so far) of rows left padded to `width` with real prompt `lengths`
+    `[rows]`: the new token's `position_ids` `[rows, 1]` and the `attention_mask` `[rows, width + step]`."""
+    columns = torch.arange(width + step, device=lengths.device)
+    return {"position_ids": (lengths + step - 1)[:, None],
+            "attention_mask": (columns[None, :] >= (width - lengths)[:, None]).long()}
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
@@ -286,17 +374,18 @@ class KVReport:
 
 
 def cache_report(cache: Any, press: Press, geometry: Geometry, context_tokens: int, generated_tokens: int,
-                 prefill_seconds: float, decode_seconds: list[float], row: int = 0) -> KVReport:
-    """Measure `cache` (a `HeadwiseCache`, its `row`, or the full `DynamicCache`) into a `KVReport`."""
+                 prefill_seconds: float, decode_seconds: list[float], row: int = 0, padding: int = 0) -> KVReport:
+    """Measure `cache` (a `HeadwiseCache`, its `row`, or the full `DynamicCache`, its `row` after `padding`
+    left-padding positions) into a `KVReport`."""
     windowed = window_kv_bytes(cache)
     if isinstance(cache, HeadwiseCache):
         kept = cache.kept(row).tolist()
         kv_bytes, index_bytes = cache.kv_bytes(row), cache.index_bytes(row)
         windowed //= max(cache.rows, 1)
         layer = cache.compressed[0]
-        cached, element, dim = layer.get_seq_length(), layer.keys.element_size(), layer.keys.shape[-1]
+        cached, element, dim = layer.lengths[row] + layer.generated, layer.keys.element_size(), layer.keys.shape[-1]
     else:
-        keys = [cache.layers[index].keys for index in geometry.model_layers]
+        keys = [cache.layers[index].keys[row:row + 1, :, padding:] for index in geometry.model_layers]
         kept = [[context_tokens] * k.shape[1] for k in keys]
         kv_bytes = sum(2 * k.numel() * k.element_size() for k in keys) + windowed
         index_bytes, cached, element, dim = 0, keys[0].shape[2], keys[0].element_size(), keys[0].shape[-1]

@@ -111,7 +111,8 @@ def _collect(out_dir: Path, header: dict[str, Any], field: str, repair: bool = T
 def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[K], field: str,
                   work: Callable[[K], dict[str, Any]],
                   progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-                  check: Callable[[dict[K, dict[str, Any]]], None] | None = None
+                  check: Callable[[dict[K, dict[str, Any]]], None] | None = None, *,
+                  work_batch: Callable[[list[K]], list[dict[str, Any]]] | None = None, batch: int = 1
                   ) -> dict[K, dict[str, Any]] | None:
     """Run `work(key)` for every key not yet in the run's journals; returns every record by key.
 
@@ -121,7 +122,8 @@ def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[K], fiel
     order. `progress(done, total, record)` reports this process's work: once at the start (record None), then
     after every key; `done` counts the keys finished before this run. `check(records)` sees every record
     finished so far (all ranks') at the start and after each of this process's keys, and may raise to stop
-    the run (the journals keep what was done).
+    the run (the journals keep what was done). With `work_batch`, the unfinished keys run `batch` at a time
+    (in order) through `work_batch(keys)` (one record per key, in order), journaled one by one after it returns.
     """
 
     out_dir = Path(out_dir)
@@ -137,14 +139,19 @@ def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[K], fiel
         check(done)
     if progress:
         progress(before, before + len(todo), None)
-    for count, key in enumerate(todo, start=1):
-        record = work(key)
-        append_journal(own, record)
-        done[key] = record
-        if progress:
-            progress(before + count, before + len(todo), record)
-        if check:
-            check({**_collect(out_dir, header, field, repair=False), **done} if where.distributed else done)
+    size = batch if work_batch is not None else 1
+    count = 0
+    for begin in range(0, len(todo), size):
+        chunk = todo[begin:begin + size]
+        records = work_batch(chunk) if work_batch is not None else [work(key) for key in chunk]
+        for key, record in zip(chunk, records, strict=True):
+            count += 1
+            append_journal(own, record)
+            done[key] = record
+            if progress:
+                progress(before + count, before + len(todo), record)
+            if check:
+                check({**_collect(out_dir, header, field, repair=False), **done} if where.distributed else done)
     where.barrier()
     if not where.is_main:
         return None

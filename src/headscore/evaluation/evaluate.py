@@ -32,9 +32,10 @@ from headscore.compression.generation import (
     KVReport,
     PrefillState,
     cache_report,
-    compress_state,
+    compress_rows,
     decode_rows,
     prefill,
+    prefill_batch,
 )
 from headscore.compression.presses import PRESSES, FidelityOptions, FullPress, make_press, press_options
 from headscore.core.attention import use_attention
@@ -262,30 +263,74 @@ def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int
     return encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
 
 
-def decode_groups(conditions: Sequence[Condition], decode_batch: int | None) -> list[list[int]]:
-    """Which conditions (positions into `conditions`) decode together: the compressed ones in plan order, at
-    most `decode_batch` per group (None: all), each full-cache condition alone (its own `DynamicCache`)."""
+def batch_groups(conditions: Sequence[Condition], samples: int, decode_batch: int | None
+                 ) -> list[list[tuple[int, int]]]:
+    """Which (sample, condition) rows of `samples` samples decode together (positions into the batch and into
+    `conditions`): each full-cache condition's rows on their own (a `DynamicCache`), then every compressed row,
+    sample by sample in plan order; at most `decode_batch` rows per group (None: all)."""
     if decode_batch is not None and decode_batch < 1:
         raise HeadscoreError(f"--decode-batch must be at least 1, got {decode_batch}")
-    full = [[i] for i, c in enumerate(conditions) if isinstance(c.press, FullPress)]
-    compressed = [i for i, c in enumerate(conditions) if not isinstance(c.press, FullPress)]
-    size = decode_batch or max(len(compressed), 1)
-    return full + [compressed[start:start + size] for start in range(0, len(compressed), size)]
+    full = [[(s, i) for s in range(samples)] for i, c in enumerate(conditions) if isinstance(c.press, FullPress)]
+    compressed = [(s, i) for s in range(samples) for i, c in enumerate(conditions)
+                  if not isinstance(c.press, FullPress)]
+    groups = []
+    for rows in [*full, compressed]:
+        size = decode_batch or max(len(rows), 1)
+        groups.extend(rows[start:start + size] for start in range(0, len(rows), size))
+    return groups
+
+
+def decode_groups(conditions: Sequence[Condition], decode_batch: int | None) -> list[list[int]]:
+    """Which conditions (positions into `conditions`) of one sample decode together (`batch_groups`): the
+    compressed ones in plan order, at most `decode_batch` per group, each full-cache condition alone."""
+    return [[condition for _, condition in group] for group in batch_groups(conditions, 1, decode_batch)]
+
+
+def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Sequence[StopRule]
+                 ) -> list[tuple[list[int], KVReport]]:
+    """Decode `(prefill state, press)` rows at once (`compress_rows`: presses of one prefill, or prompts of
+    several left padded to the longest), row `i` ending on `rules[i]`: `(tokens, KVReport)` per row, the report
+    taken when its row finished."""
+    cache = compress_rows(rows)
+    states = [state for state, _ in rows]
+    several = any(state is not states[0] for state in states)
+    width = max(state.length for state in states)
+    decoded: dict[int, tuple[list[int], KVReport]] = {}
+
+    def finished(row: int, position: int, tokens: list[int], seconds: list[float]) -> None:
+        state, press = rows[row]
+        decoded[row] = (tokens, cache_report(cache, press, state.geometry, state.length, len(tokens),
+                                             state.seconds, seconds, row=position, padding=width - state.length))
+
+    logits = torch.stack([state.logits for state in states]) if several else states[0].logits
+    decode_rows(model, cache, logits, rules, on_finish=finished,
+                lengths=[state.length for state in states] if several else None)
+    return [decoded[row] for row in range(len(rows))]
 
 
 def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule
                       ) -> list[tuple[list[int], KVReport]]:
     """Decode one prefill under several presses at once (one batch row each; the full press alone):
-    `(tokens, KVReport)` per press, the report taken when its row finished."""
-    cache = compress_state(state, presses[0] if isinstance(presses[0], FullPress) else presses)
-    decoded: dict[int, tuple[list[int], KVReport]] = {}
+    `(tokens, KVReport)` per press (`decode_pairs`)."""
+    return decode_pairs(model, [(state, press) for press in presses], [rule] * len(presses))
 
-    def finished(row: int, position: int, tokens: list[int], seconds: list[float]) -> None:
-        decoded[row] = (tokens, cache_report(cache, presses[row], state.geometry, state.length, len(tokens),
-                                             state.seconds, seconds, row=position))
 
-    decode_rows(model, cache, state.logits, [rule] * len(presses), on_finish=finished)
-    return [decoded[row] for row in range(len(presses))]
+def sample_rule(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> StopRule:
+    """The sample's `StopRule`: its stop tokens (`stop_tokens`), maximum and minimum new tokens."""
+    eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
+    return StopRule(sample.max_new_tokens, frozenset(eos), frozenset(line_end), sample.min_new_tokens)
+
+
+def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Which prompts (positions into `lengths`) of a batch prefill together: longest first, a prompt joining the
+    current group while it is at least half the group's longest (so padding stays below half of each row)."""
+    groups: list[list[int]] = []
+    for position in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and 2 * lengths[position] >= lengths[groups[-1][0]]:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    return groups
 
 
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
@@ -306,19 +351,45 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
     with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
         state = prefill(model, prompt[None].to(input_device(model)), window, cache, start)
-    eos, line_end = stop_tokens(sample, tokenizer, stops, line_end)
-    rule = StopRule(sample.max_new_tokens, frozenset(eos), frozenset(line_end), sample.min_new_tokens)
+    rule = sample_rule(sample, tokenizer, stops, line_end)
     results: dict[int, tuple[list[int], KVReport]] = {}
     for group in decode_groups(conditions, decode_batch):
         decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule)
         results.update(zip(group, decoded, strict=True))
+    return result_rows(tokenizer, sample, len(ids), conditions, [results[i] for i in range(len(conditions))])
+
+
+def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], conditions: Sequence[Condition],
+                   stops: set[int], window: int, line_end: Set[int] = frozenset(), answer_prefix: str = "",
+                   decode_batch: int | None = None) -> list[list[dict[str, Any]]]:
+    """`evaluate_sample` for several samples at once: their prompts prefilled together (left padded, in groups
+    of similar length: `prefill_groups`), then every (sample, condition) one decode row (`batch_groups`, at
+    most `decode_batch` rows together), each ending on its sample's stop rule. The result rows of each sample,
+    equal to its `evaluate_sample` (but for the rounding padding may bring)."""
+    ids = [sample_ids(tokenizer, sample, answer_prefix) for sample in samples]
+    states: dict[int, PrefillState] = {}
+    for group in prefill_groups([len(prompt) for prompt in ids]):
+        states.update(zip(group, prefill_batch(model, [torch.tensor(ids[i]) for i in group], window), strict=True))
+    rules = [sample_rule(sample, tokenizer, stops, line_end) for sample in samples]
+    results: dict[tuple[int, int], tuple[list[int], KVReport]] = {}
+    for group in batch_groups(conditions, len(samples), decode_batch):
+        decoded = decode_pairs(model, [(states[s], conditions[c].press) for s, c in group],
+                               [rules[s] for s, _ in group])
+        results.update(zip(group, decoded, strict=True))
+    return [result_rows(tokenizer, sample, len(ids[s]), conditions,
+                        [results[s, c] for c in range(len(conditions))]) for s, sample in enumerate(samples)]
+
+
+def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[Condition],
+                decoded: Sequence[tuple[list[int], KVReport]]) -> list[dict[str, Any]]:
+    """One result row per condition of `sample` (its prompt `length` tokens) from its decoded `(tokens,
+    report)`; "eos" predictions are kept unstripped."""
     rows = []
-    for index, condition in enumerate(conditions):
-        tokens, report = results[index]
+    for condition, (tokens, report) in zip(conditions, decoded, strict=True):
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = prediction if sample.stop == "eos" else prediction.strip()
         rows.append({
-            "task": sample.task, "sample": sample.id, "length": len(ids), "target_length": sample.target_length,
+            "task": sample.task, "sample": sample.id, "length": length, "target_length": sample.target_length,
             "depth": sample.depth, "method": condition.label, "budget": condition.budget,
             "beta": condition.beta,
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
@@ -423,13 +494,17 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
              options: EvaluateOptions, model_name: str, task_settings: Sequence[dict[str, Any]] = (),
              prefix: PrefixOptions = PrefixOptions(),
              progress: Callable[[int, int], None] | None = None, conditions: Sequence[Condition] | None = None,
-             figures: bool = True, decode_batch: int | None = None) -> EvaluateResult | None:
+             figures: bool = True, decode_batch: int | None = None, batch_size: int = 1) -> EvaluateResult | None:
     """Run every condition on every sample, resuming the journal in `out_dir`; write the outputs.
 
     `conditions`: an explicit plan instead of `plan_conditions(options)` (e.g. `tune`'s per-budget β); its
     presses are part of the journal header. `figures=False` skips the NIAH heatmaps and the KV curve.
     `decode_batch`: at most this many compressed conditions of a sample decode together (None: all of them;
-    1: one at a time); the outputs and the journal do not depend on it.
+    1: one at a time); the outputs and the journal do not depend on it. `batch_size`: samples run this many
+    at a time, in the order they run (`evaluate_batch`: prompts prefilled together, left padded, each prompt
+    whole, without the shared prefix; every (sample, condition) a decode row); the outputs and the journal do
+    not depend on it either (but for the rounding padding may bring), and each sample is journaled once its
+    batch is done.
     Samples that begin with the same tokens (tasks cut from one haystack) share the prefill of their common
     beginning (`prefix`, see `headscore.core.prefix_cache`) and run in that order; the outputs stay in sample
     order.
@@ -442,6 +517,11 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     explicit = conditions is not None
     conditions = list(conditions) if conditions is not None else plan_conditions(geometry, options)
     decode_groups(conditions, decode_batch)  # a bad --decode-batch fails before any work
+    if batch_size < 1:
+        raise HeadscoreError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size > 1 and geometry.compressed_layers is not None:
+        raise HeadscoreError("--batch-size above 1 needs a model whose layers are all full attention (this one "
+                             "has sliding-window layers)")
     limit = geometry.max_context
     too_long = [s.id for s in samples if limit and s.length + s.max_new_tokens > limit]
     if too_long:
@@ -467,17 +547,24 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
                          min_suffix=max(options.window, 1), max_tokens=prefix.max_tokens)
     shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
-    prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if prefix.enabled else None
+    sharing = prefix.enabled and batch_size == 1  # batched prompts are prefilled whole
+    prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if sharing else None
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
                                options.answer_prefix, prefixes, shared[sample_id], decode_batch)
         return {"sample": sample_id, "rows": rows}
 
+    def work_batch(batch_keys: list[str]) -> list[dict[str, Any]]:
+        batch = evaluate_batch(model, tokenizer, [by_id[key] for key in batch_keys], conditions, stops,
+                               options.window, line_end, options.answer_prefix, decode_batch)
+        return [{"sample": key, "rows": rows} for key, rows in zip(batch_keys, batch, strict=True)]
+
     began = time.perf_counter()
     report = None if progress is None else (lambda done, total, record: progress(done, total))
     order = [keys[position] for position in plan.order] if prefix.enabled else keys  # the order samples run in
-    records = run_journaled(out_dir, header, order, "sample", work, report)
+    records = run_journaled(out_dir, header, order, "sample", work, report,
+                            work_batch=work_batch if batch_size > 1 else None, batch=batch_size)
     where = ranks()
     if records is None:  # a rank other than 0: rank 0 writes the outputs
         where.barrier()
@@ -502,7 +589,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         "tasks": list(task_settings),
         "conditions": [{"method": c.method, "label": c.label, "budget": c.budget, "beta": c.beta,
                         "press": c.press.describe()} for c in conditions],
-        "prefix_cache": prefix.describe(), "decode_batch": decode_batch,
+        "prefix_cache": {**prefix.describe(), "enabled": sharing}, "decode_batch": decode_batch,
+        "batch_size": batch_size,
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(input_device(model)),
         "seconds_this_run": round(time.perf_counter() - began, 2), "versions": versions(),
         **({"processes": where.world} if where.distributed else {}),
@@ -591,9 +679,10 @@ def run_evaluate(model_name: str, tasks: str, out_dir: str | Path, *, options: E
                  task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
                  limit: int | None = None, prefix: PrefixOptions = PrefixOptions(),
                  progress: Callable[[int, int], None] | None = None,
-                 decode_batch: int | None = None) -> EvaluateResult | None:
+                 decode_batch: int | None = None, batch_size: int = 1) -> EvaluateResult | None:
     """`headscore evaluate` from Python: `prepare_evaluate`, then `evaluate` (None on ranks other than 0)."""
     setup = prepare_evaluate(model_name, tasks, options=options, task_options=task_options, device=device,
                              dtype=dtype, limit=limit)
     return evaluate(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
-                    task_settings=setup.task_settings, prefix=prefix, progress=progress, decode_batch=decode_batch)
+                    task_settings=setup.task_settings, prefix=prefix, progress=progress, decode_batch=decode_batch,
+                    batch_size=batch_size)

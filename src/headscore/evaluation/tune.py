@@ -318,12 +318,13 @@ def validation_markdown(validation: Sequence[dict[str, Any]]) -> str:
 def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path, *, options: TuneOptions,
          model_name: str, task_settings: Sequence[dict[str, Any]] = (),
          progress: Callable[[str, int, int], None] | None = None,
-         decode_batch: int | None = None) -> TuneResult | None:
+         decode_batch: int | None = None, batch_size: int = 1) -> TuneResult | None:
     """Split, evaluate the grid on validation, choose β per budget, evaluate on test; write the outputs.
 
     `progress(phase, done, total)` with phase "validation" or "test". Resumes both phases' journals. Under a
     launcher both phases split their samples over the ranks; rank 0 chooses β and writes the outputs (the
-    others read its choice) and returns the result, the other ranks None. `decode_batch`: as in `evaluate`.
+    others read its choice) and returns the result, the other ranks None. `decode_batch`, `batch_size`: as in
+    `evaluate`.
     """
     options.check()
     out_dir = Path(out_dir)
@@ -337,7 +338,7 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
     grid = options.evaluate_options(options.methods, options.betas)
     val_result = evaluate(model, tokenizer, val, out_dir / VALIDATION_DIR, options=grid, model_name=model_name,
                           task_settings=task_settings, progress=phase("validation"), figures=False,
-                          decode_batch=decode_batch)
+                          decode_batch=decode_batch, batch_size=batch_size)
     where = ranks()
     files = [out_dir / TUNED_FILE]
     if val_result is not None:  # rank 0 (or one process) holds the validation rows and chooses
@@ -357,7 +358,7 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
                            options=options.evaluate_options([*options.baselines, *options.methods],
                                                             [options.default_beta]),
                            model_name=model_name, task_settings=task_settings, progress=phase("test"),
-                           conditions=conditions, decode_batch=decode_batch)
+                           conditions=conditions, decode_batch=decode_batch, batch_size=batch_size)
     if test_result is None:  # a rank other than 0: rank 0 writes the outputs
         return None
     comparison = comparison_table(test_result.rows, validation, tuned, options)
@@ -397,11 +398,12 @@ def tune(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | Path
 def run_tune(model_name: str, tasks: str, out_dir: str | Path, *, options: TuneOptions,
              task_options: dict[str, Any] | None = None, device: str = "auto", dtype: str | None = None,
              limit: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-             decode_batch: int | None = None) -> TuneResult | None:
+             decode_batch: int | None = None, batch_size: int = 1) -> TuneResult | None:
     """`headscore tune` from Python: check the options, load the model and the task samples, `tune`."""
     options.check()
     setup = prepare_evaluate(model_name, tasks, options=options.evaluate_options(
         [*options.baselines, *options.methods], options.betas), task_options=task_options, device=device,
         dtype=dtype, limit=limit)
     return tune(setup.model, setup.tokenizer, setup.samples, out_dir, options=options, model_name=model_name,
-                task_settings=setup.task_settings, progress=progress, decode_batch=decode_batch)
+                task_settings=setup.task_settings, progress=progress, decode_batch=decode_batch,
+                batch_size=batch_size)

@@ -76,7 +76,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None,
                  # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, off as the
                  # HeadKV authors ran it (about 3x slower at large k)
-                 "razor_compensation": False},
+                 "razor_compensation": False,
+                 "batch_size": 1},  # samples prefilled and decoded together (evaluate --batch-size)
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
              "lengths": None, "depths": None},
@@ -87,6 +88,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "beta": defaults.BETA, "max_new_tokens": 16},
 }
 SECTIONS = tuple(s for s in SCHEMA if s)
+RUN_ONLY = frozenset({"batch_size"})  # settings that change how a stage runs, not what it writes
 # the head-score sets the estimate stage writes (`scores-<name>/`): name -> (score rule, needle trials); the
 # paper's Table 2: Head-R (retrieval rule, retrieval needles), Head-ER (r2 rule on the retrieval needles),
 # Head-R2 (r2 rule, retrieval-reasoning needles). Evaluation names them headkv-r, headkv-er, headkv-r2.
@@ -115,9 +117,10 @@ class StudyConfig:
         return self.values[""]
 
     def fingerprint(self, section: str) -> str:
-        """What a stage's outputs depend on: its section plus the model settings."""
-        return fingerprint_bytes(json.dumps([self.top, self.values.get(section, {})], sort_keys=True,
-                                            default=str))
+        """What a stage's outputs depend on: its section (but the run-only `batch_size`) plus the model
+        settings."""
+        settings = {k: v for k, v in self.values.get(section, {}).items() if k not in RUN_ONLY}
+        return fingerprint_bytes(json.dumps([self.top, settings], sort_keys=True, default=str))
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -324,7 +327,8 @@ class Study:
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
         result = run_evaluate(top["model"], tasks, out, options=options, task_options=task_options,
-                              device=top["device"], dtype=settings["dtype"] or top["dtype"], limit=settings["limit"])
+                              device=top["device"], dtype=settings["dtype"] or top["dtype"], limit=settings["limit"],
+                              batch_size=int(settings["batch_size"]))
         return {"samples": result.samples} if result is not None else {}
 
     def stage_evaluate(self) -> dict[str, Any]:
@@ -346,7 +350,7 @@ class Study:
                         "template": e["template"], "num_needles": e["num_needles"],
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
         result = run_tune(top["model"], s["tasks"], self.path("tune"), options=options, task_options=task_options,
-                          device=top["device"], dtype=top["dtype"], limit=e["limit"])
+                          device=top["device"], dtype=top["dtype"], limit=e["limit"], batch_size=int(e["batch_size"]))
         if result is None:  # a rank other than 0
             return {}
         return {"validation_samples": result.val_samples, "test_samples": result.test_samples,
