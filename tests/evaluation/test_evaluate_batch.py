@@ -48,8 +48,8 @@ def mixed_samples(tokenizer):
 
 
 def run(model, tokenizer, samples, out, scores_file, **kwargs):
-    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r", "pyramidkv"], budgets=[12, 400],
-                              scores={"r": scores_file}, window=4)
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r", "pyramidkv", "razor", "razor-k1"],
+                              budgets=[12, 400], scores={"r": scores_file}, window=4)
     result = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny", figures=False, **kwargs)
     return result, (out / "journal.jsonl").read_text(), (out / "results.csv").read_bytes()
 
