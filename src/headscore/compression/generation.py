@@ -172,9 +172,10 @@ def _states(model: Any, cache: HeadwiseCache, logits: torch.Tensor, seconds: flo
     geometry = cache.geometry
     full = set(geometry.model_layers)
     windowed = {index: layer for index, layer in enumerate(cache.layers) if index not in full}
+    recorded = [rows for rows in cache.recorded if rows is not None]  # every layer's, checked above
     states = []
     for row in range(logits.shape[0]):
-        keys, values, scores = (list(parts) for parts in zip(*(rows[row] for rows in cache.recorded), strict=True))
+        keys, values, scores = (list(parts) for parts in zip(*(rows[row] for rows in recorded), strict=True))
         states.append(PrefillState(keys=keys, values=values, scores=scores, window=cache.window,
                                    logits=logits[row], geometry=geometry, seconds=seconds, windowed=windowed,
                                    config=model.config))

@@ -273,7 +273,7 @@ def batch_groups(conditions: Sequence[Condition], samples: int, decode_batch: in
     full = [[(s, i) for s in range(samples)] for i, c in enumerate(conditions) if isinstance(c.press, FullPress)]
     compressed = [(s, i) for s in range(samples) for i, c in enumerate(conditions)
                   if not isinstance(c.press, FullPress)]
-    groups = []
+    groups: list[list[tuple[int, int]]] = []
     for rows in [*full, compressed]:
         size = decode_batch or max(len(rows), 1)
         groups.extend(rows[start:start + size] for start in range(0, len(rows), size))
@@ -372,10 +372,10 @@ def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], condition
         states.update(zip(group, prefill_batch(model, [torch.tensor(ids[i]) for i in group], window), strict=True))
     rules = [sample_rule(sample, tokenizer, stops, line_end) for sample in samples]
     results: dict[tuple[int, int], tuple[list[int], KVReport]] = {}
-    for group in batch_groups(conditions, len(samples), decode_batch):
-        decoded = decode_pairs(model, [(states[s], conditions[c].press) for s, c in group],
-                               [rules[s] for s, _ in group])
-        results.update(zip(group, decoded, strict=True))
+    for pairs in batch_groups(conditions, len(samples), decode_batch):
+        decoded = decode_pairs(model, [(states[s], conditions[c].press) for s, c in pairs],
+                               [rules[s] for s, _ in pairs])
+        results.update(zip(pairs, decoded, strict=True))
     return [result_rows(tokenizer, sample, len(ids[s]), conditions,
                         [results[s, c] for c in range(len(conditions))]) for s, sample in enumerate(samples)]
 
