@@ -28,7 +28,8 @@ lint:
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate, compressed vs full cache,
+## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate (and one two-rule estimate vs two runs),
+##        compressed vs full cache,
 ##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks,
 ##        the batched head-wise cache (evaluate batched vs --decode-batch 1, decode step vs rows, decode attention)
 bench:

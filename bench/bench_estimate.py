@@ -1,6 +1,6 @@
-"""Benchmark: cost of head-score capture on one long trial, side by side in one run.
+"""Benchmark: cost of head-score capture on one long trial, and several rules from one pass, side by side.
 
-    .venv/bin/python bench/bench_estimate.py [--length 4000] [--repeats 2] [--device cpu]
+    .venv/bin/python bench/bench_estimate.py [--length 4000] [--repeats 2] [--device cpu] [--part all]
 
 For one needle trial of `--length` tokens on SmolLM2-135M, each approach runs in its own subprocess (so peak
 memory is its own) on exactly the same tokens: N = the answer span's length, greedy tokens from `generate`.
@@ -11,6 +11,11 @@ memory is its own) on exactly the same tokens: N = the answer span's length, gre
 Reported: wall time and process CPU time (best of --repeats, interleaved), peak memory (CPU: the process's
 peak RSS, and its rise over the RSS after loading the model; CUDA: torch's peak allocated), ratios against
 generate.
+
+Part `rules` (`--rules-trials` retrieval-needle trials of `--rules-length` tokens, in one process, interleaved,
+best of --repeats): the study's Head-R + Head-ER pair, i.e. the retrieval and r2 rules on the same trials, as
+one two-rule run (`estimate_rules`) vs two single-rule runs (`estimate`), in teacher-forced and decode mode.
+`--part capture` or `--part rules` runs one part.
 """
 
 from __future__ import annotations
@@ -97,11 +102,49 @@ def worker(approach: str, trial_path: Path, tokens_path: Path, device: str) -> d
             "rise_mb": peak - base, "tokens": int(ids.shape[0]), "steps": n}
 
 
+def part_rules(trial_count: int, length: int, repeats: int, device: str) -> None:
+    """One two-rule run vs two single-rule runs on the same trials (fresh folders each time)."""
+    import shutil
+    from dataclasses import replace
+
+    from headscore.core.model import load_model
+    from headscore.scoring.estimate import EstimateOptions, estimate, estimate_rules
+    from headscore.scoring.trials import build_needle_trials
+
+    model, tokenizer = load_model("smollm2-135m", device=device, dtype="float32")
+    trials = build_needle_trials("smollm2-135m", kind="retrieval", min_length=length, max_length=length,
+                                 lengths=1, depths=trial_count)[:trial_count]
+    rules = ("retrieval", "r2")
+    print(f"\nrules: {len(trials)} retrieval trials of ~{length} tokens, rules {' + '.join(rules)} (Head-R + "
+          f"Head-ER), device {device}, best of {repeats}")
+    print(f"{'mode':<16}{'two runs s':>12}{'one run s':>12}{'x time':>9}")
+    for mode in ("teacher-forced", "decode"):
+        options = EstimateOptions(mode=mode, f1_threshold=-1, rouge_threshold=-1)
+        best = {"apart": float("inf"), "together": float("inf")}
+        for _ in range(repeats):
+            for case in best:
+                folder = Path(tempfile.mkdtemp(prefix="bench_rules."))
+                began = time.perf_counter()
+                if case == "apart":
+                    for rule in rules:
+                        estimate(model, tokenizer, trials, folder / rule, options=replace(options, rule=rule),
+                                 model_name="smollm2-135m", stop_after_failures=0)
+                else:
+                    estimate_rules(model, tokenizer, trials, {rule: folder / rule for rule in rules},
+                                   options=options, model_name="smollm2-135m", stop_after_failures=0)
+                best[case] = min(best[case], time.perf_counter() - began)
+                shutil.rmtree(folder)
+        print(f"{mode:<16}{best['apart']:>12.2f}{best['together']:>12.2f}{best['together'] / best['apart']:>9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--part", choices=("all", "capture", "rules"), default="all")
+    parser.add_argument("--rules-trials", type=int, default=4)
+    parser.add_argument("--rules-length", type=int, default=1000)
     parser.add_argument("--worker", choices=APPROACHES)
     parser.add_argument("--trial", type=Path)
     parser.add_argument("--tokens", type=Path)
@@ -109,7 +152,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.trial, args.tokens, args.device)))
         return
+    if args.part in ("all", "capture"):
+        part_capture(args)
+    if args.part in ("all", "rules"):
+        part_rules(args.rules_trials, args.rules_length, args.repeats, args.device)
 
+
+def part_capture(args: argparse.Namespace) -> None:
+    """The capture part: generate, estimate, eager and teacher-forced on one long trial, in subprocesses."""
     from headscore.scoring.trials import build_needle_trials
 
     trial = build_needle_trials("smollm2-135m", min_length=args.length, max_length=args.length, lengths=1,

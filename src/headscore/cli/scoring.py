@@ -17,6 +17,7 @@ from headscore.cli.app import (
 )
 from headscore.cli.options import MODEL_HELP, Device, DType, Model, prefix_options, uses
 from headscore.core.assets import DEFAULT_MODEL
+from headscore.core.errors import HeadscoreError
 
 
 @command("build-needles")
@@ -97,14 +98,18 @@ def estimate_command(
     trials: Annotated[Path, typer.Option("--trials", "-t", help="Trial file from build-needles (JSONL), built "
                                          "for the same tokenizer as --model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: head_scores.json, trials.csv, "
-                                      "metadata.json, heatmap.png and the resume journal journal.jsonl.")]
+                                      "metadata.json, heatmap.png and the resume journal journal.jsonl; with "
+                                      "several rules, one such folder per rule: OUT/scores-<rule>.")]
     = Path("estimate"),
     model: Model = DEFAULT_MODEL,
     rule: Annotated[str, typer.Option("--rule", help="Score rule: 'r2': retrieval-reasoning scores (HeadKV: "
                                       "top-N positions in the answer span, 10 · weight / (N · A), A = answer "
                                       "tokens); 'retrieval': retrieval-head scores (top-1 position in the span "
                                       "holding the generated token, 1/N); or any rule registered in "
-                                      "headscore.scoring.rules.")] = "r2",
+                                      "headscore.scoring.rules. Several, comma-separated (r2,retrieval): "
+                                      "each trial runs once for all of them (one pass; decode mode: one "
+                                      "greedy decode, each rule scored up to its own stop), each rule's files "
+                                      "as its own run writes them, in OUT/scores-<rule>.")] = "r2",
     mode: Annotated[str, typer.Option("--mode", help="'decode': greedy decoding, only trials that pass the "
                                       "success check count (the paper); 'teacher-forced': one pass over prompt "
                                       "+ gold answer, the queries predicting each answer token are scored, "
@@ -139,9 +144,14 @@ def estimate_command(
                                                    "device over all devices (accelerate).")] = None,
 ) -> None:
     """Score every attention head (layer × query head) on needle trials (HeadKV); resumable."""
-    from headscore.scoring.estimate import EstimateOptions, run_estimate
+    from headscore.scoring.estimate import EstimateOptions, run_estimate_rules
+    from headscore.scoring.rules import get_rule
 
-    options = EstimateOptions(rule=rule, mode=mode, f1_threshold=f1_threshold,
+    names = [name.strip() for name in rule.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise HeadscoreError(f"--rule '{rule}': give one rule or several distinct ones, comma-separated")
+    out_dirs = {names[0]: out} if len(names) == 1 else {name: out / get_rule(name).folder for name in names}
+    options = EstimateOptions(rule=names[0], mode=mode, f1_threshold=f1_threshold,
                               rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens,
                               stop_rule=stop_rule, rouge=rouge)
     with progress_bar() as bar:
@@ -153,11 +163,12 @@ def estimate_command(
                 counted = "counted" if record["counted"] else "not counted"
                 bar.update(task, description=f"scoring heads ({rule}, {mode}) {record['id']}: {counted}")
 
-        result = run_estimate(model, trials, out, options=options, device=device, dtype=dtype,
-                              device_map=device_map, shard=shard, limit=limit,
-                              stop_after_failures=stop_after_failures, prefix=prefix_options, progress=advance)
-    if result is not None:  # None on ranks other than 0 under torchrun
-        _estimate_summary(result, f"estimate ({rule}, {mode})")
+        results = run_estimate_rules(model, trials, out_dirs, options=options, device=device, dtype=dtype,
+                                     device_map=device_map, shard=shard, limit=limit,
+                                     stop_after_failures=stop_after_failures, prefix=prefix_options,
+                                     progress=advance, log=lambda line: console.print(line))
+    for name, result in (results or {}).items():  # None on ranks other than 0 under torchrun
+        _estimate_summary(result, f"estimate ({name}, {mode})")
 
 
 @command("merge")

@@ -30,7 +30,7 @@ from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, window_kv_bytes
 from headscore.compression.presses import FullPress, Press, make_press
 from headscore.core.attention import use_attention
-from headscore.core.decoding import StopRule, greedy_pick
+from headscore.core.decoding import FinishHook, StopRule, greedy_decode
 from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
@@ -256,16 +256,12 @@ def _check_state_press(state: PrefillState, press: Press) -> None:
 # ---------------------------------------------------------------------------------------------- decode
 
 
-# called with (row, its position in the cache, its tokens, its step seconds) just before a finished row leaves
-FinishHook = Callable[[int, int, list[int], list[float]], None]
-
-
 def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
                 on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
                 lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
-    the row took part in)`.
+    the row took part in)`, with the head-wise attention (`core.decoding.greedy_decode`, the one decode loop).
 
     Row `i` ends on `rules[i]` (`StopRule`); a finished row is dropped from the batch
     (`cache.batch_select_indices`), so it costs no more work and the cache ends holding the last rows to finish;
@@ -275,52 +271,8 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     real prompt length), prompts left padded to the longest (`compress_rows`): each row then gets its own
     positions and an attention mask hiding its padding.
     """
-    rows = len(rules)
-    if logits.ndim == 1:
-        logits = logits[None].expand(rows, -1)
-    if logits.shape[0] != rows:
-        raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
-    device = input_device(model)
-    tokens: list[list[int]] = [[token] for token in greedy_pick(logits, rules, 0)]
-    seconds: list[list[float]] = [[] for _ in range(rows)]
-    active = list(range(rows))
-    real = None if lengths is None else torch.tensor(list(lengths), device=device)
-    width = 0 if real is None else int(real.max())
-    with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
-        while True:
-            going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
-            if on_finish is not None:
-                for position, row in enumerate(active):
-                    if position not in going:
-                        on_finish(row, position, tokens[row], seconds[row])
-            if not going:
-                break
-            if len(going) < len(active):
-                kept = torch.tensor(going, device=device)
-                cache.batch_select_indices(kept)
-                if on_select is not None:
-                    on_select(kept)
-                active = [active[position] for position in going]
-                real = None if real is None else real[kept]
-            start = time.perf_counter()
-            inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
-            step = len(tokens[active[0]])
-            padded = {} if real is None else _padded_step(real, width, step)
-            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, **padded)
-            picked = greedy_pick(out.logits[:, -1], [rules[row] for row in active], step)
-            elapsed = time.perf_counter() - start
-            for row, token in zip(active, picked, strict=True):
-                tokens[row].append(token)
-                seconds[row].append(elapsed)
-    return tokens, seconds
-
-
-def _padded_step(lengths: torch.Tensor, width: int, step: int) -> dict[str, torch.Tensor]:
-    """Decode step `step` (tokens generated so far) of rows left padded to `width` with real prompt `lengths`
-    `[rows]`: the new token's `position_ids` `[rows, 1]` and the `attention_mask` `[rows, width + step]`."""
-    columns = torch.arange(width + step, device=lengths.device)
-    return {"position_ids": (lengths + step - 1)[:, None],
-            "attention_mask": (columns[None, :] >= (width - lengths)[:, None]).long()}
+    return greedy_decode(model, cache, logits, rules, on_finish, on_select, attention=HEADWISE_ATTENTION,
+                         lengths=lengths)
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,

@@ -5,14 +5,18 @@ token ids whose text holds a line break. Every decode loop (estimate's scored st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
+from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
+from headscore.core.model import input_device, with_cache
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,42 @@ class StopRule:
         """Token ids the row may not pick at `step` (0-based)."""
         return self.eos if step < self.min_new_tokens else frozenset()
 
+    def stop_length(self, tokens: Sequence[int]) -> int | None:
+        """How many of `tokens` a row with this rule generates: the first length where it stops, or None when
+        it has not stopped within `tokens`."""
+        return next((length for length in range(1, len(tokens) + 1) if self.finished(tokens[:length])), None)
+
+    def picks_like(self, other: StopRule) -> bool:
+        """Whether rows with the two rules pick the same greedy tokens (equal banned ids at every step)."""
+        bans = (self.min_new_tokens, self.eos if self.min_new_tokens else frozenset())
+        return bans == (other.min_new_tokens, other.eos if other.min_new_tokens else frozenset())
+
+
+@dataclass(frozen=True)
+class EveryRule(StopRule):
+    """Ends a row once each of `rules` has stopped, each at its own first stop (`StopRule.stop_length`): greedy
+    tokens do not depend on when a row stops, so one decode gives every rule's tokens (rule `i`'s are the first
+    `rules[i].stop_length(tokens)`). Build it with `EveryRule.of(rules)` (rules that pick alike, `picks_like`).
+    """
+
+    rules: tuple[StopRule, ...] = ()
+
+    @classmethod
+    def of(cls, rules: Sequence[StopRule]) -> StopRule:
+        """One rule that ends where the last of `rules` ends (the rule itself when there is one)."""
+        if not rules:
+            raise HeadscoreError("EveryRule needs at least one stop rule")
+        if len(rules) == 1:
+            return rules[0]
+        if not all(rule.picks_like(rules[0]) for rule in rules):
+            raise HeadscoreError("stop rules that ban different tokens pick different greedy tokens; decode "
+                                 "them apart")
+        return cls(max(rule.max_new_tokens for rule in rules), rules[0].eos, min_new_tokens=rules[0].min_new_tokens,
+                   rules=tuple(rules))
+
+    def finished(self, tokens: Sequence[int]) -> bool:
+        return all(rule.stop_length(tokens) is not None for rule in self.rules)
+
 
 def greedy_pick(logits: torch.Tensor, rules: Sequence[StopRule], step: int) -> list[int]:
     """Greedy tokens of rows `logits` `[rows, vocab]` at `step`, each row's banned ids excluded (one sync)."""
@@ -68,3 +108,90 @@ def newline_token_ids(tokenizer: Any) -> frozenset[int]:
     ids = list(range(len(tokenizer)))
     texts = tokenizer.batch_decode([[i] for i in ids])
     return frozenset(i for i, text in zip(ids, texts, strict=True) if "\n" in text)
+
+
+# called with (row, its position in the cache, its tokens, its step seconds) just before a finished row leaves
+FinishHook = Callable[[int, int, list[int], list[float]], None]
+# called with (step, the rows still decoding, their tokens picked at that step) after every pick
+PickHook = Callable[[int, list[int], list[int]], None]
+
+
+def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
+                  on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
+                  *, attention: str | None = None, forced: torch.Tensor | None = None,
+                  before_forward: Callable[[], None] | None = None, on_pick: PickHook | None = None,
+                  lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """The one greedy decode loop (evaluate and ablate through `compression.generation.decode_rows`, estimate's
+    scored steps): every row of `cache` from the last `logits` `[rows, vocab]` (or `[vocab]`, repeated for
+    every row): `(tokens per row, seconds of each decode step the row took part in)`.
+
+    Row `i` ends on `rules[i]`, checked after each of its tokens (the token that ends it included); a finished
+    row is dropped from the batch (`cache.batch_select_indices`), so it costs no more work; `on_finish(row,
+    position, tokens, seconds)` sees each row's cache state just before, `on_select(kept)` gets the kept
+    positions whenever rows leave. The rows are one prompt's (equal, unpadded lengths: positions follow the
+    cache length), or, with `lengths` (each row's real prompt length), prompts left padded to the longest: each
+    row then gets its own positions and an attention mask hiding its padding (`padded_step`). `attention`: the
+    attention implementation the steps run with (None: the model's current one, e.g. an attention capture).
+    `forced` `[rows, steps]` ids replace the greedy picks (a given
+    continuation; `rules` still end the rows). `before_forward()` runs before every step's forward and
+    `on_pick(step, rows, tokens)` after every pick (step 0: from `logits`), with the rows still decoding and
+    their new tokens.
+    """
+    rows = len(rules)
+    if logits.ndim == 1:
+        logits = logits[None].expand(rows, -1)
+    if logits.shape[0] != rows:
+        raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
+    device = input_device(model)
+    if forced is not None:
+        forced = forced.cpu()
+    first = greedy_pick(logits, rules, 0) if forced is None else forced[:, 0].tolist()
+    tokens: list[list[int]] = [[token] for token in first]
+    seconds: list[list[float]] = [[] for _ in range(rows)]
+    active = list(range(rows))
+    real = None if lengths is None else torch.tensor(list(lengths), device=device)
+    width = 0 if real is None else int(real.max())
+    if on_pick is not None:
+        on_pick(0, active, first)
+    with torch.inference_mode(), use_attention(model, attention) if attention else nullcontext():
+        while True:
+            going = [position for position, row in enumerate(active) if not rules[row].finished(tokens[row])]
+            if on_finish is not None:
+                for position, row in enumerate(active):
+                    if position not in going:
+                        on_finish(row, position, tokens[row], seconds[row])
+            if not going:
+                break
+            if len(going) < len(active):
+                kept = torch.tensor(going, device=device)
+                cache.batch_select_indices(kept)
+                if on_select is not None:
+                    on_select(kept)
+                active = [active[position] for position in going]
+                real = None if real is None else real[kept]
+            start = time.perf_counter()
+            inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
+            step = len(tokens[active[0]])
+            padded = {} if real is None else padded_step(real, width, step)
+            if before_forward is not None:
+                before_forward()
+            out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, **padded)
+            if forced is None:
+                picked = greedy_pick(out.logits[:, -1], [rules[row] for row in active], step)
+            else:
+                picked = forced[active, step].tolist()
+            elapsed = time.perf_counter() - start
+            for row, token in zip(active, picked, strict=True):
+                tokens[row].append(token)
+                seconds[row].append(elapsed)
+            if on_pick is not None:
+                on_pick(step, active, picked)
+    return tokens, seconds
+
+
+def padded_step(lengths: torch.Tensor, width: int, step: int) -> dict[str, torch.Tensor]:
+    """Decode step `step` (tokens generated so far) of rows left padded to `width` with real prompt `lengths`
+    `[rows]`: the new token's `position_ids` `[rows, 1]` and the `attention_mask` `[rows, width + step]`."""
+    columns = torch.arange(width + step, device=lengths.device)
+    return {"position_ids": (lengths + step - 1)[:, None],
+            "attention_mask": (columns[None, :] >= (width - lengths)[:, None]).long()}

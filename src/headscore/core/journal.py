@@ -124,41 +124,100 @@ def run_journaled(out_dir: Path, header: dict[str, Any], keys: Sequence[K], fiel
     finished so far (all ranks') at the start and after each of this process's keys, and may raise to stop
     the run (the journals keep what was done). With `work_batch`, the unfinished keys run `batch` at a time
     (in order) through `work_batch(keys)` (one record per key, in order), journaled one by one after it returns.
+    The one-run case of `run_journaled_together`.
+    """
+    chunk_work = None if work_batch is None else lambda chunk, whiches: [[r] for r in work_batch(chunk)]
+    found = run_journaled_together([(Path(out_dir), header, check)], keys, field,
+                                   lambda key, which: [work(key)], progress, batch=batch, work_batch=chunk_work)
+    if found is None:
+        return None
+    assert isinstance(found[0], dict)  # one run: its error was raised
+    return found[0]
+
+
+def run_journaled_together(runs: Sequence[tuple[Path, dict[str, Any], Callable[[dict[K, dict[str, Any]]], None]
+                                                | None]], keys: Sequence[K], field: str,
+                           work: Callable[[K, list[int]], list[dict[str, Any]]],
+                           progress: Callable[[int, int, dict[str, Any] | None], None] | None = None, *,
+                           batch: int = 1,
+                           work_batch: Callable[[list[K], list[list[int]]], list[list[dict[str, Any]]]] | None
+                           = None) -> list[dict[K, dict[str, Any]] | Exception] | None:
+    """`run_journaled` for several runs over the same keys, each with its own folder, header and `check`:
+    `work(key, which)` gets the positions of the runs (ascending) that lack `key` and returns their records,
+    in that order (one unit of work serves them all); each run's journal ends as if it had run alone. With
+    `work_batch`, the unfinished keys go `batch` at a time to `work_batch(keys, whiches)` (each key's records,
+    as `work` returns them), journaled key by key after it returns.
+
+    A run whose `check` raises stops (its journals keep what was done) and the others go on; when every run
+    has stopped, the first error is raised again. Returns (rank 0; None on the other ranks) each run's records
+    by key, or the error that stopped it. `progress` counts keys: a key is done when every run has it.
     """
 
-    out_dir = Path(out_dir)
     where = ranks()
-    own = out_dir / RANKS_DIR / f"rank-{where.rank}" / JOURNAL if where.distributed else out_dir / JOURNAL
-    open_journal(own, header)  # creates this process's journal, drops a partial last line, checks the header
+    owns = [out_dir / RANKS_DIR / f"rank-{where.rank}" / JOURNAL if where.distributed else out_dir / JOURNAL
+            for out_dir, _, _ in runs]
+    for own, (_, header, _) in zip(owns, runs, strict=True):
+        open_journal(own, header)  # creates this process's journal, drops a partial last line, checks the header
     where.barrier()  # every journal is whole before any rank reads the others
-    done = _collect(out_dir, header, field)
+    dones = [_collect(out_dir, header, field) for out_dir, header, _ in runs]
     where.barrier()  # ... and read by every rank before any rank appends
-    todo = where.part([key for key in keys if key not in done])
-    before = sum(key in done for key in keys)
-    if check:
-        check(done)
+    todo = where.part([key for key in keys if any(key not in done for done in dones)])
+    before = sum(all(key in done for done in dones) for key in keys)
+    errors: list[Exception | None] = [None] * len(runs)
+
+    def checked(position: int) -> None:
+        out_dir, header, check = runs[position]
+        if check is None or errors[position] is not None:
+            return
+        done = dones[position]
+        try:
+            check({**_collect(out_dir, header, field, repair=False), **done} if where.distributed else done)
+        except Exception as error:  # this run stops; the others go on
+            errors[position] = error
+
+    def stop_if_all_stopped() -> None:
+        if all(error is not None for error in errors):
+            raise next(error for error in errors if error is not None)
+
+    for position in range(len(runs)):
+        checked(position)
+    stop_if_all_stopped()
     if progress:
         progress(before, before + len(todo), None)
     size = batch if work_batch is not None else 1
     count = 0
     for begin in range(0, len(todo), size):
         chunk = todo[begin:begin + size]
-        records = work_batch(chunk) if work_batch is not None else [work(key) for key in chunk]
-        for key, record in zip(chunk, records, strict=True):
+        whiches = [[position for position, done in enumerate(dones) if key not in done and errors[position] is None]
+                   for key in chunk]
+        if work_batch is not None:
+            pending = [(key, which) for key, which in zip(chunk, whiches, strict=True) if which]
+            results = dict(zip([key for key, _ in pending],
+                               work_batch([key for key, _ in pending], [which for _, which in pending])
+                               if pending else [], strict=True))
+        for key, which in zip(chunk, whiches, strict=True):
             count += 1
-            append_journal(own, record)
-            done[key] = record
+            if not which:
+                continue
+            records = results[key] if work_batch is not None else work(key, which)
+            for position, record in zip(which, records, strict=True):
+                append_journal(owns[position], record)
+                dones[position][key] = record
             if progress:
-                progress(before + count, before + len(todo), record)
-            if check:
-                check({**_collect(out_dir, header, field, repair=False), **done} if where.distributed else done)
+                progress(before + count, before + len(todo), records[0])
+            for position in which:
+                checked(position)
+            stop_if_all_stopped()
     where.barrier()
     if not where.is_main:
         return None
-    if (out_dir / RANKS_DIR).is_dir():
-        done = _collect(out_dir, header, field)
-        order = {key: position for position, key in enumerate(keys)}
-        records = sorted(done.values(), key=lambda r: order.get(r[field], len(order)))
-        write_journal(out_dir / JOURNAL, json.loads(json.dumps(header)), records)
-        shutil.rmtree(out_dir / RANKS_DIR)
-    return done
+    order = {key: rank for rank, key in enumerate(keys)}
+    found: list[dict[K, dict[str, Any]] | Exception] = []
+    for (out_dir, header, _), done, error in zip(runs, dones, errors, strict=True):
+        if error is None and (out_dir / RANKS_DIR).is_dir():
+            done = _collect(out_dir, header, field)
+            records = sorted(done.values(), key=lambda r: order.get(r[field], len(order)))
+            write_journal(out_dir / JOURNAL, json.loads(json.dumps(header)), records)
+            shutil.rmtree(out_dir / RANKS_DIR)
+        found.append(done if error is None else error)
+    return found

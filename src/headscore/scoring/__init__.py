@@ -9,5 +9,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "capture": ["attention_capture", "AttentionCapture"],
     "rules": ["RULES", "ScoreRule", "score_rule", "get_rule", "rule_for_scores", "r2_scores", "retrieval_scores"],
     "head_scores": ["HeadScores", "read_head_scores", "write_head_scores"],
-    "estimate": ["EstimateOptions", "EstimateResult", "estimate", "run_estimate", "merge_runs"],
+    "estimate": ["EstimateOptions", "EstimateResult", "estimate", "estimate_rules", "run_estimate",
+                 "run_estimate_rules", "merge_runs"],
 })

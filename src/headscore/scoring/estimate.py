@@ -26,8 +26,8 @@ prefix.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,11 @@ import torch
 from transformers import DynamicCache
 
 from headscore.core.attention import CAUSAL_SUFFIX
-from headscore.core.decoding import StopRule, newline_token_ids
+from headscore.core.decoding import EveryRule, StopRule, greedy_decode, newline_token_ids
 from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
-from headscore.core.journal import JOURNAL, read_journal, run_journaled, write_journal
+from headscore.core.journal import JOURNAL, read_journal, run_journaled_together, write_journal
 from headscore.core.metrics import qa_f1, rouge1_recall, rouge1_recall_stemmed
 from headscore.core.model import Geometry, eos_ids, input_device, load_model, with_cache
 from headscore.core.plots import head_heatmap
@@ -218,62 +218,113 @@ def estimate_stop_rule(model: Any, tokenizer: Any, max_new_tokens: int) -> StopR
                     skip_leading_line_ends=False)
 
 
+TrialScores = tuple[torch.Tensor, list[int], bool]  # (scores [layers, heads], generated ids, non-finite attention)
+
+
+class ScoredSteps:
+    """Scores each decode step's captured attention for several rules at once (`greedy_decode`'s hooks): rule
+    `name` adds every step up to and including the one its stop rule ends on (each rule's steps are a prefix of
+    one greedy decode: the tokens do not depend on when a rule stops)."""
+
+    def __init__(self, capture: Any, prompt_ids: torch.Tensor, span: tuple[int, int], answer_tokens: int,
+                 stops: dict[str, StopRule]) -> None:
+        self.capture, self.prompt_ids, self.span, self.answer_tokens = capture, prompt_ids, span, answer_tokens
+        self.stops = stops
+        self.scores = {name: get_rule(name).score for name in stops}
+        device = prompt_ids.device
+        self.totals = {name: torch.zeros((), device=device) for name in stops}
+        self.bad = {name: torch.zeros((), dtype=torch.bool, device=device) for name in stops}
+        self.lengths: dict[str, int] = {}  # rule -> steps, once it stopped
+        self.generated: list[int] = []
+
+    def arm(self) -> None:
+        self.capture.arm(1)
+
+    def picked(self, step: int, rows: list[int], tokens: list[int]) -> None:
+        """Score step `step` (its attention was captured in the forward that gave `tokens[0]`)."""
+        device = self.prompt_ids.device
+        probs = self.capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
+        check_context(probs, self.prompt_ids.shape[0] + step)
+        chosen = torch.tensor(tokens[:1], device=device)
+        self.generated.append(tokens[0])
+        finite = torch.isfinite(probs).all()
+        for name, stop in self.stops.items():
+            if name in self.lengths:
+                continue
+            self.totals[name] = self.totals[name] + self.scores[name](probs[None], self.span, chosen,
+                                                                     self.prompt_ids,
+                                                                     answer_tokens=self.answer_tokens)
+            self.bad[name] = self.bad[name] | ~finite
+            if stop.finished(self.generated):
+                self.lengths[name] = len(self.generated)
+
+    def results(self) -> dict[str, TrialScores]:
+        return {name: (self.totals[name], self.generated[:self.lengths.get(name, len(self.generated))],
+                       bool(self.bad[name])) for name in self.stops}
+
+
 @torch.no_grad()
-def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                 rule: str, max_new_tokens: int, forced: torch.Tensor | None = None,
-                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0,
-                 stop: StopRule | None = None) -> tuple[torch.Tensor, list[int], bool]:
-    """Decode mode: prefill `prompt[:-1]` (capture off), then greedy steps with capture on.
+def decode_rules(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                 stops: dict[str, StopRule], forced: torch.Tensor | None = None, answer_tokens: int | None = None,
+                 cache: DynamicCache | None = None, start: int = 0) -> dict[str, TrialScores]:
+    """Decode mode for several score rules in one decode: prefill `prompt[:-1]` (capture off), then greedy
+    steps with capture on, on the one decode loop (`core.decoding.greedy_decode`, with the capture's attention).
 
-    Returns (scores [layers, heads] summed over steps, generated ids, any non-finite attention). Ends on
-    `stop` (that step is still scored); by default `estimate_stop_rule`: a newline or EOS token, or
-    `max_new_tokens`. `forced` [steps] replaces the greedy choices (scores a given continuation; only its
-    length and `max_new_tokens` end it). `answer_tokens`: A of the r2 rule (default: the span's N).
-    `cache`: one already holding `prompt[:start]` (a shared prefix, `start` < prompt length); only
-    `prompt[start:-1]` is prefilled on it. `stop`: the stop rule (`stop_criteria`; its `max_new_tokens` replaces
-    `max_new_tokens`); default: newline or EOS.
+    `stops`: each rule's `StopRule`; rule `name` gets (scores [layers, heads] summed over its steps, its
+    generated ids, any non-finite attention in its steps); its steps end on its stop rule, that step still
+    scored (rules that ban different tokens, `StopRule.picks_like`, cannot share: an error). `forced` [steps]
+    replaces the greedy choices (a given continuation; only its length and the rules' `max_new_tokens` end
+    it). `answer_tokens`: A of the r2 rule (default: the span's N). `cache`: one already holding
+    `prompt[:start]` (a shared prefix, `start` < prompt length); only `prompt[start:-1]` is prefilled on it.
     """
-
-    score = get_rule(rule).score
     answer_tokens = answer_tokens or span[1] - span[0]
     device = input_device(model)
     prompt_ids = prompt_ids.to(device)
-    stop = stop or estimate_stop_rule(model, tokenizer, max_new_tokens)
+    if forced is not None:
+        stops = {name: StopRule(min(stop.max_new_tokens, len(forced))) for name, stop in stops.items()}
+    every = EveryRule.of(list(stops.values()))
     if cache is None:
         cache, start = DynamicCache(config=model.config), 0
     if start < prompt_ids.shape[0] - 1:
         after_cached = CAUSAL_SUFFIX if start > 0 else {}  # the pass right after the shared prefix's tokens
         model(input_ids=prompt_ids[None, start:-1], **with_cache(model, cache), use_cache=True, logits_to_keep=1,
               **after_cached)
-    token = prompt_ids[None, -1:]
-    total = torch.zeros((), device=device)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    generated: list[int] = []
-    steps = stop.max_new_tokens if forced is None else min(stop.max_new_tokens, len(forced))
-    for step in range(steps):
-        capture.arm(1)
-        logits = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
-        probs = capture.take(device)[:, 0, :, 0]  # [layers, heads, context]
-        check_context(probs, prompt_ids.shape[0] + step)
-        chosen = logits[0, -1].argmax() if forced is None else forced[step].to(device)
-        total = total + score(probs[None], span, chosen[None], prompt_ids, answer_tokens=answer_tokens)
-        bad = bad | ~torch.isfinite(probs).all()
-        generated.append(int(chosen))
-        if forced is None and stop.finished(generated):
-            break
-        token = chosen.view(1, 1)
-    return total, generated, bool(bad)
+    steps = ScoredSteps(capture, prompt_ids, span, answer_tokens, stops)
+    steps.arm()  # the first scored step: the last prompt token
+    logits = model(input_ids=prompt_ids[None, -1:], **with_cache(model, cache), use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    greedy_decode(model, cache, logits, [every], forced=None if forced is None else forced[None],
+                  before_forward=steps.arm, on_pick=steps.picked)
+    return steps.results()
+
+
+def decode_trial(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                 rule: str, max_new_tokens: int, forced: torch.Tensor | None = None,
+                 answer_tokens: int | None = None, cache: DynamicCache | None = None, start: int = 0,
+                 stop: StopRule | None = None) -> TrialScores:
+    """Decode mode for one rule (`decode_rules`): (scores [layers, heads] summed over steps, generated ids, any
+    non-finite attention). Ends on `stop` (that step is still scored); by default `estimate_stop_rule`: a
+    newline or EOS token, or `max_new_tokens`. `forced` [steps] replaces the greedy choices (only its length
+    and `max_new_tokens` end it). `stop`: the stop rule (`stop_criteria`; its `max_new_tokens` replaces
+    `max_new_tokens`).
+    """
+    if stop is None:
+        stop = StopRule(max_new_tokens) if forced is not None else estimate_stop_rule(model, tokenizer,
+                                                                                      max_new_tokens)
+    return decode_rules(model, prompt_ids, span, capture, {rule: stop}, forced, answer_tokens, cache,
+                        start)[rule]
 
 
 @torch.no_grad()
-def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
-                         rule: str, answer_tokens: int | None = None, cache: DynamicCache | None = None,
-                         prefix: int = 0) -> tuple[torch.Tensor, list[int], bool]:
-    """Teacher-forced mode: one pass over `prompt + answer[:-1]`, answer = `prompt[start:end]` (N tokens).
+def teacher_forced_rules(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                         rules: Sequence[str], answer_tokens: int | None = None, cache: DynamicCache | None = None,
+                         prefix: int = 0) -> dict[str, TrialScores]:
+    """Teacher-forced mode for several rules on one pass over `prompt + answer[:-1]`, answer =
+    `prompt[start:end]` (N tokens): per rule (scores [layers, heads], greedy predictions at the scored
+    positions [N], any non-finite attention).
 
     The scored queries are the N positions `P-1 .. P+N-2` that predict the answer tokens; each row covers
-    every position the query sees; `answer_tokens` is A of the r2 rule (default: N). Returns (scores
-    [layers, heads], greedy predictions at those positions [N], any non-finite attention).
+    every position the query sees; `answer_tokens` is A of the r2 rule (default: N).
     Memory: O(layers × heads × N × context). `cache`: one already holding `prompt[:prefix]` (a shared prefix,
     `prefix` < prompt length); the pass then runs from `prefix` on it.
     """
@@ -290,8 +341,18 @@ def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
                        logits_to_keep=end - start, **(CAUSAL_SUFFIX if prefix > 0 else {})).logits
     probs = capture.take(device)[:, 0].permute(2, 0, 1, 3)  # [N, layers, heads, context]
     check_context(probs, inputs.shape[1])
-    total = get_rule(rule).score(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start)
-    return total, logits[0].argmax(-1).tolist(), not bool(torch.isfinite(probs).all())
+    predicted = logits[0].argmax(-1).tolist()
+    bad = not bool(torch.isfinite(probs).all())
+    return {rule: (get_rule(rule).score(probs, span, answer, prompt_ids, answer_tokens=answer_tokens or end - start),
+                   predicted, bad) for rule in rules}
+
+
+def teacher_forced_trial(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], capture: Any,
+                         rule: str, answer_tokens: int | None = None, cache: DynamicCache | None = None,
+                         prefix: int = 0) -> TrialScores:
+    """Teacher-forced mode for one rule (`teacher_forced_rules`): (scores [layers, heads], greedy predictions at
+    the N scored positions, any non-finite attention)."""
+    return teacher_forced_rules(model, prompt_ids, span, capture, [rule], answer_tokens, cache, prefix)[rule]
 
 
 def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: EstimateOptions,
@@ -300,34 +361,67 @@ def score_trial(model: Any, tokenizer: Any, trial: Trial, index: int, options: E
     """Run one trial; returns its journal record (scores: [layers][heads] floats, None if not counted).
 
     With `prefixes`, the trial's first `shared` tokens come from the shared prefix cache. `encoded`: the
-    trial's `encode_trial` result, if already computed."""
+    trial's `encode_trial` result, if already computed. The one-rule case of `score_trial_rules`."""
+    return score_trial_rules(model, tokenizer, trial, index, [options], capture, prefixes, shared, encoded)[0]
 
+
+def score_trial_rules(model: Any, tokenizer: Any, trial: Trial, index: int, options: Sequence[EstimateOptions],
+                      capture: Any, prefixes: PrefixCache | None = None, shared: int = 0,
+                      encoded: tuple[torch.Tensor, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """Run one trial once for several runs' options (one rule each, one mode for all): each run's journal
+    record, in order, each what `score_trial` gives for that run alone (timing aside: `seconds` is the
+    shared pass's). Decode mode shares one decode among the rules that pick alike (`StopRule.picks_like`;
+    every estimate stop rule does), the others decode one after another."""
     began = time.perf_counter()
     prompt_ids, span = encoded or encode_trial(trial, tokenizer)
     answer_tokens = answer_token_count(tokenizer, trial.answer)
+    modes = {option.mode for option in options}
+    if len(modes) != 1 or len({option.rule for option in options}) != len(options):
+        raise HeadscoreError("one trial pass scores distinct rules in one mode")
+    found: dict[str, TrialScores] = {}
     with shared_prefix(prefixes, prompt_ids, shared) as (cache, start):
-        if options.mode == "teacher-forced":
-            scores, generated, bad = teacher_forced_trial(model, prompt_ids, span, capture, options.rule,
-                                                          answer_tokens, cache, start)
+        if options[0].mode == "teacher-forced":
+            found = teacher_forced_rules(model, prompt_ids, span, capture, [option.rule for option in options],
+                                         answer_tokens, cache, start)
         else:
-            stop = stop_criteria(model, tokenizer, options, answer_tokens, span[1] - span[0])
-            scores, generated, bad = decode_trial(model, tokenizer, prompt_ids, span, capture, options.rule,
-                                                  stop.max_new_tokens, answer_tokens=answer_tokens, cache=cache,
-                                                  start=start, stop=stop)
-    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    recall = rouge1_recall_stemmed if options.rouge == "stemmed" else rouge1_recall
-    f1, rouge = qa_f1(response, trial.answer), recall(response, trial.answer)
-    success = options.success(f1, rouge)
-    bad = bad or not bool(torch.isfinite(scores).all())
-    counted = not bad and (success or options.mode == "teacher-forced")
-    return {
-        "index": index, "id": trial.id, "length": int(prompt_ids.shape[0]), "depth": trial.depth,
-        "needle": trial.needle_id or "", "response": response, "success": success, "f1": f1,
-        "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
-        "answer_tokens": answer_tokens, "span_tokens": span[1] - span[0],
-        "scores": scores.double().cpu().tolist() if counted else None,
-        "seconds": round(time.perf_counter() - began, 3), "cached_tokens": start,
-    }
+            stops = {option.rule: stop_criteria(model, tokenizer, option, answer_tokens, span[1] - span[0])
+                     for option in options}
+            for group in decode_groups(stops):
+                if found and cache is not None:
+                    cache.crop(start)  # back to the shared prefix for the next decode
+                found.update(decode_rules(model, prompt_ids, span, capture, group, answer_tokens=answer_tokens,
+                                          cache=cache, start=start))
+    seconds = round(time.perf_counter() - began, 3)
+    records = []
+    for option in options:
+        scores, generated, bad = found[option.rule]
+        response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        recall = rouge1_recall_stemmed if option.rouge == "stemmed" else rouge1_recall
+        f1, rouge = qa_f1(response, trial.answer), recall(response, trial.answer)
+        success = option.success(f1, rouge)
+        bad = bad or not bool(torch.isfinite(scores).all())
+        counted = not bad and (success or option.mode == "teacher-forced")
+        records.append({
+            "index": index, "id": trial.id, "length": int(prompt_ids.shape[0]), "depth": trial.depth,
+            "needle": trial.needle_id or "", "response": response, "success": success, "f1": f1,
+            "rouge1_recall": rouge, "counted": counted, "steps": len(generated), "nan": bad,
+            "answer_tokens": answer_tokens, "span_tokens": span[1] - span[0],
+            "scores": scores.double().cpu().tolist() if counted else None,
+            "seconds": seconds, "cached_tokens": start,
+        })
+    return records
+
+
+def decode_groups(stops: dict[str, StopRule]) -> list[dict[str, StopRule]]:
+    """The rules (by name) that can share one decode: those whose stop rules pick alike, in order."""
+    groups: list[dict[str, StopRule]] = []
+    for name, stop in stops.items():
+        group = next((group for group in groups if next(iter(group.values())).picks_like(stop)), None)
+        if group is None:
+            groups.append({name: stop})
+        else:
+            group[name] = stop
+    return groups
 
 
 # ---------------------------------------------------------------- outputs
@@ -436,20 +530,50 @@ def estimate(
     record)` is called once at the start (record None) and after every trial.
     Under a launcher the selected trials are split over the ranks (contiguous ranges of the run order); rank 0
     returns the result of the whole run (the files equal one process's), the other ranks None.
+    The one-rule case of `estimate_rules`.
+    """
+    found = estimate_rules(model, tokenizer, trials, {options.rule: out_dir}, options=options,
+                           model_name=model_name, shard=shard, limit=limit, stop_after_failures=stop_after_failures,
+                           prefix=prefix, progress=progress)
+    return None if found is None else found[options.rule]
+
+
+def estimate_rules(
+    model: Any,
+    tokenizer: Any,
+    trials: Sequence[Trial],
+    out_dirs: Mapping[str, str | Path],
+    *,
+    options: EstimateOptions = EstimateOptions(),
+    model_name: str,
+    shard: tuple[int, int] = (0, 1),
+    limit: int | None = None,
+    stop_after_failures: int = STOP_AFTER_FAILURES,
+    prefix: PrefixOptions = PrefixOptions(),
+    progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, EstimateResult] | None:
+    """`estimate` for several score rules on one pass over the trials: `out_dirs` maps each rule to its
+    output folder, and every folder ends exactly as `estimate` with `replace(options, rule=rule)` leaves it
+    (the same files; journal records equal but for `seconds`); each folder resumes on its own, and a trial
+    already in a folder's journal is not scored again for it. Each trial runs once for the rules that still
+    need it (teacher-forced: one pass; decode: one greedy decode, each rule scored up to its own stop,
+    `score_trial_rules`). A rule whose first trials all fail the success check stops alone; the others finish
+    (their outputs written), then its error is raised. `log(line)` says what is shared.
+    Returns each rule's result (rank 0; None on the other ranks).
     """
 
-    out_dir = Path(out_dir)
+    if not out_dirs:
+        raise HeadscoreError("estimate needs at least one score rule")
+    runs = {rule: (Path(folder), replace(options, rule=rule)) for rule, folder in out_dirs.items()}
+    if len({folder.resolve() for folder, _ in runs.values()}) != len(runs):
+        raise HeadscoreError("each score rule needs its own output folder")
     check_tokenizer(trials, tokenizer)
     geometry = Geometry.from_config(model.config)
     if stop_after_failures < 0:
         raise HeadscoreError("--stop-after-failures must be 0 (never stop) or more")
     prefix = prefix.for_model(model)
-    # the rule is recorded as "method" (the files' key since the first release), then its description
-    settings = {("method" if key == "rule" else key): value for key, value in asdict(options).items()}
-    header = {"model": model_name, "geometry": geometry.to_dict(), **settings,
-              "rule": get_rule(options.rule).description,
-              "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
-              "shard": f"{shard[0]}/{shard[1]}"}
+    headers = {rule: run_header(model_name, geometry, option, trials, shard) for rule, (_, option) in runs.items()}
     # planned over the whole file: shards are contiguous ranges of the sharing order (whatever the prefix
     # options), and a trial's shared length, hence its result, does not depend on the shard, limit or resume
     encoded = [encode_trial(trial, tokenizer) for trial in trials]
@@ -461,23 +585,52 @@ def estimate(
     stops = options.mode == "decode" and 0 < stop_after_failures <= len(keys)  # shorter runs just finish
     first = keys[:stop_after_failures] if stops else []
     prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if prefix.enabled else None
+    names = list(runs)
+    if log is not None and len(names) > 1:
+        log(f"estimate: {', '.join(names)} scored on one {options.mode} pass per trial"
+            + (" (one greedy decode, each rule up to its own stop)" if options.mode == "decode" else ""))
+
+    def check(folder: Path) -> Callable[[dict[int, dict[str, Any]]], None]:
+        return lambda found: check_first_failures(found, first, folder / JOURNAL)
+
+    def work(index: int, which: list[int]) -> list[dict[str, Any]]:
+        return score_trial_rules(model, tokenizer, trials[index], index, [runs[names[i]][1] for i in which],
+                                 capture, prefixes, plan.shared[index], encoded[index])
+
     with attention_capture(model, geometry.model_layers) as capture:
-        records = run_journaled(
-            out_dir, header, keys, "index",
-            lambda index: score_trial(model, tokenizer, trials[index], index, options, capture, prefixes,
-                                      plan.shared[index], encoded[index]), progress,
-            check=lambda found: check_first_failures(found, first, out_dir / JOURNAL))
+        found = run_journaled_together([(runs[rule][0], headers[rule], check(runs[rule][0])) for rule in names],
+                                       keys, "index", work, progress)
     where = ranks()
-    result = None
-    if records is not None:  # rank 0 (or the only process) writes the outputs
-        extra = {"selection": {"shard": header["shard"], "limit": limit, "selected": len(chosen)},
+    results: dict[str, EstimateResult] | None = None
+    failed: list[tuple[str, Exception]] = []
+    if found is not None:  # rank 0 (or the only process) writes the outputs
+        extra = {"selection": {"shard": headers[names[0]]["shard"], "limit": limit, "selected": len(chosen)},
                  "scored_layers": scored_layers(model.config, geometry),
                  "prefix_cache": prefix.describe(), "dtype": str(model.dtype).removeprefix("torch."),
                  "device": str(input_device(model)),
                  **({"processes": where.world} if where.distributed else {})}
-        result = build_outputs(out_dir, header, [records[i] for i in chosen], extra)
+        results = {}
+        for rule, records in zip(names, found, strict=True):
+            if isinstance(records, Exception):
+                failed.append((rule, records))
+                continue
+            results[rule] = build_outputs(runs[rule][0], headers[rule], [records[i] for i in chosen], extra)
     where.barrier()  # every rank returns once the files are there
-    return result
+    if failed:
+        rule, error = failed[0]
+        raise HeadscoreError(f"{rule}: {error}" + (f" (written: {', '.join(results or {})})" if results else ""))
+    return results
+
+
+def run_header(model_name: str, geometry: Geometry, options: EstimateOptions, trials: Sequence[Trial],
+               shard: tuple[int, int]) -> dict[str, Any]:
+    """What an estimate run is (its journal's header, the base of metadata.json)."""
+    # the rule is recorded as "method" (the files' key since the first release), then its description
+    settings = {("method" if key == "rule" else key): value for key, value in asdict(options).items()}
+    return {"model": model_name, "geometry": geometry.to_dict(), **settings,
+            "rule": get_rule(options.rule).description,
+            "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
+            "shard": f"{shard[0]}/{shard[1]}"}
 
 
 def run_estimate(
@@ -497,14 +650,42 @@ def run_estimate(
 ) -> EstimateResult | None:
     """`headscore estimate`: read the trials, load the model (on this rank's device), run `estimate`.
 
-    Returns None on ranks other than 0 of a distributed run.
+    Returns None on ranks other than 0 of a distributed run. The one-rule case of `run_estimate_rules`.
+    """
+    found = run_estimate_rules(model, trials_path, {options.rule: out_dir}, options=options, device=device,
+                               dtype=dtype, device_map=device_map, shard=shard, limit=limit,
+                               stop_after_failures=stop_after_failures, prefix=prefix, progress=progress)
+    return None if found is None else found[options.rule]
+
+
+def run_estimate_rules(
+    model: str,
+    trials_path: str | Path,
+    out_dirs: Mapping[str, str | Path],
+    *,
+    options: EstimateOptions = EstimateOptions(),
+    device: str = "auto",
+    dtype: str | None = None,
+    device_map: str | None = None,
+    shard: str | None = None,
+    limit: int | None = None,
+    stop_after_failures: int = STOP_AFTER_FAILURES,
+    prefix: PrefixOptions = PrefixOptions(),
+    progress: Callable[[int, int, dict[str, Any] | None], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, EstimateResult] | None:
+    """`headscore estimate --rule A,B`: read the trials, load the model (on this rank's device), run
+    `estimate_rules` (rule -> output folder). Returns each rule's result; None on ranks other than 0.
     """
 
     trials = read_trials(trials_path)
     shard_spec = parse_shard(shard)
+    for rule in out_dirs:
+        replace(options, rule=rule)  # an unknown rule fails before the model loads
     lm, tokenizer = load_model(model, device=rank_device(device, ranks()), dtype=dtype, device_map=device_map)
-    return estimate(lm, tokenizer, trials, out_dir, options=options, model_name=model, shard=shard_spec,
-                    limit=limit, stop_after_failures=stop_after_failures, prefix=prefix, progress=progress)
+    return estimate_rules(lm, tokenizer, trials, out_dirs, options=options, model_name=model, shard=shard_spec,
+                          limit=limit, stop_after_failures=stop_after_failures, prefix=prefix, progress=progress,
+                          log=log)
 
 
 def merge_runs(dirs: Sequence[str | Path], out_dir: str | Path) -> EstimateResult:

@@ -45,7 +45,7 @@ from headscore.evaluation.compare import bootstrap_stability, write_stability
 from headscore.evaluation.evaluate import EvaluateOptions, eval_method, run_evaluate
 from headscore.evaluation.latency import run_latency
 from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
-from headscore.scoring.estimate import EstimateOptions, run_estimate
+from headscore.scoring.estimate import EstimateOptions, run_estimate_rules
 from headscore.scoring.head_scores import read_head_scores
 from headscore.scoring.rules import rule_for_scores
 from headscore.scoring.trials import build_needle_trials, write_trials
@@ -247,23 +247,39 @@ class Study:
         return {"trials": counts}
 
     def stage_estimate(self) -> dict[str, Any]:
-
+        """Every score set of `SCORE_SETS`; the sets on one needle kind's trials in one mode run as one pass
+        (`run_estimate_rules`: the retrieval trials once for `retrieval` and `er`)."""
         settings = self.config.section("estimate")
         top = self.config.top
-        found = {}
+        groups: list[tuple[str, str, dict[str, str]]] = []  # (needles, mode, {rule: score set})
         for name, (rule, needles) in SCORE_SETS.items():
+            mode = settings[f"{name}_mode"]
+            group = next((g for g in groups if g[:2] == (needles, mode) and rule not in g[2]), None)
+            if group is None:
+                groups.append((needles, mode, {rule: name}))
+            else:
+                group[2][rule] = name
+        found = {}
+        for needles, mode, sets in groups:
             trials = self.path(f"trials-{needles}.jsonl")
             self.require("estimate", trials)
-            options = EstimateOptions(rule=rule, mode=settings[f"{name}_mode"],
+            options = EstimateOptions(rule=next(iter(sets)), mode=mode,
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
                                       max_new_tokens=settings["max_new_tokens"], stop_rule=settings["stop_rule"],
                                       rouge=settings["rouge"])
-            result = run_estimate(top["model"], trials, self.path(f"scores-{name}"), options=options,
-                                  device=top["device"], dtype=top["dtype"], limit=settings["limit"])
-            if result is not None:  # None on ranks other than 0
-                found[name] = {"run": result.run, "counted": result.counted, "mode": options.mode}
-        return {"estimate": found}
+            if len(sets) > 1:
+                self.log(f"estimate: {', '.join(f'scores-{name}' for name in sets.values())} from one "
+                         f"{options.mode} pass over trials-{needles}")
+            results = run_estimate_rules(top["model"], trials,
+                                         {rule: self.path(f"scores-{name}") for rule, name in sets.items()},
+                                         options=options, device=top["device"], dtype=top["dtype"],
+                                         limit=settings["limit"])
+            for rule, name in sets.items():
+                if results is not None:  # None on ranks other than 0
+                    result = results[rule]
+                    found[name] = {"run": result.run, "counted": result.counted, "mode": options.mode}
+        return {"estimate": {name: found[name] for name in SCORE_SETS if name in found}}
 
     def scores_file(self, which: str, stage: str) -> Path:
         """The study's head scores named `which`: a rule (r2, retrieval) or its scores name (r2, r)."""
