@@ -13,7 +13,7 @@ from headscore.study.stages import STAGES
 @command("reproduce")
 def reproduce_command(
     config: Path = typer.Option(Path("configs/smollm2-135m.yaml"), "--config", "-c", help="Study config (YAML) "
-                                "in configs/: smollm2-135m (default, ~45 min on a 2-core CPU), quick (~5 min "
+                                "in configs/: smollm2-135m (default, ~30 min on a 2-core CPU), quick (~5 min "
                                 "smoke test), llama3-8b-instruct and mistral-7b-instruct (GPU, hub)."),
     results: Path = typer.Option(Path("results"), help="Results root: the study goes to RESULTS/<config name>/."),
     stages: str = typer.Option(",".join(STAGES), help="Comma-separated stages to run, in pipeline order."),
