@@ -67,7 +67,7 @@ def child_evaluate(args) -> None:
     geometry = Geometry.from_config(model.config)
     out = Path(args.out)
     scores = {}
-    for seed, kind in enumerate(("retrieval", "r2")):
+    for seed, kind in enumerate(("r", "r2")):  # score names: headkv-r, headkv-r2
         scores[kind] = str(out / f"{kind}.json")
         write_head_scores(scores[kind], synthetic_scores(geometry, seed))
     depths = [float(d) for d in args.depths.split(",")]
