@@ -101,6 +101,40 @@ def test_flex_block_mask_lists_exactly_the_blocks_each_segment_overlaps():
     assert keep.nonzero().flatten().tolist() == list(range(135, 435))
 
 
+def test_a_flex_kernel_that_disagrees_gives_way_to_the_buckets(monkeypatch):
+    """The first flex result of a process is checked against the exact buckets: a wrong one (as a miscompiled
+    kernel would give) is not used; one warning, and the buckets from then on."""
+    from headscore.compression import attention
+
+    kept = KEPT["kv"]
+    entries, generator = random_entries(kept, 4, tail=3, seed=11)
+    query = torch.randn(3, 8, 1, 16, generator=generator)
+    want = headwise_attention(query, entries, 0.5)
+    monkeypatch.delenv("HEADSCORE_DECODE_KERNEL", raising=False)
+    monkeypatch.setattr(attention, "_flex_failed", False)
+    monkeypatch.setattr(attention, "_flex_checked", False)
+    monkeypatch.setattr(attention, "decode_kernel", lambda device: "buckets" if attention._flex_failed else "flex")
+    calls = []
+
+    def wrong(*args, **kwargs):
+        calls.append(1)
+        out, lse = real(*args, **kwargs)
+        return out + 1.0, lse
+
+    real = attention.flex_prompt_part
+    monkeypatch.setattr(attention, "flex_prompt_part", wrong)
+    with pytest.warns(UserWarning, match="disagrees with the bucketed kernel"):
+        got = headwise_attention(query, entries, 0.5)
+    torch.testing.assert_close(got, want)
+    assert attention._flex_failed and len(calls) == 1
+    headwise_attention(query, entries, 0.5)
+    assert len(calls) == 1  # not tried again
+    monkeypatch.setattr(attention, "flex_prompt_part", real)
+    monkeypatch.setattr(attention, "_flex_failed", False)
+    torch.testing.assert_close(headwise_attention(query, entries, 0.5), want)  # the right one passes the check
+    assert attention._flex_checked and not attention._flex_failed
+
+
 def test_buckets_cover_each_segment_once_with_bounded_padding():
     kept = torch.tensor([[1, 2, 3, 500, 510, 520, 1000, 0], [8] * 8])
     buckets = plan_segments(kept, overhead=64)

@@ -15,7 +15,8 @@ The prompt part has a second kernel for CUDA: `torch.nn.attention.flex_attention
 with a block mask built from the segments (`segment_block_mask`: each query head visits only the 128-entry
 blocks its segment overlaps), compiled. `decode_kernel` picks it: `HEADSCORE_DECODE_KERNEL=auto` (default:
 flex on CUDA, buckets elsewhere), `buckets` or `flex` (on CPU flex runs eagerly, for tests: it scores every
-entry). If compiling flex fails, the buckets take over with one warning.
+entry). The first flex result of a process is checked against the buckets; if compiling flex fails or the two
+disagree, the buckets take over with one warning.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class HeadwiseEntries:
 
 
 DECODE_KERNELS = ("auto", "buckets", "flex")
-_flex_failed = False  # set when compiling flex failed once: auto then stays on the buckets
+_flex_failed = False  # set when flex failed (or disagreed with the buckets) once: auto then stays on the buckets
+_flex_checked = False  # the first flex result of a process is checked against the buckets
 FLEX_BLOCK = 128  # flex_attention's block size: a query head visits the blocks its segment overlaps
 
 
@@ -177,8 +179,9 @@ def segment_block_mask(kept: torch.Tensor, q_heads: int, q_len: int, device: tor
     segment = torch.arange(rows * heads).repeat_interleave(q_heads // heads)  # [rows · q_heads]
     first, last = offsets[segment] // FLEX_BLOCK, (offsets[segment] + lengths[segment] - 1) // FLEX_BLOCK
     count = torch.where(lengths[segment] > 0, last - first + 1, 0)
-    widest = max(int(count.max()), 1)
-    blocks = (first[:, None] + torch.arange(widest)[None]).clamp(max=max((total - 1) // FLEX_BLOCK, 0))
+    # BlockMask's documented layout: one row of `kv_blocks` indices per query head, the first `count` listed
+    widest = max((total + FLEX_BLOCK - 1) // FLEX_BLOCK, 1)
+    blocks = (first[:, None] + torch.arange(widest)[None]).clamp(max=widest - 1)
     entry_segment = torch.repeat_interleave(torch.arange(rows * heads), lengths).to(device)
     head_segment = segment.to(device)
 
@@ -280,14 +283,28 @@ def bucket_prompt_part(flat: torch.Tensor, entries: HeadwiseEntries, scale: floa
 def _prompt_part(query: torch.Tensor, flat: torch.Tensor, entries: HeadwiseEntries, scale: float,
                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt part by the kernel `decode_kernel` picks, `[rows · heads, group · q, d]` and its lse."""
-    global _flex_failed
+    global _flex_failed, _flex_checked
     rows, q_heads, q_len, dim = query.shape
     if decode_kernel(query.device) == "flex":
+        forced = os.environ.get("HEADSCORE_DECODE_KERNEL") == "flex"
         try:
             out, lse = flex_prompt_part(query, entries, scale, softcap, flat.dtype)
-            return out.view(rows * entries.heads, -1, dim), lse.view(rows * entries.heads, -1)
-        except Exception as error:  # noqa: BLE001  # a compiler failure: the exact buckets instead, said once
-            if os.environ.get("HEADSCORE_DECODE_KERNEL") == "flex":
+            out, lse = out.view(rows * entries.heads, -1, dim), lse.view(rows * entries.heads, -1)
+            if _flex_checked:
+                return out, lse
+            # once per process: the compiled kernel must agree with the exact buckets (it runs on hardware the
+            # tests cannot reach); a disagreement beyond the kernels' rounding is treated as a failure
+            want_out, want_lse = bucket_prompt_part(flat, entries, scale, softcap)
+            tolerance = 1e-4 if entries.keys.dtype in (torch.float32, torch.float64) else 3e-2
+            finite = torch.isfinite(want_lse)
+            if not (torch.allclose(out, want_out, atol=tolerance, rtol=tolerance)
+                    and torch.equal(finite, torch.isfinite(lse))
+                    and torch.allclose(lse[finite], want_lse[finite], atol=tolerance, rtol=tolerance)):
+                raise HeadscoreError("flex_attention's decode attention disagrees with the bucketed kernel")
+            _flex_checked = True
+            return out, lse
+        except Exception as error:  # noqa: BLE001  # a compiler failure or disagreement: the exact buckets instead
+            if forced:
                 raise
             _flex_failed = True
             warnings.warn(f"flex_attention failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
