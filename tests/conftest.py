@@ -187,3 +187,22 @@ def headscore_cli(monkeypatch):
         return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random llama with SmolLM2's tokenizer, saved as a model folder (what `--model FOLDER` loads:
+the CLI and the study on a real folder). Tests that need sharper attention build their own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headscore.core.model import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -28,30 +28,9 @@ from headscore.scoring.estimate import (
     stop_criteria,
 )
 
-VOCAB = 49152  # SmolLM2's tokenizer, so the tiny model can run real trials
 RULES = ("r2", "retrieval")
 
 
-@pytest.fixture(scope="module")
-def trials():
-    from headscore.scoring.trials import build_needle_trials
-
-    return build_needle_trials("smollm2-135m", min_length=150, max_length=200, lengths=2, depths=2)
-
-
-@pytest.fixture
-def tiny(tiny_llama):
-    """A tiny llama over SmolLM2's vocabulary with sharpened attention (so top-N choices are not near-ties)."""
-
-    def make(attn_implementation: str = "sdpa"):
-        model = tiny_llama(layers=2, heads=4, kv_heads=2, vocab=VOCAB, seed=7,
-                           attn_implementation=attn_implementation)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(6.0)
-        return model
-
-    return make
 
 
 def plain_stops(model, tokenizer, trial, stop_rule: str, max_new_tokens: int):
@@ -238,24 +217,6 @@ def test_a_rule_whose_first_trials_fail_stops_alone(tiny, tokenizer, trials, tmp
         estimate(model, tokenizer, trials, tmp_path / "alone" / "retrieval",
                  options=replace(options, rule="retrieval"), model_name="tiny", stop_after_failures=2)
     assert journal_lines(out["retrieval"]) == journal_lines(tmp_path / "alone" / "retrieval")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random llama with SmolLM2's tokenizer, saved as a model folder (for the CLI)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from headscore.core.model import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_cli_several_rules_write_one_folder_each(tiny_folder, trials, tmp_path):

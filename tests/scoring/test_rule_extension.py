@@ -49,24 +49,6 @@ def test_the_entry_carries_the_success_check_and_decode_length(top1):
     assert EstimateOptions(rule="r2").success(f1=0.6, rouge=0.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random llama with SmolLM2's tokenizer, saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from headscore.core.model import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_third_rule_through_estimate_allocate_evaluate(top1, tiny_folder, tmp_path, no_plots):
     from headscore.scoring.trials import build_needle_trials, write_trials
 

@@ -5,30 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from headscore.scoring import estimate as estimate_module
 from headscore.scoring.estimate import EstimateOptions, run_estimate
 from headscore.study.reproduce import run_study
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random llama with SmolLM2's tokenizer, saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from headscore.core.model import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_estimate_stage_runs_the_retrieval_trials_once_for_both_sets(tiny_folder, tmp_path, monkeypatch):
