@@ -14,6 +14,7 @@ from headscore.cli.options import (
     AnswerPrefix,
     BetasOption,
     BudgetsOption,
+    Compensation,
     Device,
     DType,
     Granularity,
@@ -139,10 +140,7 @@ def compress_command(
     full_heads: Annotated[int | None, typer.Option("--full-heads", help="razor: k, the heads keeping their full "
                                                    "cache [default: from --budgets: round((B - sinks - window) x "
                                                    "L x H / prompt length)].")] = None,
-    compensation: Annotated[bool, typer.Option("--compensation", help="razor: one compensation entry (mean of "
-                                               "the dropped keys and values) per compressed head; the HeadKV "
-                                               "authors found it made runs ~3x slower at large k, so it is off "
-                                               "by default.")] = False,
+    compensation: Compensation = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated at most.")] = 64,
     template: Template = TEMPLATE,
     device: Device = "auto",
