@@ -14,6 +14,7 @@ from headscore.evaluation.ablate import (
     HeadAblation,
     ablation_mask,
     curves,
+    layer_groups,
     plan_conditions,
     select_heads,
     table_csv,
@@ -90,6 +91,55 @@ def test_conditions_decoded_as_batch_rows_equal_plain_generation(tiny_llama, tok
     batched = run_ablation(model, tokenizer, [sample], importance, plan)
     assert run_ablation(model, tokenizer, [sample], importance, plan, decode_batch=2) == batched
     assert [p["prediction"] for p in batched[1]] == want
+
+
+def test_layer_groups_split_rows_where_masks_first_differ():
+    mask = torch.ones(4, 3, 2)
+    mask[1, 2, 0] = 0  # row 1 parts from row 0 at layer 2
+    mask[2, 0, 1] = 0  # row 2 at layer 0
+    mask[3] = mask[2]  # row 3 is row 2
+    groups = layer_groups(mask, [0, 1, 2], 3)
+    assert [len(set(g.tolist())) for g in groups] == [2, 2, 3]
+    assert groups[1][0] == groups[1][1] != groups[1][2] == groups[1][3]
+    assert groups[2][0] != groups[2][1] and groups[2][2] == groups[2][3]
+    # a hybrid's unscored layers (decoder 0 and 2 here) follow the scored layers before them
+    hybrid = layer_groups(mask[:, :2], [1, 3], 4)
+    assert [len(set(g.tolist())) for g in hybrid] == [1, 2, 2, 2]
+
+
+def test_shared_prefill_equals_the_prompt_prefilled_per_row(tiny_llama):
+    """`HeadAblation.prefill` runs each layer once per distinct mask prefix and still gives the logits and cache
+    of the prompt prefilled once per row with the row's mask (float64: equal but for the rounding a different
+    matmul split may bring; on SmolLM2 the default study's ablation is bit-identical)."""
+    from transformers import DynamicCache
+
+    from headscore.core.kv_cache import growing_cache
+    from headscore.core.model import with_cache
+
+    model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8).double()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    removed = [[], [13], [14], [2, 13], [2, 13]]  # rows 0-2 share layers 0-2; rows 3, 4 are one group
+    masks = torch.stack([ablation_mask(torch.tensor(r, dtype=torch.long), 4, 4) for r in removed])
+    widths = []
+    counters = [layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[0]))
+                for layer in model.model.layers]
+    with torch.inference_mode(), HeadAblation(model, masks) as ablation:
+        plain = DynamicCache(config=model.config)
+        want = model(input_ids=ids.expand(5, -1), **with_cache(model, plain), use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+        del widths[:]
+        shared = growing_cache(model.config)
+        got = ablation.prefill(model, ids, shared)
+    for counter in counters:
+        counter.remove()
+    assert widths == [2, 2, 2, 4]  # the layer passes each group of rows ran
+    exact = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(got, want, **exact)
+    assert (got[0] - got[1]).abs().max() > 1e-6 and torch.equal(got[3], got[4])
+    for a, b in zip(plain.layers, shared.layers, strict=True):
+        torch.testing.assert_close(b.keys, a.keys, **exact)
+        torch.testing.assert_close(b.values, a.values, **exact)
+    assert len(ablation.factors) == 2 and not ablation.handles  # row masks restored, hooks removed on exit
 
 
 def test_select_top_lowest_random():

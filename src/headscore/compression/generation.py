@@ -34,6 +34,7 @@ from headscore.core.decoding import FinishHook, StopRule, greedy_decode
 from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
+from headscore.core.kv_cache import growing_cache
 from headscore.core.model import (
     Geometry,
     eos_ids,
@@ -105,13 +106,13 @@ def _forward(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: to
 def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tuple[Any, torch.Tensor, float]:
     """Prefill with compression on the fly: `(cache, last logits [vocab], seconds)`.
 
-    Full attention keeps a plain `DynamicCache`; every other method a `HeadwiseCache` (both with
-    transformers' own bounded layers for a hybrid model's sliding-window layers).
+    Full attention keeps a `DynamicCache` (growing in place: `core.kv_cache`); every other method a
+    `HeadwiseCache` (both with transformers' own bounded layers for a hybrid model's sliding-window layers).
     """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
     press.check(geometry)
-    cache = (DynamicCache(config=model.config) if isinstance(press, FullPress)
+    cache = (growing_cache(model.config) if isinstance(press, FullPress)
              else HeadwiseCache(geometry, press, config=model.config))
     logits, seconds = _forward(model, input_ids, cache)
     return cache, logits[0], seconds
@@ -198,7 +199,7 @@ def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
         return HeadwiseCache.from_prefill(state.geometry, presses, recorded, config=state.config,
                                           windowed=state.windowed)
     if isinstance(press, FullPress):
-        cache = DynamicCache() if state.config is None else DynamicCache(config=state.config)
+        cache = growing_cache(state.config)
         for layer, keys, values in zip(state.geometry.model_layers, state.keys, state.values, strict=True):
             cache.update(keys[None], values[None], layer)
         for index, layer in state.windowed.items():
@@ -233,7 +234,7 @@ def compress_rows(rows: Sequence[tuple[PrefillState, Press]]) -> Any:
             _check_state_press(state, press)
         return HeadwiseCache.from_rows(geometry, [(list(zip(state.keys, state.values, state.scores, strict=True)),
                                                    press) for state, press in rows], config=config)
-    cache = DynamicCache() if config is None else DynamicCache(config=config)
+    cache = growing_cache(config)
     width = max(state.length for state in states)
     for slot, layer in enumerate(geometry.model_layers):
         first = states[0].keys[slot]

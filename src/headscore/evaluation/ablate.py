@@ -5,6 +5,10 @@ removing `k` random heads, and removing the `k` lowest-scoring heads hurts least
 forward pre-hook on each layer's `self_attn.o_proj` that multiplies its `[..., heads * head_dim]` input by a
 per-head 0/1 mask (one `[heads, 1]` tensor per layer, broadcast over `head_dim`; no loop over heads). A sample's
 conditions decode together, one batch row per condition with its own mask (`[rows, 1, heads, 1]`).
+
+The prompt's prefill is shared among conditions as far as their masks agree (`HeadAblation.prefill`): a decoder
+layer runs once per distinct ablation of the layers up to it, so conditions that remove no head before layer L
+compute layers 0..L-1 once together (a fifth of the default study's layer passes).
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from headscore.compression.generation import decode_rows
 from headscore.core.decoding import StopRule
 from headscore.core.defaults import TEMPLATE
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, fingerprint_file, versions, write_json
+from headscore.core.kv_cache import growing_cache
 from headscore.core.model import (
     Geometry,
     eos_ids,
@@ -115,6 +119,40 @@ class HeadAblation:
             handle.remove()
         self.handles.clear()
 
+    def prefill(self, model: Any, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Prefill one prompt `input_ids` `[1, n]` into `cache` for every row of the per-row mask: the last
+        logits `[rows, vocab]`, and `cache` holding each row's keys and values, as a prefill of the prompt
+        repeated once per row gives.
+
+        Rows share a decoder layer's pass while their masks agree on every scored layer up to it (`layer_groups`):
+        a forward pre-hook on each decoder layer splits the hidden states `[groups, n, hidden]` into the next
+        layer's groups, and each o_proj hook uses one mask per group. The cache's layers are expanded to the rows
+        at the end (`batch_select_indices` with repeated indices)."""
+        if self.mask.ndim != 3 or input_ids.shape[0] != 1:
+            raise HeadscoreError("a shared ablation prefill takes one prompt and one mask per row")
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        scored = Geometry.from_config(model.config).model_layers
+        groups = layer_groups(self.mask, scored, len(decoder.layers))
+        row_factors = self.factors
+        firsts = [first_rows(inverse) for inverse in groups]
+        handles = []
+        try:
+            # each o_proj hook uses the masks of its layer's groups (one representative row per group)
+            self.factors = {slot: factor[firsts[scored[slot]].to(factor.device)]
+                            for slot, factor in row_factors.items()}
+            for index, layer in enumerate(decoder.layers):
+                parents = groups[index - 1][firsts[index]] if index else torch.zeros_like(firsts[index])
+                if index == 0 or not torch.equal(parents, torch.arange(len(parents))):
+                    handles.append(layer.register_forward_pre_hook(split_hidden(parents), with_kwargs=True))
+            logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.factors = row_factors
+        for index, inverse in enumerate(groups):
+            cache.layers[index].batch_select_indices(inverse.to(input_ids.device))
+        return logits[groups[-1].to(logits.device), -1]
+
     def select_rows(self, indices: torch.Tensor) -> None:
         """Keep the per-row masks of batch rows `indices` (as the cache keeps their rows)."""
         if self.mask.ndim == 3:
@@ -129,20 +167,56 @@ class HeadAblation:
         return hook
 
 
+def layer_groups(mask: torch.Tensor, scored: Sequence[int], layers: int) -> list[torch.Tensor]:
+    """Per decoder layer, the group of each row (`[rows]` int64, numbered 0..groups-1): rows are in one group
+    while their masks (`[rows, scored layers, heads]`) agree on every scored layer at or before it (`scored`:
+    the decoder index of each mask layer)."""
+    rows = mask.shape[0]
+    groups, seen = [], 0
+    for index in range(layers):
+        while seen < len(scored) and scored[seen] <= index:
+            seen += 1
+        if seen == 0:
+            groups.append(torch.zeros(rows, dtype=torch.long))
+        else:
+            groups.append(torch.unique(mask[:, :seen].flatten(1), dim=0, return_inverse=True)[1].long())
+    return groups
+
+
+def first_rows(inverse: torch.Tensor) -> torch.Tensor:
+    """The first row of each group (`inverse`: each row's group, `[rows]`): `[groups]`."""
+    rows = torch.arange(inverse.shape[0])
+    first = torch.full((int(inverse.max()) + 1,), inverse.shape[0], dtype=torch.long)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin")
+
+
+def split_hidden(parents: torch.Tensor) -> Callable:
+    """A decoder-layer forward pre-hook giving each group the hidden states of its parent group (`parents`:
+    `[groups]` indices into the previous layer's groups)."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].index_select(0, parents.to(args[0].device)), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": hidden.index_select(0, parents.to(hidden.device))}
+
+    return hook
+
+
 def greedy_answers(model: Any, tokenizer: Any, sample: Sample, masks: torch.Tensor,
                    max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers of one sample under each of `masks` (`[rows, layers, heads]`), decoded as one batch
-    (`compression.generation.decode_rows`): the prompt prefilled once per row, each row ending at an EOS token
-    of the model's generation config or after `max_new_tokens` (the sample's by default), as `generate`
-    stops. The new text only."""
+    (`compression.generation.decode_rows`): the prompt prefilled for all rows at once, sharing layers where
+    their masks agree (`HeadAblation.prefill`), each row ending at an EOS token of the model's generation config
+    or after `max_new_tokens` (the sample's by default), as `generate` stops. The new text only."""
     ids = encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]
     rows = masks.shape[0]
-    input_ids = torch.tensor([ids], device=input_device(model)).expand(rows, -1)
+    input_ids = torch.tensor([ids], device=input_device(model))
     rule = StopRule(max_new_tokens or sample.max_new_tokens, frozenset(eos_ids(model)))
     with torch.inference_mode(), HeadAblation(model, masks) as ablation:
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
-        tokens, _ = decode_rows(model, cache, logits[:, -1], [rule] * rows, on_select=ablation.select_rows)
+        cache = growing_cache(model.config)
+        logits = ablation.prefill(model, input_ids, cache)
+        tokens, _ = decode_rows(model, cache, logits, [rule] * rows, on_select=ablation.select_rows)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 

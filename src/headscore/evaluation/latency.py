@@ -1,13 +1,15 @@
 """Latency and memory against context length: the full cache vs one compressed cache, side by side.
 
-For each length, one NIAH prompt of that many tokens is answered twice, with `full` and with the compressed
-method, and the KV report of each run is kept: prefill seconds (selection included for the compressed
-one), mean decode seconds per token, and KV bytes. Used by `make reproduce` for the report's latency /
+For each length, one NIAH prompt of that many tokens is prefilled once (`generation.prefill`: full keys and
+values plus window scores) and answered twice, on the full cache and on the compressed method's cache built from
+that prefill; the KV report of each run is kept: prefill seconds (the shared prefill, plus the selection for
+the compressed one), mean decode seconds per token, and KV bytes. Used by `make reproduce` for the report's latency /
 memory figure; `bench/bench_compress.py` is the careful benchmark (interleaved repeats, medians).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from headscore.compression.generation import generate_ids
-from headscore.compression.presses import make_press
-from headscore.core.defaults import BETA, BUDGET
+from headscore.compression.generation import cache_report, compress_state, decode, prefill
+from headscore.compression.presses import FullPress, make_press
+from headscore.core.defaults import BETA, BUDGET, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.model import Geometry, load_model, resolve_device
@@ -30,7 +32,8 @@ TABLE_FILE = "latency.csv"
 
 def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses: dict[str, Any],
                     max_new_tokens: int = 16) -> list[dict[str, Any]]:
-    """One row per (length, press label): context tokens, prefill s, decode s/token, KV bytes, KV ratio."""
+    """One row per (length, press label): context tokens, prefill s, decode s/token, KV bytes, KV ratio. Each
+    length's prompt is prefilled once for every press (`compress_state`); the compressed presses share a window."""
 
     limit = getattr(model.config, "max_position_embeddings", None)
     too_long = [n for n in lengths if limit and n + max_new_tokens > limit]
@@ -38,12 +41,22 @@ def measure_lengths(model: Any, tokenizer: Any, lengths: Sequence[int], presses:
         raise HeadscoreError(f"latency: length {too_long[0]} + {max_new_tokens} new tokens exceeds the model's "
                              f"context of {limit}")
     samples = task_samples(get_task("niah", lengths=list(lengths), depths=[50.0], num_needles=1), tokenizer)
+    geometry = Geometry.from_config(model.config)
+    windows = {press.window for press in presses.values() if not isinstance(press, FullPress)}
+    if len(windows) > 1:
+        raise HeadscoreError(f"latency: the compressed methods share one prefill, so one window; got {sorted(windows)}")
     rows = []
     for sample in samples:
         ids = torch.tensor([encode_prompt(tokenizer, sample.prompt, sample.template)["input_ids"]])
+        state = prefill(model, ids, next(iter(windows), WINDOW))
         for label, press in presses.items():
+            began = time.perf_counter()
+            cache = compress_state(state, press)
+            selection = time.perf_counter() - began
             # no stop tokens: every run decodes exactly max_new_tokens, so per-token times compare
-            _, report = generate_ids(model, ids, press, max_new_tokens=max_new_tokens, eos=())
+            tokens, seconds = decode(model, cache, state.logits, max_new_tokens)
+            report = cache_report(cache, press, geometry, state.length, len(tokens), state.seconds + selection,
+                                  seconds)
             rows.append({"target_length": sample.target_length, "context_tokens": report.context_tokens,
                          "method": label, "prefill_seconds": round(report.prefill_seconds, 4),
                          "decode_seconds_per_token": round(report.decode_per_token or 0.0, 5),

@@ -41,6 +41,7 @@ from headscore.core.distributed import contiguous_part, rank_device, ranks
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_open, versions, write_json
 from headscore.core.journal import JOURNAL, read_journal, run_journaled_together, write_journal
+from headscore.core.kv_cache import growing_cache
 from headscore.core.metrics import qa_f1, rouge1_recall, rouge1_recall_stemmed
 from headscore.core.model import Geometry, eos_ids, input_device, load_model, with_cache
 from headscore.core.plots import head_heatmap
@@ -284,7 +285,7 @@ def decode_rules(model: Any, prompt_ids: torch.Tensor, span: tuple[int, int], ca
         stops = {name: StopRule(min(stop.max_new_tokens, len(forced))) for name, stop in stops.items()}
     every = EveryRule.of(list(stops.values()))
     if cache is None:
-        cache, start = DynamicCache(config=model.config), 0
+        cache, start = growing_cache(model.config), 0
     if start < prompt_ids.shape[0] - 1:
         after_cached = CAUSAL_SUFFIX if start > 0 else {}  # the pass right after the shared prefix's tokens
         model(input_ids=prompt_ids[None, start:-1], **with_cache(model, cache), use_cache=True, logits_to_keep=1,

@@ -1,0 +1,97 @@
+"""A full-attention KV cache that grows in place: decoding appends without copying the whole cache.
+
+transformers' `DynamicLayer` concatenates every new token onto its keys and values, so each decode step copies
+the layer's entire cache (measured here: 60 % of a 17-row SmolLM2 decode step at 2k tokens). `GrowingLayer`
+keeps its keys and values in a buffer with room for `RESERVE` more tokens and writes new entries into it; its
+`keys`/`values` are views of the filled part, so everything that reads a `DynamicLayer` reads it unchanged, and
+attention gets the same numbers (the views hold the same values; only the buffer's stride differs).
+
+A view is overwritten when the cache is cropped and extended again, so use `growing_cache` where the cache's
+tensors do not outlive the next update (a decode's cache); caches whose entries are handed out and then cropped
+(the prefix cache) keep `DynamicLayer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+RESERVE = 256  # tokens of room added whenever the buffer is (re)allocated
+
+
+class GrowingLayer(DynamicLayer):
+    """`DynamicLayer` that appends into a preallocated `[rows, kv_heads, capacity, head_dim]` buffer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def _holds_views(self) -> bool:
+        """Whether `keys`/`values` are still the leading part of the buffers (nothing replaced them)."""
+        buffer, keys = self._key_buffer, self.keys
+        return (buffer is not None and keys is not None and keys.ndim == 4
+                and keys.data_ptr() == buffer.data_ptr() and keys.shape[:2] == buffer.shape[:2]
+                and keys.stride() == buffer.stride() and self.values is not None
+                and self._value_buffer is not None and self.values.data_ptr() == self._value_buffer.data_ptr())
+
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
+        """New buffers of `capacity` tokens (rows, heads and dims of the new states) holding the first `length`
+        cached entries."""
+        buffers = []
+        for states, cached in ((key_states, self.keys), (value_states, self.values)):
+            buffer = states.new_empty(states.shape[0], states.shape[1], capacity, states.shape[3])
+            if length and cached is not None:
+                buffer[:, :, :length].copy_(cached)
+            buffers.append(buffer)
+        self._key_buffer, self._value_buffer = buffers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `key_states`/`value_states` `[rows, kv_heads, tokens, head_dim]`; return every cached entry."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        buffer = self._key_buffer
+        fits = (buffer is not None and self._value_buffer is not None and (self._holds_views() or not length)
+                and end <= buffer.shape[2] and buffer.dtype == key_states.dtype and buffer.device == key_states.device
+                and all(b.shape[:2] + b.shape[3:] == s.shape[:2] + s.shape[3:]
+                        for b, s in ((buffer, key_states), (self._value_buffer, value_states))))
+        if not fits:
+            self._reserve(key_states, value_states, length, end + RESERVE)
+        keys, values = self._key_buffer, self._value_buffer
+        assert keys is not None and values is not None
+        keys[:, :, length:end].copy_(key_states)
+        values[:, :, length:end].copy_(value_states)
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows `indices` (the buffer's room is kept)."""
+        if self.get_seq_length() > 0 and self._holds_views():
+            assert self._key_buffer is not None and self._value_buffer is not None
+            length = self.get_seq_length()
+            self._key_buffer = self._key_buffer[indices.to(self._key_buffer.device)]
+            self._value_buffer = self._value_buffer[indices.to(self._value_buffer.device)]
+            self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+        else:
+            super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def growing_cache(config: Any = None) -> DynamicCache:
+    """A `DynamicCache` (for `config`'s layer kinds) whose plain full-attention layers are `GrowingLayer`s;
+    sliding-window and other special layers stay transformers' own."""
+    cache = DynamicCache() if config is None else DynamicCache(config=config)
+    if config is None:
+        cache.layer_class_to_replicate = GrowingLayer
+    else:
+        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
