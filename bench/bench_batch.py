@@ -1,8 +1,9 @@
 """Benchmark: the batched head-wise cache, side by side in one run.
 
-    .venv/bin/python bench/bench_batch.py                  # (a)-(d) on SmolLM2 / random tensors, CPU
+    .venv/bin/python bench/bench_batch.py                  # (a)-(e) on SmolLM2 / random tensors, CPU
     .venv/bin/python bench/bench_batch.py --parts c        # the attention alone (no model)
     .venv/bin/python bench/bench_batch.py --parts d        # evaluate --batch-size 4 vs 1
+    .venv/bin/python bench/bench_batch.py --parts e        # ablate: shared prefill, in-place decode cache
 
 (a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
     methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
@@ -20,6 +21,12 @@
     tokens, depths 25 and 75: four samples), full, snapkv, pyramidkv, headkv-r2 × 64, 128: four samples
     prefilled together (left padded) and all their rows decoded as one batch vs one sample at a time. Each run
     in its own process (batch 1 first): wall time, peak RSS; predictions compared.
+(e) Head ablation on SmolLM2, one NIAH prompt of `--ablate-length` tokens (default 1000), the default study's 17
+    conditions (baseline; top, random × 2 seeds, lowest at k = 1, 4, 16, 64; synthetic skewed head scores):
+    the prefill shared where the conditions' masks agree (`HeadAblation.prefill`) vs the prompt prefilled
+    once per row in one batch, then `--steps` decode steps of the 17 rows on the in-place cache
+    (`core.kv_cache.growing_cache`) vs transformers' `DynamicCache`; times and whether logits and caches are
+    bit-identical.
 Goals (issue 20): (a) <= 0.35x time, <= 1.2x memory; (b) 16 rows <= 3x one row; (c) at 2048 <= 0.3x of the
 full cache at 8k.
 """
@@ -256,14 +263,61 @@ def part_c(args) -> None:
         print(f"{name:>34}{seconds * 1e3:>9.3f}{seconds / full8k:>11.3f}{seconds / full32k:>12.3f}", flush=True)
 
 
+def part_e(args) -> None:
+    from transformers import DynamicCache
+
+    from headscore.core.kv_cache import growing_cache
+    from headscore.core.model import Geometry, load_model, with_cache
+    from headscore.evaluation.ablate import HeadAblation, ablation_mask, plan_conditions
+
+    model, _ = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
+    geometry = Geometry.from_config(model.config)
+    importance = synthetic_scores(geometry, 0).importance()
+    plan = plan_conditions(importance, [1, 4, 16, 64], [0, 1])
+    masks = torch.stack([ablation_mask(c.heads, geometry.layers, geometry.query_heads) for c in plan])
+    rows = masks.shape[0]
+    ids = torch.randint(100, 20000, (1, args.ablate_length), generator=torch.Generator().manual_seed(0))
+    print(f"(e) head ablation, SmolLM2 float32, one {args.ablate_length}-token prompt, {rows} conditions")
+    with torch.inference_mode(), HeadAblation(model, masks) as ablation:
+        began = time.perf_counter()
+        plain = DynamicCache(config=model.config)
+        want = model(input_ids=ids.expand(rows, -1), **with_cache(model, plain), use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+        per_row = time.perf_counter() - began
+        began = time.perf_counter()
+        shared = growing_cache(model.config)
+        got = ablation.prefill(model, ids, shared)
+        together = time.perf_counter() - began
+        same = torch.equal(got, want) and all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                                              for a, b in zip(plain.layers, shared.layers, strict=True))
+        print(f"  prefill: prompt per row {per_row:.1f} s, shared {together:.1f} s: {together / per_row:.3f}x; "
+              f"bit-identical: {same}", flush=True)
+        token = want.argmax(-1, keepdim=True)
+        step_times: dict[str, list[float]] = {"DynamicCache": [], "growing": []}
+        outputs: dict[str, list[torch.Tensor]] = {"DynamicCache": [], "growing": []}
+        for _ in range(args.steps):
+            for name, cache in (("DynamicCache", plain), ("growing", shared)):  # interleaved
+                began = time.perf_counter()
+                logits = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1]
+                step_times[name].append(time.perf_counter() - began)
+                outputs[name].append(logits)
+            token = outputs["DynamicCache"][-1].argmax(-1, keepdim=True)
+        median = {name: statistics.median(times[1:]) for name, times in step_times.items()}
+        same = all(torch.equal(a, b) for a, b in zip(*outputs.values(), strict=True))
+        print(f"  decode step, {rows} rows: DynamicCache {median['DynamicCache'] * 1e3:.0f} ms, in place "
+              f"{median['growing'] * 1e3:.0f} ms: {median['growing'] / median['DynamicCache']:.3f}x; "
+              f"bit-identical logits: {same}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="abcd", help="which of (a), (b), (c), (d) to run")
+    parser.add_argument("--parts", default="abcde", help="which of (a), (b), (c), (d), (e) to run")
     parser.add_argument("--length", type=int, default=2000, help="(a): NIAH context length")
     parser.add_argument("--depths", default="0,50,100", help="(a): NIAH needle depths (%%), comma-separated")
-    parser.add_argument("--steps", type=int, default=10, help="(b): timed decode steps per row count")
+    parser.add_argument("--steps", type=int, default=10, help="(b), (e): timed decode steps per case")
     parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
     parser.add_argument("--short-lengths", default="500,1000", help="(d): NIAH context lengths, comma-separated")
+    parser.add_argument("--ablate-length", type=int, default=1000, help="(e): prompt tokens")
     parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
@@ -281,7 +335,7 @@ def main() -> None:
         return
     print(f"bench_batch {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
-    for part, run in (("c", part_c), ("b", part_b), ("a", part_a), ("d", part_d)):
+    for part, run in (("c", part_c), ("b", part_b), ("a", part_a), ("d", part_d), ("e", part_e)):
         if part in args.parts:
             run(args)
 
