@@ -398,6 +398,32 @@ def test_ablation_masks_rows_of_the_scored_layers():
         HeadAblation(model, torch.ones(2, 4))
 
 
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "gpt_neox"])  # neox: no o_proj
+def test_shared_ablation_prefill_equals_one_prefill_per_row(family):
+    """`HeadAblation.prefill` on every llama-style family, hybrids (sliding layers unscored) and sinks
+    included: the logits and cache of the prompt prefilled once per row with the row's mask."""
+    from headscore.core.kv_cache import growing_cache
+    from headscore.evaluation.ablate import HeadAblation
+
+    model = tiny_family(family, attn_implementation="sdpa" if family not in ("gemma2", "gpt_oss") else "eager")
+    geometry = Geometry.from_config(model.config)
+    masks = torch.ones(3, geometry.layers, geometry.query_heads)
+    masks[1, -1, 1] = 0.0  # parts from row 0 at the last scored layer
+    masks[2, 0, 2] = 0.0  # at the first
+    ids = torch.randint(3, SMALL_VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), HeadAblation(model, masks) as ablation:
+        plain = DynamicCache(config=model.config)
+        want = model(input_ids=ids.expand(3, -1), **with_cache(model, plain), use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+        shared = growing_cache(model.config)
+        got = ablation.prefill(model, ids, shared)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[0] - got[1]).abs().max() > 1e-4 and (got[0] - got[2]).abs().max() > 1e-4
+    for a, b in zip(plain.layers, shared.layers, strict=True):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-6)
+
+
 def test_budgets_of_a_hybrid_cover_its_full_layers_and_record_them(tmp_path, random_scores):
     """allocate over a hybrid's geometry: one row per full-attention layer; the budgets file records which."""
     from headscore.compression.allocation import allocate
