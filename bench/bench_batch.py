@@ -22,7 +22,8 @@
     prefilled together (left padded) and all their rows decoded as one batch vs one sample at a time. Each run
     in its own process (batch 1 first): wall time, peak RSS; predictions compared.
 (e) Head ablation on SmolLM2, one NIAH prompt of `--ablate-length` tokens (default 1000), the default study's 17
-    conditions (baseline; top, random × 2 seeds, lowest at k = 1, 4, 16, 64; synthetic skewed head scores):
+    conditions (baseline; top, random × 2 seeds, lowest at k = 1, 4, 16, 64; synthetic skewed head scores, or
+    `--ablate-scores FILE`, e.g. the default study's results/smollm2-135m/scores-r2/head_scores.json):
     the prefill shared where the conditions' masks agree (`HeadAblation.prefill`) vs the prompt prefilled
     once per row in one batch, then `--steps` decode steps of the 17 rows on the in-place cache
     (`core.kv_cache.growing_cache`) vs transformers' `DynamicCache`; times and whether logits and caches are
@@ -272,12 +273,17 @@ def part_e(args) -> None:
 
     model, _ = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
     geometry = Geometry.from_config(model.config)
-    importance = synthetic_scores(geometry, 0).importance()
+    from headscore.scoring.head_scores import read_head_scores
+
+    scores = (read_head_scores(args.ablate_scores, geometry.layers, geometry.query_heads) if args.ablate_scores
+              else synthetic_scores(geometry, 0))
+    importance = scores.importance()
     plan = plan_conditions(importance, [1, 4, 16, 64], [0, 1])
     masks = torch.stack([ablation_mask(c.heads, geometry.layers, geometry.query_heads) for c in plan])
     rows = masks.shape[0]
     ids = torch.randint(100, 20000, (1, args.ablate_length), generator=torch.Generator().manual_seed(0))
-    print(f"(e) head ablation, SmolLM2 float32, one {args.ablate_length}-token prompt, {rows} conditions")
+    print(f"(e) head ablation, SmolLM2 float32, one {args.ablate_length}-token prompt, {rows} conditions, "
+          f"{args.ablate_scores or 'synthetic scores'}")
     with torch.inference_mode(), HeadAblation(model, masks) as ablation:
         began = time.perf_counter()
         plain = DynamicCache(config=model.config)
@@ -318,6 +324,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
     parser.add_argument("--short-lengths", default="500,1000", help="(d): NIAH context lengths, comma-separated")
     parser.add_argument("--ablate-length", type=int, default=1000, help="(e): prompt tokens")
+    parser.add_argument("--ablate-scores", default=None, help="(e): head-score file (default: synthetic scores)")
     parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
