@@ -162,9 +162,9 @@ def compress_command(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
             progress=lambda stage: bar.update(task, description=stage),
-            budget=budget, beta=beta, **press_parameters, **fidelity_options.params(),
-            full_heads=full_heads, compensation=compensation,
-            scores=str(scores) if scores else None, budgets=str(budget_file) if budget_file else None)
+            settings={"budget": budget, "beta": beta, **press_parameters, **fidelity_options.params(),
+                      "full_heads": full_heads, "compensation": compensation,
+                      "scores": str(scores) if scores else None, "budgets": str(budget_file) if budget_file else None})
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
     table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "
