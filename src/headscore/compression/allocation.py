@@ -184,8 +184,7 @@ class HeadKVAllocation(Allocation):
     budgets file: its KV size and window are the method's).
     """
 
-    summary: ClassVar[str] = ("HeadKV: a floor per head plus a pool shared in proportion to head scores "
-                              "(headkv-NAME: the scores given as --scores NAME=FILE)")
+    summary: ClassVar[str] = "HeadKV: a floor per head plus a pool shared by the head scores of --scores NAME=FILE"
     needs_head_scores: ClassVar[bool] = True
     beta: float = BETA
     temp: float = TEMP

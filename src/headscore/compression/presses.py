@@ -661,3 +661,21 @@ def build_scored(spec: MethodSpec, geometry: Geometry, params: dict[str, Any]) -
         allocation.source = str(scores)
     press.check(geometry)
     return press
+
+
+def method_catalog() -> str:
+    """What `--help` lists: every scorer, modifier and allocation with its one line, the aliases and the presses
+    of their own (from the registries, so a registered scorer shows up)."""
+    lines = ["Methods are SCORER[+MODIFIER][@ALLOCATION] (a bare SCORER is SCORER@uniform). Scorers (which positions "
+             "each head keeps):"]
+    lines += [f"  {name}: {cls.summary}" for name, cls in SCORERS.items()]
+    if MODIFIERS:
+        lines.append("Modifiers:")
+        lines += [f"  +{name}: {cls.summary}" for name, cls in MODIFIERS.items()]
+    lines.append("Allocations (how many each head keeps):")
+    lines += [f"  {name}{'-NAME' if cls.needs_head_scores else ''}: {cls.summary}" for name, cls in ALLOCATIONS.items()]
+    lines.append("Aliases: " + ", ".join(f"{alias} = {spelled}" for alias, spelled in METHOD_ALIASES.items())
+                 + ", headkv-NAME = snapkv@headkv-NAME.")
+    lines.append("Methods of their own: full (no compression), razor (RazorAttention: k full-cache heads by --scores "
+                 "r=FILE, the others sinks + window), razor-kN (k = N).")
+    return "\n".join(lines)
