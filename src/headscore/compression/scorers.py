@@ -498,7 +498,7 @@ class CriticalScorer(Scorer):
                                  "projection (o_proj); these scorer inputs have none")
         batch, kv_heads, n, dim = inputs.values.shape
         q_heads = inputs.query_heads
-        weight = projection.weight.float().to(inputs.values.device)  # [hidden, q_heads · d]
+        weight = projection.weight.detach().float().to(inputs.values.device)  # [hidden, q_heads · d]
         hidden = weight.shape[0]
         per_head = weight.view(hidden, kv_heads, q_heads // kv_heads, dim).permute(1, 3, 2, 0)
         per_head = per_head.reshape(kv_heads, dim, (q_heads // kv_heads) * hidden)  # [kv, d, group · hidden]
