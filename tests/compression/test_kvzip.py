@@ -78,15 +78,35 @@ def test_chunks_bound_the_attention_rows(model_and_prompt, tokenizer, monkeypatc
     model, ids = model_and_prompt
     keys, values = prompt_kv(model, ids)
     widths = []
-    inner = kvzip.attention_rows
+    inner = kvzip.chunk_attention
 
-    def counted(query, key, *args, **kwargs):
+    def counted(query, *args, **kwargs):
         widths.append(query.shape[2])
-        return inner(query, key, *args, **kwargs)
+        return inner(query, *args, **kwargs)
 
-    monkeypatch.setattr(kvzip, "attention_rows", counted)
+    monkeypatch.setattr(kvzip, "chunk_attention", counted)
     kvzip_pass(model, tokenizer, ids, keys, values, chunk=5)
     assert widths and max(widths) == 5
+
+
+def test_both_chunk_kernels_agree(monkeypatch):
+    """The log-sum-exp path (CPU flash kernel) and the full softmax rows give the same output and maxima."""
+    from headscore.compression import kvzip
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 6, 5, 8, generator=generator)
+    key, value = torch.randn(1, 2, 17, 8, generator=generator), torch.randn(1, 2, 17, 8, generator=generator)
+    fast_out, fast = kvzip.chunk_attention(query, key, value, 9, 0.4)
+    monkeypatch.setattr(kvzip, "causal_suffix_parts", lambda *args: (None, None))
+    rows_out, rows = kvzip.chunk_attention(query, key, value, 9, 0.4)
+    torch.testing.assert_close(fast_out, rows_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, rows, rtol=1e-5, atol=1e-7)
+    probs = torch.softmax((query @ key.repeat_interleave(3, 1).transpose(-1, -2) * 0.4).masked_fill(
+        torch.arange(17)[None, :] > torch.arange(5)[:, None] + 12, float("-inf")), dim=-1)
+    for kv in range(2):
+        for position in range(9):
+            assert float(rows[kv, position]) == pytest.approx(float(probs[0, kv * 3:(kv + 1) * 3, :, position].max()),
+                                                              rel=1e-5)
 
 
 def test_scorer_reads_the_pass(model_and_prompt, tokenizer):

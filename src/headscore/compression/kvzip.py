@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headscore.compression.scorers import register_extra_pass
-from headscore.core.attention import attention_rows, use_attention
+from headscore.core.attention import attention_rows, causal_suffix_parts, use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.kv_cache import growing_cache
 from headscore.core.model import Geometry, input_device, with_cache
@@ -44,32 +44,55 @@ class ReconstructionScores:
         self.slot = {layer: slot for slot, layer in enumerate(layers)}
         self.scores: list[torch.Tensor | None] = [None] * len(layers)
 
-    def record(self, layer: int, rows: torch.Tensor, kv_heads: int) -> None:
-        """Fold one call's attention rows `[1, q_heads, q, k]` (k ≥ n) into the layer's maxima."""
+    def fold(self, layer: int, best: torch.Tensor) -> None:
+        """Fold one chunk's per-position maxima `[kv_heads, n]` into the layer's."""
         slot = self.slot.get(layer)
         if slot is None:
             return
-        _, q_heads, q_len, k_len = rows.shape
-        best = rows[0, :, :, : self.n].reshape(kv_heads, (q_heads // kv_heads) * q_len, self.n).amax(dim=1)
         previous = self.scores[slot]
         self.scores[slot] = best if previous is None else torch.maximum(previous, best)
+
+
+def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, scaling: float | None,
+                    softcap: float | None = None, sinks: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reconstruction chunk: the queries `[1, q_heads, q, d]` are the last q of the k keys (causal), the
+    first `n` keys the prompt's. Returns the exact attention output `[1, q_heads, q, d]` and the largest
+    attention weight any query of each KV head's group pays each prompt position, float32 `[kv_heads, n]`.
+
+    Where the CPU flash kernel gives each query's log-sum-exp (`causal_suffix_parts`), the weights are
+    exp(max over queries of (logit − lse)): only the logits against the `n` prompt keys are computed (every
+    query sees all of them) and the exponential runs on the maxima alone. Elsewhere (or with soft-capping or
+    learned sinks) the full softmax rows (`attention_rows`) give both."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    rows_of_group = (q_heads // kv_heads) * q_len
+    lse = None
+    if softcap is None and sinks is None:
+        output, lse = causal_suffix_parts(query, key, value, scaling)
+    if lse is not None:
+        scale = dim**-0.5 if scaling is None else scaling
+        grouped = query.float().reshape(batch, kv_heads, rows_of_group, dim)
+        logits = torch.matmul(grouped, key[:, :, :n].float().transpose(-1, -2)).mul_(scale)
+        logits.sub_(lse.reshape(batch, kv_heads, rows_of_group, 1))
+        return output, logits.amax(dim=2)[0].exp_()
+    rows = attention_rows(query, key, scaling, causal_offset=k_len - q_len, softcap=softcap, sinks=sinks)
+    probs = rows.view(batch, kv_heads, rows_of_group, k_len)
+    output = torch.matmul(probs, value.float()).view(batch, q_heads, q_len, dim).to(query.dtype)
+    return output, probs[0, :, :, :n].amax(dim=1)
 
 
 def kvzip_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
                             dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Exact attention of a reconstruction chunk (the last `q` of `k` positions, causal, unpadded) computed from
-    its softmax rows, which also feed the pass's running maxima: output `[b, q, q_heads, d]`."""
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    rows = attention_rows(query, key, scaling, causal_offset=k_len - q_len, softcap=kwargs.get("softcap"),
-                          sinks=kwargs.get("s_aux"))  # [b, q_heads, q, k] float32
-    recorder = getattr(module, RECORDER, None)
-    if recorder is not None:
-        recorder.record(int(module.layer_idx), rows, kv_heads)
-    grouped = rows.view(batch, kv_heads, (q_heads // kv_heads) * q_len, k_len)
-    output = torch.matmul(grouped, value.float()).view(batch, q_heads, q_len, dim)
-    return output.to(query.dtype).transpose(1, 2).contiguous(), None
+    """A reconstruction chunk's attention (`chunk_attention`; causal, unpadded, after the cached prompt and the
+    chunks before it), folding its scores into the pass's `ReconstructionScores` attached to the module:
+    output `[b, q, q_heads, d]` as sdpa's."""
+    recorder = getattr(module, RECORDER)
+    output, best = chunk_attention(query, key, value, recorder.n, scaling, kwargs.get("softcap"),
+                                   kwargs.get("s_aux"))
+    recorder.fold(int(module.layer_idx), best)
+    return output.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(KVZIP_ATTENTION, kvzip_attention_forward)
