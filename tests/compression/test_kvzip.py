@@ -97,6 +97,8 @@ def test_both_chunk_kernels_agree(monkeypatch):
     query = torch.randn(1, 6, 5, 8, generator=generator)
     key, value = torch.randn(1, 2, 17, 8, generator=generator), torch.randn(1, 2, 17, 8, generator=generator)
     fast_out, fast = kvzip.chunk_attention(query, key, value, 9, 0.4)
+    monkeypatch.setattr(kvzip, "BLOCK_LOGITS", 2 * 9 * 4)  # blocks of 4 of the 15 rows of a group
+    torch.testing.assert_close(kvzip.chunk_attention(query, key, value, 9, 0.4)[1], fast)
     monkeypatch.setattr(kvzip, "causal_suffix_parts", lambda *args: (None, None))
     rows_out, rows = kvzip.chunk_attention(query, key, value, 9, 0.4)
     torch.testing.assert_close(fast_out, rows_out, rtol=1e-5, atol=1e-6)

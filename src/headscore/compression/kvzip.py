@@ -32,6 +32,7 @@ KVZIP_ATTENTION = "headscore_kvzip"
 KVZIP_CHUNK = 512  # reconstruction tokens per forward: the attention rows held are q_heads × chunk × keys
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # the authors' instruction (first chunk's)
 PLAIN_SUFFIX = "\n"  # after the instruction when the tokenizer has no chat template (kvpress)
+BLOCK_LOGITS = 1 << 18  # float32 logits per block of scoring rows (1 MiB: stays in a core's cache)
 RECORDER = "headscore_kvzip_scores"  # attribute set on the attention modules during the pass
 
 
@@ -72,10 +73,17 @@ def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         output, lse = causal_suffix_parts(query, key, value, scaling)
     if lse is not None:
         scale = dim**-0.5 if scaling is None else scaling
-        grouped = query.float().reshape(batch, kv_heads, rows_of_group, dim)
-        logits = torch.matmul(grouped, key[:, :, :n].float().transpose(-1, -2)).mul_(scale)
-        logits.sub_(lse.reshape(batch, kv_heads, rows_of_group, 1))
-        return output, logits.amax(dim=2)[0].exp_()
+        grouped = (query.float() * scale).reshape(batch, kv_heads, rows_of_group, dim)  # a copy: query unchanged
+        lse = lse.reshape(batch, kv_heads, rows_of_group, 1)
+        prompt_keys = key[:, :, :n].float().transpose(-1, -2)
+        block = max(1, BLOCK_LOGITS // (batch * kv_heads * n))
+        best = None
+        for start in range(0, rows_of_group, block):  # blocks of query rows: the logits stay in cache (speed)
+            logits = torch.matmul(grouped[:, :, start:start + block], prompt_keys)
+            found = logits.sub_(lse[:, :, start:start + block]).amax(dim=2)
+            best = found if best is None else torch.maximum(best, found)
+        assert best is not None
+        return output, best[0].exp_()
     rows = attention_rows(query, key, scaling, causal_offset=k_len - q_len, softcap=softcap, sinks=sinks)
     probs = rows.view(batch, kv_heads, rows_of_group, k_len)
     output = torch.matmul(probs, value.float()).view(batch, q_heads, q_len, dim).to(query.dtype)
