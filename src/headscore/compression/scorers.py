@@ -504,10 +504,10 @@ class CriticalScorer(Scorer):
         per_head = per_head.reshape(kv_heads, dim, (q_heads // kv_heads) * hidden)  # [kv, d, group · hidden]
         block = max(1, PROJECTION_ELEMENTS // max(1, batch * q_heads * hidden))
         parts = []
-        for start in range(0, n, block):  # blocks of positions bound the [.., n, hidden] product (memory)
+        for start in range(0, n, block):  # blocks of positions: the [.., block, hidden] product stays in cache
             values = inputs.values[:, :, start:start + block].float()
             projected = (values @ per_head).view(batch, kv_heads, -1, q_heads // kv_heads, hidden)
-            parts.append(projected.abs().sum(dim=-1))  # [batch, kv, block, group]
+            parts.append(projected.abs_().sum(dim=-1))  # [batch, kv, block, group] (abs+sum beats L1 norm)
         norms = torch.cat(parts, dim=2) if parts else inputs.values.new_zeros(batch, kv_heads, 0,
                                                                               q_heads // kv_heads)
         return norms.permute(0, 1, 3, 2).reshape(batch, q_heads, n)
@@ -519,7 +519,7 @@ class CriticalScorer(Scorer):
 
 
 MODIFIERS: dict[str, type[Scorer]] = {"critical": CriticalScorer}
-PROJECTION_ELEMENTS = 1 << 24  # float32 elements of one block of the critical modifier's projected values
+PROJECTION_ELEMENTS = 1 << 18  # float32 elements of one block of projected values (1 MiB: stays in cache)
 
 
 def check_number(value: Any, what: str) -> None:
