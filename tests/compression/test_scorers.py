@@ -261,6 +261,7 @@ def test_every_scorer_has_a_summary_and_documented_defaults():
     for name in ("tova", "knorm", "keydiff", "expected", "kvzip"):
         cls = SCORERS[name]
         assert cls.name == name and cls.summary and "arXiv" in (cls.__doc__ or "")
+    assert SCORERS["kvzip"].extra_pass in scorers.EXTRA_PASSES  # registered by importing the scorers
     assert SCORERS["expected"]() == SCORERS["expected"](n_future_positions=512, n_sink=4, use_covariance=True,
                                                         use_vnorm=True, epsilon=0.0)
 

@@ -20,6 +20,7 @@ What a scorer declares (class attributes):
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -552,3 +553,7 @@ def register_extra_pass(name: str) -> Callable[[ExtraPass], ExtraPass]:
         return function
 
     return add
+
+
+# the built-in extra passes register themselves on import (after `register_extra_pass` exists: no cycle)
+importlib.import_module("headscore.compression.kvzip")
