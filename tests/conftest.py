@@ -206,3 +206,20 @@ the CLI and the study on a real folder). Tests that need sharper attention build
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def recorded():
+    """Factory: a `RecordedPrompt` of one prompt from per-layer `keys`/`values` `[kv_heads, n, d]` (one layer:
+    plain tensors) with random queries of `q_heads` heads over the last `window` positions."""
+    from headscore.compression.cache import LayerRecord, RecordedPrompt
+
+    def make(keys, values, q_heads: int, window: int, seed: int = 0) -> RecordedPrompt:
+        keys = keys if isinstance(keys, list) else [keys]
+        values = values if isinstance(values, list) else [values]
+        generator = torch.Generator().manual_seed(seed)
+        layers = [LayerRecord(k, v, torch.randn(q_heads, window, k.shape[-1], generator=generator, dtype=k.dtype))
+                  for k, v in zip(keys, values, strict=True)]
+        return RecordedPrompt(layers, window)
+
+    return make

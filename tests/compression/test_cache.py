@@ -9,7 +9,7 @@ from headscore.compression.allocation import allocate
 from headscore.compression.attention import HEADWISE_ATTENTION, HeadwiseEntries, headwise_attention, plan_segments
 from headscore.compression.cache import HeadwiseCache, select_entries
 from headscore.compression.generation import compress_state, generate_ids, prefill, prefill_compressed
-from headscore.compression.presses import HeadKVPress, make_press
+from headscore.compression.presses import make_press
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry, with_cache
@@ -170,7 +170,7 @@ def test_kept_entries_and_bytes_follow_the_budgets(model_and_ids):
     geometry = Geometry.from_config(model.config)
     budgets = allocate("uniform", geometry, 16, window=4)
     budgets.matrix = torch.tensor([[3, 11], [0, 20], [46, 7]])  # head-level budgets, one above the prompt
-    press = HeadKVPress(budgets=budgets)
+    press = make_press("headkv", geometry, budgets=budgets)
     cache, _, _ = prefill_compressed(model, ids, press)
     want = (budgets.matrix.clamp(max=46) + 4)
     assert torch.equal(cache.kept(), want)
@@ -188,11 +188,11 @@ def test_kept_entries_are_the_selected_positions_of_the_right_head(model_and_ids
     geometry = Geometry.from_config(model.config)
     state = prefill(model, ids, window=4)
     for granularity, heads in (("kv", 2), ("query", 4)):
-        press = HeadKVPress(budgets=allocate("uniform", geometry, 12, window=4, granularity=granularity))
-        cache = HeadwiseCache.from_prefill(geometry, press,
-                                           list(zip(state.keys, state.values, state.scores, strict=True)))
+        press = make_press("headkv", geometry, budgets=allocate("uniform", geometry, 12, window=4,
+                                                                granularity=granularity))
+        cache = HeadwiseCache.from_prefill(geometry, press, state)
         for index, layer in enumerate(cache.layers):
-            head, position, kept = select_entries(state.scores[index], press, index, geometry, 50)
+            head, position, kept = select_entries(state.layer_inputs(index, heads), press, geometry)
             assert kept.tolist() == [12] * heads
             assert position.view(heads, 12)[:, -4:].tolist() == [[46, 47, 48, 49]] * heads
             assert bool((position.view(heads, 12).diff(dim=1) > 0).all())
@@ -284,6 +284,6 @@ def test_a_recording_cache_cannot_decode(model_and_ids):
     cache = HeadwiseCache(Geometry.from_config(model.config), None, window=4)
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         model(input_ids=ids, **with_cache(model, cache), use_cache=True)
-        assert [[scores.shape for _, _, scores in rows] for rows in cache.recorded] == [[(4, 46)]] * 3
+        assert [[record.queries.shape for record in rows] for rows in cache.recorded] == [[(4, 4, 8)]] * 3
         with pytest.raises(HeadscoreError, match="only recorded a prefill"):
             model(input_ids=ids[:, :1], **with_cache(model, cache), use_cache=True)

@@ -9,7 +9,9 @@ import torch
 
 from headscore.compression.allocation import pyramid_official_budgets
 from headscore.compression.cache import select_entries
-from headscore.compression.presses import adaptive_budgets_official, make_press
+from headscore.compression.allocation import adaptive_budgets_official
+from headscore.compression.presses import make_press
+from headscore.compression.scorers import ScorerInputs
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 
@@ -51,7 +53,7 @@ def test_pyramid_press_official_schedule_at_prefill():
     press = make_press("pyramidkv", GQA, budget=24, window=4, pyramid_beta=4.0, pyramid_schedule="headkv",
                        granularity="query")
     m = 200
-    got = [press.prompt_budgets(layer, torch.rand(8, m), GQA) for layer in range(4)]
+    got = [press.prompt_counts(layer, torch.rand(8, m), GQA) for layer in range(4)]
     want = [authors_pyramid(4, 20, 4, m + 4, layer, pyram_beta=4) for layer in range(4)]
     assert [int(g[0]) for g in got] == want and all(g.shape == (8,) for g in got)
     # the official total exceeds the uniform one: whole-number steps leave the low layers higher
@@ -82,25 +84,27 @@ def test_ada_official_allocation_is_the_authors(seed):
     for budget in (10, 56, 120):
         assert torch.equal(adaptive_budgets_official(scores, budget, 0.2), authors_ada(scores, budget).long())
     press = make_press("ada-snapkv", GQA, budget=64, window=8, ada_allocation="official")
-    assert torch.equal(press.prompt_budgets(0, scores, GQA), authors_ada(scores, 56).long())
+    assert torch.equal(press.prompt_counts(0, scores, GQA), authors_ada(scores, 56).long())
 
 
 def test_every_press_takes_query_granularity():
     """The authors repeat the KV heads first: every method keeps one selection per query head."""
-    scores = torch.rand(8, 100)
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 104, 16)
     for name in ("snapkv", "streaming", "pyramidkv", "ada-snapkv"):
         kv = make_press(name, GQA, budget=24, window=4)
-        query = make_press(name, GQA, budget=24, window=4, granularity="query")
-        assert kv.cache_heads(GQA) == 2 and query.cache_heads(GQA) == 8
-        head, position, kept = select_entries(scores, query, 1, GQA, 104)
+        query_press = make_press(name, GQA, budget=24, window=4, granularity="query")
+        assert kv.cache_heads(GQA) == 2 and query_press.cache_heads(GQA) == 8
+        inputs = ScorerInputs(keys=keys, values=keys, queries=query, window=4, heads=8, layer=1)
+        head, position, kept = select_entries(inputs, query_press, GQA)
         assert kept.shape == (8,)
         if name == "snapkv":  # per query head: each head's own top-k of its own (pooled) scores
+            scores = inputs.window_attention()[0, :, :, :100].mean(dim=1)
             pooled = torch.nn.functional.max_pool1d(scores[:, None], 7, stride=1, padding=3)[:, 0]
             for h in range(8):
                 want = sorted(pooled[h].topk(20).indices.tolist()) + list(range(100, 104))
                 assert position[head == h].tolist() == want
     assert make_press("snapkv", GQA, granularity="query").describe()["granularity"] == "query"
-    assert "granularity" not in make_press("snapkv", GQA).describe()
 
 
 def authors_keeps_whole(base_capacity, q_len, window):
@@ -117,17 +121,18 @@ def test_budget_beyond_the_prompt_keeps_the_layer_whole(name):
     budgets = allocate("headkv", GQA, 128, window=8, beta=1.01, scores=scores, granularity="query")
     for m in (50, 119, 120, 121, 300):
         window_scores = torch.rand(8, m)
-        clamp = make_press(name, GQA, budget=128, window=8, budgets=budgets, granularity="query")
-        keep = make_press(name, GQA, budget=128, window=8, budgets=budgets, granularity="query",
-                          beyond_prompt="keep")
-        kept = keep.prompt_budgets(2, window_scores, GQA)
+        settings = {"budget": 128, "window": 8, "granularity": "query",
+                    "budgets": budgets if name == "headkv" else None}
+        clamp = make_press(name, GQA, settings=settings)
+        keep = make_press(name, GQA, settings=settings, beyond_prompt="keep")
+        kept = keep.prompt_counts(2, window_scores, GQA)
         if authors_keeps_whole(120, m + 8, 8):
             assert kept.tolist() == [m] * 8
-            clamped = clamp.prompt_budgets(2, window_scores, GQA).clamp(max=m)
+            clamped = clamp.prompt_counts(2, window_scores, GQA).clamp(max=m)
             if name == "headkv" and m == 119:  # clamping alone leaves the low-budget heads compressed
                 assert clamped.min() < m
         else:
-            assert torch.equal(kept, clamp.prompt_budgets(2, window_scores, GQA))
+            assert torch.equal(kept, clamp.prompt_counts(2, window_scores, GQA))
     with pytest.raises(HeadscoreError, match="beyond-prompt"):
         make_press("snapkv", GQA, beyond_prompt="whole")
 
@@ -140,7 +145,10 @@ def test_score_dtype_breaks_ties_as_fp16_weights_do():
     rows[:, :, 10] = rows[:, :, 11] + torch.tensor(1e-6).half() * 0  # exact ties after rounding
     theirs = torch.nn.functional.max_pool1d(rows.mean(dim=1), 7, stride=1, padding=3)  # fp16 all along
     press = make_press("snapkv", GQA, budget=24, window=4, granularity="query", score_dtype="float16")
-    ours = press.head_scores(rows.float().mean(dim=1), 8)
+    attention = torch.cat([rows.float(), torch.zeros(8, 4, 4)], dim=2)[None]  # the window's own columns unread
+    inputs = ScorerInputs(keys=torch.zeros(1, 2, 68, 4), values=torch.zeros(1, 2, 68, 4),
+                          queries=torch.zeros(1, 8, 4, 4), window=4, heads=8, _window_attention=attention)
+    ours = press.selection_scores(inputs)
     assert ours.dtype == torch.float16 and torch.equal(ours, theirs)
     assert torch.equal(ours.topk(20).indices, theirs.topk(20).indices)
     with pytest.raises(HeadscoreError, match="score dtype"):
@@ -159,11 +167,11 @@ def test_the_authors_setup_generates_end_to_end(tiny_llama, name):
     torch.manual_seed(11)
     ids = torch.randint(3, 128, (1, 40))
     full, _ = generate_ids(model, ids, FullPress(), max_new_tokens=6)
-    press = make_press(name, geometry, budget=64, window=4, granularity="query", beyond_prompt="keep",
-                       pyramid_schedule="headkv", ada_allocation="official", score_dtype="float16")
+    authors = {"granularity": "query", "pyramid_schedule": "headkv", "ada_allocation": "official",
+               "score_dtype": "float16"}
+    press = make_press(name, geometry, settings=authors, budget=64, window=4, beyond_prompt="keep")
     tokens, report = generate_ids(model, ids, press, max_new_tokens=6)
     assert tokens == full and report.kept == [[40] * 4] * 2  # every query head keeps the whole prompt
-    small = make_press(name, geometry, budget=12, window=4, granularity="query", pyramid_schedule="headkv",
-                       ada_allocation="official", score_dtype="float16")
+    small = make_press(name, geometry, settings=authors, budget=12, window=4)
     _, report = generate_ids(model, ids, small, max_new_tokens=2)
     assert len(report.kept[0]) == 4 and sum(map(sum, report.kept)) < 2 * 4 * 40

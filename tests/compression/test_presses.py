@@ -1,4 +1,5 @@
-"""Selection at prefill: window scores, pooling, grouping, per-head top-k, AdaKV budgets, presses."""
+"""Methods as scorer × allocation: the shared selection, the SnapKV scorer, the allocations, method names,
+parameters, and a scorer registered in a test becoming a method."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from headscore.compression.allocation import allocate
+from headscore.compression.allocation import ALLOCATIONS, adaptive_budgets, allocate
+from headscore.compression.cache import RecordedPrompt
 from headscore.compression.presses import (
+    METHOD_ALIASES,
     PRESSES,
-    HeadKVPress,
-    SnapKVPress,
-    StreamingPress,
-    adaptive_budgets,
-    check_count,
-    group_scores,
+    ScoredPress,
     kept_positions,
     make_press,
+    parse_method,
+)
+from headscore.compression.scorers import (
+    SCORERS,
+    Scorer,
+    ScorerInputs,
+    SnapKVScorer,
+    group_scores,
     pool_scores,
-    register_press,
+    register_scorer,
     streaming_scores,
-    window_scores,
 )
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
@@ -38,15 +43,21 @@ def reference_window_scores(query, keys, scaling, window):
     return logits.softmax(-1)[:, n - window:, : n - window].mean(1)
 
 
+def inputs_of(query, keys, window, heads, scaling=None, layer=0):
+    return ScorerInputs(keys=keys[None], values=keys[None], queries=query[None], window=window, heads=heads,
+                        scaling=scaling, layer=layer)
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_window_scores_match_full_attention(kv_heads):
+def test_snapkv_scores_are_the_window_rows_of_full_attention_pooled_and_grouped(kv_heads):
     torch.manual_seed(0)
     query, keys = torch.randn(4, 40, 8), torch.randn(kv_heads, 40, 8)
-    got = window_scores(query, keys, 0.3, 6)
-    assert got.shape == (4, 34)
-    torch.testing.assert_close(got, reference_window_scores(query, keys, 0.3, 6))
-    # only the window's query rows matter
-    torch.testing.assert_close(window_scores(query[:, -6:], keys, 0.3, 6), got)
+    want = group_scores(pool_scores(reference_window_scores(query, keys, 0.3, 6), 7), kv_heads)
+    got = inputs_of(query, keys, 6, kv_heads, 0.3).scores(SnapKVScorer())
+    assert got.shape == (1, kv_heads, 40)
+    torch.testing.assert_close(got[0, :, :34], want)
+    # only the window's query rows matter; the window's own scores are never read
+    torch.testing.assert_close(inputs_of(query[:, -6:], keys, 6, kv_heads, 0.3).scores(SnapKVScorer()), got)
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7])
@@ -59,10 +70,10 @@ def test_pool_scores_is_a_same_length_max_filter(kernel):
     torch.testing.assert_close(got, want)
 
 
-def test_group_scores_average_each_kv_group():
+def test_group_scores_reduce_each_kv_group():
     scores = torch.arange(24, dtype=torch.float32).view(6, 4)
-    got = group_scores(scores, 2)
-    torch.testing.assert_close(got, torch.stack([scores[:3].mean(0), scores[3:].mean(0)]))
+    torch.testing.assert_close(group_scores(scores, 2), torch.stack([scores[:3].mean(0), scores[3:].mean(0)]))
+    torch.testing.assert_close(group_scores(scores, 2, "max"), torch.stack([scores[2], scores[5]]))
     assert group_scores(scores, 6) is scores
 
 
@@ -100,14 +111,22 @@ def test_streaming_keeps_sinks_and_recent():
     assert position[head == 1].tolist() == [0, 1, 2]
 
 
-def test_headkv_press_rejects_another_geometry():
-    other = Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8)
-    budgets = allocate("uniform", other, 16, window=4)
-    with pytest.raises(HeadscoreError, match="budgets are for 3 layers"):
-        HeadKVPress(budgets=budgets).check(GEOMETRY)
-    HeadKVPress(budgets=allocate("uniform", GEOMETRY, 16, window=4)).check(GEOMETRY)
-    with pytest.raises(HeadscoreError, match="needs budgets"):
-        HeadKVPress()
+def test_method_names_parse_into_scorer_and_allocation():
+    spec = parse_method("random@headkv-r2")
+    assert (spec.scorer, spec.allocation, spec.head_scores) == ("random", "headkv", "r2")
+    assert (parse_method("snapkv").scorer, parse_method("snapkv").allocation) == ("snapkv", "uniform")
+    assert (parse_method("random").scorer, parse_method("random").allocation) == ("random", "uniform")
+    assert (parse_method("pyramidkv").scorer, parse_method("pyramidkv").allocation) == ("snapkv", "pyramid")
+    assert (parse_method("ada-snapkv").scorer, parse_method("ada-snapkv").allocation) == ("snapkv", "ada")
+    headkv = parse_method("headkv-er")
+    assert (headkv.scorer, headkv.allocation, headkv.head_scores) == ("snapkv", "headkv", "er")
+    assert parse_method("razor").head_scores == "r" and parse_method("razor-k3").full_heads == 3
+    assert parse_method("full").press == "full" and not parse_method("full").takes_budget
+    assert not parse_method("razor-k3").takes_budget and parse_method("razor").takes_budget
+    for bad, match in (("nope", "scorer 'nope'"), ("snapkv@nope", "allocation 'nope'"),
+                       ("snapkv+nope", "modifier '\\+nope'"), ("snapkv@headkv-", "score name")):
+        with pytest.raises(HeadscoreError, match=match):
+            parse_method(bad)
 
 
 def test_make_press_errors():
@@ -115,92 +134,153 @@ def test_make_press_errors():
         make_press("nope", GEOMETRY)
     with pytest.raises(HeadscoreError, match="needs head scores"):
         make_press("headkv", GEOMETRY)
+    with pytest.raises(HeadscoreError, match="needs head scores"):
+        make_press("random@headkv-r2", GEOMETRY)
     with pytest.raises(HeadscoreError, match="must exceed the observation window"):
         make_press("snapkv", GEOMETRY, budget=8, window=8)
     with pytest.raises(HeadscoreError, match="kernel"):
         make_press("snapkv", GEOMETRY, kernel=0)
     with pytest.raises(HeadscoreError, match="alpha"):
         make_press("ada-snapkv", GEOMETRY, alpha=2.0)
+    with pytest.raises(HeadscoreError, match="compare"):
+        make_press("snapkv@global", GEOMETRY)  # window attention is not comparable across layers
+    with pytest.raises(HeadscoreError, match="compression ratio"):
+        make_press("snapkv", GEOMETRY, ratio=1.0)
 
 
-def test_registry_names_every_method_and_describe_keeps_the_report_layout(random_scores):
-    assert list(PRESSES) == ["full", "snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv", "razor"]
-    params = {"budget": 16, "window": 4, "budgets": allocate("uniform", GEOMETRY, 16, window=4),
-              "scores": random_scores(GEOMETRY.layers, GEOMETRY.query_heads)}
-    described = {name: list(make_press(name, GEOMETRY, **params).describe()) for name in PRESSES}
-    assert described == {
-        "full": ["method", "window", "kernel"],
-        "snapkv": ["method", "window", "kernel", "budget"],
-        "streaming": ["method", "window", "kernel", "budget", "sinks"],
-        "pyramidkv": ["method", "window", "kernel", "budget", "pyramid_beta"],
-        "ada-snapkv": ["method", "window", "kernel", "budget", "alpha"],
-        "headkv": ["method", "window", "kernel", "budget", "beta", "granularity", "budget_method", "source_scores"],
-        "razor": ["method", "window", "budget", "sinks", "full_heads", "average_length", "full_heads_rule",
-                  "compensation", "granularity", "source_scores"],
-    }
-    assert all(make_press(name, GEOMETRY, **params).name == name for name in PRESSES)
-
-
-def test_make_press_takes_one_set_of_parameters():
-    # parameters of other methods are ignored, as the CLI passes all of them to every method
-    press = make_press("snapkv", GEOMETRY, budget=32, window=4, kernel=3, alpha=0.9, sinks=2, beta=2.0, scores=None)
-    assert (press.budget, press.window, press.kernel) == (32, 4, 3)
+def test_parameters_that_do_not_apply_are_errors_and_settings_are_taken_where_they_apply():
+    with pytest.raises(HeadscoreError, match="method snapkv takes no parameter 'alpha'"):
+        make_press("snapkv", GEOMETRY, alpha=0.9)
+    with pytest.raises(HeadscoreError, match="takes no parameter 'sinks'"):
+        make_press("snapkv", GEOMETRY, sinks=99)
     with pytest.raises(HeadscoreError, match="no method takes the parameter 'budgett'"):
         make_press("snapkv", GEOMETRY, budgett=32)
-    # every press checks its own parameters, whichever way it is built
-    with pytest.raises(HeadscoreError, match="sinks must be a non-negative integer"):
-        StreamingPress(sinks=-1)
+    with pytest.raises(HeadscoreError, match="no method takes the parameter 'budgett'"):
+        make_press("snapkv", GEOMETRY, settings={"budgett": 32})
+    settings = {"budget": 32, "window": 4, "kernel": 3, "alpha": 0.9, "sinks": 2, "beta": 2.0, "temp": 0.5,
+                "pyramid_beta": 3.0}
+    snapkv = make_press("snapkv", GEOMETRY, settings=settings)
+    assert isinstance(snapkv, ScoredPress) and isinstance(snapkv.scorer, SnapKVScorer)
+    assert (snapkv.budget, snapkv.window, snapkv.scorer.kernel) == (32, 4, 3)
+    assert make_press("ada-snapkv", GEOMETRY, settings=settings).allocation.alpha == 0.9
+    assert make_press("streaming", GEOMETRY, settings=settings).scorer.sinks == 2
+    assert make_press("pyramidkv", GEOMETRY, settings=settings).allocation.pyramid_beta == 3.0
     with pytest.raises(HeadscoreError, match="pyramid beta must be"):
         make_press("pyramidkv", GEOMETRY, pyramid_beta=0.5)
     with pytest.raises(HeadscoreError, match="window must be a non-negative integer"):
         make_press("full", GEOMETRY, window=-1)
 
 
-def test_budget_presses_differ_only_in_their_budgets():
-    """snapkv, streaming and pyramidkv budgets are the allocation module's uniform and pyramid matrices."""
+def test_headkv_press_rejects_another_geometry():
+    other = Geometry(layers=3, query_heads=4, kv_heads=2, head_dim=8)
+    with pytest.raises(HeadscoreError, match="budgets are for 3 layers"):
+        make_press("headkv", GEOMETRY, budgets=allocate("uniform", other, 16, window=4))
+    press = make_press("headkv", GEOMETRY, budgets=allocate("uniform", GEOMETRY, 16, window=4))
+    assert (press.budget, press.window) == (16, 4)
+
+
+def test_every_method_names_itself_and_describes_scorer_and_allocation(random_scores):
+    scores = random_scores(GEOMETRY.layers, GEOMETRY.query_heads)
+    for name in ("snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv-r2", "random@global", "random@ada"):
+        press = make_press(name, GEOMETRY, budget=16, window=4, scores={"r2": scores} if "headkv" in name else None)
+        described = press.describe()
+        assert press.name == name == described["method"]
+        spec = parse_method(name)
+        assert described["scorer"] == spec.scorer
+        assert described["allocation"] == (f"headkv-{spec.head_scores}" if spec.head_scores else spec.allocation)
+    assert list(make_press("razor", GEOMETRY, scores=scores).describe())[:2] == ["method", "window"]
+
+
+def test_aliases_build_the_same_method_as_their_spelled_names(random_scores):
+    scores = random_scores(GEOMETRY.layers, GEOMETRY.query_heads)
+    assert set(METHOD_ALIASES) == {"snapkv", "streaming", "pyramidkv", "ada-snapkv", "headkv"}
+    torch.manual_seed(4)
+    prompt = RecordedPrompt([layer_record(torch.randn(4, 40, 8), torch.randn(2, 40, 8)) for _ in range(2)], 4)
+    for alias, spelled in (("snapkv", "snapkv@uniform"), ("pyramidkv", "snapkv@pyramid"),
+                           ("ada-snapkv", "snapkv@ada"), ("headkv-r", "snapkv@headkv-r"),
+                           ("streaming", "streaming@uniform")):
+        presses = [make_press(name, GEOMETRY, settings={"budget": 12, "window": 4, "scores": {"r": scores}})
+                   for name in (alias, spelled)]
+        kept = [selection(prompt, press) for press in presses]
+        assert kept[0] == kept[1], alias
+
+
+def layer_record(query, keys):
+    from headscore.compression.cache import LayerRecord
+
+    return LayerRecord(keys=keys, values=keys.clone(), queries=query)
+
+
+def selection(prompt, press):
+    from headscore.compression.cache import HeadwiseCache
+
+    cache = HeadwiseCache.from_rows(GEOMETRY, [(prompt, press)])
+    return [(layer.kept.tolist(), layer.keys.tolist()) for layer in cache.compressed]
+
+
+def test_fixed_allocations_give_their_budgets_matrix_whatever_the_scorer():
     uniform = allocate("uniform", GEOMETRY, 24, window=4, granularity="kv").matrix
     pyramid = allocate("pyramid", GEOMETRY, 24, window=4, granularity="kv", pyramid_beta=3.0).matrix
-    for name, want in (("snapkv", uniform), ("streaming", uniform), ("pyramidkv", pyramid)):
-        press = make_press(name, GEOMETRY, budget=24, window=4, pyramid_beta=3.0)
-        assert torch.equal(torch.stack([press.layer_budgets(layer, torch.rand(2, 50), GEOMETRY)
-                                        for layer in range(GEOMETRY.layers)]), want)
-        press.check(GEOMETRY)
+    for name, want in (("snapkv", uniform), ("streaming", uniform), ("random", uniform), ("pyramidkv", pyramid),
+                       ("random@pyramid", pyramid)):
+        press = make_press(name, GEOMETRY, settings={"budget": 24, "window": 4, "pyramid_beta": 3.0})
+        got = torch.stack([press.prompt_counts(layer, torch.rand(2, 50), GEOMETRY) for layer in range(2)])
+        assert torch.equal(got, want), name
+
+
+def test_global_allocation_keeps_the_top_scores_of_the_whole_model():
+    torch.manual_seed(5)
+    scores = [torch.rand(2, 30), torch.rand(2, 30) * 3]  # layer 1's scores dominate
+    press = make_press("random@global", GEOMETRY, budget=10, window=4)
+    counts = press.layer_counts(scores, GEOMETRY)
+    flat = torch.stack(scores).flatten()
+    top = flat.argsort(descending=True)[: 6 * 4]
+    want = torch.bincount(top // 30, minlength=4).view(2, 2)
+    assert torch.equal(torch.stack(counts), want) and int(want.sum()) == 24 and int(want[1].sum()) > 12
+
+
+def test_a_ratio_keeps_that_fraction_of_every_prompt_per_layer(random_scores):
+    press = make_press("snapkv", GEOMETRY, ratio=0.75, window=4)
+    assert press.budget_at(400) == 100 and press.budget_at(10) == 5  # at least the window plus one
+    scores = random_scores(GEOMETRY.layers, GEOMETRY.query_heads)
+    headkv = make_press("headkv-r2", GEOMETRY, ratio=0.5, window=4, scores={"r2": scores})
+    counts = torch.stack([headkv.prompt_counts(layer, torch.rand(2, 196), GEOMETRY) for layer in range(2)])
+    assert counts.sum() + 4 * counts.numel() == pytest.approx(0.5 * 200 * counts.numel(), abs=counts.numel())
 
 
 @pytest.fixture
-def recent_press():
-    """The example press of docs/compress.md, registered for one test."""
+def query_distance_scorer():
+    """A scorer written here (keys closest to the window's mean query are kept), registered for one test."""
 
-    @register_press("snapkv-recent")
-    @dataclass
-    class RecentSnapKVPress(SnapKVPress):
-        recent: int = 16
+    @register_scorer("near-query")
+    @dataclass(frozen=True)
+    class NearQueryScorer(Scorer):
+        summary = "keys closest to the window's mean query"
+        power: int = 2
 
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            check_count(self.recent, "recent", 0)
+        def score(self, inputs: ScorerInputs) -> torch.Tensor:
+            groups = inputs.query_heads // inputs.kv_heads
+            window_queries = inputs.queries[:, :, -inputs.window:].float()
+            mean = window_queries.mean(dim=2).view(inputs.keys.shape[0], inputs.kv_heads, groups, -1).mean(2)
+            distance = (inputs.keys.float() - mean[:, :, None]).norm(dim=-1).pow(self.power)
+            return -distance.repeat_interleave(inputs.heads // inputs.kv_heads, dim=1)
 
-        def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-            chosen = super().head_scores(scores, heads).clone()
-            chosen[:, max(chosen.shape[1] - self.recent, 0):] = float("inf")
-            return chosen
-
-    yield RecentSnapKVPress
-    del PRESSES["snapkv-recent"]
+    yield NearQueryScorer
+    del SCORERS["near-query"]
 
 
-def test_a_registered_press_is_a_method(recent_press, tiny_llama):
+def test_a_registered_scorer_is_a_method_under_every_allocation(query_distance_scorer, tiny_llama):
     from headscore.compression.generation import generate_ids
 
-    with pytest.raises(HeadscoreError, match="recent must be"):
-        make_press("snapkv-recent", GEOMETRY, recent=-2)
     model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=8)
-    press = make_press("snapkv-recent", GEOMETRY, budget=12, window=4, recent=8, sinks=3)
-    assert isinstance(press, recent_press) and press.describe()["recent"] == 8
     torch.manual_seed(7)
-    _, report = generate_ids(model, torch.randint(3, 128, (1, 40)), press, max_new_tokens=2)
-    assert report.kept == [[12, 12]] * 2
-    # the 8 positions before the window are kept by every head: check on the selection itself
-    scores = press.head_scores(torch.rand(4, 36), 2)
-    head, position, _ = kept_positions(scores, press.layer_budgets(0, scores, GEOMETRY), 4)
-    assert all(set(range(28, 36)) <= set(position[head == h].tolist()) for h in range(2))
+    ids = torch.randint(3, 128, (1, 40))
+    for allocation in ("uniform", "ada", "pyramid"):
+        press = make_press(f"near-query@{allocation}", GEOMETRY, budget=12, window=4, power=1)
+        assert press.describe()["power"] == 1 and press.describe()["allocation"] == allocation
+        _, report = generate_ids(model, ids, press, max_new_tokens=2)
+        assert sum(map(sum, report.kept)) == 12 * 4
+    with pytest.raises(HeadscoreError, match="takes no parameter 'alpha'"):
+        make_press("near-query", GEOMETRY, alpha=0.5)
+    assert {"uniform", "pyramid", "ada", "global", "headkv"} <= set(ALLOCATIONS)
+    assert "full" in PRESSES and "razor" in PRESSES

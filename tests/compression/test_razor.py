@@ -41,7 +41,7 @@ def plain_razor_positions(importance, k, length, sinks, window):
 
 @pytest.mark.parametrize("granularity", ["kv", "query"])
 @pytest.mark.parametrize("full_heads", [None, 0, 3, 6])
-def test_kept_positions_match_a_plain_construction(random_scores, granularity, full_heads):
+def test_kept_positions_match_a_plain_construction(random_scores, recorded, granularity, full_heads):
     scores = random_scores(GEOMETRY.layers, GEOMETRY.query_heads, trials=4, seed=7)
     scores.trials[1][2] = [0.0] * 4  # a zero and a tie do not break the order
     scores.trials[2][0] = list(scores.trials[0][3])
@@ -54,8 +54,11 @@ def test_kept_positions_match_a_plain_construction(random_scores, granularity, f
     want = plain_razor_positions(importance, k, length, 4, 4)
     heads = importance.shape[1]
     for layer in range(GEOMETRY.layers):
-        window_scores = torch.rand(GEOMETRY.query_heads, length - 4)
-        head, position, kept = select_entries(window_scores, press, layer, GEOMETRY, length)
+        prompt = recorded(torch.randn(GEOMETRY.kv_heads, length, 8), torch.randn(GEOMETRY.kv_heads, length, 8),
+                          GEOMETRY.query_heads, 4)
+        inputs = prompt.layer_inputs(0, press.cache_heads(GEOMETRY))
+        inputs.layer = layer
+        head, position, kept = select_entries(inputs, press, GEOMETRY)
         for h in range(heads):
             assert position[head == h].tolist() == want[(layer, h)], (layer, h)
     assert press.describe_at(length)["full_heads"] == k
@@ -91,7 +94,7 @@ def attend(query, layer, tail_keys, tail_values):
     return headwise_attention(query[None], entries, 0.3)[0]
 
 
-def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores, kernel):
+def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores, recorded, kernel):
     """A compressed head's compensation entry (mean key and value, weighted by the dropped count) gives exactly
     full attention when every dropped token has the same key and value."""
     torch.manual_seed(4)
@@ -103,7 +106,7 @@ def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores
     scores = random_scores(1, 4, seed=2)
     press = make_press("razor", geometry, budget=16, window=window, sinks=sinks, scores=scores, full_heads=1,
                        compensation=True)
-    cache = HeadwiseCache.from_prefill(geometry, press, [(keys, values, torch.rand(4, n - window))])
+    cache = HeadwiseCache.from_prefill(geometry, press, recorded(keys, values, 4, window))
     layer = cache.layers[0]
     assert sorted(layer.kept[0].tolist()) == [sinks + window + 1, n]  # one summary entry on the compressed head
     query = torch.randn(4, 1, 8)
@@ -114,17 +117,17 @@ def test_compensation_token_is_exact_when_the_dropped_tokens_agree(random_scores
     full = torch.softmax(query @ every_key.transpose(1, 2) * 0.3, -1) @ every_value
     torch.testing.assert_close(got, full)
     without = make_press("razor", geometry, budget=16, window=window, sinks=sinks, scores=scores, full_heads=1)
-    plain = HeadwiseCache.from_prefill(geometry, without, [(keys, values, torch.rand(4, n - window))]).layers[0]
+    plain = HeadwiseCache.from_prefill(geometry, without, recorded(keys, values, 4, window)).layers[0]
     assert plain.bias is None and not torch.allclose(attend(query, plain, tail_key, tail_value), full)
 
 
-def test_compensation_entry_is_the_mean_of_the_dropped_tokens(random_scores):
+def test_compensation_entry_is_the_mean_of_the_dropped_tokens(random_scores, recorded):
     torch.manual_seed(5)
     geometry = Geometry(layers=1, query_heads=2, kv_heads=2, head_dim=4)
     keys, values = torch.randn(2, 30, 4), torch.randn(2, 30, 4)
     press = make_press("razor", geometry, budget=20, window=4, sinks=2, scores=random_scores(1, 2), full_heads=0,
                        compensation=True)
-    layer = HeadwiseCache.from_prefill(geometry, press, [(keys, values, torch.rand(2, 26))]).layers[0]
+    layer = HeadwiseCache.from_prefill(geometry, press, recorded(keys, values, 2, 4)).layers[0]
     head = torch.repeat_interleave(torch.arange(2), layer.kept[0])
     for h in range(2):
         own = head == h

@@ -81,6 +81,12 @@ class HeadscoreCommand(TyperCommand):
     and the deprecated spellings in `aliases` are rewritten before parsing."""
 
     aliases: ClassVar[dict[str, Alias]] = {}
+    epilog_from: ClassVar[Any] = None  # () -> str: help text built when --help is shown (a registry's listing)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if self.epilog_from is not None and not self.epilog:
+            self.epilog = escape(self.epilog_from())
+        super().format_help(ctx, formatter)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,9 +126,12 @@ def rewrite_aliases(command: str, args: Sequence[str], aliases: dict[str, Alias]
     return out
 
 
-def command(name: str, aliases: dict[str, Alias] | None = None) -> Callable[[Callable[..., Any]], Any]:
-    """`@app.command(name)` with `HeadscoreCommand` and these deprecated `aliases` (old spelling -> `Alias`)."""
-    cls = type(f"{name.title().replace('-', '')}Command", (HeadscoreCommand,), {"aliases": dict(aliases or {})})
+def command(name: str, aliases: dict[str, Alias] | None = None,
+            epilog: Callable[[], str] | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """`@app.command(name)` with `HeadscoreCommand`, these deprecated `aliases` (old spelling -> `Alias`) and an
+    `epilog` built when the help is shown (so listing a registry costs nothing elsewhere)."""
+    cls = type(f"{name.title().replace('-', '')}Command", (HeadscoreCommand,),
+               {"aliases": dict(aliases or {}), "epilog_from": staticmethod(epilog) if epilog else None})
     return app.command(name, cls=cls)
 
 

@@ -24,6 +24,7 @@ from headscore.cli.options import (
     Template,
     Window,
     fidelity_options,
+    methods_help,
     option_values,
     press_parameters,
     uses,
@@ -118,14 +119,15 @@ def allocate_command(
                  f"granularity={first.granularity} scores={first.source_scores or '-'}")
 
 
-@command("compress", aliases={"--budget": Alias("--budgets"), "--beta": Alias("--betas")})
+@command("compress", aliases={"--budget": Alias("--budgets"), "--beta": Alias("--betas")}, epilog=methods_help)
 @uses(press_parameters, fidelity_options)
 def compress_command(
     context_file: Annotated[Path, typer.Option("--context-file", "-c", help="Text file holding the context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question asked about the context.")],
     model: Model = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option("--method", help="Press: full, streaming, snapkv, pyramidkv, ada-snapkv, "
-                                        "headkv, razor or any registered press.")] = "headkv",
+    method: Annotated[str, typer.Option("--method", help="Method: SCORER[+MODIFIER][@ALLOCATION] (listed below; "
+                                        "@headkv takes --scores FILE or --budget-file), full, snapkv, streaming, "
+                                        "pyramidkv, ada-snapkv, headkv, razor.")] = "headkv",
     scores: Annotated[Path | None, typer.Option("--scores", "-s", help="headkv: head-score file (HeadKV "
                                                 "format); budgets are allocated on the fly with --budgets / "
                                                 "--betas. razor: the scores ranking its full-cache heads (retrieval "
@@ -134,6 +136,8 @@ def compress_command(
                                                      "`headscore allocate` (instead of --scores; its window wins "
                                                      "over --window).")] = None,
     budgets: BudgetsOption = option_values(BUDGET),
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Compression ratio instead of --budgets: the "
+                                                "fraction of the prompt's KV entries removed, per layer.")] = None,
     betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
     fidelity_options: Any = None,
@@ -162,9 +166,9 @@ def compress_command(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
             progress=lambda stage: bar.update(task, description=stage),
-            budget=budget, beta=beta, **press_parameters, **fidelity_options.params(),
-            full_heads=full_heads, compensation=compensation,
-            scores=str(scores) if scores else None, budgets=str(budget_file) if budget_file else None)
+            settings={"budget": budget, "ratio": ratio, "beta": beta, **press_parameters, **fidelity_options.params(),
+                      "full_heads": full_heads, "compensation": compensation,
+                      "scores": str(scores) if scores else None, "budgets": str(budget_file) if budget_file else None})
     stdout.print(result.answer, markup=False, highlight=False)
     kv = result.report
     table = Table(title=f"KV report: {kv.method}, {kv.context_tokens} context tokens, "

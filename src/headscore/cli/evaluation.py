@@ -19,9 +19,11 @@ from headscore.cli.options import (
     Device,
     DType,
     Model,
+    RatiosOption,
     Template,
     Window,
     fidelity_options,
+    methods_help,
     option_values,
     prefix_options,
     press_parameters,
@@ -51,19 +53,19 @@ SCORE_ALIASES = {f"--scores-{name}": Alias("--scores", score_alias(name), f"--sc
                  for name in ("r", "r2")}  # the old --scores-r / --scores-r2
 
 
-@command("evaluate", aliases={**SCORE_ALIASES, "--beta": Alias("--betas")})
+@command("evaluate", aliases={**SCORE_ALIASES, "--beta": Alias("--betas")}, epilog=methods_help)
 @uses(run_setup, press_parameters, fidelity_options, task_options, prefix_options)
 def evaluate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: results.csv, summary.md, metadata.json, "
                                       "NIAH heatmaps, score_vs_kv.png; journal.jsonl makes reruns resume.")]
     = Path("evaluation"),
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated presses: full, streaming, snapkv, "
-                                         "pyramidkv, ada-snapkv, any registered press, and headkv-NAME for each "
-                                         "--scores NAME=FILE (headkv-r: --scores r=FILE, headkv-r2: --scores "
-                                         "r2=FILE); razor (k per prompt at each budget's KV) and razor-kN (k = N "
-                                         "full-cache heads, run once: its KV does not depend on the budget), "
-                                         "both on --scores r=FILE.")] = ",".join(EVALUATE_METHODS),
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, SCORER[+MODIFIER][@ALLOCATION] "
+                                         "(listed below), the aliases snapkv, streaming, pyramidkv, ada-snapkv, "
+                                         "headkv-NAME (HeadKV on --scores NAME=FILE), full, razor (k per prompt at "
+                                         "each budget's KV) and razor-kN (k = N full-cache heads, run once), both "
+                                         "on --scores r=FILE.")] = ",".join(EVALUATE_METHODS),
     budgets: BudgetsOption = option_values(*EVALUATE_BUDGETS),
+    ratios: RatiosOption = None,
     betas: BetasOption = option_values(BETA),
     run_setup: Any = None,
     press_parameters: Any = None,
@@ -85,10 +87,13 @@ def evaluate_command(
     from headscore.evaluation.evaluate import dump_prompts as write_prompts
 
     run = run_setup
-    options = EvaluateOptions(methods=names(methods), budgets=number_list(budgets, int, "--budgets"),
+    ratio_list = number_list(ratios, float, "--ratios") if ratios else []
+    options = EvaluateOptions(methods=names(methods),
+                              budgets=[] if ratio_list and budgets == option_values(*EVALUATE_BUDGETS)
+                              else number_list(budgets, int, "--budgets"), ratios=ratio_list,
                               scores=run.scores, betas=number_list(betas, float, "--betas"),
-                              answer_prefix=answer_prefix, fidelity=fidelity_options,
-                              razor_compensation=compensation, **press_parameters)
+                              answer_prefix=answer_prefix,
+                              params={**press_parameters, **fidelity_options.params(), "compensation": compensation})
     tasks = {**task_options, "template": template}
     if dump_prompts is not None:
         count = write_prompts(run.model, run.tasks, dump_prompts, task_options=tasks, limit=run.limit,
@@ -115,7 +120,7 @@ def evaluate_command(
     stdout.print(f"figures: {', '.join(p.name for p in result.figures)}")
 
 
-@command("tune", aliases=SCORE_ALIASES)
+@command("tune", aliases=SCORE_ALIASES, epilog=methods_help)
 @uses(run_setup, press_parameters, fidelity_options, task_options)
 def tune_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: tuned_budgets.json (+ one "
@@ -135,6 +140,9 @@ def tune_command(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each task's samples used for "
                                                 "validation.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation/test split.")] = 0,
+    methods: Annotated[str | None, typer.Option("--methods", help="The methods whose β is tuned: headkv-NAME or "
+                                                "SCORER@headkv-NAME, comma-separated [default: headkv-NAME for "
+                                                "each --scores NAME=FILE].")] = None,
     run_setup: Any = None,
     press_parameters: Any = None,
     fidelity_options: Any = None,
@@ -152,11 +160,11 @@ def tune_command(
     if not run.scores:
         raise HeadscoreError("tune: give --scores NAME=FILE (e.g. --scores r2=FILE; the head scores whose β is "
                              "tuned)")
-    options = TuneOptions(methods=[f"headkv-{name}" for name in run.scores],
+    options = TuneOptions(methods=names(methods) if methods else [f"headkv-{name}" for name in run.scores],
                           budgets=number_list(budgets, int, "--budgets"), scores=run.scores,
                           betas=number_list(betas, float, "--betas"), default_beta=default_beta,
-                          baselines=names(baselines), val_fraction=val_fraction, seed=seed, fidelity=fidelity_options,
-                          razor_compensation=compensation, **press_parameters)
+                          baselines=names(baselines), val_fraction=val_fraction, seed=seed,
+                          params={**press_parameters, **fidelity_options.params(), "compensation": compensation})
     with progress_bar() as bar:
         task = bar.add_task("validation samples", total=None)
 

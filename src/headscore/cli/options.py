@@ -85,6 +85,35 @@ PyramidBeta = Annotated[float, typer.Option("--pyramid-beta", help="PyramidKV: t
                                             "floor((B - w) / pyramid_beta).")]
 
 
+RATIOS_HELP = ("Compression ratios: the fraction of each prompt's KV entries removed, per layer (so head-level "
+               "allocations share the same total); instead of or beside --budgets (the leaderboard's unit). One "
+               "value or a list: repeat the option or comma-separate.")
+RatiosOption = Annotated[list[str] | None, typer.Option("--ratios", help=RATIOS_HELP)]
+
+
+def methods_help() -> str:
+    """The scorers, allocations and aliases, from the registries (imported only when --help is shown)."""
+    from headscore.compression.presses import method_catalog
+
+    return method_catalog()
+
+
+def parse_params(values: list[str] | None) -> dict[str, Any]:
+    """`["seed=1", "n_future=512"]` -> `{"seed": 1, "n_future": 512}` (values read as YAML scalars); a bad entry
+    is one error line."""
+    import yaml
+
+    from headscore.core.errors import HeadscoreError
+
+    params: dict[str, Any] = {}
+    for value in values or []:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip():
+            raise HeadscoreError(f"--param '{value}' is not KEY=VALUE (e.g. --param seed=1)")
+        params[name.strip().replace("-", "_")] = yaml.safe_load(text)
+    return params
+
+
 def option_values(*values: float) -> list[str]:
     """The default of a list option from library defaults: `option_values(128)` -> `["128"]`, 1.01 -> "1.01"."""
     return [f"{value:g}" for value in values]
@@ -143,10 +172,13 @@ def press_parameters(
     pyramid_beta: PyramidBeta = PYRAMID_BETA,
     temp: Temp = TEMP,
     granularity: Granularity = None,
+    param: Annotated[list[str] | None, typer.Option("--param", metavar="KEY=VALUE", help="Any other method "
+                                                    "parameter (a scorer's or an allocation's, see the methods "
+                                                    "below), repeatable: e.g. --param seed=1.")] = None,
 ) -> dict[str, Any]:
-    """The compression parameters every press takes from (`make_press` keywords)."""
+    """The method parameters (`make_press` settings: each method takes those that apply to it)."""
     return {"window": window, "kernel": kernel, "alpha": alpha, "sinks": sinks, "pyramid_beta": pyramid_beta,
-            "temp": temp, "granularity": granularity}
+            "temp": temp, "granularity": granularity, **parse_params(param)}
 
 
 def fidelity_options(

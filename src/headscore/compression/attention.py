@@ -372,7 +372,7 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     pending = key
     output = sdpa_forward(module, query, pending.keys, pending.values, attention_mask, dropout=dropout,
                           scaling=scaling, causal_suffix=pending.after_cached, **kwargs)
-    pending.finish(query, attention_mask, scaling)
+    pending.finish(query, attention_mask, scaling, module)
     return output
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,27 +41,95 @@ from transformers.cache_utils import (
 )
 
 from headscore.compression.attention import HeadwiseEntries, plan_segments
-from headscore.compression.presses import Press, kept_positions, window_scores
+from headscore.compression.presses import Press, kept_positions
+from headscore.compression.scorers import Rope, ScorerInputs
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import FULL_ATTENTION, Geometry
 
-# (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
-#  perf_counter() when the scoring began)
-Recorded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one prompt's keys, values [kv_heads, n, d], window scores
+
+@dataclass(eq=False)
+class LayerRecord:
+    """One compressed layer of one prompt at prefill: full `keys`/`values` `[kv_heads, n, d]` (the prompt's real
+    tokens, RoPE applied), the `queries` `[q_heads, q, d]` of its last q positions, the attention `scaling` and
+    `module` (what a scorer may read)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    scaling: float | None = None
+    module: Any = None
+
+
+@dataclass(eq=False)
+class RecordedPrompt:
+    """One prompt's prefill, every compressed layer's `LayerRecord` (compressed-slot order), from which any
+    press selects: `window` (the observation window; a shorter prompt keeps all of it), `rope` (the model's rotary
+    parameters), `extra` (extra passes' results per layer, by pass name; `run_extra_passes`). The scorer
+    inputs are built once per (layer, cache heads), so every press compressed from the prompt shares each
+    scorer's scores."""
+
+    layers: list[LayerRecord]
+    window: int
+    rope: Rope | None = None
+    extra: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _inputs: dict[tuple[int, int], ScorerInputs] = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].keys.shape[1]
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [layer.keys for layer in self.layers]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [layer.values for layer in self.layers]
+
+    def layer_inputs(self, slot: int, heads: int) -> ScorerInputs:
+        """The `ScorerInputs` of compressed layer `slot` for `heads` cache heads (batch 1; built once)."""
+        key = (slot, heads)
+        if key not in self._inputs:
+            record = self.layers[slot]
+            self._inputs[key] = ScorerInputs(
+                keys=record.keys[None], values=record.values[None], queries=record.queries[None],
+                window=min(self.window, self.length), heads=heads, scaling=record.scaling, layer=slot,
+                module=record.module,
+                rope=self.rope, extra={name: results[slot][None] for name, results in self.extra.items()})
+        return self._inputs[key]
+
+    def add_extra(self, name: str, results: list[torch.Tensor]) -> None:
+        """Store an extra pass's per-layer results (also in the scorer inputs already built)."""
+        self.extra[name] = results
+        for (slot, _), inputs in self._inputs.items():
+            inputs.extra[name] = results[slot][None]
+
+
+# (layer, full keys [rows, kv_heads, n, d], values, per row its last queries [q_heads, q, d], prompt length per
+#  row, perf_counter() when the prefill hook began)
 PrefillHook = Callable[["PrefillLayer", torch.Tensor, torch.Tensor, list[torch.Tensor], list[int], float], None]
 
 
-def select_entries(scores: torch.Tensor, press: Press, layer: int, geometry: Geometry,
-                   length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which prompt entries each cache head keeps.
+def select_entries(inputs: ScorerInputs, press: Press, geometry: Geometry, counts: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which prompt entries each cache head keeps: the press's top positions of each head plus the window.
 
-    `scores`: the layer's window scores `[q_heads, m]`, m = `length` − window. Returns `(head, position,
+    `inputs`: one prompt's layer (batch 1); `counts`: int64 `[heads]` positions each head keeps before the
+    window, when already known (an allocation spanning layers), else the press's. Returns `(head, position,
     kept)`: int64 `[total]` cache head and prompt position of every kept entry (head-major, positions
     ascending; the window included) and the CPU int64 `[heads]` entries per head.
     """
-    selection_scores = press.head_scores(scores, press.cache_heads(geometry))
-    budgets = press.prompt_budgets(layer, selection_scores, geometry)
-    return kept_positions(selection_scores, budgets, length - scores.shape[1])
+    selection_scores = press.selection_scores(inputs)
+    if counts is None:
+        counts = press.prompt_counts(inputs.layer, selection_scores, geometry)
+    return kept_positions(selection_scores, counts, inputs.window)
+
+
+def layer_counts(prompt: RecordedPrompt, press: Press, geometry: Geometry) -> list[torch.Tensor]:
+    """Every compressed layer's counts for a press whose allocation spans layers (`Press.layer_counts`)."""
+    heads = press.cache_heads(geometry)
+    scores = [press.selection_scores(prompt.layer_inputs(slot, heads)) for slot in range(geometry.layers)]
+    return press.layer_counts(scores, geometry)
 
 
 def prompt_lengths(attention_mask: torch.Tensor | None, rows: int, width: int) -> list[int]:
@@ -90,8 +158,9 @@ class PendingPrefill:
     after_cached: bool
     layer: PrefillLayer
 
-    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
-        self.layer.finish(query, attention_mask, scaling)
+    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+               module: Any = None) -> None:
+        self.layer.finish(query, attention_mask, scaling, module)
 
 
 class PrefillLayer(CacheLayerMixin):
@@ -101,11 +170,14 @@ class PrefillLayer(CacheLayerMixin):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, index: int, window: int, on_prefill: PrefillHook) -> None:
+    def __init__(self, index: int, window: int, queries: int, on_prefill: PrefillHook) -> None:
         super().__init__()
         self.index = index
         self.window = window
+        self.queries = max(queries, window)  # the last prompt queries kept for the scorers
         self.on_prefill = on_prefill
+        self.scaling: float | None = None
+        self.module: Any = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self.recorded = False
@@ -150,30 +222,28 @@ class PrefillLayer(CacheLayerMixin):
         pending = PendingPrefill(*self.pending, after_cached=after_cached, layer=self)
         return pending, pending
 
-    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> None:
-        """Window scores of each row from the pass's queries `[rows, q_heads, q, d]` (only each row's last
-        `window` real queries are used, so a pass after a seeded prefix must hold at least `window`), then the
-        prefill hook keeps or records."""
+    def finish(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+               module: Any = None) -> None:
+        """Keep each row's last `queries` real queries (`[rows, q_heads, q, d]` are the pass's; at least the
+        observation window must be in the pass, so a pass after a seeded prefix must hold it), then the prefill
+        hook keeps or records."""
         start = time.perf_counter()
         if self.pending is None:
             raise HeadscoreError("the head-wise cache has no pending prefill to finish")
         keys, values = self.pending
         rows, width = keys.shape[0], keys.shape[2]
         lengths = prompt_lengths(attention_mask, rows, width)
-        scores = []
-        for row, length in enumerate(lengths):  # rows, not heads or tokens: each row's own real keys
+        kept = []
+        for row, length in enumerate(lengths):  # rows, not heads or tokens: each row's own real queries
             window = min(self.window, length)
             if window > query.shape[2]:
                 raise HeadscoreError(f"the prefill pass after a shared prefix has {query.shape[2]} tokens, fewer "
                                      f"than the observation window ({window})")
-            if window > 0:
-                scores.append(window_scores(query[row, :, query.shape[2] - window:], keys[row, :, width - length:],
-                                            scaling, window))
-            else:
-                scores.append(query.new_zeros(query.shape[1], length, dtype=torch.float32))
+            count = min(self.queries, length, query.shape[2])
+            kept.append(query[row, :, query.shape[2] - count:].clone())
         self.pending = None
-        self.selection_seconds = time.perf_counter() - start
-        self.on_prefill(self, keys, values, scores, lengths, start)
+        self.scaling, self.module = scaling, module
+        self.on_prefill(self, keys, values, kept, lengths, start)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -228,31 +298,34 @@ class HeadwiseLayer(CacheLayerMixin):
         self.is_initialized = True
 
     @classmethod
-    def build(cls, rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Press]], index: int,
-              geometry: Geometry, width: int, selection_seconds: float = 0.0) -> HeadwiseLayer:
-        """Keep each row's press's selection: `rows` of (full keys, values `[kv_heads, n_row, d]` (the row's
-        real tokens), window scores `[q_heads, n_row − window]`, press); `width` the padded prompt length."""
+    def build(cls, rows: Sequence[tuple[ScorerInputs, Press]], geometry: Geometry, width: int,
+              counts: Sequence[torch.Tensor | None] | None = None, selection_seconds: float = 0.0
+              ) -> HeadwiseLayer:
+        """Keep each row's press's selection: `rows` of (the row's scorer inputs of this layer (its real tokens),
+        press); `width` the padded prompt length; `counts`: per row the positions each head keeps before the
+        window, where an allocation spanning layers chose them (None: the press's own per layer)."""
         keys, values, kept, biases = [], [], [], []
-        for row_keys, row_values, scores, press in rows:
-            head, position, counts = select_entries(scores, press, index, geometry, row_keys.shape[1])
-            source = head // (counts.shape[0] // row_keys.shape[0])
+        for row, (inputs, press) in enumerate(rows):
+            row_keys, row_values, index = inputs.keys[0], inputs.values[0], inputs.layer
+            head, position, counts_row = select_entries(inputs, press, geometry, counts[row] if counts else None)
+            source = head // (counts_row.shape[0] // row_keys.shape[0])
             row_kept_keys, row_kept_values = row_keys[source, position], row_values[source, position]
             bias = torch.zeros(position.shape[0], device=row_keys.device)
-            extra = press.summary_entries(index, row_keys, row_values, counts, counts.shape[0])
+            extra = press.summary_entries(index, row_keys, row_values, counts_row, counts_row.shape[0])
             if extra is not None:  # merged head-major: each head's extra entries after its selection
                 order = torch.argsort(torch.cat([head, extra.head]), stable=True)
                 row_kept_keys = torch.cat([row_kept_keys, extra.keys])[order]
                 row_kept_values = torch.cat([row_kept_values, extra.values])[order]
                 bias = torch.cat([bias, extra.log_weight])[order]
-                counts = counts + torch.bincount(extra.head.cpu(), minlength=counts.shape[0])
+                counts_row = counts_row + torch.bincount(extra.head.cpu(), minlength=counts_row.shape[0])
             keys.append(row_kept_keys)
             values.append(row_kept_values)
-            kept.append(counts)
+            kept.append(counts_row)
             biases.append((bias, extra is not None))
-        first = rows[0][0]
-        tail = first.new_empty(len(rows), first.shape[0], 0, first.shape[-1])
+        first = rows[0][0].keys
+        tail = first.new_empty(len(rows), first.shape[1], 0, first.shape[-1])
         summary = torch.cat([b for b, _ in biases]) if any(has for _, has in biases) else None
-        return cls(torch.cat(keys), torch.cat(values), torch.stack(kept), width, [r[0].shape[1] for r in rows],
+        return cls(torch.cat(keys), torch.cat(values), torch.stack(kept), width, [r[0].length for r in rows],
                    tail, tail.clone(), selection_seconds, summary)
 
     @property
@@ -355,7 +428,7 @@ class HeadwiseCache(DynamicCache):
     """
 
     def __init__(self, geometry: Geometry, press: Press | Sequence[Press] | None, *, window: int | None = None,
-                 config=None) -> None:
+                 queries: int | None = None, config=None, rope: Rope | None = None) -> None:
         self.geometry = geometry
         self.presses = None if press is None else list(press) if isinstance(press, Sequence) else [press]
         if self.presses is not None and not self.presses:
@@ -365,8 +438,11 @@ class HeadwiseCache(DynamicCache):
             raise HeadscoreError(f"the presses of one head-wise cache need one observation window, got "
                                  f"{sorted(windows)}")
         self.window = windows.pop() if windows else (8 if window is None else window)
-        # per compressed layer, per row: (keys [kv_heads, n_row, d], values, window scores) of the row's real tokens
-        self.recorded: list[list[Recorded] | None] = [None] * geometry.layers
+        # the last prompt queries each layer keeps for the scorers (at least the window)
+        self.queries = max([p.query_count() for p in self.presses or ()] + [queries or 0, self.window])
+        self.rope = rope
+        # per compressed layer, per row: the row's real tokens (recording: `press=None`)
+        self.recorded: list[list[LayerRecord] | None] = [None] * geometry.layers
         if config is None:
             if geometry.compressed_layers is not None:
                 raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")
@@ -390,7 +466,7 @@ class HeadwiseCache(DynamicCache):
         """Model layer `index`'s cache before its prefill: a `PrefillLayer` (at its compressed slot) for full
         attention, transformers' own (sliding-window) layer otherwise, whose `update` returns plain tensors."""
         if layer_type == FULL_ATTENTION:
-            return PrefillLayer(self.slots[index], self.window, self._on_prefill)
+            return PrefillLayer(self.slots[index], self.window, self.queries, self._on_prefill)
         return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**self.layer_kwargs[index])
 
     @property
@@ -407,29 +483,36 @@ class HeadwiseCache(DynamicCache):
         return presses
 
     def _on_prefill(self, layer: PrefillLayer, keys: torch.Tensor, values: torch.Tensor,
-                    scores: list[torch.Tensor], lengths: list[int], started: float) -> None:
+                    queries: list[torch.Tensor], lengths: list[int], started: float) -> None:
         width = keys.shape[2]
+        records = [LayerRecord(keys[row, :, width - length:], values[row, :, width - length:], queries[row],
+                               layer.scaling, layer.module) for row, length in enumerate(lengths)]
         if self.presses is None:
-            self.recorded[layer.index] = [(keys[row, :, width - length:], values[row, :, width - length:], scores[row])
-                                          for row, length in enumerate(lengths)]
+            self.recorded[layer.index] = records
             layer.recorded = True
             return
-        rows = [(keys[row, :, width - length:], values[row, :, width - length:], scores[row], press)
-                for row, (length, press) in enumerate(zip(lengths, self.row_presses(keys.shape[0]), strict=True))]
-        compressed = HeadwiseLayer.build(rows, layer.index, self.geometry, width)
+        rows = []
+        for record, length, press in zip(records, lengths, self.row_presses(keys.shape[0]), strict=True):
+            if press.spans_layers or press.extra_pass:
+                raise HeadscoreError(f"method {press.name} needs the whole prompt before it selects (every layer's "
+                                     "scores, or an extra pass): prefill, then compress_state")
+            rows.append((ScorerInputs(
+                keys=record.keys[None], values=record.values[None], queries=record.queries[None],
+                window=min(self.window, length), heads=press.cache_heads(self.geometry), scaling=record.scaling,
+                layer=layer.index, module=record.module, rope=self.rope), press))
+        compressed = HeadwiseLayer.build(rows, self.geometry, width)
         compressed.selection_seconds = time.perf_counter() - started
         self.layers[self.positions[layer.index]] = compressed
 
     @classmethod
-    def from_prefill(cls, geometry: Geometry, press: Press | Sequence[Press],
-                     recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, config=None,
-                     windowed: dict[int, CacheLayerMixin] | None = None) -> HeadwiseCache:
-        """A compressed cache built from recorded full states `(keys, values, window scores)` of one prompt per
-        compressed layer: one row per press (`press` a list), or one row. A hybrid model's sliding-window layers
-        start from copies of `windowed` (model index -> the prefilled one-row layer, repeated for every row;
-        its tensors are shared, never modified: an update replaces them)."""
+    def from_prefill(cls, geometry: Geometry, press: Press | Sequence[Press], prompt: RecordedPrompt, *,
+                     config=None, windowed: dict[int, CacheLayerMixin] | None = None) -> HeadwiseCache:
+        """A compressed cache built from one recorded prompt: one row per press (`press` a list), or one row. A
+        hybrid model's sliding-window layers start from copies of `windowed` (model index -> the prefilled
+        one-row layer, repeated for every row; its tensors are shared, never modified: an update replaces
+        them)."""
         presses = list(press) if isinstance(press, Sequence) else [press]
-        cache = cls.from_rows(geometry, [(recorded, p) for p in presses], config=config)
+        cache = cls.from_rows(geometry, [(prompt, p) for p in presses], config=config)
         for index, layer in (windowed or {}).items():
             copied: Any = copy.copy(layer)
             if len(presses) > 1:
@@ -438,17 +521,23 @@ class HeadwiseCache(DynamicCache):
         return cache
 
     @classmethod
-    def from_rows(cls, geometry: Geometry, rows: Sequence[tuple[Sequence[Recorded], Press]], *,
+    def from_rows(cls, geometry: Geometry, rows: Sequence[tuple[RecordedPrompt, Press]], *,
                   config=None) -> HeadwiseCache:
-        """A compressed cache with one row per `(recorded, press)`: `recorded` one prompt's full states `(keys,
-        values, window scores)` per compressed layer. Rows may hold different prompts: they are left padded to the
-        longest (nothing is stored for the padding; decode them with per-row positions). No sliding-window layers
-        (`from_prefill` copies a hybrid model's)."""
+        """A compressed cache with one row per `(recorded prompt, press)`. Rows may hold different prompts: they
+        are left padded to the longest (nothing is stored for the padding; decode them with per-row positions).
+        No sliding-window layers (`from_prefill` copies a hybrid model's). The prompts' scorer inputs are shared:
+        each scorer's scores are computed once per prompt, whatever the number of presses and budgets."""
         cache = cls(geometry, [press for _, press in rows], config=config)
-        width = max(recorded[0][0].shape[1] for recorded, _ in rows)
+        width = max(prompt.length for prompt, _ in rows)
+        for prompt, press in rows:
+            if press.extra_pass and press.extra_pass not in prompt.extra:
+                raise HeadscoreError(f"method {press.name} needs the extra pass '{press.extra_pass}' over the prompt "
+                                     "(headscore.compression.generation.run_extra_passes)")
+        spanning = [layer_counts(prompt, press, geometry) if press.spans_layers else None for prompt, press in rows]
         for slot in range(geometry.layers):
-            layer_rows = [(*recorded[slot], press) for recorded, press in rows]
-            cache.layers[cache.positions[slot]] = HeadwiseLayer.build(layer_rows, slot, geometry, width)
+            layer_rows = [(prompt.layer_inputs(slot, press.cache_heads(geometry)), press) for prompt, press in rows]
+            counts = [None if given is None else given[slot] for given in spanning]
+            cache.layers[cache.positions[slot]] = HeadwiseLayer.build(layer_rows, geometry, width, counts)
         return cache
 
     @property

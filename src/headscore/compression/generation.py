@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ import torch
 from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
-from headscore.compression.cache import HeadwiseCache, window_kv_bytes
+from headscore.compression.cache import HeadwiseCache, RecordedPrompt, window_kv_bytes
 from headscore.compression.presses import FullPress, Press, make_press
+from headscore.compression.scorers import EXTRA_PASSES, Rope
 from headscore.core.attention import use_attention
 from headscore.core.decoding import FinishHook, StopRule, greedy_decode
 from headscore.core.defaults import TEMPLATE, WINDOW
@@ -49,26 +50,51 @@ from headscore.core.prompts import encode_prompt, render_prompt
 # ---------------------------------------------------------------------------------------------- prefill
 
 
-@dataclass
-class PrefillState:
-    """One full prefill: per full-attention layer the full `keys`/`values` `[kv_heads, n, d]` and the window
-    scores `[q_heads, n − window]` (float32), plus the last prompt token's `logits` `[vocab]`. A hybrid
-    model's sliding-window layers are in `windowed` (model index -> transformers' prefilled layer; copied,
-    never modified, by every cache built from the state) and its `config` rebuilds their kind."""
+@dataclass(eq=False, kw_only=True)
+class PrefillState(RecordedPrompt):
+    """One full prefill: per full-attention layer the full keys/values and the last queries (`RecordedPrompt`,
+    what every press selects from), plus the last prompt token's `logits` `[vocab]` and the prompt's
+    `input_ids` `[n]`. A hybrid model's sliding-window layers are in `windowed` (model index -> transformers'
+    prefilled layer; copied, never modified, by every cache built from the state) and its `config` rebuilds
+    their kind."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    window: int
     logits: torch.Tensor
     geometry: Geometry
     seconds: float
+    input_ids: torch.Tensor | None = None
     windowed: dict[int, Any] = field(default_factory=dict)
     config: Any = None
 
     @property
-    def length(self) -> int:
-        return self.keys[0].shape[1]
+    def queries_kept(self) -> int:
+        """How many of the last prompt queries each layer holds."""
+        return self.layers[0].queries.shape[1]
+
+
+def rope_of(model: Any) -> Rope | None:
+    """The model's rotary parameters (`Rope`), or None where it has no rotary embedding module."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    embedding = getattr(decoder, "rotary_emb", None)
+    inv_freq = getattr(embedding, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        return None
+    return Rope(inv_freq=inv_freq.float(), attention_scaling=float(getattr(embedding, "attention_scaling", 1.0)))
+
+
+def run_extra_passes(model: Any, tokenizer: Any, state: PrefillState, names: Collection[str]) -> None:
+    """Run each extra pass in `names` (a scorer's `extra_pass`, e.g. KVzip's reconstruction) over the prompt
+    of `state` once, storing its per-layer result in `state.extra` (a pass already there is not rerun)."""
+    missing = [name for name in dict.fromkeys(names) if name and name not in state.extra]
+    if not missing:
+        return
+    if state.input_ids is None:
+        raise HeadscoreError("an extra pass needs the prompt's token ids (prefill records them)")
+    for name in missing:
+        run = EXTRA_PASSES.get(name)
+        if run is None:
+            raise HeadscoreError(f"unknown extra pass '{name}': use one of {', '.join(EXTRA_PASSES)}")
+        with torch.inference_mode():
+            state.add_extra(name, run(model, tokenizer, state.input_ids, state.keys, state.values))
 
 
 def _sync(device: torch.device) -> None:
@@ -103,32 +129,43 @@ def _forward(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: to
     return logits, time.perf_counter() - start
 
 
-def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press) -> tuple[Any, torch.Tensor, float]:
+def prefill_compressed(model: Any, input_ids: torch.Tensor, press: Press, tokenizer: Any = None
+                       ) -> tuple[Any, torch.Tensor, float]:
     """Prefill with compression on the fly: `(cache, last logits [vocab], seconds)`.
 
     Full attention keeps a `DynamicCache` (growing in place: `core.kv_cache`); every other method a
-    `HeadwiseCache` (both with transformers' own bounded layers for a hybrid model's sliding-window layers).
+    `HeadwiseCache` (both with transformers' own bounded layers for a hybrid model's sliding-window layers). A
+    method that needs the whole prompt before it selects (an allocation spanning layers, a scorer's extra pass:
+    `tokenizer` needed) prefills, then compresses (`prefill`, `compress_state`); `seconds` covers both.
     """
     input_ids = _check_input(model, input_ids)
     geometry = Geometry.from_config(model.config)
     press.check(geometry)
+    if press.spans_layers or press.extra_pass:
+        start = time.perf_counter()
+        state = prefill(model, input_ids, press.window, queries=press.query_count())
+        if press.extra_pass:
+            run_extra_passes(model, tokenizer, state, [press.extra_pass])
+        cache = compress_state(state, press)
+        return cache, state.logits, time.perf_counter() - start
     cache = (growing_cache(model.config) if isinstance(press, FullPress)
-             else HeadwiseCache(geometry, press, config=model.config))
+             else HeadwiseCache(geometry, press, config=model.config, rope=rope_of(model)))
     logits, seconds = _forward(model, input_ids, cache)
     return cache, logits[0], seconds
 
 
 def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: DynamicCache | None = None,
-            start: int = 0) -> PrefillState:
-    """One full prefill recording every layer's keys/values and window scores (only the `window` query rows
-    are scored; no n × n attention).
+            start: int = 0, queries: int | None = None) -> PrefillState:
+    """One full prefill recording every layer's keys/values and its last `queries` queries (default: the
+    `window`; what the scorers of the presses to come read, `Press.query_count`; no n × n attention).
 
     `prefix`: a cache already holding `input_ids[:start]` (a shared prefix, `headscore.core.prefix_cache`;
     not modified); only the rest is run (at least `window` tokens), the state still covers every token.
     """
     input_ids = _check_input(model, input_ids)
+    full_ids = input_ids[0]
     geometry = Geometry.from_config(model.config)
-    cache = HeadwiseCache(geometry, None, window=window, config=model.config)
+    cache = HeadwiseCache(geometry, None, window=window, queries=queries, config=model.config, rope=rope_of(model))
     if prefix is not None and start > 0:
         if geometry.compressed_layers is not None:
             raise HeadscoreError("a shared prefix cannot seed a model with sliding-window layers")
@@ -138,16 +175,17 @@ def prefill(model: Any, input_ids: torch.Tensor, window: int = WINDOW, prefix: D
             layer.seed(shared.keys[:, :, :start], shared.values[:, :, :start])
         input_ids = input_ids[:, start:]
     logits, seconds = _forward(model, input_ids, cache)
-    return _states(model, cache, logits, seconds)[0]
+    return _states(model, cache, logits, seconds, [full_ids])[0]
 
 
-def prefill_batch(model: Any, prompts: Sequence[torch.Tensor], window: int = WINDOW) -> list[PrefillState]:
+def prefill_batch(model: Any, prompts: Sequence[torch.Tensor], window: int = WINDOW, queries: int | None = None
+                  ) -> list[PrefillState]:
     """One prefill of several prompts (1-D ids, any lengths), left padded with an attention mask: one
     `PrefillState` per prompt, equal to its own `prefill` but for the rounding padding may bring (each holds
     only its prompt's real tokens; `seconds`: the whole batch's). One prompt: `prefill`. Models with
     sliding-window layers take one prompt at a time."""
     if len(prompts) == 1:
-        return [prefill(model, prompts[0], window)]
+        return [prefill(model, prompts[0], window, queries=queries)]
     geometry = Geometry.from_config(model.config)
     if geometry.compressed_layers is not None:
         raise HeadscoreError("a batch of prompts needs a model whose layers are all full attention (this one has "
@@ -160,13 +198,15 @@ def prefill_batch(model: Any, prompts: Sequence[torch.Tensor], window: int = WIN
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):  # rows, not tokens
         ids[row, width - prompt.shape[-1]:], mask[row, width - prompt.shape[-1]:] = prompt.reshape(-1), 1
-    cache = HeadwiseCache(geometry, None, window=window, config=model.config)
+    cache = HeadwiseCache(geometry, None, window=window, queries=queries, config=model.config, rope=rope_of(model))
     logits, seconds = _forward(model, ids, cache, mask)
-    return _states(model, cache, logits, seconds)
+    return _states(model, cache, logits, seconds, [prompt.reshape(-1) for prompt in prompts])
 
 
-def _states(model: Any, cache: HeadwiseCache, logits: torch.Tensor, seconds: float) -> list[PrefillState]:
-    """One `PrefillState` per row of a recording cache after its prefill (`logits` `[rows, vocab]`)."""
+def _states(model: Any, cache: HeadwiseCache, logits: torch.Tensor, seconds: float,
+            prompts: Sequence[torch.Tensor]) -> list[PrefillState]:
+    """One `PrefillState` per row of a recording cache after its prefill (`logits` `[rows, vocab]`, `prompts`
+    each row's token ids)."""
     if any(item is None for item in cache.recorded):
         raise HeadscoreError("some layers did not call the registered attention function; this model type "
                              "cannot use the head-wise cache")
@@ -176,10 +216,9 @@ def _states(model: Any, cache: HeadwiseCache, logits: torch.Tensor, seconds: flo
     recorded = [rows for rows in cache.recorded if rows is not None]  # every layer's, checked above
     states = []
     for row in range(logits.shape[0]):
-        keys, values, scores = (list(parts) for parts in zip(*(rows[row] for rows in recorded), strict=True))
-        states.append(PrefillState(keys=keys, values=values, scores=scores, window=cache.window,
-                                   logits=logits[row], geometry=geometry, seconds=seconds, windowed=windowed,
-                                   config=model.config))
+        states.append(PrefillState(layers=[rows[row] for rows in recorded], window=cache.window, rope=cache.rope,
+                                   logits=logits[row], geometry=geometry, seconds=seconds,
+                                   input_ids=prompts[row], windowed=windowed, config=model.config))
     return states
 
 
@@ -195,8 +234,7 @@ def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
             raise HeadscoreError("the full press runs on its own cache, not as a row of a head-wise batch")
         for p in presses:
             _check_state_press(state, p)
-        recorded = list(zip(state.keys, state.values, state.scores, strict=True))
-        return HeadwiseCache.from_prefill(state.geometry, presses, recorded, config=state.config,
+        return HeadwiseCache.from_prefill(state.geometry, presses, state, config=state.config,
                                           windowed=state.windowed)
     if isinstance(press, FullPress):
         cache = growing_cache(state.config)
@@ -206,9 +244,7 @@ def compress_state(state: PrefillState, press: Press | Sequence[Press]) -> Any:
             cache.layers[index] = copy.copy(layer)
         return cache
     _check_state_press(state, press)
-    recorded = list(zip(state.keys, state.values, state.scores, strict=True))
-    return HeadwiseCache.from_prefill(state.geometry, press, recorded, config=state.config,
-                                      windowed=state.windowed)
+    return HeadwiseCache.from_prefill(state.geometry, press, state, config=state.config, windowed=state.windowed)
 
 
 def compress_rows(rows: Sequence[tuple[PrefillState, Press]]) -> Any:
@@ -232,8 +268,7 @@ def compress_rows(rows: Sequence[tuple[PrefillState, Press]]) -> Any:
     if not all(full):
         for state, press in rows:
             _check_state_press(state, press)
-        return HeadwiseCache.from_rows(geometry, [(list(zip(state.keys, state.values, state.scores, strict=True)),
-                                                   press) for state, press in rows], config=config)
+        return HeadwiseCache.from_rows(geometry, list(rows), config=config)
     cache = growing_cache(config)
     width = max(state.length for state in states)
     for slot, layer in enumerate(geometry.model_layers):
@@ -251,6 +286,9 @@ def _check_state_press(state: PrefillState, press: Press) -> None:
     if press.window != state.window:
         raise HeadscoreError(f"the prefill state was scored with window {state.window}, the method asks "
                              f"for window {press.window}")
+    if press.query_count() > state.queries_kept and state.queries_kept < state.length:
+        raise HeadscoreError(f"method {press.name} reads the last {press.query_count()} queries; the prefill kept "
+                             f"{state.queries_kept} (prefill(..., queries={press.query_count()}))")
     press.check(state.geometry)
 
 
@@ -361,9 +399,10 @@ class CompressResult:
 
 
 def generate_ids(model: Any, input_ids: torch.Tensor, press: Press, *, max_new_tokens: int = 64,
-                 eos: Sequence[int] | set[int] = ()) -> tuple[list[int], KVReport]:
-    """Prefill `input_ids` `[1, n]` with `press`, decode greedily: `(tokens, report)`."""
-    cache, logits, prefill_seconds = prefill_compressed(model, input_ids, press)
+                 eos: Sequence[int] | set[int] = (), tokenizer: Any = None) -> tuple[list[int], KVReport]:
+    """Prefill `input_ids` `[1, n]` with `press`, decode greedily: `(tokens, report)` (`tokenizer`: for a
+    scorer's extra pass)."""
+    cache, logits, prefill_seconds = prefill_compressed(model, input_ids, press, tokenizer)
     tokens, seconds = decode(model, cache, logits, max_new_tokens, eos)
     report = cache_report(cache, press, Geometry.from_config(model.config), input_ids.shape[-1], len(tokens),
                           prefill_seconds, seconds)
@@ -372,12 +411,14 @@ def generate_ids(model: Any, input_ids: torch.Tensor, press: Press, *, max_new_t
 
 def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *, press: Press | None = None,
                       method: str = "headkv", max_new_tokens: int = 64, template: str = TEMPLATE,
-                      answer_prefix: str = "", **press_options: Any) -> CompressResult:
+                      answer_prefix: str = "", settings: Mapping[str, Any] | None = None,
+                      **press_options: Any) -> CompressResult:
     """Answer `question` about `context` on a compressed KV cache.
 
-    Give a ready `press`, or a `method` and `presses.make_press` parameters (budget, window, kernel, alpha,
-    sinks, pyramid_beta, beta, temp, granularity, scores, budgets). The prompt is `prompts.render_prompt`'s,
-    ending with `answer_prefix` (text that opens the answer; the model continues it, the answer excludes it).
+    Give a ready `press`, or a `method` with `presses.make_press` parameters (`press_options`, each must apply
+    to it: budget, ratio, window, the scorer's and the allocation's, scores, budgets) and/or shared `settings`
+    (taken where they apply). The prompt is `prompts.render_prompt`'s, ending with `answer_prefix` (text that
+    opens the answer; the model continues it, the answer excludes it).
     """
 
     if not context or not context.strip():
@@ -386,14 +427,14 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
         raise HeadscoreError("the question is empty")
     geometry = Geometry.from_config(model.config)
     if press is None:
-        press = make_press(method, geometry, **press_options)
+        press = make_press(method, geometry, settings, **press_options)
     prompt = render_prompt(tokenizer, context, question, template, answer_prefix)
     ids = encode_prompt(tokenizer, prompt, template)["input_ids"]
     if geometry.max_context and len(ids) + max_new_tokens > geometry.max_context:
         raise HeadscoreError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the "
                              f"model's context of {geometry.max_context}")
     tokens, report = generate_ids(model, torch.tensor([ids]), press, max_new_tokens=max_new_tokens,
-                                  eos=eos_ids(model, tokenizer))
+                                  eos=eos_ids(model, tokenizer), tokenizer=tokenizer)
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return CompressResult(answer=answer, tokens=tokens, report=report)
 
@@ -402,6 +443,7 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
                    max_new_tokens: int = 64, template: str = TEMPLATE, answer_prefix: str = "",
                    device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
+                   settings: Mapping[str, Any] | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
     model, answer. Returns the result and a metadata dict (model, geometry, parameters, versions,
@@ -416,7 +458,7 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
     if not question.strip():
         raise HeadscoreError("the question is empty")
     geometry = load_geometry(model_name)
-    press = make_press(method, geometry, **press_options)
+    press = make_press(method, geometry, settings, **press_options)
     if progress:
         progress("loading the model")
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
@@ -425,8 +467,9 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
     result = compress_generate(model, tokenizer, context, question, press=press, max_new_tokens=max_new_tokens,
                                template=template, answer_prefix=answer_prefix)
     files = {"context_file": str(path), "context_fingerprint": fingerprint_file(path)}
+    given = {**(settings or {}), **press_options}
     for key in ("scores", "budgets"):
-        source = press_options.get(key)
+        source = given.get(key)
         if isinstance(source, (str, Path)):
             files[f"{key}_file"], files[f"{key}_fingerprint"] = str(source), fingerprint_file(source)
     metadata = {"model": model_name, "geometry": geometry.to_dict(), "question": question,

@@ -1,89 +1,69 @@
-"""SnapKV-style selection at prefill, and the compression methods ("presses") built on it.
+"""Compression methods ("presses"): a token scorer × a budget allocation, RazorAttention, and the full cache.
 
-The last `window` prompt tokens form the observation window. Their queries' attention over the earlier
-`m = context − window` tokens is averaged over the window (`window_scores`), smoothed by a 1-D max-pool
-(`pool_scores`), averaged over the query heads of each KV group (`group_scores`), and each head keeps its top
-`budget` positions (`kept_positions`) plus the window, in original order.
+A method is named `SCORER@ALLOCATION` (`expected@headkv-r2`, `kvzip@global`, `snapkv+critical@ada`): the scorer
+(`compression.scorers`, `SCORERS`, modifiers such as `+critical`) ranks each cache head's prompt positions, the
+allocation (`compression.allocation`, `ALLOCATIONS`) says how many each head keeps, and the selection is one shared
+step (`kept_positions`: each head's top positions plus the observation window, in original order). A bare `SCORER`
+is `SCORER@uniform`; the historical names are aliases (`METHOD_ALIASES`): `snapkv` = `snapkv@uniform`, `pyramidkv`
+= `snapkv@pyramid`, `ada-snapkv` = `snapkv@ada`, `headkv-NAME` = `snapkv@headkv-NAME`. The budget is a KV size
+(`budget`: entries per head, window included: the paper's KV size) or a compression `ratio` (the fraction of the
+prompt's entries removed, per layer). RazorAttention (`razor`, `razor-kN`: positional non-full heads) and `full`
+are presses of their own (`PRESSES`).
 
-A press is a small dataclass registered under its CLI name (`@register_press("snapkv")`, `PRESSES`) that
-checks its own parameters in `__post_init__`: `head_scores` turns the window scores of one layer into
-per-head selection scores `[heads, m]`, `layer_budgets` says how many positions each head keeps `[heads]`
-(excluding the window). Presses with a fixed budget matrix (streaming, snapkv, pyramidkv, headkv) are
-`BudgetPress`es and differ only in where their `Budgets` come from. `make_press(name, geometry, **params)`
-builds any of them from one set of parameters (the CLI's options).
+`make_press(name, geometry, **params)` builds any method; each parameter must apply to it (one clear error
+otherwise). `make_press(name, geometry, settings=...)` takes a run's shared settings instead (CLI options, a study
+config), each method using those that apply to it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 
-from headscore.compression.allocation import PYRAMID_SCHEDULES, allocate, head_importance, pyramid_official_budgets
+from headscore.compression.allocation import (
+    ALLOCATIONS,
+    Allocation,
+    HeadKVAllocation,
+    head_importance,
+)
 from headscore.compression.budgets import (
     GRANULARITIES,
     Budgets,
     check_budget,
-    check_pyramid_beta,
     check_window,
     resolve_granularity,
 )
 from headscore.compression.budgets_file import read_budgets
-from headscore.core.attention import attention_rows
+from headscore.compression.scorers import (
+    MODIFIERS,
+    SCORERS,
+    Scorer,
+    ScorerInputs,
+    SnapKVScorer,
+    StreamingScorer,
+    check_integer,
+    scorer_parameters,
+)
 from headscore.core.defaults import (
     ADA_ALLOCATION,
-    ALPHA,
-    BETA,
     BEYOND_PROMPT,
     BUDGET,
-    KERNEL,
-    PYRAMID_BETA,
     PYRAMID_SCHEDULE,
     SCORE_DTYPE,
     SINKS,
-    TEMP,
     WINDOW,
 )
 from headscore.core.errors import HeadscoreError
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
-# ---------------------------------------------------------------------------------------------- tensors
-
-
-def window_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float | None, window: int) -> torch.Tensor:
-    """Mean attention of the last `window` queries over the tokens before the window.
-
-    `query` [q_heads, n, d] or only its last `window` rows, `keys` [kv_heads, n, d] -> float32
-    [q_heads, n − window]. Softmax over all n keys with a causal mask inside the window (the official rule);
-    only the window's rows are computed, never n × n.
-    """
-
-    n = keys.shape[1]
-    rows = attention_rows(query[None, :, -window:], keys[None], scaling, causal_offset=n - window)[0]
-    return rows[..., : n - window].mean(dim=1)
-
-
-def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max-pool over the last axis with stride 1 and 'same' length: `[..., m]` -> `[..., m]`."""
-    if kernel <= 1 or scores.shape[-1] == 0:
-        return scores
-    shape = scores.shape
-    pooled = F.max_pool1d(scores.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
-    return pooled[..., : shape[-1]].reshape(shape)
-
-
-def group_scores(scores: torch.Tensor, heads: int) -> torch.Tensor:
-    """Mean over the query heads sharing a cache head: `[q_heads, m]` -> `[heads, m]` (`repeat_kv` layout)."""
-    q_heads, m = scores.shape
-    if heads == q_heads:
-        return scores
-    return scores.view(heads, q_heads // heads, m).mean(dim=1)
+# ---------------------------------------------------------------------------------------------- selection
 
 
 def kept_positions(scores: torch.Tensor, budgets: torch.Tensor,
@@ -116,49 +96,15 @@ def kept_positions(scores: torch.Tensor, budgets: torch.Tensor,
     return head, table[head, column.to(device, non_blocking=True)], kept
 
 
-def adaptive_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
-    """AdaKV: one layer's `[heads, m]` scores -> int64 `[heads]` budgets.
-
-    Every head gets a floor of `int(alpha · budget)`; the rest of the layer's `budget · heads` entries go to
-    the top scores over all heads jointly. Clamped to `m`.
-    """
-    heads, m = scores.shape
-    floor = int(alpha * budget)
-    pool = min(max(budget - floor, 0) * heads, heads * m)
-    counts = torch.zeros(heads, dtype=torch.int64, device=scores.device)
-    if pool > 0:
-        picked = scores.reshape(-1).topk(pool).indices // m
-        counts = torch.bincount(picked, minlength=heads)
-    return (counts + floor).clamp(max=m)
-
-
-def adaptive_budgets_official(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
-    """AdaKV as the authors run it (HeadKV `snapkv_utils.py` L262–276, `normalize=True`): one layer's
-    `[heads, m]` scores -> int64 `[heads]` budgets.
-
-    Each head's scores are weighted by the share of its mass in its own top `budget`; the top `budget · heads`
-    weighted scores over all heads are counted per head; budget = round(count · (1 − alpha) + int(alpha ·
-    budget)), rounded half-to-even in float32 as theirs. Clamped to `m`.
-    """
-    heads, m = scores.shape
-    top = min(budget, m)
-    weight = scores.topk(top, dim=-1).values.sum(-1, keepdim=True) / scores.sum(-1, keepdim=True)
-    picked = (scores * weight).reshape(-1).topk(min(budget * heads, heads * m)).indices // m
-    counts = torch.bincount(picked, minlength=heads).to(torch.float32)
-    return torch.round(counts * (1 - alpha) + int(budget * alpha)).to(torch.int64).clamp(max=m)
-
-
-ADA_ALLOCATIONS = ("pool", "official")
 # press parameters that select the authors' behaviour (docs/fidelity.md)
 FIDELITY_OPTIONS = ("granularity", "beyond_prompt", "score_dtype", "pyramid_schedule", "ada_allocation")
 BEYOND_PROMPT_MODES = ("clamp", "keep")
-SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class FidelityOptions:
-    """The press parameters that select the authors' behaviour (docs/fidelity.md); the defaults are
-    headscore's. `params()` is what `make_press` takes (each press uses those that are its fields)."""
+    """The method parameters that select the authors' behaviour (docs/fidelity.md); the defaults are
+    headscore's. `params()` is what `make_press` takes (each method uses those that apply to it)."""
 
     beyond_prompt: str = BEYOND_PROMPT
     score_dtype: str = SCORE_DTYPE
@@ -167,14 +113,6 @@ class FidelityOptions:
 
     def params(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def streaming_scores(heads: int, m: int, sinks: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Scores that rank the first `sinks` positions first, then the most recent ones: `[heads, m]`."""
-    order = torch.arange(m, dtype=torch.float32, device=device)
-    first = min(sinks, m)
-    order[:first] = 2 * m - order[:first]  # sinks first, the earliest first
-    return order.expand(heads, m)
 
 
 def equal_kv_full_heads(budget: int, heads: int, length: int, sinks: int, window: int) -> int:
@@ -211,7 +149,7 @@ P = TypeVar("P", bound="type[Press]")
 
 
 def register_press(name: str) -> Callable[[P], P]:
-    """Class decorator: register a press dataclass under its CLI name (`--method NAME`)."""
+    """Class decorator: register a press that is not a scorer × allocation (`full`, `razor`) under its name."""
 
     def add(cls: P) -> P:
         cls.name = name
@@ -221,53 +159,28 @@ def register_press(name: str) -> Callable[[P], P]:
     return add
 
 
-def check_count(value: Any, what: str, minimum: int) -> None:
-    """An integer parameter of a press, at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
-        raise HeadscoreError(f"{what} must be {kind}, got {value!r}")
-
-
 @dataclass
 class Press:
-    """Base of every method. `window`: observation window (kept by every head on top of its budget);
-    `kernel`: max-pool width smoothing the window scores.
+    """Base of every method. `window`: observation window (kept by every head on top of its budget).
 
-    `granularity`: "kv" (one selection per KV head, scores averaged over its query heads; None = "kv") or
-    "query" (one per query head, the authors' layout: 4x the entries on Llama-3). `beyond_prompt`: "clamp"
-    (each head keeps at most the prompt) or "keep" (the authors: a layer whose nominal budget exceeds the
-    prompt is kept whole). `score_dtype`: the window scores are rounded to it before pooling and top-k
-    ("float16": the authors' LongBench runs, whose fp16 weights decide ties).
+    `granularity`: "kv" (one selection per KV head; None = "kv" under GQA) or "query" (one per query head, the
+    authors' layout: 4x the entries on Llama-3). `beyond_prompt`: "clamp" (each head keeps at most the prompt)
+    or "keep" (the authors: a layer whose nominal budget exceeds the prompt is kept whole).
     """
 
     window: int = WINDOW
-    kernel: int = KERNEL
     granularity: str | None = None
     beyond_prompt: str = BEYOND_PROMPT
-    score_dtype: str = SCORE_DTYPE
-    name: ClassVar[str] = "press"
+    name = "press"  # the method's name (an instance's own for scorer × allocation methods)
+    takes_budget: ClassVar[bool] = True  # its KV depends on a budget (`budget` / `ratio`)
     options: ClassVar[tuple[str, ...]] = ()  # parameters `build` takes besides the fields
 
     def __post_init__(self) -> None:
         check_window(self.window)
-        check_count(self.kernel, "kernel", 1)
         for value, allowed, what in ((self.granularity, (None, *GRANULARITIES), "granularity"),
-                                     (self.beyond_prompt, BEYOND_PROMPT_MODES, "beyond-prompt"),
-                                     (self.score_dtype, tuple(SCORE_DTYPES), "score dtype")):
+                                     (self.beyond_prompt, BEYOND_PROMPT_MODES, "beyond-prompt")):
             if value not in allowed:
                 raise HeadscoreError(f"unknown {what} '{value}': use {', '.join(a for a in allowed if a)}")
-
-    def nominal_budget(self, layer: int) -> int | None:
-        """The budget (window excluded) the authors compare with the prompt to keep a layer whole; None: never."""
-        return None
-
-    def prompt_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """`layer_budgets`, or every position of a layer kept whole (`beyond_prompt` "keep": nominal budget
-        above the `m` positions of `scores` `[heads, m]`)."""
-        nominal = self.nominal_budget(layer)
-        if self.beyond_prompt == "keep" and nominal is not None and nominal > scores.shape[1]:
-            return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64)
-        return self.layer_budgets(layer, scores, geometry)
 
     @classmethod
     def build(cls, geometry: Geometry, **params: Any) -> Press:
@@ -279,17 +192,50 @@ class Press:
 
     def cache_heads(self, geometry: Geometry) -> int:
         """Heads the cache stores a selection for: KV heads, or query heads at "query" granularity."""
-        return geometry.query_heads if self.granularity == "query" else geometry.kv_heads
+        return geometry.query_heads if resolve_granularity(geometry, self.granularity) == "query" else \
+            geometry.kv_heads
 
-    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-        """One layer's window scores `[q_heads, m]` -> selection scores `[heads, m]` (rounded to `score_dtype`,
-        pool, then group mean)."""
-        return group_scores(pool_scores(scores.to(SCORE_DTYPES[self.score_dtype]), self.kernel), heads)
+    def selection_scorer(self) -> Scorer:
+        """The scorer that ranks each head's positions."""
+        return SnapKVScorer()
 
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """Positions each head keeps before the window: int64 `[heads]` on the CPU (`kept_positions` clamps
-        them to the `m` positions of `scores` `[heads, m]`)."""
+    def query_count(self) -> int:
+        """How many of the last prompt queries the selection reads."""
+        return self.selection_scorer().query_count(self.window)
+
+    @property
+    def extra_pass(self) -> str | None:
+        return self.selection_scorer().extra_pass
+
+    @property
+    def spans_layers(self) -> bool:
+        """Its counts need every layer's scores at once (compress after the whole prefill)."""
+        return False
+
+    def selection_scores(self, inputs: ScorerInputs) -> torch.Tensor:
+        """One prompt's selection scores of the positions before the window: `[heads, n − window]`."""
+        return inputs.scores(self.selection_scorer())[0, :, : inputs.length - inputs.window]
+
+    def nominal_budget(self, length: int) -> int | None:
+        """The budget (window excluded) the authors compare with the prompt to keep a layer whole; None: never."""
+        return None
+
+    def counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Positions each head of compressed layer `layer` keeps before the window, from its selection scores
+        `[heads, m]`: int64 `[heads]` on the CPU (`kept_positions` clamps them to m)."""
         raise NotImplementedError
+
+    def prompt_counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """`counts`, or every position of a layer kept whole (`beyond_prompt` "keep": nominal budget above the
+        `m` positions of `scores` `[heads, m]`)."""
+        nominal = self.nominal_budget(scores.shape[1] + self.window)
+        if self.beyond_prompt == "keep" and nominal is not None and nominal > scores.shape[1]:
+            return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64)
+        return self.counts(layer, scores, geometry)
+
+    def layer_counts(self, scores: list[torch.Tensor], geometry: Geometry) -> list[torch.Tensor]:
+        """Every compressed layer's counts at once (`spans_layers`), from its selection scores `[heads, m]`."""
+        return [self.prompt_counts(layer, s, geometry) for layer, s in enumerate(scores)]
 
     def summary_entries(self, layer: int, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor,
                         heads: int) -> SummaryEntries | None:
@@ -298,8 +244,8 @@ class Press:
         return None
 
     def describe(self) -> dict:
-        """The method and its parameters (the dataclass fields), for reports and metadata; the fidelity options
-        (`FIDELITY_OPTIONS`) only where they differ from their defaults, so the default report layout stays."""
+        """The method and its parameters, for reports and metadata; the fidelity options (`FIDELITY_OPTIONS`)
+        only where they differ from their defaults."""
         shown = [f.name for f in fields(self)
                  if f.init and (f.name not in FIDELITY_OPTIONS or getattr(self, f.name) != f.default)]
         return {"method": self.name, **{name: getattr(self, name) for name in shown}}
@@ -310,225 +256,123 @@ class Press:
         return self.describe()
 
 
-def press_options(cls: type[Press]) -> set[str]:
-    """The `make_press` parameters a press takes: its fields and its `options`."""
-    return {f.name for f in fields(cls) if f.init} | set(cls.options)
-
-
-def make_press(name: str, geometry: Geometry, **params: Any) -> Press:
-    """The press registered as `name`, built for `geometry` from `params` (window, kernel, budget, alpha, sinks,
-    pyramid_beta, and headkv's budgets / scores / beta / temp / granularity).
-
-    One set of parameters serves every method, as the CLI's options do: a parameter that only other presses
-    take is ignored; one that no press takes is an error.
-    """
-    cls = PRESSES.get(name)
-    if cls is None:
-        raise HeadscoreError(f"unknown method '{name}': use one of {', '.join(PRESSES)}")
-    known = set().union(*(press_options(c) for c in PRESSES.values()))
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise HeadscoreError(f"no method takes the parameter '{unknown[0]}'")
-    taken = press_options(cls)
-    return cls.build(geometry, **{k: v for k, v in params.items() if k in taken})
-
-
 @register_press("full")
 @dataclass
 class FullPress(Press):
     """No compression: the plain transformers cache keeps every token (the reference)."""
 
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    takes_budget: ClassVar[bool] = False
+
+    def counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int64)
 
 
+def check_ratio(ratio: Any) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise HeadscoreError(f"a compression ratio is the fraction of the prompt's KV entries removed, in [0, 1), "
+                             f"got {ratio!r}")
+
+
 @dataclass
-class BudgetPress(Press):
-    """A press whose budgets are one fixed `Budgets` matrix `[layers, heads]` (window excluded), with SnapKV
-    selection. Subclasses differ only in where the matrix comes from: `provide_budgets`."""
+class ScoredPress(Press):
+    """A method: `scorer` ranks each cache head's prompt positions, `allocation` says how many each keeps.
 
-    _budgets: Budgets | None = field(default=None, init=False, repr=False, compare=False)
+    The budget: `budget`, the KV size (entries per head, window included), or `ratio`, the fraction of each
+    prompt's entries removed (KV size (1 − ratio) · n, at least the window plus one). `method`: its name as asked
+    (an alias keeps its own).
+    """
 
-    def provide_budgets(self, geometry: Geometry) -> Budgets:
-        """The budgets for a model of `geometry`."""
-        raise NotImplementedError
+    scorer: Scorer = field(default_factory=SnapKVScorer)
+    allocation: Allocation = field(default_factory=lambda: ALLOCATIONS["uniform"]())
+    budget: int = BUDGET
+    ratio: float | None = None
+    method: str = ""
 
-    def budgets_for(self, geometry: Geometry) -> Budgets:
-        """`provide_budgets`, computed once per geometry."""
-        given = self._budgets
-        if given is None or given.geometry.grid != geometry.grid:
-            given = self._budgets = self.provide_budgets(geometry)
-        return given
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ratio is None:
+            check_budget(self.budget, self.window)
+        else:
+            check_ratio(self.ratio)
+        if self.allocation.spans_layers and not self.scorer.comparable:
+            raise HeadscoreError(f"allocation {self.allocation.name} compares scores across layers; scorer "
+                                 f"{self.scorer.name}'s do not compare (use one of "
+                                 f"{', '.join(n for n, c in SCORERS.items() if c.comparable)})")
+        self.name = self.method or f"{self.scorer.name}@{allocation_label(self.allocation)}"
+
+    def selection_scorer(self) -> Scorer:
+        return self.scorer
+
+    @property
+    def spans_layers(self) -> bool:
+        return self.allocation.spans_layers
+
+    def budget_at(self, length: int) -> int:
+        """The KV size (window included) for a prompt of `length` tokens."""
+        if self.ratio is None:
+            return self.budget
+        return max(round((1 - self.ratio) * length), self.window + 1)
+
+    def nominal_budget(self, length: int) -> int | None:
+        if getattr(self.allocation, "pyramid_schedule", "linear") != "linear":
+            return None  # the authors' pyramid schedules decide themselves when a layer stays whole
+        return self.budget_at(length) - self.window
 
     def check(self, geometry: Geometry) -> None:
-        """A budgets matrix for another geometry is an error."""
-        budgets = self.budgets_for(geometry)
+        """Fixed budgets of another geometry are an error."""
+        if self.allocation.reads_scores or self.ratio is not None:
+            return
+        budgets = self.allocation.budgets_for(geometry, self.budget, self.window, self.granularity_at(geometry))
         budgets.geometry.check_matches(geometry, "budgets")
         if tuple(budgets.matrix.shape) != (geometry.layers, self.cache_heads(geometry)):
             raise HeadscoreError(f"the budgets matrix is {tuple(budgets.matrix.shape)}, not the {geometry.layers} "
                                  f"layers × {self.cache_heads(geometry)} heads of its granularity")
 
-    def cache_heads(self, geometry: Geometry) -> int:
-        query = self.budgets_for(geometry).granularity == "query"
-        return geometry.query_heads if query else geometry.kv_heads
+    def granularity_at(self, geometry: Geometry) -> str:
+        return resolve_granularity(geometry, self.granularity)
 
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        return self.budgets_for(geometry).matrix[layer]
+    def counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        length = scores.shape[1] + self.window
+        return self.allocation.counts(layer, scores, self.budget_at(length), self.window, geometry,
+                                      self.granularity_at(geometry))
 
-
-@register_press("snapkv")
-@dataclass
-class SnapKVPress(BudgetPress):
-    """SnapKV: every head keeps `budget` entries (window included), chosen by its window scores."""
-
-    budget: int = BUDGET
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_budget(self.budget, self.window)
-
-    def nominal_budget(self, layer: int) -> int | None:
-        return self.budget - self.window
-
-    def provide_budgets(self, geometry: Geometry) -> Budgets:
-        return allocate("uniform", geometry, self.budget, window=self.window,
-                        granularity=resolve_granularity(geometry, self.granularity))
-
-
-@register_press("streaming")
-@dataclass
-class StreamingPress(SnapKVPress):
-    """StreamingLLM: SnapKV's budgets, filled with `sinks` attention-sink tokens plus the most recent tokens."""
-
-    sinks: int = SINKS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_count(self.sinks, "sinks", 0)
-
-    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-        return streaming_scores(heads, scores.shape[1], self.sinks, scores.device)
-
-
-@register_press("pyramidkv")
-@dataclass
-class PyramidKVPress(SnapKVPress):
-    """PyramidKV: budgets fall linearly over the layers (`pyramid_beta` sets how far), SnapKV selection.
-
-    `pyramid_schedule`: "linear" (exact interpolation, total = uniform, any prompt), or the authors' rule for
-    the prompt at hand (`budgets.pyramid_official_budgets`): "headkv" or "kvcache-factory" (these decide
-    themselves when a layer is kept whole; `beyond_prompt` does not apply).
-    """
-
-    pyramid_beta: float = PYRAMID_BETA
-    pyramid_schedule: str = PYRAMID_SCHEDULE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_pyramid_beta(self.pyramid_beta)
-        if self.pyramid_schedule not in PYRAMID_SCHEDULES:
-            raise HeadscoreError(f"unknown pyramid schedule '{self.pyramid_schedule}': use "
-                                 f"{', '.join(PYRAMID_SCHEDULES)}")
-
-    def provide_budgets(self, geometry: Geometry) -> Budgets:
-        return allocate("pyramid", geometry, self.budget, window=self.window,
-                        granularity=resolve_granularity(geometry, self.granularity), pyramid_beta=self.pyramid_beta)
-
-    def prompt_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        if self.pyramid_schedule == "linear":
-            return super().prompt_budgets(layer, scores, geometry)
-        heads, m = scores.shape
-        budgets, whole = pyramid_official_budgets(geometry.layers, self.budget - self.window, self.pyramid_beta,
-                                                  m + self.window, self.window, self.pyramid_schedule)
-        return torch.full((heads,), m if whole[layer] else int(budgets[layer]), dtype=torch.int64)
-
-
-@register_press("ada-snapkv")
-@dataclass
-class AdaSnapKVPress(Press):
-    """AdaKV on SnapKV: per layer, the top `(budget − window) × heads` scores over all heads jointly, with a
-    floor of `alpha × (budget − window)` per head; budgets are data-dependent, chosen at prefill.
-
-    `ada_allocation`: "pool" (`adaptive_budgets`: the floor plus the top (1 − alpha) share) or "official"
-    (`adaptive_budgets_official`: normalized scores, 0.8 × count + floor, as the authors run it)."""
-
-    budget: int = BUDGET
-    alpha: float = ALPHA
-    ada_allocation: str = ADA_ALLOCATION
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_budget(self.budget, self.window)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise HeadscoreError(f"alpha must lie in [0, 1], got {self.alpha!r}")
-        if self.ada_allocation not in ADA_ALLOCATIONS:
-            raise HeadscoreError(f"unknown ada allocation '{self.ada_allocation}': use {', '.join(ADA_ALLOCATIONS)}")
-
-    def nominal_budget(self, layer: int) -> int | None:
-        return self.budget - self.window
-
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        rule = adaptive_budgets_official if self.ada_allocation == "official" else adaptive_budgets
-        return rule(scores, self.budget - self.window, self.alpha).cpu()
-
-
-@register_press("headkv")
-@dataclass
-class HeadKVPress(BudgetPress):
-    """HeadKV: per-head budgets from `compression.allocation` (`Budgets`, window excluded), SnapKV selection.
-    The press's window is the budgets' window.
-
-    Budgets at "query" granularity on a GQA model are supported as in the official code: each query head
-    keeps its own selection of its KV head's entries (stored once per query head, so shared entries are
-    stored several times).
-    """
-
-    budgets: Budgets = None  # type: ignore[assignment]  # required; None gets the one-line error below
-    options: ClassVar[tuple[str, ...]] = ("budget", "beta", "temp", "granularity", "scores")
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.budgets, Budgets):
-            raise HeadscoreError("method headkv needs budgets: give --budgets or --scores")
-        self.window = self.budgets.window
-        self.granularity = self.budgets.granularity
-        super().__post_init__()
-
-    def nominal_budget(self, layer: int) -> int | None:
-        return self.budgets.budget - self.budgets.window
-
-    @classmethod
-    def build(  # type: ignore[override]  # takes its named parameters only (make_press passes no others)
-        cls, geometry: Geometry, *, budgets: Budgets | str | os.PathLike | None = None,
-        scores: HeadScores | str | os.PathLike | None = None, budget: int = BUDGET, window: int = WINDOW,
-        kernel: int = KERNEL, beta: float = BETA, temp: float = TEMP, granularity: str | None = None,
-        beyond_prompt: str = BEYOND_PROMPT, score_dtype: str = SCORE_DTYPE,
-    ) -> HeadKVPress:
-        """From `budgets` (a `Budgets` or a budgets file) or `scores` (a `HeadScores` or a head-score file;
-        budgets are then allocated here with `budget`, `window`, `beta`, `temp`, `granularity`)."""
-        if budgets is not None:
-            chosen = budgets if isinstance(budgets, Budgets) else read_budgets(budgets, geometry)
-        elif scores is not None:
-            head_scores = scores if isinstance(scores, HeadScores) else read_head_scores(scores)
-            chosen = allocate("headkv", geometry, budget, window=window, beta=beta, temp=temp,
-                              granularity=granularity, scores=head_scores)
-            if not isinstance(scores, HeadScores):
-                chosen.source_scores = str(scores)
-        else:
-            raise HeadscoreError("method headkv needs head scores (--scores) or a budgets file (--budgets)")
-        press = cls(kernel=kernel, budgets=chosen, beyond_prompt=beyond_prompt, score_dtype=score_dtype)
-        press.check(geometry)
-        return press
-
-    def provide_budgets(self, geometry: Geometry) -> Budgets:
-        return self.budgets
+    def layer_counts(self, scores: list[torch.Tensor], geometry: Geometry) -> list[torch.Tensor]:
+        if not self.spans_layers:
+            return super().layer_counts(scores, geometry)
+        length = scores[0].shape[1] + self.window
+        return self.allocation.layer_counts(scores, self.budget_at(length), self.window, geometry,
+                                            self.granularity_at(geometry))
 
     def describe(self) -> dict:
-        b = self.budgets
-        return {"method": self.name, "window": self.window, "kernel": self.kernel, "budget": b.budget,
-                "beta": b.beta, "granularity": b.granularity, "budget_method": b.method,
-                "source_scores": b.source_scores,
-                **{k: v for k, v in (("beyond_prompt", self.beyond_prompt), ("score_dtype", self.score_dtype))
-                   if v != getattr(HeadKVPress, k)}}
+        allocation = {k: v for k, v in self.allocation.params().items() if k not in ("scores", "budgets")
+                      and (k not in FIDELITY_OPTIONS or v != getattr(type(self.allocation), k, v))}
+        scorer = {k: v for k, v in self.scorer.params().items()
+                  if k not in FIDELITY_OPTIONS or v != getattr(type(self.scorer), k, v)}
+        described = {"method": self.name, "scorer": scorer_label(self.scorer),
+                     "allocation": allocation_label(self.allocation), "window": self.window,
+                     "budget": self.budget if self.ratio is None else None, "ratio": self.ratio,
+                     "granularity": self.granularity, **scorer, **allocation}
+        if self.beyond_prompt != BEYOND_PROMPT:
+            described["beyond_prompt"] = self.beyond_prompt
+        if isinstance(self.allocation, HeadKVAllocation):
+            described["source_scores"] = self.allocation.source_scores()
+        return described
+
+    def describe_at(self, length: int) -> dict:
+        described = self.describe()
+        if self.ratio is not None:
+            described["budget"] = self.budget_at(length)
+        return described
+
+
+def scorer_label(scorer: Scorer) -> str:
+    return scorer.label() if hasattr(scorer, "label") else scorer.name
+
+
+def allocation_label(allocation: Allocation) -> str:
+    """`headkv-NAME` for HeadKV on the head scores named NAME, else the allocation's name."""
+    named = getattr(allocation, "scores_name", None)
+    return f"{allocation.name}-{named}" if named else allocation.name
 
 
 @register_press("razor")
@@ -557,15 +401,16 @@ class RazorPress(Press):
     scores: HeadScores = field(default=None, repr=False)  # type: ignore[assignment]  # required
     source_scores: str | None = None
     _ranks: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    head_scores_name: ClassVar[str] = "r"  # retrieval scores, as the HeadKV authors ran it
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, self.window)
-        check_count(self.sinks, "sinks", 0)
+        check_integer(self.sinks, "sinks", 0)
         if self.full_heads is not None:
-            check_count(self.full_heads, "full heads (k)", 0)
+            check_integer(self.full_heads, "full heads (k)", 0)
         if self.average_length is not None:
-            check_count(self.average_length, "average prompt length", 1)
+            check_integer(self.average_length, "average prompt length", 1)
         if not isinstance(self.compensation, bool):
             raise HeadscoreError(f"compensation must be true or false, got {self.compensation!r}")
         if self.granularity not in ("kv", "query"):
@@ -613,10 +458,10 @@ class RazorPress(Press):
         return equal_kv_full_heads(self.budget, ranks.numel(), self.average_length or length, self.sinks,
                                    self.window)
 
-    def head_scores(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
-        return streaming_scores(heads, scores.shape[1], self.sinks, scores.device)
+    def selection_scorer(self) -> Scorer:
+        return StreamingScorer(sinks=self.sinks)
 
-    def layer_budgets(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    def counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         m = scores.shape[1]
         full = self.ranks(geometry)[layer] < self.full_head_count(m + self.window)
         return torch.where(full, m, min(self.sinks, m))
@@ -648,3 +493,189 @@ class RazorPress(Press):
 
     def describe_at(self, length: int) -> dict:
         return {**self.describe(), "full_heads": self.full_head_count(length)}
+
+
+# ---------------------------------------------------------------------------------------------- method names
+
+METHOD_ALIASES = {"snapkv": "snapkv@uniform", "streaming": "streaming@uniform", "pyramidkv": "snapkv@pyramid",
+                  "ada-snapkv": "snapkv@ada", "headkv": "snapkv@headkv"}
+HEADKV_PREFIX = "headkv-"  # headkv-NAME: HeadKV's allocation from the head scores named NAME
+RAZOR_K = re.compile(r"razor-k(0|[1-9][0-9]*)")  # razor-kN: RazorAttention with N full-cache heads
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method name stands for: a registered press (`press`: full, razor), or a scorer (with `modifiers`)
+    × an allocation; `head_scores`: the name of the head-score file it needs (`--scores NAME=FILE`), None when
+    it needs none or takes them directly (`headkv` with `scores=` or `budgets=`); `full_heads`: razor-kN's N."""
+
+    name: str
+    press: str | None = None
+    scorer: str | None = None
+    modifiers: tuple[str, ...] = ()
+    allocation: str | None = None
+    head_scores: str | None = None
+    full_heads: int | None = None
+
+    @property
+    def takes_budget(self) -> bool:
+        return PRESSES[self.press].takes_budget and self.full_heads is None if self.press else True
+
+    def parameters(self) -> set[str]:
+        """The `make_press` parameters this method takes."""
+        if self.press:
+            return press_options(PRESSES[self.press])
+        scorer = scorer_parameters(SCORERS[self.scorer or "snapkv"])
+        for modifier in self.modifiers:
+            scorer |= scorer_parameters(MODIFIERS[modifier]) - {"base"}
+        allocation = {f.name for f in fields(ALLOCATIONS[self.allocation or "uniform"]) if f.init} - {"scores_name"}
+        return press_options(ScoredPress) - {"scorer", "allocation", "method"} | scorer | allocation
+
+    def extra_pass(self) -> str | None:
+        return SCORERS[self.scorer].extra_pass if self.scorer else None
+
+
+def parse_method(name: str) -> MethodSpec:
+    """A method name (`SCORER[+MODIFIER...][@ALLOCATION]`, an alias, `full`, `razor`, `razor-kN`) -> its
+    `MethodSpec`; an unknown part is one error naming the known ones."""
+    fixed = RAZOR_K.fullmatch(name)
+    if fixed:
+        return MethodSpec(name, press="razor", head_scores=RazorPress.head_scores_name,
+                          full_heads=int(fixed.group(1)))
+    if name in PRESSES:
+        return MethodSpec(name, press=name, head_scores=getattr(PRESSES[name], "head_scores_name", None))
+    if name.startswith(HEADKV_PREFIX) and "@" not in name:
+        written = f"snapkv@{name}"
+    else:
+        written = METHOD_ALIASES.get(name, name if "@" in name else f"{name}@uniform")
+    scoring, _, allocation = written.partition("@")
+    scorer, *modifiers = scoring.split("+")
+    if scorer not in SCORERS:
+        raise HeadscoreError(f"unknown method '{name}': scorer '{scorer}' is not one of {', '.join(SCORERS)} "
+                             f"(methods: SCORER[+{'|+'.join(MODIFIERS)}][@ALLOCATION], "
+                             f"{', '.join(METHOD_ALIASES)}, headkv-NAME, {', '.join(PRESSES)}, razor-kN)")
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise HeadscoreError(f"unknown method '{name}': modifier '+{modifier}' is not one of "
+                                 f"{', '.join('+' + m for m in MODIFIERS)}")
+    head_scores = None
+    if allocation.startswith(HEADKV_PREFIX):
+        allocation, head_scores = "headkv", allocation[len(HEADKV_PREFIX):]
+        if not NAME_PATTERN.fullmatch(head_scores):
+            raise HeadscoreError(f"unknown method '{name}': headkv-NAME needs a score name (letters, digits, "
+                                 f"-, _, .)")
+    if allocation not in ALLOCATIONS:
+        known = (a + ("-NAME" if ALLOCATIONS[a].needs_head_scores else "") for a in ALLOCATIONS)
+        raise HeadscoreError(f"unknown method '{name}': allocation '{allocation}' is not one of {', '.join(known)}")
+    return MethodSpec(name, scorer=scorer, modifiers=tuple(modifiers), allocation=allocation,
+                      head_scores=head_scores)
+
+
+def press_options(cls: type[Press]) -> set[str]:
+    """The `make_press` parameters a registered press class takes: its fields and its `options`."""
+    return {f.name for f in fields(cls) if f.init} | set(cls.options)
+
+
+def known_parameters() -> set[str]:
+    """Every parameter some method takes (the registries' fields)."""
+    known = set().union(*(press_options(c) for c in PRESSES.values()), press_options(ScoredPress))
+    for cls in (*SCORERS.values(), *MODIFIERS.values()):
+        known |= scorer_parameters(cls)
+    for allocation in ALLOCATIONS.values():
+        known |= {f.name for f in fields(allocation) if f.init}
+    return known - {"scorer", "allocation", "method", "base", "scores_name"}
+
+
+def make_press(name: str, geometry: Geometry, settings: Mapping[str, Any] | None = None, **params: Any) -> Press:
+    """The method `name` (see `parse_method`) built for `geometry`.
+
+    `params` must all apply to the method (an inapplicable or unknown one is an error); `settings`, a run's
+    shared settings (CLI options, a study config), are taken where they apply (an unknown name is an error).
+    A None value stands for the default.
+    Head scores: `scores` is a `HeadScores`, a head-score file, or a dict of them by name (headkv-NAME takes
+    NAME's, razor "r"'s); `budgets` a `Budgets` or budgets file (method `headkv`: fixed budgets).
+    """
+    spec = parse_method(name)
+    params = {k: v for k, v in params.items() if v is not None}  # None: the default
+    given = {**{k: v for k, v in (settings or {}).items() if v is not None}, **params}
+    unknown = sorted(set(given) - known_parameters())
+    if unknown:
+        raise HeadscoreError(f"no method takes the parameter '{unknown[0]}'")
+    taken = spec.parameters()
+    inapplicable = sorted(set(params) - taken)
+    if inapplicable:
+        raise HeadscoreError(f"method {name} takes no parameter '{inapplicable[0]}' (it takes: "
+                             f"{', '.join(sorted(taken))})")
+    use = {k: v for k, v in given.items() if k in taken}
+    if "scores" in use:
+        use["scores"] = pick_scores(use["scores"], spec)
+    if spec.press:
+        if spec.full_heads is not None:
+            use["full_heads"] = spec.full_heads
+        return PRESSES[spec.press].build(geometry, **use)
+    return build_scored(spec, geometry, use)
+
+
+def pick_scores(scores: Any, spec: MethodSpec) -> Any:
+    """The head scores a method uses from a `scores` parameter (one, or a dict by name)."""
+    if not isinstance(scores, Mapping):
+        return scores
+    if spec.head_scores is None:
+        raise HeadscoreError(f"method {spec.name} takes one head-score file, not named ones")
+    if spec.head_scores not in scores:
+        raise HeadscoreError(f"method {spec.name} needs --scores {spec.head_scores}=FILE")
+    return scores[spec.head_scores]
+
+
+def load_scores(scores: HeadScores | str | os.PathLike | None) -> HeadScores | None:
+    return scores if scores is None or isinstance(scores, HeadScores) else read_head_scores(scores)
+
+
+def build_scored(spec: MethodSpec, geometry: Geometry, params: dict[str, Any]) -> ScoredPress:
+    """A `ScoredPress` from a parsed name and its parameters."""
+    scorer_cls = SCORERS[spec.scorer or "snapkv"]
+    scorer: Scorer = scorer_cls(**{k: params.pop(k) for k in scorer_parameters(scorer_cls) if k in params})
+    for modifier in spec.modifiers:
+        cls: Any = MODIFIERS[modifier]
+        own = scorer_parameters(cls) - {"base"}
+        scorer = cls(base=scorer, **{k: params.pop(k) for k in own if k in params})
+    allocation_cls = ALLOCATIONS[spec.allocation or "uniform"]
+    own = {f.name for f in fields(allocation_cls) if f.init} - {"scores", "budgets", "scores_name"}
+    allocation_params = {k: params.pop(k) for k in own if k in params}
+    scores, budgets = params.pop("scores", None), params.pop("budgets", None)
+    if allocation_cls.needs_head_scores:
+        allocation_params["scores_name"] = spec.head_scores
+        if budgets is not None:
+            fixed = budgets if isinstance(budgets, Budgets) else read_budgets(budgets, geometry)
+            allocation_params["budgets"] = fixed
+            params.update(window=fixed.window, granularity=fixed.granularity, budget=fixed.budget)
+        elif scores is not None:
+            allocation_params["scores"] = load_scores(scores)
+        else:
+            needs = f"--scores {spec.head_scores}=FILE" if spec.head_scores else "--scores FILE or --budget-file"
+            raise HeadscoreError(f"method {spec.name} needs head scores ({needs})")
+    allocation = allocation_cls(**allocation_params)
+    press = ScoredPress(scorer=scorer, allocation=allocation, method=spec.name, **params)
+    if scores is not None and not isinstance(scores, HeadScores) and isinstance(allocation, HeadKVAllocation):
+        allocation.source = str(scores)
+    press.check(geometry)
+    return press
+
+
+def method_catalog() -> str:
+    """What `--help` lists: every scorer, modifier and allocation with its one line, the aliases and the presses
+    of their own (from the registries, so a registered scorer shows up)."""
+    lines = ["Methods are SCORER[+MODIFIER][@ALLOCATION] (a bare SCORER is SCORER@uniform). Scorers (which positions "
+             "each head keeps):"]
+    lines += [f"  {name}: {cls.summary}" for name, cls in SCORERS.items()]
+    if MODIFIERS:
+        lines.append("Modifiers:")
+        lines += [f"  +{name}: {cls.summary}" for name, cls in MODIFIERS.items()]
+    lines.append("Allocations (how many each head keeps):")
+    lines += [f"  {name}{'-NAME' if cls.needs_head_scores else ''}: {cls.summary}" for name, cls in ALLOCATIONS.items()]
+    lines.append("Aliases: " + ", ".join(f"{alias} = {spelled}" for alias, spelled in METHOD_ALIASES.items())
+                 + ", headkv-NAME = snapkv@headkv-NAME.")
+    lines.append("Methods of their own: full (no compression), razor (RazorAttention: k full-cache heads by --scores "
+                 "r=FILE, the others sinks + window), razor-kN (k = N).")
+    return "\n".join(lines)

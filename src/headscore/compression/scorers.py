@@ -143,6 +143,7 @@ class ScorerInputs:
 # ---------------------------------------------------------------------------------------------- registry
 
 SCORERS: dict[str, type[Scorer]] = {}
+MODIFIERS: dict[str, type[Scorer]] = {}  # SCORER+MODIFIER: a scorer class whose `base` field is another scorer
 S = TypeVar("S", bound="type[Scorer]")
 
 

@@ -17,7 +17,6 @@ settings without loading weights.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass, field
@@ -36,20 +35,15 @@ from headscore.compression.generation import (
     decode_rows,
     prefill,
     prefill_batch,
+    run_extra_passes,
 )
-from headscore.compression.presses import PRESSES, FidelityOptions, FullPress, make_press, press_options
+from headscore.compression.presses import FullPress, make_press, parse_method
 from headscore.core.attention import use_attention
 from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.defaults import (
-    ALPHA,
     BETA,
-    BUDGET,
     EVALUATE_BUDGETS,
     EVALUATE_METHODS,
-    KERNEL,
-    PYRAMID_BETA,
-    SINKS,
-    TEMP,
     TEMPLATE,
     WINDOW,
 )
@@ -91,49 +85,6 @@ GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template i
 
 
 
-@dataclass(frozen=True)
-class EvalMethod:
-    """What an evaluation method name stands for: a press (its `PRESSES` name) and, for presses built from head
-    scores, the name of the head-score file it needs (`--scores NAME=FILE`: `r`, `r2`, or any other name)."""
-
-    press: str
-    scores: str | None = None
-    full_heads: int | None = None  # razor-kN: k given directly (the condition then takes no budget)
-
-
-HEADKV_METHOD = "headkv-"  # headkv-NAME: the headkv press on the head scores named NAME
-RAZOR_K_METHOD = "razor-k"  # razor-kN: RazorAttention with N full-cache heads, whatever the budget
-RAZOR_K_PATTERN = re.compile(r"razor-k(0|[1-9][0-9]*)")
-
-
-def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
-    """Every evaluation method, resolved from the registries when called: each registered press that needs no
-    head scores under its own name, and headkv-NAME for the scores of every registered score rule (headkv-r2,
-    headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`, and razor. `razor-kN`
-    (any N) is not listed: `eval_method` resolves it from its name."""
-    from headscore.scoring.rules import RULES
-
-    methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
-    for name in dict.fromkeys([*(rule.scores_name for rule in RULES.values()), *score_names]):
-        methods[HEADKV_METHOD + name] = EvalMethod("headkv", name)
-    methods["razor"] = EvalMethod("razor", "r")  # RazorAttention on retrieval scores, as the HeadKV authors ran it
-    return methods
-
-
-def eval_method(name: str, score_names: Sequence[str] = ()) -> EvalMethod:
-    """The `EvalMethod` named `name` (`score_names`: the names of the given head-score files); an unknown name
-    is an error listing the known ones. Besides `eval_methods`, `razor-kN` for any N ≥ 0 (written without
-    leading zeros): razor on the retrieval scores with k = N full-cache heads (the authors' fixed-k runs)."""
-    methods = eval_methods(score_names)
-    fixed = RAZOR_K_PATTERN.fullmatch(name)
-    if fixed:
-        return EvalMethod("razor", "r", full_heads=int(fixed.group(1)))
-    if name not in methods:
-        raise HeadscoreError(f"evaluate: unknown method '{name}': use some of {', '.join(methods)}, "
-                             f"{RAZOR_K_METHOD}N (N ≥ 0 full-cache heads)")
-    return methods[name]
-
-
 def scores_option(name: str) -> str:
     """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
     from headscore.scoring.rules import rule_for_scores
@@ -144,39 +95,38 @@ def scores_option(name: str) -> str:
 
 @dataclass
 class EvaluateOptions:
-    """What to compare. `budgets`: average KV entries per head (window included), the paper's KV size.
+    """What to compare: `methods` (names of `presses.parse_method`: `SCORER@ALLOCATION`, the aliases, `full`,
+    `razor`, `razor-kN`) at every KV size in `budgets` (average KV entries per head, window included: the
+    paper's KV size) and every compression ratio in `ratios` (the fraction of each prompt's entries removed).
 
-    `scores` maps names to head-score files: each name NAME gives the method headkv-NAME (r: retrieval scores,
-    r2: retrieval-reasoning scores, or any other name). `betas`: HeadKV's pool
-    control; several values make a β sweep (each headkv method runs at every β). The other compression
-    parameters (`window`, `kernel`, `alpha`, `temp`, `granularity`, `pyramid_beta`) are those of
-    `headscore compress` (`sinks` too); `fidelity` selects the authors' behaviour (docs/fidelity.md).
-    `answer_prefix` is appended to every prompt (after the generation prompt, so the
-    observation window covers it); the model continues it and the prediction excludes it.
-    `razor_compensation` turns on RazorAttention's compensation token in every razor method (off: as the HeadKV
-    authors ran it; they found it made a run about three times slower at large k).
+    `scores` maps names to head-score files: a method needing head scores named NAME (`headkv-NAME`,
+    `SCORER@headkv-NAME`; razor: `r`) takes that file. `betas`: HeadKV's pool control; several values make a β
+    sweep (each method taking β runs at every β). `params`: every other method parameter, the one set of
+    settings each method takes what applies to from (`make_press(settings=...)`: window, kernel, alpha, temp,
+    granularity, pyramid_beta, sinks, compensation, the fidelity options of docs/fidelity.md, each scorer's own).
+    `answer_prefix` is appended to every prompt (after the generation prompt, so the observation window
+    covers it); the model continues it and the prediction excludes it.
     """
 
     methods: Sequence[str] = EVALUATE_METHODS
     budgets: Sequence[int] = EVALUATE_BUDGETS
+    ratios: Sequence[float] = ()
     scores: dict[str, str] = field(default_factory=dict)
-    window: int = WINDOW
-    kernel: int = KERNEL
-    alpha: float = ALPHA
     betas: Sequence[float] = (BETA,)
-    temp: float = TEMP
-    granularity: str | None = None
-    pyramid_beta: float = PYRAMID_BETA
-    sinks: int = SINKS
+    params: dict[str, Any] = field(default_factory=dict)
     answer_prefix: str = ""
-    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
-    razor_compensation: bool = False
+
+    @property
+    def window(self) -> int:
+        """The observation window every method shares."""
+        window = self.params.get("window")
+        return WINDOW if window is None else int(window)
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One compared setting: an evaluation method at a budget (None for a method that takes none: full, razor-kN),
-    β for headkv, and its press.
+    """One compared setting: an evaluation method at a KV size `budget` or compression `ratio` (both None for a
+    method that takes none: full, razor-kN), β where the method takes one, and its press.
 
     `label` names it in tables and figures: the method, with β appended in a β sweep.
     """
@@ -186,63 +136,58 @@ class Condition:
     beta: float | None
     press: Any
     label: str
+    ratio: float | None = None
 
 
 def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condition]:
-    """Every (method, budget) condition, checked up front (unknown methods, missing scores, bad budgets, a k
-    above the model's heads). A method whose press takes no budget runs once (budget None), and so does
-    razor-kN: its KV does not depend on the budget (k full heads, sinks + window for the rest)."""
+    """Every (method, KV size or ratio, β) condition, checked up front (unknown methods, missing scores, bad
+    budgets, inapplicable parameters, a k above the model's heads). What each method needs comes from the
+    registries (`MethodSpec`): named head scores, a budget, β."""
 
-    entries = [(name, eval_method(name, list(options.scores))) for name in options.methods]
-    takes = {entry.press: press_options(PRESSES[entry.press]) for _, entry in entries}
     if not options.methods:
         raise HeadscoreError("evaluate: no method given")
-    if not options.budgets and any("budget" in taken for taken in takes.values()):
+    specs = [parse_method(name) for name in options.methods]
+    if not options.budgets and not options.ratios and any(spec.takes_budget for spec in specs):
         raise HeadscoreError("evaluate: no budget given")
     if not options.betas:
         raise HeadscoreError("evaluate: no beta given")
-    if not isinstance(options.razor_compensation, bool):
-        raise HeadscoreError(f"evaluate: razor compensation must be true or false, got "
-                             f"{options.razor_compensation!r}")
-    loaded: dict[str, Any] = {}
-    conditions = []
+    for spec in specs:
+        if spec.head_scores is not None and not options.scores.get(spec.head_scores):
+            raise HeadscoreError(f"evaluate: method {spec.name} needs {scores_option(spec.head_scores)}")
+    loaded = {name: read_head_scores(options.scores[name], geometry.layers, geometry.query_heads)
+              for name in dict.fromkeys(spec.head_scores for spec in specs if spec.head_scores)}
+    sizes: list[tuple[str | None, Any]] = [("budget", int(b)) for b in options.budgets]
+    sizes += [("ratio", float(r)) for r in options.ratios]
     sweep = len(options.betas) > 1
-    for method, entry in entries:
-        kind, needs = entry.press, entry.scores
-        if needs is not None and needs not in loaded:
-            path = options.scores.get(needs)
-            if not path:
-                raise HeadscoreError(f"evaluate: method {method} needs {scores_option(needs)}")
-            loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
-        betas = options.betas if "beta" in takes[kind] else [None]
-        budgeted = "budget" in takes[kind] and entry.full_heads is None
-        for budget in options.budgets if budgeted else [None]:
+    conditions = []
+    for spec in specs:
+        betas = options.betas if "beta" in spec.parameters() else [None]
+        for unit, size in sizes if spec.takes_budget else [(None, None)]:
             for beta in betas:
+                settings = {**options.params, "beta": beta, "scores": loaded or None,
+                            **({unit: size} if unit else {})}
                 try:
-                    press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
-                                       kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
-                                       temp=options.temp, granularity=options.granularity,
-                                       pyramid_beta=options.pyramid_beta, sinks=options.sinks,
-                                       scores=loaded.get(needs) if needs else None, full_heads=entry.full_heads,
-                                       compensation=options.razor_compensation, **options.fidelity.params())
+                    press = make_press(spec.name, geometry, settings=settings)
                 except HeadscoreError as error:
-                    if entry.full_heads is None:
-                        raise
-                    raise HeadscoreError(f"evaluate: method {method}: {error}") from error
-                label = f"{method} (β={beta:g})" if sweep and beta is not None else method
-                conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
+                    raise HeadscoreError(f"evaluate: method {spec.name}: {error}") from error
+                label = f"{spec.name} (β={beta:g})" if sweep and beta is not None else spec.name
+                conditions.append(Condition(method=spec.name, budget=size if unit == "budget" else None, beta=beta,
+                                            press=press, label=label, ratio=size if unit == "ratio" else None))
     return conditions
 
 
 def condition_columns(press: Any, report: KVReport) -> dict[str, Any]:
     """The columns of a result row that describe what its cache held: `kv_size`, the mean prompt entries kept
-    per cache head (window and compensation entries included: the paper's KV size, measured); for razor rows
-    `full_heads` (k) and `compensation`, None for the others."""
+    per cache head (window and compensation entries included: the paper's KV size, measured); `full_heads` (k)
+    and `compensation` where the method has them (razor), else None; `scorer` and `allocation` (None for a
+    press of its own); `ratio_achieved`: the fraction of the prompt's entries removed."""
     kept = [count for layer in report.kept for count in layer]
-    razor = press.name == "razor"
-    return {"kv_size": sum(kept) / len(kept) if kept else None,
-            "full_heads": report.press.get("full_heads") if razor else None,
-            "compensation": report.press.get("compensation") if razor else None}
+    described = report.press
+    heads = len(kept)
+    return {"kv_size": sum(kept) / heads if kept else None,
+            "full_heads": described.get("full_heads"), "compensation": described.get("compensation"),
+            "scorer": described.get("scorer"), "allocation": described.get("allocation"),
+            "ratio_achieved": 1 - sum(kept) / (heads * report.context_tokens) if kept else None}
 
 
 def tokenizer_eos(tokenizer: Any) -> set[int]:
@@ -321,6 +266,16 @@ def sample_rule(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[i
     return StopRule(sample.max_new_tokens, frozenset(eos), frozenset(line_end), sample.min_new_tokens)
 
 
+def query_count(conditions: Sequence[Condition], window: int) -> int:
+    """The last prompt queries a prefill keeps for every condition's scorer (at least the window)."""
+    return max([window, *(c.press.query_count() for c in conditions)])
+
+
+def extra_passes(conditions: Sequence[Condition]) -> list[str]:
+    """The extra passes over each prompt the conditions' scorers declared (run once per prompt)."""
+    return list(dict.fromkeys(c.press.extra_pass for c in conditions if c.press.extra_pass))
+
+
 def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     """Which prompts (positions into `lengths`) of a batch prefill together: longest first, a prompt joining the
     current group while it is at least half the group's longest (so padding stays below half of each row)."""
@@ -350,7 +305,9 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     prompt = torch.tensor(ids)
     # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
     with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
-        state = prefill(model, prompt[None].to(input_device(model)), window, cache, start)
+        state = prefill(model, prompt[None].to(input_device(model)), window, cache, start,
+                        queries=query_count(conditions, window))
+    run_extra_passes(model, tokenizer, state, extra_passes(conditions))
     rule = sample_rule(sample, tokenizer, stops, line_end)
     results: dict[int, tuple[list[int], KVReport]] = {}
     for group in decode_groups(conditions, decode_batch):
@@ -368,8 +325,12 @@ def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], condition
     equal to its `evaluate_sample` (but for the rounding padding may bring)."""
     ids = [sample_ids(tokenizer, sample, answer_prefix) for sample in samples]
     states: dict[int, PrefillState] = {}
+    queries, extras = query_count(conditions, window), extra_passes(conditions)
     for group in prefill_groups([len(prompt) for prompt in ids]):
-        states.update(zip(group, prefill_batch(model, [torch.tensor(ids[i]) for i in group], window), strict=True))
+        prefilled = prefill_batch(model, [torch.tensor(ids[i]) for i in group], window, queries=queries)
+        for state in prefilled:
+            run_extra_passes(model, tokenizer, state, extras)
+        states.update(zip(group, prefilled, strict=True))
     rules = [sample_rule(sample, tokenizer, stops, line_end) for sample in samples]
     results: dict[tuple[int, int], tuple[list[int], KVReport]] = {}
     for pairs in batch_groups(conditions, len(samples), decode_batch):
@@ -395,7 +356,7 @@ def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[C
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
-            **condition_columns(condition.press, report),
+            **condition_columns(condition.press, report), "ratio": condition.ratio,
         })
     return rows
 
@@ -528,8 +489,6 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
     described = asdict(options)
-    if not options.razor_compensation:  # named only when on, so the journals of earlier runs stay valid
-        described.pop("razor_compensation")
     header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**described, "methods": list(options.methods), "budgets": list(options.budgets),
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
@@ -545,7 +504,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     prefix = prefix.for_model(model)
     keys = list(by_id)
     plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
-                         min_suffix=max(options.window, 1), max_tokens=prefix.max_tokens)
+                         min_suffix=max(query_count(conditions, options.window), 1), max_tokens=prefix.max_tokens)
     shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
     sharing = prefix.enabled and batch_size == 1  # batched prompts are prefilled whole
     prefixes = PrefixCache(model, plan.prefixes, prefix.chunk) if sharing else None

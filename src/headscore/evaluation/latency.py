@@ -77,7 +77,8 @@ def run_latency(model_name: str, out_dir: str | Path, *, lengths: Sequence[int],
     geometry = Geometry.from_config(model.config)
     label = label or method
     presses = {"full": make_press("full", geometry),
-               label: make_press(method, geometry, budget=budget, beta=beta, scores=scores, full_heads=full_heads)}
+               label: make_press(method, geometry, settings={"budget": budget, "beta": beta, "scores": scores,
+                                                              "full_heads": full_heads})}
     rows = measure_lengths(model, tokenizer, lengths, presses, max_new_tokens)
     frame = pd.DataFrame(rows)
     with atomic_open(out_dir / TABLE_FILE) as handle:

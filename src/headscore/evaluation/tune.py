@@ -32,18 +32,13 @@ import torch
 from headscore.compression.allocation import allocate
 from headscore.compression.budgets import Budgets, check_beta, check_budget, pool_share
 from headscore.compression.budgets_file import read_budget_sweep, write_budgets
-from headscore.compression.presses import PRESSES, FidelityOptions, make_press, press_options
+from headscore.compression.presses import make_press, parse_method
 from headscore.core.defaults import (
-    ALPHA,
     BETA,
     BETA_GRID,
-    KERNEL,
-    PYRAMID_BETA,
-    SINKS,
     TEMP,
     TUNE_BASELINES,
     TUNE_BUDGETS,
-    WINDOW,
 )
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
@@ -52,10 +47,7 @@ from headscore.core.model import Geometry, input_device
 from headscore.core.plots import line_plot
 from headscore.evaluation.evaluate import (
     Condition,
-    EvalMethod,
     EvaluateOptions,
-    eval_method,
-    eval_methods,
     evaluate,
     plan_conditions,
     prepare_evaluate,
@@ -75,9 +67,11 @@ def tuned_method(budgets: Budgets) -> str:
     return str(budgets.tuning["method"])
 
 
-def tunable_methods(methods: dict[str, EvalMethod]) -> list[str]:
-    """The evaluation methods whose press takes a β (headkv-NAME)."""
-    return [name for name, entry in methods.items() if "beta" in press_options(PRESSES[entry.press])]
+def tunable(method: str) -> bool:
+    """Whether an evaluation method takes a β to tune (HeadKV's allocation on named head scores:
+    `headkv-NAME`, `SCORER@headkv-NAME`)."""
+    spec = parse_method(method)
+    return "beta" in spec.parameters() and spec.head_scores is not None
 
 
 TUNED_FILE = "tuned_budgets.json"
@@ -94,10 +88,10 @@ RULE = ("best mean validation score; ties (within 1e-9) to the beta whose shared
 
 @dataclass
 class TuneOptions:
-    """What to tune: `methods` (headkv-NAME, each needing its file in `scores` under NAME, as in
-    `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` (any evaluation method without a β,
-    razor-kN included) run on the test split beside the tuned and the `default_beta` allocation. The
-    compression parameters (and `razor_compensation`) are those of `evaluate`."""
+    """What to tune: `methods` (headkv-NAME or SCORER@headkv-NAME, each needing its file in `scores` under NAME,
+    as in `EvaluateOptions`) at every budget over the β grid `betas`; `baselines` (any evaluation method without
+    a β, razor-kN included) run on the test split beside the tuned and the `default_beta` allocation. `params`:
+    the method parameters, as `EvaluateOptions.params`."""
 
     methods: Sequence[str] = ("headkv-r2",)
     budgets: Sequence[int] = TUNE_BUDGETS
@@ -107,38 +101,31 @@ class TuneOptions:
     baselines: Sequence[str] = TUNE_BASELINES
     val_fraction: float = 0.5
     seed: int = 0
-    window: int = WINDOW
-    kernel: int = KERNEL
-    alpha: float = ALPHA
-    temp: float = TEMP
-    granularity: str | None = None
-    pyramid_beta: float = PYRAMID_BETA
-    sinks: int = SINKS
-    fidelity: FidelityOptions = field(default_factory=FidelityOptions)
-    razor_compensation: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def window(self) -> int:
+        return self.evaluate_options([], []).window
 
     def check(self) -> None:
         """Bad values fail here, before any model is loaded."""
         if not self.methods:
             raise HeadscoreError("tune: no method given (use headkv-NAME for --scores NAME=FILE)")
-        methods = eval_methods(list(self.scores))
-        tunable = tunable_methods(methods)
         for method in self.methods:
-            if method not in tunable:
-                raise HeadscoreError(f"tune: method '{method}' has no β to tune: use {' or '.join(tunable)}")
-            needs = methods[method].scores or ""
+            if not tunable(method):
+                raise HeadscoreError(f"tune: method '{method}' has no β to tune: use headkv-NAME or "
+                                     "SCORER@headkv-NAME")
+            needs = parse_method(method).head_scores or ""
             if not self.scores.get(needs):
                 raise HeadscoreError(f"tune: method {method} needs {scores_option(needs)}")
         for method in self.baselines:
             try:
-                eval_method(method, list(self.scores))
-                known = method not in tunable
+                known = not tunable(method)
             except HeadscoreError:  # not a method at all
                 known = False
             if not known:
-                baselines = [m for m in methods if m not in tunable]
-                raise HeadscoreError(f"tune: unknown baseline '{method}': use some of {', '.join(baselines)}, "
-                                     "razor-kN")
+                raise HeadscoreError(f"tune: unknown baseline '{method}': use any evaluation method without a β "
+                                     "(full, snapkv, ada-snapkv, SCORER@ALLOCATION, razor, razor-kN, ...)")
         if not self.budgets:
             raise HeadscoreError("tune: no budget given")
         for budget in self.budgets:
@@ -155,10 +142,7 @@ class TuneOptions:
     def evaluate_options(self, methods: Sequence[str], betas: Sequence[float]) -> EvaluateOptions:
         """The `EvaluateOptions` of one evaluation phase."""
         return EvaluateOptions(methods=list(methods), budgets=[int(b) for b in self.budgets],
-                               scores=dict(self.scores), window=self.window, kernel=self.kernel, alpha=self.alpha,
-                               betas=[float(b) for b in betas], temp=self.temp, granularity=self.granularity,
-                               pyramid_beta=self.pyramid_beta, sinks=self.sinks, fidelity=self.fidelity,
-                               razor_compensation=self.razor_compensation)
+                               scores=dict(self.scores), betas=[float(b) for b in betas], params=dict(self.params))
 
 
 def split_samples(samples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -228,14 +212,15 @@ def tuned_budgets(geometry: Geometry, table: Sequence[dict[str, Any]], options: 
     loaded = {}
     result = []
     for method in options.methods:
-        needs = eval_method(method, list(options.scores)).scores or ""
+        needs = parse_method(method).head_scores or ""
         if needs not in loaded:
             loaded[needs] = read_head_scores(options.scores[needs], geometry.layers, geometry.query_heads)
         for budget in options.budgets:
             rows = [r for r in table if r["method"] == method and r["budget"] == int(budget)]
             chosen = next(r["beta"] for r in rows if r["chosen"])
             budgets = allocate("headkv", geometry, int(budget), window=options.window, beta=chosen,
-                               temp=options.temp, granularity=options.granularity, scores=loaded[needs])
+                               temp=options.params.get("temp") or TEMP, granularity=options.params.get("granularity"),
+                               scores=loaded[needs])
             budgets.tuning = {
                 "method": method, "chosen_beta": chosen, "default_beta": float(options.default_beta),
                 "rule": RULE, "validation_scores": {f"{r['beta']:g}": r["score"] for r in rows},
@@ -257,7 +242,9 @@ def test_conditions(geometry: Geometry, tuned: Sequence[Budgets], options: TuneO
         default = plan_conditions(geometry, replace(options.evaluate_options([method], [options.default_beta]),
                                                     budgets=[budgets.budget]))[0]
         conditions.append(replace(default, label=f"{method} default"))
-        press = make_press("headkv", geometry, kernel=options.kernel, budgets=budgets, **options.fidelity.params())
+        spec = parse_method(method)
+        scoring = "+".join([spec.scorer or "snapkv", *spec.modifiers])
+        press = make_press(f"{scoring}@headkv", geometry, settings={**options.params, "budgets": budgets})
         conditions.append(Condition(method=method, budget=budgets.budget, beta=budgets.beta, press=press,
                                     label=f"{method} tuned"))
     return conditions

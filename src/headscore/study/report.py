@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
+from headscore.compression.presses import RAZOR_K
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
 from headscore.core.model import Geometry, load_geometry
 from headscore.evaluation.compare import compare_scores
-from headscore.evaluation.evaluate import RAZOR_K_METHOD, RAZOR_K_PATTERN
 from headscore.evaluation.tune import comparison_markdown, validation_markdown
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
@@ -148,8 +148,8 @@ def ablation_section(root: Path, geometry: Geometry, budget: int, beta: float, w
 
 def razor_rows(results: pd.DataFrame) -> pd.DataFrame:
     """The rows of razor-kN methods (k given directly), with their k, in order of k."""
-    fixed = results[results["method"].map(lambda m: RAZOR_K_PATTERN.fullmatch(str(m)) is not None)]
-    return fixed.assign(k=fixed["method"].str.removeprefix(RAZOR_K_METHOD).astype(int)).sort_values("k",
+    fixed = results[results["method"].map(lambda m: RAZOR_K.fullmatch(str(m)) is not None)]
+    return fixed.assign(k=fixed["method"].str.removeprefix("razor-k").astype(int)).sort_values("k",
                                                                                                kind="stable")
 
 
@@ -157,7 +157,7 @@ def razor_section(results: pd.DataFrame) -> list[str]:
     """RazorAttention at each budget's total KV beside HeadKV-R2 and full, razor-kN (k given, as the authors ran
     it) beside the authors' numbers at the same k, then all the HeadKV authors' numbers."""
     every = results[results["method"].eq("razor") | results["method"].map(
-        lambda m: RAZOR_K_PATTERN.fullmatch(str(m)) is not None)]
+        lambda m: RAZOR_K.fullmatch(str(m)) is not None)]
     compensated = "compensation" in every and bool(every["compensation"].fillna(False).astype(bool).any())
     lines = ["`razor`: the top-k heads by retrieval score keep their whole prompt, every other head StreamingLLM's "
              "4 sink tokens + the 8-token window; k per prompt from the HeadKV authors' equal-total-KV rule, "

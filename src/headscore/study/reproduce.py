@@ -34,7 +34,7 @@ import yaml
 
 from headscore.compression.allocation import allocate_sweep
 from headscore.compression.budgets_file import write_allocations
-from headscore.compression.presses import FidelityOptions
+from headscore.compression.presses import known_parameters, parse_method
 from headscore.core import defaults
 from headscore.core.distributed import ranks
 from headscore.core.errors import HeadscoreError
@@ -42,7 +42,7 @@ from headscore.core.files import fingerprint_bytes, write_json
 from headscore.core.model import load_geometry
 from headscore.evaluation.ablate import execute, prepare
 from headscore.evaluation.compare import bootstrap_stability, write_stability
-from headscore.evaluation.evaluate import EvaluateOptions, eval_method, run_evaluate
+from headscore.evaluation.evaluate import EvaluateOptions, run_evaluate
 from headscore.evaluation.latency import run_latency
 from headscore.evaluation.tune import DEFAULT_BETA, DEFAULT_GRID, TuneOptions, run_tune
 from headscore.scoring.estimate import EstimateOptions, run_estimate_rules
@@ -77,6 +77,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, off as the
                  # HeadKV authors ran it (about 3x slower at large k)
                  "razor_compensation": False,
+                 # compression ratios beside the budgets; any other method parameter (temp, sinks, pyramid_beta, a
+                 # scorer's own: `headscore evaluate --help`), as `--param KEY=VALUE`
+                 "ratios": [], "params": {},
                  "batch_size": 1},  # samples prefilled and decoded together (evaluate --batch-size)
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
@@ -88,6 +91,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "beta": defaults.BETA, "max_new_tokens": 16},
 }
 SECTIONS = tuple(s for s in SCHEMA if s)
+METHOD_KEYS = ("window", "kernel", "alpha", "granularity", "beyond_prompt", "score_dtype", "pyramid_schedule",
+               "ada_allocation")  # evaluate-section keys that are method parameters
+
+
+def method_params(settings: dict[str, Any]) -> dict[str, Any]:
+    """The method parameters of an evaluate section (`EvaluateOptions.params`): its named keys, the razor
+    compensation, and `params` (any other parameter a method takes; an unknown name is an error)."""
+    extra = dict(settings["params"] or {})
+    unknown = sorted(set(extra) - known_parameters())
+    if unknown:
+        raise HeadscoreError(f"reproduce: evaluate.params: no method takes the parameter '{unknown[0]}'")
+    return {**{k: settings[k] for k in METHOD_KEYS}, "compensation": settings["razor_compensation"], **extra}
 RUN_ONLY = frozenset({"batch_size"})  # settings that change how a stage runs, not what it writes
 # the head-score sets the estimate stage writes (`scores-<name>/`): name -> (score rule, needle trials); the
 # paper's Table 2: Head-R (retrieval rule, retrieval needles), Head-ER (r2 rule on the retrieval needles),
@@ -293,7 +308,7 @@ class Study:
         scores = {}
         for method in methods:
             try:
-                needs = eval_method(method, list(SCORE_SETS)).scores
+                needs = parse_method(method).head_scores
             except HeadscoreError:  # an unknown method: the stage's own check names it
                 needs = None
             if needs:
@@ -334,11 +349,9 @@ class Study:
         settings = self.config.section("evaluate")
         top = self.config.top
         scores = self.method_scores(methods, stage)
-        fidelity = FidelityOptions(**{k: settings[k] for k in FidelityOptions.__dataclass_fields__})
-        options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets], scores=scores,
-                                  window=settings["window"], kernel=settings["kernel"], alpha=settings["alpha"],
-                                  betas=[float(b) for b in betas], granularity=settings["granularity"],
-                                  fidelity=fidelity, razor_compensation=settings["razor_compensation"])
+        options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets],
+                                  ratios=[float(r) for r in settings["ratios"]], scores=scores,
+                                  betas=[float(b) for b in betas], params=method_params(settings))
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
@@ -359,9 +372,7 @@ class Study:
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
-                              seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"],
-                              granularity=e["granularity"], razor_compensation=e["razor_compensation"],
-                              fidelity=FidelityOptions(**{k: e[k] for k in FidelityOptions.__dataclass_fields__}))
+                              seed=int(s["seed"]), params=method_params(e))
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}
@@ -388,11 +399,10 @@ class Study:
 
         s = self.config.section("latency")
         top = self.config.top
-        entry = eval_method(s["method"])
-        scores = str(self.scores_file(entry.scores, "latency")) if entry.scores else None
-        rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=entry.press,
+        spec = parse_method(s["method"])
+        scores = str(self.scores_file(spec.head_scores, "latency")) if spec.head_scores else None
+        rows = run_latency(top["model"], self.path("latency"), lengths=s["lengths"], method=s["method"],
                            label=s["method"], budget=s["budget"], beta=s["beta"], scores=scores,
-                           full_heads=entry.full_heads,
                            max_new_tokens=s["max_new_tokens"], device=top["device"], dtype=top["dtype"])
         return {"lengths": len(rows)}
 
