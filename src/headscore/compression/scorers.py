@@ -311,21 +311,20 @@ class KeyDiffScorer(Scorer):
 ALL_QUERIES = 1 << 40
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's half rotation (transformers' convention): `(x1, x2)` -> `(−x2, x1)` over the last axis."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def undo_rope(queries: torch.Tensor, rope: Rope, positions: torch.Tensor) -> torch.Tensor:
     """Queries before RoPE: `queries` `[..., q, d]` rotated at `positions` `[q]` (the first `2 · len(inv_freq)`
-    dims rotated, the rest passed through, as transformers' partial rotary); float32."""
-    rotary = 2 * rope.inv_freq.shape[0]
-    angles = positions.to(torch.float32)[:, None] * rope.inv_freq.float().to(queries.device)[None]
-    angles = torch.cat((angles, angles), dim=-1)  # [q, rotary]
-    rotated = queries[..., :rotary].float()
-    plain = (rotated * angles.cos() - rotate_half(rotated) * angles.sin()) / rope.attention_scaling
-    return torch.cat((plain, queries[..., rotary:].float()), dim=-1)
+    dims rotated, the rest passed through, as transformers' partial rotary); a new float32 tensor."""
+    half = rope.inv_freq.shape[0]
+    angles = positions.to(torch.float32)[:, None] * rope.inv_freq.float().to(queries.device)[None]  # [q, half]
+    cos, sin = angles.cos().div_(rope.attention_scaling), angles.sin().div_(rope.attention_scaling)
+    source = queries.float()
+    first, second = source[..., :half], source[..., half:2 * half]
+    plain = torch.empty_like(source)
+    # the inverse rotation of each pair (x1, x2): (x1·cos + x2·sin, x2·cos − x1·sin), written in place
+    torch.mul(first, cos, out=plain[..., :half]).addcmul_(second, sin)
+    torch.mul(second, cos, out=plain[..., half:2 * half]).addcmul_(first, sin, value=-1)
+    plain[..., 2 * half:] = source[..., 2 * half:]
+    return plain
 
 
 def mean_rotation(rope: Rope | None, start: int, count: int, dim: int, device: torch.device | str) -> torch.Tensor:
@@ -392,13 +391,13 @@ class ExpectedAttentionScorer(Scorer):
         if queries.shape[2] == 0:
             raise HeadscoreError(f"expected: no prompt queries past the {self.n_sink} sinks to estimate from")
         positions = torch.arange(first + skip, n, device=queries.device)
-        plain = queries.float() if inputs.rope is None else undo_rope(queries, inputs.rope, positions)
+        plain = queries.float().clone() if inputs.rope is None else undo_rope(queries, inputs.rope, positions)
         mean = plain.mean(dim=2)
         rotation = mean_rotation(inputs.rope, n, self.n_future_positions, plain.shape[-1], plain.device)
         future_mean = mean @ rotation.T
         if not self.use_covariance:
             return future_mean, None
-        centered = plain - mean[:, :, None]
+        centered = plain.sub_(mean[:, :, None])  # our own copy: centered in place
         covariance = centered.transpose(-1, -2) @ centered / plain.shape[2]
         return future_mean, rotation @ covariance @ rotation.T
 
@@ -470,20 +469,20 @@ class KVzipScorer(Scorer):
 class CriticalScorer(Scorer):
     """CriticalKV's output-aware weighting (Feng et al., "Identify Critical KV Cache in LLM Inference from an
     Output Perturbation Perspective", arXiv 2502.03805; reference: kvpress `CriticalKVPress.vwl1norm`): the
-    `base` scorer's scores, `(score + epsilon)`, times the L1 norm of each value after its head's slice of the
-    output projection, ‖W_oʰ v‖₁ (averaged over the query heads of each KV head at KV granularity). The
-    authors' two-stage budget split (half the budget by the base scores alone) needs the budget, which a
-    scorer does not see: not here. Spelled `SCORER+critical`; needs the attention module's `o_proj`."""
+    `base` scorer's scores plus `critical_epsilon` (kvpress's `epsilon`), times the L1 norm of each value after
+    its head's slice of the output projection, ‖W_oʰ v‖₁ (averaged over the query heads of each KV head at KV
+    granularity). The authors' two-stage budget split (half the budget by the base scores alone) needs the
+    budget, which a scorer does not see: not here. Spelled `SCORER+critical`; needs the module's `o_proj`."""
 
     summary: ClassVar[str] = "CriticalKV: a scorer's scores × ‖W_o v‖₁, the value's norm after the output projection"
     needs_module: ClassVar[bool] = True
     base: Scorer
-    epsilon: float = 1e-4
+    critical_epsilon: float = 1e-4
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, Scorer) or isinstance(self.base, CriticalScorer):
             raise HeadscoreError(f"critical: the base must be a scorer (not critical itself), got {self.base!r}")
-        check_number(self.epsilon, "epsilon")
+        check_number(self.critical_epsilon, "critical_epsilon")
         # the declarations are the base's (per instance: they depend on it)
         for name, value in (("name", f"{self.base.name}+critical"), ("queries", self.base.queries),
                             ("extra_pass", self.base.extra_pass), ("comparable", self.base.comparable)):
@@ -517,10 +516,10 @@ class CriticalScorer(Scorer):
     def score(self, inputs: ScorerInputs) -> torch.Tensor:
         base = inputs.scores(self.base).float()
         norms = group_scores(self.projected_norms(inputs), inputs.heads)
-        return (base + self.epsilon) * norms
+        return (base + self.critical_epsilon) * norms
 
 
-MODIFIERS: dict[str, type[Scorer]] = {"critical": CriticalScorer}
+MODIFIERS["critical"] = CriticalScorer
 PROJECTION_ELEMENTS = 1 << 18  # float32 elements of one block of projected values (1 MiB: stays in cache)
 
 
