@@ -20,6 +20,7 @@ What a scorer declares (class attributes):
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -251,6 +252,284 @@ class RandomScorer(Scorer):
         return torch.rand(shape, generator=generator).to(inputs.keys.device)
 
 
+@register_scorer("tova")
+@dataclass(frozen=True)
+class TOVAScorer(Scorer):
+    """TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104): the attention the last prompt
+    query pays each position. `mean_over="layer"` (the authors' rule, `tova_cache.py` and kvpress `TOVAPress`):
+    averaged over all query heads of the layer, so every cache head ranks the positions alike; `"group"`:
+    averaged over the query heads of each KV head only (query granularity: each head's own row)."""
+
+    summary: ClassVar[str] = "TOVA: the last prompt token's attention, averaged over the layer's heads"
+    queries: ClassVar[int | None] = 1
+    mean_over: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.mean_over not in ("layer", "group"):
+            raise HeadscoreError(f"tova: mean_over must be 'layer' or 'group', got {self.mean_over!r}")
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        if inputs.window >= 1:
+            last = inputs.window_attention()[..., -1, :]  # [batch, q_heads, n], shared with other scorers
+        else:
+            if inputs.queries.shape[2] == 0:
+                raise HeadscoreError("tova needs the last prompt query; the scorer inputs hold none")
+            last = attention_rows(inputs.queries[:, :, -1:], inputs.keys, inputs.scaling,
+                                  causal_offset=inputs.length - 1)[..., 0, :]
+        if self.mean_over == "layer":
+            return last.mean(dim=1, keepdim=True).expand(-1, inputs.heads, -1)
+        return group_scores(last, inputs.heads)
+
+
+@register_scorer("knorm")
+@dataclass(frozen=True)
+class KnormScorer(Scorer):
+    """K-norm (Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression", arXiv
+    2406.11430): keys of the smallest L2 norm are kept (score −‖k‖; kvpress `KnormPress`)."""
+
+    summary: ClassVar[str] = "K-norm: keys of the smallest L2 norm first"
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        return expand_heads(-inputs.keys.float().norm(dim=-1), inputs.heads)
+
+
+@register_scorer("keydiff")
+@dataclass(frozen=True)
+class KeyDiffScorer(Scorer):
+    """KeyDiff (Park et al., arXiv 2504.15364): keys least similar to the layer head's anchor are kept, score
+    −cos(k, anchor) with the anchor the mean of the unit-normalized keys (kvpress `KeyDiffPress`, the
+    reference). The paper's block-wise iterative eviction is a cache policy, not a score: not here."""
+
+    summary: ClassVar[str] = "KeyDiff: keys least similar (cosine) to the mean key first"
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        keys = inputs.keys.float()
+        anchor = F.normalize(keys, dim=-1).mean(dim=2, keepdim=True)
+        return expand_heads(-F.cosine_similarity(keys, anchor, dim=-1), inputs.heads)
+
+
+# a query count meaning "every prompt query" (`Scorer.query_count`; a recorder keeps at most the prompt's)
+ALL_QUERIES = 1 << 40
+
+
+def undo_rope(queries: torch.Tensor, rope: Rope, positions: torch.Tensor) -> torch.Tensor:
+    """Queries before RoPE: `queries` `[..., q, d]` rotated at `positions` `[q]` (the first `2 · len(inv_freq)`
+    dims rotated, the rest passed through, as transformers' partial rotary); a new float32 tensor."""
+    half = rope.inv_freq.shape[0]
+    angles = positions.to(torch.float32)[:, None] * rope.inv_freq.float().to(queries.device)[None]  # [q, half]
+    cos, sin = angles.cos().div_(rope.attention_scaling), angles.sin().div_(rope.attention_scaling)
+    source = queries.float()
+    first, second = source[..., :half], source[..., half:2 * half]
+    plain = torch.empty_like(source)
+    # the inverse rotation of each pair (x1, x2): (x1·cos + x2·sin, x2·cos − x1·sin), written in place
+    torch.mul(first, cos, out=plain[..., :half]).addcmul_(second, sin)
+    torch.mul(second, cos, out=plain[..., half:2 * half]).addcmul_(first, sin, value=-1)
+    plain[..., 2 * half:] = source[..., 2 * half:]
+    return plain
+
+
+def mean_rotation(rope: Rope | None, start: int, count: int, dim: int, device: torch.device | str) -> torch.Tensor:
+    """RoPE's rotation matrix averaged over positions `start .. start + count − 1` (cos and sin scaled by
+    `attention_scaling`, as the model applies them): float32 `[dim, dim]`; the identity without RoPE."""
+    matrix = torch.eye(dim, device=device)
+    if rope is None:
+        return matrix
+    rotary = 2 * rope.inv_freq.shape[0]
+    positions = torch.arange(start, start + count, device=device, dtype=torch.float32)
+    angles = positions[:, None] * rope.inv_freq.float().to(device)[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos = angles.cos().mean(dim=0) * rope.attention_scaling  # [rotary]
+    sin = angles.sin().mean(dim=0) * rope.attention_scaling
+    half = rotary // 2
+    swap = torch.zeros(rotary, rotary, device=device)  # rotate_half as a matrix: (x1, x2) -> (−x2, x1)
+    swap[:half, half:] = -torch.eye(half, device=device)
+    swap[half:, :half] = torch.eye(half, device=device)
+    matrix[:rotary, :rotary] = torch.diag(cos) + sin[:, None] * swap
+    return matrix
+
+
+@register_scorer("expected")
+@dataclass(frozen=True)
+class ExpectedAttentionScorer(Scorer):
+    """Expected Attention (Devoto, Jeblick and Jégou, arXiv 2510.00636; reference: kvpress
+    `ExpectedAttentionPress`): the attention future queries are expected to pay each position.
+
+    The prompt's queries (RoPE undone), all but the first `n_sink` positions (the authors' statistics: every
+    context query), give a Gaussian of mean μ and covariance Σ per query head; RoPE's rotation averaged over
+    the next `n_future_positions` positions, R, moves them to the future: μ' = Rμ, Σ' = RΣRᵀ. A key's expected
+    attention logit is then s·μ'·k + s²·kᵀΣ'k / 2 (s the attention scaling, 1/√d: the authors' formula),
+    softmaxed over the non-sink positions, averaged over the query heads of each KV head, then `(· + epsilon)`
+    times the value's L2 norm. The first `n_sink` positions score above every other (kept).
+    `last`: statistics from only the last `last` prompt queries instead (0: every query, the authors').
+    """
+
+    summary: ClassVar[str] = "Expected Attention: the attention expected from future queries (Gaussian), × ‖v‖"
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+    last: int = 0
+
+    def __post_init__(self) -> None:
+        check_integer(self.n_future_positions, "n_future_positions", 1)
+        check_integer(self.n_sink, "n_sink", 0)
+        check_integer(self.last, "last", 0)
+        check_number(self.epsilon, "epsilon")
+
+    def query_count(self, window: int) -> int:
+        return ALL_QUERIES if self.last == 0 else max(self.last, window)
+
+    def statistics(self, inputs: ScorerInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Future queries' mean `[batch, q_heads, d]` and covariance `[batch, q_heads, d, d]` (None without
+        `use_covariance`), float32."""
+        n, captured = inputs.length, inputs.queries.shape[2]
+        first = n - captured  # position of the first captured query
+        skip = max(0, self.n_sink - first)
+        if self.last:
+            skip = max(skip, captured - self.last)
+        queries = inputs.queries[:, :, skip:]
+        if queries.shape[2] == 0:
+            raise HeadscoreError(f"expected: no prompt queries past the {self.n_sink} sinks to estimate from")
+        positions = torch.arange(first + skip, n, device=queries.device)
+        plain = queries.float().clone() if inputs.rope is None else undo_rope(queries, inputs.rope, positions)
+        mean = plain.mean(dim=2)
+        rotation = mean_rotation(inputs.rope, n, self.n_future_positions, plain.shape[-1], plain.device)
+        future_mean = mean @ rotation.T
+        if not self.use_covariance:
+            return future_mean, None
+        centered = plain.sub_(mean[:, :, None])  # our own copy: centered in place
+        covariance = centered.transpose(-1, -2) @ centered / plain.shape[2]
+        return future_mean, rotation @ covariance @ rotation.T
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        n, sinks = inputs.length, min(self.n_sink, inputs.length)
+        mean, covariance = self.statistics(inputs)
+        batch, q_heads, dim = mean.shape
+        kv_heads = inputs.kv_heads
+        scale = dim**-0.5 if inputs.scaling is None else inputs.scaling
+        keys = inputs.keys[:, :, sinks:].float()  # [batch, kv_heads, m, d]
+        grouped_mean = mean.view(batch, kv_heads, q_heads // kv_heads, dim)
+        logits = scale * grouped_mean @ keys.transpose(-1, -2)  # [batch, kv_heads, group, m]
+        if covariance is not None:
+            grouped_cov = covariance.view(batch, kv_heads, q_heads // kv_heads, dim, dim)
+            spread = torch.einsum("bkmi,bkgij,bkmj->bkgm", keys, grouped_cov, keys)
+            logits = logits + (scale * scale / 2) * spread
+        expected = torch.softmax(logits, dim=-1).view(batch, q_heads, n - sinks)
+        expected = group_scores(expected, inputs.heads)
+        if self.use_vnorm:
+            norms = expand_heads(inputs.values[:, :, sinks:].float().norm(dim=-1), inputs.heads)
+            expected = (expected + self.epsilon) * norms
+        return keep_first(expected, sinks)
+
+
+def keep_first(scores: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Scores `[batch, heads, n − sinks]` with `sinks` leading positions prepended, each scored one above the
+    row's highest score (kept first)."""
+    if sinks == 0:
+        return scores
+    top = scores.amax(dim=(-2, -1), keepdim=True) + 1 if scores.shape[-1] else scores.new_ones(
+        scores.shape[0], 1, 1)
+    return torch.cat((top.expand(-1, scores.shape[1], sinks), scores), dim=-1)
+
+
+KVZIP_SINK_SCORE = 2.0  # above any attention weight: KVzip's sinks are kept in every layer (global budgets too)
+
+
+@register_scorer("kvzip")
+@dataclass(frozen=True)
+class KVzipScorer(Scorer):
+    """KVzip (Kim et al., "Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv
+    2505.23416): a position's score is the largest attention any query of a teacher-forced reconstruction of
+    the prompt ("Repeat the previous context exactly." then the prompt itself, `compression.kvzip`) pays it
+    within its KV head's group. Scores are attention weights in [0, 1], comparable across layers and heads (its
+    `global` budget). The first `sinks` positions are kept (kvpress `KVzipPress`'s `n_sink=4`; the authors'
+    code keeps the whole system prompt). Query granularity: each query head reads its KV head's scores."""
+
+    summary: ClassVar[str] = "KVzip: the largest attention a reconstruction of the prompt pays each position"
+    extra_pass: ClassVar[str | None] = "kvzip"
+    comparable: ClassVar[bool] = True
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        check_integer(self.sinks, "sinks", 0)
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        found = inputs.extra.get("kvzip")
+        if found is None:
+            raise HeadscoreError("kvzip needs its extra pass (compression.kvzip), absent from the scorer inputs")
+        if found.shape[-2:] != (inputs.kv_heads, inputs.length):
+            raise HeadscoreError(f"the kvzip pass gave scores of shape {tuple(found.shape)} for "
+                                 f"{inputs.kv_heads} KV heads × {inputs.length} positions")
+        scores = expand_heads(found.float().to(inputs.keys.device), inputs.heads).clone()
+        scores[..., : self.sinks] = KVZIP_SINK_SCORE
+        return scores
+
+
+@dataclass(frozen=True)
+class CriticalScorer(Scorer):
+    """CriticalKV's output-aware weighting (Feng et al., "Identify Critical KV Cache in LLM Inference from an
+    Output Perturbation Perspective", arXiv 2502.03805; reference: kvpress `CriticalKVPress.vwl1norm`): the
+    `base` scorer's scores plus `critical_epsilon` (kvpress's `epsilon`), times the L1 norm of each value after
+    its head's slice of the output projection, ‖W_oʰ v‖₁ (averaged over the query heads of each KV head at KV
+    granularity). The authors' two-stage budget split (half the budget by the base scores alone) needs the
+    budget, which a scorer does not see: not here. Spelled `SCORER+critical`; needs the module's `o_proj`."""
+
+    summary: ClassVar[str] = "CriticalKV: a scorer's scores × ‖W_o v‖₁, the value's norm after the output projection"
+    needs_module: ClassVar[bool] = True
+    base: Scorer
+    critical_epsilon: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Scorer) or isinstance(self.base, CriticalScorer):
+            raise HeadscoreError(f"critical: the base must be a scorer (not critical itself), got {self.base!r}")
+        check_number(self.critical_epsilon, "critical_epsilon")
+        # the declarations are the base's (per instance: they depend on it)
+        for name, value in (("name", f"{self.base.name}+critical"), ("queries", self.base.queries),
+                            ("extra_pass", self.base.extra_pass), ("comparable", self.base.comparable)):
+            object.__setattr__(self, name, value)
+
+    def query_count(self, window: int) -> int:
+        return self.base.query_count(window)
+
+    def projected_norms(self, inputs: ScorerInputs) -> torch.Tensor:
+        """‖W_oʰ v‖₁ of every value for every query head: float32 `[batch, q_heads, n]`."""
+        projection = getattr(inputs.module, "o_proj", None)
+        if projection is None:
+            raise HeadscoreError("the critical modifier needs the layer's attention module with an output "
+                                 "projection (o_proj); these scorer inputs have none")
+        batch, kv_heads, n, dim = inputs.values.shape
+        q_heads = inputs.query_heads
+        weight = projection.weight.detach().float().to(inputs.values.device)  # [hidden, q_heads · d]
+        hidden = weight.shape[0]
+        per_head = weight.view(hidden, kv_heads, q_heads // kv_heads, dim).permute(1, 3, 2, 0)
+        per_head = per_head.reshape(kv_heads, dim, (q_heads // kv_heads) * hidden)  # [kv, d, group · hidden]
+        block = max(1, PROJECTION_ELEMENTS // max(1, batch * q_heads * hidden))
+        parts = []
+        for start in range(0, n, block):  # blocks of positions: the [.., block, hidden] product stays in cache
+            values = inputs.values[:, :, start:start + block].float()
+            projected = (values @ per_head).view(batch, kv_heads, -1, q_heads // kv_heads, hidden)
+            parts.append(projected.abs_().sum(dim=-1))  # [batch, kv, block, group] (abs+sum beats L1 norm)
+        norms = torch.cat(parts, dim=2) if parts else inputs.values.new_zeros(batch, kv_heads, 0,
+                                                                              q_heads // kv_heads)
+        return norms.permute(0, 1, 3, 2).reshape(batch, q_heads, n)
+
+    def score(self, inputs: ScorerInputs) -> torch.Tensor:
+        base = inputs.scores(self.base).float()
+        norms = group_scores(self.projected_norms(inputs), inputs.heads)
+        return (base + self.critical_epsilon) * norms
+
+
+MODIFIERS["critical"] = CriticalScorer
+PROJECTION_ELEMENTS = 1 << 18  # float32 elements of one block of projected values (1 MiB: stays in cache)
+
+
+def check_number(value: Any, what: str) -> None:
+    """A non-negative real parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise HeadscoreError(f"{what} must be a non-negative number, got {value!r}")
+
+
 def check_integer(value: Any, what: str, minimum: int) -> None:
     """An integer parameter, at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -275,3 +554,7 @@ def register_extra_pass(name: str) -> Callable[[ExtraPass], ExtraPass]:
         return function
 
     return add
+
+
+# the built-in extra passes register themselves on import (after `register_extra_pass` exists: no cycle)
+importlib.import_module("headscore.compression.kvzip")

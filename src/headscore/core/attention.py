@@ -52,13 +52,20 @@ def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     half of the queries' own square computed and no mask read. Elsewhere: sdpa with a lower-right causal bias
     (fused kernels on CUDA).
     """
+    return causal_suffix_parts(query, key, value, scaling)[0]
+
+
+def causal_suffix_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`causal_suffix_attention`'s output and, where the CPU flash kernel ran, each query's log-sum-exp of its
+    scaled logits over every key it sees (float32 `[b, q_heads, q]`; None elsewhere)."""
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     kernel, groups_keys = cpu_flash_kernel() if query.device.type == "cpu" else (None, False)
     if kernel is None:
         return torch.nn.functional.scaled_dot_product_attention(
             query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=causal_lower_right(q_len, k_len),
-            scale=scaling)
+            scale=scaling), None
     if groups > 1 and not groups_keys:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     past = k_len - q_len
@@ -66,7 +73,7 @@ def causal_suffix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     own, own_lse = kernel(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scaling)[:2]
     total = torch.logaddexp(earlier_lse, own_lse)  # [b, q_heads, q], float32
     merged = earlier * (earlier_lse - total).exp_().unsqueeze(-1) + own * (own_lse - total).exp_().unsqueeze(-1)
-    return merged.to(query.dtype)
+    return merged.to(query.dtype), total
 
 
 def sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
