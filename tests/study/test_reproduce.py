@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from headscore.core.errors import HeadscoreError
 from headscore.compression.presses import parse_method
+from headscore.core.errors import HeadscoreError
 from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
