@@ -291,3 +291,32 @@ def test_specs_expand_and_reject():
         get_task("ruler:vtt")
     with pytest.raises(HeadscoreError, match="unknown task 'vt'"):
         expand_specs("vt") and get_task("vt")
+
+
+def test_study_and_evaluate_build_ruler_tasks():
+    """evaluate, tune and study configs build tasks through `build_tasks`: RULER takes the options it defines and
+    the chat template unless one is given."""
+    from headscore.evaluation.evaluate import build_tasks
+
+    built = build_tasks("ruler-synthetic", {"lengths": [4000], "depths": [0, 50], "samples_per_length": 3,
+                                            "max_length": None, "seed": 5, "template": None})
+    assert [t.settings()["task"] for t in built] == [f"ruler:{t}" for t in RULER_SYNTHETIC]
+    assert all(t.lengths == [4000] and t.samples_per_length == 3 and t.seed == 5 and t.template == "chat"
+               for t in built)
+
+
+@pytest.mark.slow
+def test_smollm2_evaluates_ruler(smollm2, tmp_path, no_plots):
+    """`evaluate` on RULER samples with the real model: RULER's metric per row, the full cache finds the number."""
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate
+
+    model, tokenizer = smollm2
+    samples = get_task("ruler:niah_single_1", lengths=(1000,), samples_per_length=1,
+                       template="chat").samples(tokenizer)
+    result = evaluate(model, tokenizer, samples, tmp_path, options=EvaluateOptions(methods=["full", "snapkv"],
+                                                                                     budgets=[64]),
+                      model_name="smollm2-135m", figures=False)
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"full", "snapkv"} and all(r["metric"] == "string_match_all" for r in rows.values())
+    assert rows["full"]["score"] == 1.0 and samples[0].answers[0] in rows["full"]["prediction"]
+    assert rows["snapkv"]["kv_ratio"] < 0.2
