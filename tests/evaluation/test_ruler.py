@@ -320,3 +320,9 @@ def test_smollm2_evaluates_ruler(smollm2, tmp_path, no_plots):
     assert set(rows) == {"full", "snapkv"} and all(r["metric"] == "string_match_all" for r in rows.values())
     assert rows["full"]["score"] == 1.0 and samples[0].answers[0] in rows["full"]["prediction"]
     assert rows["snapkv"]["kv_ratio"] < 0.2
+
+
+def test_a_sample_depends_only_on_seed_task_length_and_index(tokenizer):
+    alone = get_task("ruler:fwe", lengths=(1500,), samples_per_length=2).samples(tokenizer)
+    among = get_task("ruler:fwe", lengths=(1000, 1500), samples_per_length=3).samples(tokenizer)
+    assert [s.to_dict() for s in alone] == [s.to_dict() for s in among[3:5]]

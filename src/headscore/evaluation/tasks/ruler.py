@@ -309,8 +309,8 @@ class RulerTask(Task):
         data = hay.load_qa(spec.dataset, self.qa_data) if spec.kind == "qa" else None
         example = vt_example(spec, f"{self.seed}-{self.task}-example", tokenizer) if spec.kind == "vt" else None
         out: list[Sample] = []
-        hint: tuple[int, int] | None = None  # (size, length) of the last fitted sample
         for length in self.lengths:
+            first: int | None = None  # the first sample's size: where the others' searches start
             for index in range(self.samples_per_length):
                 key = f"{self.seed}-{self.task}-{length}-{index}"
                 if spec.kind == "niah":
@@ -323,10 +323,9 @@ class RulerTask(Task):
                     low, build = fwe_builder(spec, key, length, generate)
                 else:
                     low, build = qa_builder(spec, key, data, index)  # type: ignore[arg-type]  # set for qa
-                start = max(low, round(hint[0] * length / hint[1])) if hint else low
-                size, parts, prompt, tokens = self.fit(tokenizer, build, low, start, length - generate,
-                                                       f"ruler:{self.task} at length {length}")
-                hint = (size, length)
+                size, parts, prompt, tokens = self.fit(tokenizer, build, low, max(low, first or low),
+                                                       length - generate, f"ruler:{self.task} at length {length}")
+                first = first or size
                 out.append(self.sample(tokenizer, parts, prompt, tokens, length, index, size, generate, spec))
         return out
 
