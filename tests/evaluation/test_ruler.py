@@ -201,13 +201,14 @@ def test_qa_2_hotpot_hub_rows_and_original(tokenizer, templates, tmp_path):
 def test_qa_missing_data_is_one_clear_error(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(HeadscoreError, match=r"qa_1 needs SQuAD v2 dev: .* holds none of squad.json.*dev-v2.0.json"):
         get_task("ruler:qa_1", lengths=(500,), qa_data=str(tmp_path)).samples(tokenizer)
-    from headscore.evaluation.tasks import longbench
+    import datasets
 
     def unreachable(*args, **kwargs):
-        raise HeadscoreError("cannot load dataset 'x': connection refused")
+        raise ConnectionError("connection refused")
 
-    monkeypatch.setattr(longbench, "load_hub", unreachable)
-    with pytest.raises(HeadscoreError, match=r"qa_2 needs HotpotQA dev .*hotpot_qa cannot be loaded.*--qa-data"):
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(HeadscoreError, match=r"qa_2 data, HotpotQA dev .*hotpot_qa.*: connection refused; "
+                                             r"download .*hotpotqa.json .*--qa-data"):
         get_task("ruler:qa_2", lengths=(500,)).samples(tokenizer)
 
 

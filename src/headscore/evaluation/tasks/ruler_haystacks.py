@@ -267,11 +267,15 @@ def _hotpot(rows: Sequence[dict[str, Any]]) -> QaData:
                               for row, ds in zip(rows, per_row, strict=True)))
 
 
-def _missing(dataset: str, why: str) -> HeadscoreError:
+def _fetch(dataset: str) -> str:
     source = QA_SOURCES[dataset]
-    return HeadscoreError(f"RULER's {'qa_1' if dataset == 'squad' else 'qa_2'} needs {source['what']}: {why}; "
-                          f"download {source['url']} as {source['files'][0]} into a folder and pass --qa-data "
-                          "FOLDER (setting qa_data)")
+    return (f"download {source['url']} as {source['files'][0]} into a folder and pass --qa-data FOLDER (setting "
+            "qa_data)")
+
+
+def _missing(dataset: str, why: str) -> HeadscoreError:
+    return HeadscoreError(f"RULER's {'qa_1' if dataset == 'squad' else 'qa_2'} needs {QA_SOURCES[dataset]['what']}: "
+                          f"{why}; {_fetch(dataset)}")
 
 
 @functools.cache
@@ -283,11 +287,8 @@ def load_qa(dataset: str, source: str | None) -> QaData:
         from headscore.evaluation.tasks.longbench import load_hub
 
         name, config, split = QA_SOURCES[dataset]["hub"]
-        try:
-            return parse(load_hub(name, config, split, "dataset"))
-        except HeadscoreError as error:
-            raise _missing(dataset, f"the hub dataset {name} cannot be loaded ({str(error).split(': ', 1)[-1]})"
-                           ) from error
+        what = f"RULER's {'qa_1' if dataset == 'squad' else 'qa_2'} data, {QA_SOURCES[dataset]['what']},"
+        return parse(load_hub(name, config, split, what, _fetch(dataset)))
     path = Path(source).expanduser()
     if path.is_dir():
         found = [path / name for name in QA_SOURCES[dataset]["files"] if (path / name).is_file()]
