@@ -179,6 +179,15 @@ def test_qa_1_squad_prompt_and_documents(tokenizer, templates, tmp_path):
         assert [d.split(":\n", 1)[0] for d in docs] == [f"Document {i + 1}" for i in range(len(docs))]
         assert len(docs) >= 4  # every paragraph fits, then they repeat
     assert "Puffins nest" in samples[1].context and samples[1].question.endswith("Where do puffins nest?")
+    hub = tmp_path / "hub"  # the hub's rows: one per question, answers as {text, answer_start}
+    hub.mkdir()
+    rows = [{"id": str(i), "title": a["title"], "context": p["context"], "question": q["question"],
+             "answers": {"text": [x["text"] for x in q["answers"]], "answer_start": [0] * len(q["answers"])}}
+            for i, (a, p, q) in enumerate((a, p, q) for a in json.loads((folder / "squad.json").read_text())["data"]
+                                          for p in a["paragraphs"] for q in p["qas"])]
+    (hub / "squad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    again = get_task("ruler:qa_1", lengths=(400,), samples_per_length=3, qa_data=str(hub)).samples(tokenizer)
+    assert [s.to_dict() for s in again] == [s.to_dict() for s in samples]
     assert score_answers(samples[0].metric, "It is the loire.", samples[0].answers) == 1.0
 
 
