@@ -49,7 +49,8 @@ def task_settings(spec: str) -> list[str]:
     cls = RulerTask if spec.partition(":")[0] == "ruler" else sourced[0] if sourced else TASKS.get(spec)
     if cls is None:
         raise HeadscoreError(unknown(spec))
-    return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "task")]  # type: ignore[arg-type]  # dataclasses
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every task class is a dataclass
+    return [f.name for f in fields if f.name not in ("source", "task")]  # the spec gives these
 
 
 def unknown(spec: str) -> str:
