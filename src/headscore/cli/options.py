@@ -42,7 +42,9 @@ SCORES_HELP = ("Named head-score file NAME=FILE (HeadKV format), repeatable: eac
                "name, e.g. er for the r2 rule on the retrieval needles).")
 TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, vartrack, twohop) or any of those; "
               "longbench:DIR (the 16 English LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
-              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md).")
+              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md); ruler "
+              "(RULER's 13 tasks), ruler-synthetic (the 11 without downloaded data) or ruler:NAME,NAME, e.g. "
+              "ruler:niah_single_1,vt (see docs/ruler.md).")
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
@@ -205,12 +207,18 @@ def fidelity_options(
 
 
 def task_options(
-    lengths: Annotated[str | None, typer.Option("--lengths", help="Prompt lengths (tokens) of niah and synthetic "
-                                                "tasks, comma-separated [default: 1000,2000,4000].")] = None,
+    lengths: Annotated[str | None, typer.Option("--lengths", help="Prompt lengths (tokens) of niah, synthetic and "
+                                                "RULER tasks (RULER's include the generated tokens), "
+                                                "comma-separated [default: 1000,2000,4000; RULER 4096].")] = None,
     depths: Annotated[str | None, typer.Option("--depths", help="Needle depths (%) of niah, comma-separated "
                                                "[default: 0,25,50,75,100].")] = None,
-    samples_per_length: Annotated[int | None, typer.Option("--samples-per-length", help="Synthetic samples per "
-                                                           "length [default: 4].")] = None,
+    samples_per_length: Annotated[int | None, typer.Option("--samples-per-length", help="Synthetic and RULER "
+                                                           "samples per length [default: 4].")] = None,
+    task_seed: Annotated[int | None, typer.Option("--task-seed", help="Seed of the generated synthetic and RULER "
+                                                  "samples [default: 42].")] = None,
+    qa_data: Annotated[str | None, typer.Option("--qa-data", help="RULER qa_1/qa_2: a folder holding squad.json "
+                                                "(SQuAD v2 dev) and hotpotqa.json (HotpotQA dev, distractor) "
+                                                "[default: the Hugging Face hub].")] = None,
     num_needles: Annotated[int | None, typer.Option("--num-needles", help="niah: use only the first N "
                                                     "evaluation needles [default: all 3].")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="LongBench/LooGLE: middle-truncate the "
@@ -223,7 +231,8 @@ def task_options(
 
     return {"lengths": number_list([lengths], int, "--lengths") if lengths else None,
             "depths": number_list([depths], float, "--depths") if depths else None,
-            "samples_per_length": samples_per_length, "max_length": max_length, "num_needles": num_needles}
+            "samples_per_length": samples_per_length, "max_length": max_length, "num_needles": num_needles,
+            "seed": task_seed, "qa_data": qa_data}
 
 
 def prefix_options(

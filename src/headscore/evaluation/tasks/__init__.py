@@ -3,7 +3,9 @@
 Specs: `niah`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`, `loogle:SOURCE`. Shorthands
 (see `expand_specs`): `synthetic` names the four synthetic tasks; `longbench:DIR` / `longbench-e:DIR` the 16
 English LongBench datasets / the 13 LongBench-E ones from a folder of `<dataset>.jsonl` files (LongBench's
-data.zip); `loogle` LooGLE's long-dependency QA from the hub.
+data.zip); `loogle` LooGLE's long-dependency QA from the hub; `ruler` RULER's 13 tasks, `ruler-synthetic` the 11
+without downloaded data, `ruler:NAME` one of them (a bare RULER name after a `ruler:` spec continues it:
+`ruler:vt,cwe`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from headscore.evaluation.tasks.longbench import (
     longbench_e_datasets,
 )
 from headscore.evaluation.tasks.niah import NiahTask
+from headscore.evaluation.tasks.ruler import RULER_TASKS, RulerTask, expand_ruler
 from headscore.evaluation.tasks.synthetic import MultiKeyTask, MultiValueTask, TwoHopTask, VariableTrackingTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NiahTask, MultiKeyTask, MultiValueTask,
@@ -43,15 +46,16 @@ def _sourced(spec: str) -> tuple[type[LongBenchTask], str] | None:
 def task_settings(spec: str) -> list[str]:
     """The setting names the task named by `spec` accepts."""
     sourced = _sourced(spec)
-    cls = sourced[0] if sourced else TASKS.get(spec)
+    cls = RulerTask if spec.partition(":")[0] == "ruler" else sourced[0] if sourced else TASKS.get(spec)
     if cls is None:
         raise HeadscoreError(unknown(spec))
-    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]  # type: ignore[arg-type]  # dataclasses
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every task class is a dataclass
+    return [f.name for f in fields if f.name not in ("source", "task")]  # the spec gives these
 
 
 def unknown(spec: str) -> str:
     return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, loogle, longbench:DIR, "
-            "longbench-e:DIR, longbench:PATH_OR_HF_ID or loogle:PATH_OR_HF_ID")
+            "longbench-e:DIR, longbench:PATH_OR_HF_ID, loogle:PATH_OR_HF_ID, ruler, ruler-synthetic or ruler:NAME")
 
 
 def get_task(spec: str, **settings: Any) -> Task:
@@ -65,6 +69,11 @@ def get_task(spec: str, **settings: Any) -> Task:
     if extra:
         raise HeadscoreError(f"task '{spec}' has no setting {', '.join(extra)} (it takes: "
                              f"{', '.join(sorted(allowed))})")
+    kind, _, name = spec.partition(":")
+    if kind == "ruler":
+        if name not in RULER_TASKS:
+            raise HeadscoreError(f"unknown RULER task '{name}': use one of {', '.join(RULER_TASKS)}")
+        return RulerTask(task=name, **settings)
     sourced = _sourced(spec)
     if sourced:
         cls, source = sourced
@@ -80,6 +89,9 @@ def _expand_one(spec: str) -> list[str]:
     names = {"longbench": longbench_datasets, "longbench-e": longbench_e_datasets}.get(kind)
     if spec == "synthetic":
         return list(SYNTHETIC)
+    ruler = expand_ruler(spec)
+    if ruler is not None:
+        return ruler
     if spec == "loogle":
         return [f"loogle:{HUB_LOOGLE}"]
     if names and not colon:
@@ -98,9 +110,11 @@ def _expand_one(spec: str) -> list[str]:
 
 def expand_specs(specs: str) -> list[str]:
     """Comma-separated task specs, with the shorthands expanded (`synthetic`, `loogle`, `longbench:DIR`,
-    `longbench-e:DIR`)."""
+    `longbench-e:DIR`, `ruler`, `ruler-synthetic`, `ruler:A,B`)."""
     out: list[str] = []
     for spec in (s.strip() for s in specs.split(",")):
+        if spec in RULER_TASKS and out and out[-1].startswith("ruler:"):
+            spec = f"ruler:{spec}"  # `ruler:vt,cwe`: the list goes on
         if spec:
             out.extend(_expand_one(spec))
     if not out:

@@ -123,16 +123,17 @@ def render_longbench_prompt(tokenizer: Any, prompt_template: str, record: dict[s
     return apply_template(tokenizer, prompt, "chat") if template == "chat" else prompt
 
 
-def load_hub(name: str, config: str | None, split: str, what: str) -> list[dict[str, Any]]:
-    """Rows of a Hugging Face dataset through `datasets`, each as a dict."""
+def load_hub(name: str, config: str | None, split: str, what: str,
+             instead: str = "a local JSONL file works too (see docs/longbench.md)") -> list[dict[str, Any]]:
+    """Rows of a Hugging Face dataset through `datasets`, each as a dict; the error ends with `instead`."""
     try:
         import datasets  # lazy: `datasets` is slow to import and only hub sources need it
 
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types; all mean the same to the user
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise HeadscoreError(f"cannot load {what} '{name}' (config {config}, split {split}): {first}; a local "
-                             f"JSONL file works too (see docs/longbench.md)") from error
+        raise HeadscoreError(f"cannot load {what} '{name}' (config {config}, split {split}): {first}; "
+                             f"{instead}") from error
     return [dict(row) for row in rows]
 
 
