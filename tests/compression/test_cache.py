@@ -87,7 +87,7 @@ def test_flex_block_mask_lists_exactly_the_blocks_each_segment_overlaps():
 
     kept = torch.tensor([[130, 0, 5, 300], [1, 256, 127, 129]])  # segments across block edges, one empty
     q_heads = 8  # 2 query heads per cache head
-    mask = segment_block_mask(kept, q_heads, 1, torch.device("cpu"))
+    mask = segment_block_mask(kept, q_heads, 1, int(kept.sum()))
     counts, indices = mask.kv_num_blocks[0, :, 0], mask.kv_indices[0, :, 0]  # per flattened query head
     lengths = kept.reshape(-1)
     offsets = lengths.cumsum(0) - lengths
@@ -113,7 +113,7 @@ def test_a_flex_kernel_that_disagrees_gives_way_to_the_buckets(monkeypatch):
     monkeypatch.delenv("HEADSCORE_DECODE_KERNEL", raising=False)
     monkeypatch.setattr(attention, "_flex_failed", False)
     monkeypatch.setattr(attention, "_flex_checked", False)
-    monkeypatch.setattr(attention, "decode_kernel", lambda device: "buckets" if attention._flex_failed else "flex")
+    monkeypatch.setattr(attention, "decode_kernel", lambda device: "auto")  # as on CUDA: flex unless it failed
     calls = []
 
     def wrong(*args, **kwargs):

@@ -40,9 +40,16 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from headscore.compression.attention import HeadwiseEntries, plan_segments
+from headscore.compression.attention import (
+    HeadwiseEntries,
+    decode_kernel,
+    plan_segments,
+    select_plan,
+    to_device,
+)
 from headscore.compression.presses import Press, kept_positions, window_scores
 from headscore.core.errors import HeadscoreError
+from headscore.core.kv_cache import extend_buffer
 from headscore.core.model import FULL_ATTENTION, Geometry
 
 # (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
@@ -203,8 +210,6 @@ class HeadwiseLayer(CacheLayerMixin):
 
     keys: torch.Tensor  # always set: built compressed
     values: torch.Tensor
-    tail_keys: torch.Tensor
-    tail_values: torch.Tensor
 
     is_sliding = False
     is_croppable = False
@@ -219,11 +224,15 @@ class HeadwiseLayer(CacheLayerMixin):
         self.heads = kept.shape[1]
         self.width = width
         self.lengths = list(lengths)
-        self.tail_keys, self.tail_values = tail_keys, tail_values
+        # the tail lives in buffers [rows, kv_heads, capacity, d] grown in place (`core.kv_cache.extend_buffer`);
+        # `tail_keys`/`tail_values` are views of their first `generated` tokens
+        self._tail = (tail_keys, tail_values)
+        self.generated = tail_keys.shape[2]
         self.selection_seconds = selection_seconds
         self.bias = bias  # float32 [total] logit bias of summary entries (a press's `summary_entries`), or None
         self.buckets = plan_segments(kept, keys.device)
         self.flex_masks: dict[int, Any] = {}  # the flex decode kernel's block masks, for these rows
+        self.kernel = decode_kernel(keys.device)  # chosen once, not per step
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -265,15 +274,36 @@ class HeadwiseLayer(CacheLayerMixin):
     def update(  # type: ignore[override]  # hands decode attention the kept entries, not dense tensors
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[HeadwiseEntries, HeadwiseEntries]:
-        """Append the new tokens `[rows, kv_heads, q, d]` to the tails; returns what decode attention reads."""
+        """Append the new tokens `[rows, kv_heads, q, d]` to the tails (in place, in their buffers); returns what
+        decode attention reads."""
         if key_states.shape[0] != self.rows:
             raise HeadscoreError(f"the head-wise cache holds {self.rows} rows, the forward pass has "
                                  f"{key_states.shape[0]}")
-        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
-        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
+        keys, values = self._tail
+        end = self.generated + key_states.shape[2]
+        self._tail = (extend_buffer(keys, self.generated, key_states), extend_buffer(values, self.generated,
+                                                                                     value_states))
+        self.generated = end
         entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
-                                  self.tail_values, self.bias, self.flex_masks)
+                                  self.tail_values, self.bias, self.flex_masks, self.kernel)
         return entries, entries
+
+    @property
+    def tail_keys(self) -> torch.Tensor:
+        """The generated tail's keys `[rows, kv_heads, generated, d]` (a view of its buffer)."""
+        return self._tail[0][:, :, :self.generated]
+
+    @tail_keys.setter
+    def tail_keys(self, keys: torch.Tensor) -> None:
+        self._tail, self.generated = (keys, self._tail[1]), keys.shape[2]
+
+    @property
+    def tail_values(self) -> torch.Tensor:
+        return self._tail[1][:, :, :self.generated]
+
+    @tail_values.setter
+    def tail_values(self, values: torch.Tensor) -> None:
+        self._tail = (self._tail[0], values)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -284,10 +314,6 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-    @property
-    def generated(self) -> int:
-        return self.tail_keys.shape[2]
 
     def kv_bytes(self, row: int | None = None) -> int:
         """Bytes of the stored keys and values (kept prompt entries plus generated tail), of one row or all."""
@@ -306,28 +332,39 @@ class HeadwiseLayer(CacheLayerMixin):
         for bucket in self.buckets:
             if bucket.index is None:
                 continue
-            segments = bucket.segments if row is None else bucket.segments[bucket.segments // self.heads == row]
+            segments = bucket.host if row is None else bucket.host[bucket.host // self.heads == row]
             slot = bucket.index.element_size() + (1 if bucket.padding is not None else 0)
             count += int(segments.shape[0]) * bucket.width * slot
         return count
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (in that order; repeats allowed)."""
+        """Keep only the rows `indices` (in that order; repeats allowed): their entries, tails (with the
+        buffers' room) and plan (`select_plan`: remapped, not planned again). CPU `indices` read nothing back
+        from the device (`HeadwiseCache.batch_select_indices` hands every layer CPU indices)."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         totals = self.kept.sum(dim=1)
         starts = totals.cumsum(0) - totals
         counts = totals[indices]
         shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
-        entries = (torch.arange(int(counts.sum())) + shift).to(self.keys.device)
+        entries = to_device(torch.arange(int(counts.sum())) + shift, self.keys.device)
         self.keys, self.values = self.keys[entries], self.values[entries]
         if self.bias is not None:
             self.bias = self.bias[entries]
+        self.buckets = select_plan(self.buckets, self.kept, indices, self.keys.device)
         self.kept = self.kept[indices]
         self.lengths = [self.lengths[i] for i in indices.tolist()]
-        on_device = indices.to(self.tail_keys.device)
-        self.tail_keys, self.tail_values = self.tail_keys[on_device], self.tail_values[on_device]
-        self.buckets = plan_segments(self.kept, self.keys.device)
+        on_device = to_device(indices, self._tail[0].device)
+        self._tail = (self._tail[0][on_device], self._tail[1][on_device])
         self.flex_masks = {}
+
+    def fork(self) -> HeadwiseLayer:
+        """An independent layer over the same rows: the kept prompt entries, plan and bookkeeping shared (no
+        copy; nothing modifies them in place), the tail its own (a copy of this one's, empty after
+        compression)."""
+        forked = copy.copy(self)
+        forked._tail = tuple(part[:, :, :self.generated].clone() for part in self._tail)  # type: ignore[assignment]
+        forked.flex_masks = dict(self.flex_masks)
+        return forked
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -450,6 +487,24 @@ class HeadwiseCache(DynamicCache):
             layer_rows = [(*recorded[slot], press) for recorded, press in rows]
             cache.layers[cache.positions[slot]] = HeadwiseLayer.build(layer_rows, slot, geometry, width)
         return cache
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (in that order; repeats allowed) in every layer; the compressed layers
+        get them on the CPU, read back once."""
+        host = torch.as_tensor(indices, dtype=torch.long).cpu()
+        layers: list[Any] = self.layers  # compressed and transformers' own (sliding-window) layers
+        for layer in layers:
+            layer.batch_select_indices(host if isinstance(layer, HeadwiseLayer) else indices)
+
+    def fork(self) -> HeadwiseCache:
+        """An independent cache of the same compressed rows: the kept prompt entries shared (no copy), each
+        layer's tail its own (`HeadwiseLayer.fork`), a hybrid model's sliding-window layers copied (their
+        updates replace their tensors). One compressed context then serves several questions, each on a fork,
+        without a new prefill (`generation.answer_after`)."""
+        forked = copy.copy(self)
+        forked.layers = [layer.fork() if isinstance(layer, HeadwiseLayer) else copy.copy(layer)
+                         for layer in self.layers]
+        return forked
 
     @property
     def rows(self) -> int:
