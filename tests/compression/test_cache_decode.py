@@ -12,17 +12,16 @@ from headscore.compression.attention import (
     headwise_attention,
     plan_segments,
     segment_block_mask,
-    segment_lengths,
+    segment_spans,
 )
 from headscore.compression.cache import HeadwiseLayer
 
 
-def reference_attention(query, keys, values, kept, tail_keys, tail_values, scaling):
-    """Loops over rows, query heads and queries: one softmax over the (row, head)'s own kept entries and the
-    row's tail up to the query (the last q tail tokens are the queries'), in float64."""
+def reference_attention(query, keys, values, kept, offsets, tail_keys, tail_values, scaling):
+    """Loops over rows, query heads and queries: one softmax over the (row, head)'s own kept entries (stored
+    from `offsets`) and the row's tail up to the query (the last q tail tokens are the queries'), in float64."""
     rows, q_heads, q_len, _ = query.shape
     heads, kv_heads, t_len = kept.shape[1], tail_keys.shape[1], tail_keys.shape[2]
-    offsets = (kept.reshape(-1).cumsum(0) - kept.reshape(-1)).view(rows, heads)
     out = torch.empty(query.shape, dtype=torch.float64)
     for row in range(rows):
         for h in range(q_heads):
@@ -70,12 +69,13 @@ def test_rows_leaving_repeating_or_reordered_remap_the_plan_exactly(selection, k
     monkeypatch.setattr(cache_module, "plan_segments", no_plan)
     layer.batch_select_indices(torch.tensor(selection))
     kept = KEPT[selection]
-    assert torch.equal(layer.kept, kept)
-    assert torch.equal(layer.keys, torch.cat([before[row] for row in selection]))
+    assert torch.equal(layer.kept, kept) and layer.keys.shape[0] == int(KEPT.sum())  # nothing copied
+    for position, row in enumerate(selection):
+        assert torch.equal(layer.entries(position)[0], before[row])
     # every non-empty segment in exactly one bucket; widths are their longest segment's; views read in place
     covered = torch.cat([b.host for b in layer.buckets]).sort().values
     assert covered.tolist() == [s for s in range(kept.numel()) if int(kept.reshape(-1)[s]) > 0]
-    lengths, offsets = kept.reshape(-1), kept.reshape(-1).cumsum(0) - kept.reshape(-1)
+    lengths, offsets = kept.reshape(-1), layer.offsets().reshape(-1)
     for bucket in layer.buckets:
         assert torch.equal(bucket.segments.cpu(), bucket.host)
         assert bucket.width == int(lengths[bucket.host].max())
@@ -91,13 +91,15 @@ def test_rows_leaving_repeating_or_reordered_remap_the_plan_exactly(selection, k
             assert (bucket.padding is None) == bool(real.all())
             if bucket.padding is not None:
                 assert torch.equal(bucket.padding, ~real)
-    assert torch.equal(segment_lengths(layer.buckets, kept.numel(), "cpu"), lengths)
+    starts, spans = segment_spans(layer.buckets, kept.numel(), "cpu")
+    assert torch.equal(spans, lengths) and torch.equal(starts[lengths > 0], offsets[lengths > 0])
     generator = torch.Generator().manual_seed(len(selection))
     for q_len in (1, 2):
         query = torch.randn(len(selection), 8, q_len, 16, generator=generator, dtype=torch.float64)
         got = headwise_attention(query, entries_of(layer), 0.25)
-        fresh = headwise_attention(query, entries_of(layer, plan_segments(kept)), 0.25)
-        want = reference_attention(query, layer.keys, layer.values, kept, layer.tail_keys, layer.tail_values, 0.25)
+        fresh = headwise_attention(query, entries_of(layer, plan_segments(kept, offsets=layer.offsets())), 0.25)
+        want = reference_attention(query, layer.keys, layer.values, kept, layer.offsets(), layer.tail_keys,
+                                   layer.tail_values, 0.25)
         torch.testing.assert_close(got, fresh, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
@@ -111,24 +113,25 @@ def test_repeated_selections_keep_remapping_exactly():
         rows = [rows[i] for i in selection]
         kept = KEPT[rows]
         query = torch.randn(len(rows), 8, 1, 16, dtype=torch.float64)
+        fresh = plan_segments(kept, offsets=layer.offsets())
         torch.testing.assert_close(headwise_attention(query, entries_of(layer), 0.3),
-                                   headwise_attention(query, entries_of(layer, plan_segments(kept)), 0.3),
-                                   atol=1e-12, rtol=1e-12)
+                                   headwise_attention(query, entries_of(layer, fresh), 0.3), atol=1e-12, rtol=1e-12)
     assert layer.rows == 1 and torch.equal(layer.kept, KEPT[[rows[0]]])
 
 
 def test_flex_block_mask_from_device_tensors_equals_the_loop_after_a_selection():
-    """The block mask built from the remapped plan's segment lengths (device ops, nothing read back) lists,
-    per query head, exactly the blocks its segment overlaps and keeps only its entries."""
+    """The block mask built from the remapped plan's segment spans (device ops, nothing read back) lists, per
+    query head, exactly the blocks its segment overlaps and keeps only its entries (rows sharing entries, a
+    row's storage no longer read)."""
     kept = torch.tensor([[130, 0, 5, 300], [1, 256, 127, 129], [64, 64, 64, 64]])
     layer = layer_of(kept, kv_heads=2, tail=1)
-    layer.batch_select_indices(torch.tensor([2, 1, 1]))
+    layer.batch_select_indices(torch.tensor([2, 1, 1]))  # row 0 gone, row 1 twice: shared, not copied
     kept = kept[[2, 1, 1]]
-    lengths = segment_lengths(layer.buckets, kept.numel(), "cpu")
-    assert torch.equal(lengths, kept.reshape(-1))
-    total = int(kept.sum())
-    mask = segment_block_mask(lengths.view(kept.shape), 8, 1, total)
-    offsets = lengths.cumsum(0) - lengths
+    starts, lengths = segment_spans(layer.buckets, kept.numel(), "cpu")
+    offsets = layer.offsets().reshape(-1)
+    assert torch.equal(lengths, kept.reshape(-1)) and torch.equal(starts[lengths > 0], offsets[lengths > 0])
+    total = layer.keys.shape[0]
+    mask = segment_block_mask(starts.view(kept.shape), lengths.view(kept.shape), 8, 1, total)
     counts, indices = mask.kv_num_blocks[0, :, 0], mask.kv_indices[0, :, 0]
     blocks = (total + 127) // 128
     for head in range(kept.shape[0] * 8):
@@ -142,13 +145,13 @@ def test_flex_block_mask_from_device_tensors_equals_the_loop_after_a_selection()
 def test_the_tail_grows_in_place_bit_identical_to_concatenation():
     """Decode-sized and question-sized appends across the buffer's reserve, with rows leaving and repeating in
     between: the tail equals torch.cat growth bit for bit, and its buffer is reused while it has room."""
-    from headscore.core.kv_cache import RESERVE
+    from headscore.compression.cache import TAIL_ROOM
 
     layer = layer_of(torch.tensor([[4, 2], [3, 3], [1, 6]]), kv_heads=2, tail=0, dim=8)
     want_keys, want_values = layer.tail_keys.clone(), layer.tail_values.clone()
     generator = torch.Generator().manual_seed(1)
     pointers = set()
-    for step in range(RESERVE + 40):
+    for step in range(300):
         new = 5 if step == 0 else 1
         keys, values = (torch.randn(layer.rows, 2, new, 8, generator=generator, dtype=torch.float64)
                         for _ in range(2))
@@ -161,8 +164,9 @@ def test_the_tail_grows_in_place_bit_identical_to_concatenation():
             layer.batch_select_indices(selection)
             want_keys, want_values = want_keys[selection], want_values[selection]
             assert torch.equal(layer.tail_keys, want_keys)
-    assert len(pointers) <= 4  # reallocated only at the two selections and when the reserve ran out
-    assert layer.generated == want_keys.shape[2] == RESERVE + 44
+    # reallocated at the two selections and when the room ran out (doubling from TAIL_ROOM): a few times
+    assert len(pointers) <= 2 + 2 + (300 // TAIL_ROOM).bit_length()
+    assert layer.generated == want_keys.shape[2] == 304
 
 
 def test_the_kernel_is_chosen_once_per_cache(monkeypatch):

@@ -19,9 +19,9 @@ built (`HeadwiseEntries.kernel`): `HEADSCORE_DECODE_KERNEL=auto` (default: flex 
 process is checked against the buckets; if compiling flex fails or the two disagree, the buckets take over with
 one warning.
 
-When rows leave or repeat (`select_plan`), the plan is remapped, not planned again: each bucket keeps its
-segments of the rows still there, its gather index moved to their new storage; the flex block mask is rebuilt
-from device tensors. Neither reads anything back from the device.
+When rows leave or repeat (`select_plan`), nothing is copied and nothing planned again: the storage stays (a
+repeated row reads the same entries, a row gone is no longer read), each bucket keeps its segments of the rows
+still there; the flex block mask is rebuilt from device tensors. Neither reads anything back from the device.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ class Bucket:
 
 
 def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
-                  overhead: int = BUCKET_OVERHEAD) -> list[Bucket]:
-    """Buckets for the segments of `kept` (CPU int64 `[rows, heads]`, entries per (row, cache head), stored
-    row-major then head-major, each segment's entries consecutive).
+                  overhead: int = BUCKET_OVERHEAD, offsets: torch.Tensor | None = None) -> list[Bucket]:
+    """Buckets for the segments of `kept` (CPU int64 `[rows, heads]`, entries per (row, cache head), each
+    segment's entries consecutive, a row's segments one after another), stored from `offsets` (CPU int64
+    `[rows, heads]`; None: row-major then head-major from 0, as a cache is built).
 
     A row whose heads all keep the same count is one view bucket. The other segments, sorted by length, are
     cut where it minimizes the summed cost of the buckets (a dynamic program over the sorted lengths; a bucket
@@ -80,7 +81,8 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     """
     rows, heads = kept.shape
     lengths = kept.reshape(-1)
-    offsets = (lengths.cumsum(0) - lengths).tolist()
+    starts = lengths.cumsum(0) - lengths if offsets is None else offsets.reshape(-1)
+    offsets_of = starts.tolist()
     length_of = lengths.tolist()  # Python ints once, not one tensor read per segment
     buckets: list[Bucket] = []
     ragged: list[int] = []
@@ -88,7 +90,7 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         counts = kept[row]
         if int(counts[0]) > 0 and bool((counts == counts[0]).all()):
             segments = torch.arange(row * heads, (row + 1) * heads)
-            buckets.append(Bucket(segments.to(device), int(counts[0]), start=offsets[row * heads], first=row * heads,
+            buckets.append(Bucket(segments.to(device), int(counts[0]), start=offsets_of[row * heads], first=row * heads,
                                   host=segments))
         else:
             ragged.extend(s for s in range(row * heads, (row + 1) * heads) if length_of[s] > 0)
@@ -110,14 +112,13 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         width = sizes[end - 1]
         if end - begin == 1:  # one segment: a view of its entries
             segment = ragged[begin]
-            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets[segment],
+            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets_of[segment],
                                   first=segment, host=torch.tensor([segment])))
             continue
         segments = torch.tensor(ragged[begin:end])
         slots = torch.arange(width)[None, :]
         counts = lengths[segments][:, None]
-        index = (torch.tensor([offsets[s] for s in ragged[begin:end]])[:, None] + slots).masked_fill(slots >= counts,
-                                                                                                     0)
+        index = (starts[segments][:, None] + slots).masked_fill(slots >= counts, 0)
         padding = slots >= counts
         buckets.append(Bucket(segments.to(device), width, index=index.reshape(-1).to(device),
                               padding=padding.to(device) if bool(padding.any()) else None, host=segments))
@@ -133,64 +134,74 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def select_plan(buckets: list[Bucket], kept: torch.Tensor, indices: torch.Tensor,
+def select_plan(buckets: list[Bucket], kept: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
                 device: torch.device | str = "cpu") -> list[Bucket]:
     """The plan of rows `indices` (CPU int64 `[rows']`, any order, repeats allowed) of the segments `kept` (CPU
-    int64 `[rows, heads]`) that `buckets` plan, their storage being the chosen rows' entries one after another
-    (`HeadwiseLayer.batch_select_indices`).
+    int64 `[rows, heads]`, stored from `offsets`, CPU int64 `[rows, heads]`) that `buckets` plan; the storage
+    is not moved (`HeadwiseLayer.batch_select_indices`): a repeated row reads the same entries.
 
     No dynamic program: a view bucket becomes one view per occurrence of its row; a gathered bucket keeps its
-    segments of the chosen rows (each as often as its row is chosen), its gather index shifted to their new
-    storage and its width cut to its longest remaining segment (one remaining segment: a view). Host work is
-    on `kept` and the buckets' CPU segments only; the device derives the new index and padding from the old
-    ones (nothing is read back)."""
+    segments of the chosen rows (each as often as its row is chosen) with their gather index, its width cut to
+    its longest remaining segment (one remaining segment: a view). Host work is on `kept`, `offsets` and the
+    buckets' CPU segments only; the device picks rows of the old index and padding (nothing is read back)."""
     heads = kept.shape[1]
-    lengths = kept.reshape(-1)
-    offsets = lengths.cumsum(0) - lengths
-    chosen = kept[indices].reshape(-1)
-    new_offsets = chosen.cumsum(0) - chosen
+    lengths, starts = kept.reshape(-1), offsets.reshape(-1)
     out: list[Bucket] = []
+    gathered = []
     for bucket in buckets:
+        if bucket.start < 0:
+            gathered.append(bucket)
+            continue
+        # views of one row's consecutive segments: consecutive wherever the row lands
         host = bucket.host
-        # (i, p): segment i of the bucket is in row p of the selection (i ascending, then p)
-        pairs = (indices[None, :] == (host // heads)[:, None]).nonzero()
-        if pairs.shape[0] == 0:
+        count, head = host.shape[0], int(host[0]) % heads
+        for p in (indices == int(host[0]) // heads).nonzero().flatten().tolist():
+            first = p * heads + head
+            out.append(Bucket(torch.arange(first, first + count, device=device), bucket.width,
+                              start=bucket.start, first=first, host=torch.arange(first, first + count)))
+    if not gathered:
+        return out
+    # every gathered bucket's segments at once: (i, p) = segment i (of all, bucket by bucket) lands in row p
+    hosts = torch.cat([bucket.host for bucket in gathered])
+    sizes_of = torch.tensor([bucket.host.shape[0] for bucket in gathered])
+    owner = torch.repeat_interleave(torch.arange(len(gathered)), sizes_of)
+    pairs = (indices[None, :] == (hosts // heads)[:, None]).nonzero()
+    which = owner[pairs[:, 0]]
+    segments = pairs[:, 1] * heads + hosts[pairs[:, 0]] % heads
+    pick = pairs[:, 0] - (sizes_of.cumsum(0) - sizes_of)[which]  # the segment's row in its old bucket
+    sizes = lengths[hosts[pairs[:, 0]]]
+    counts = torch.bincount(which, minlength=len(gathered))
+    widths = torch.zeros(len(gathered), dtype=torch.long).scatter_reduce_(0, which, sizes, "amax")
+    padded = torch.zeros(len(gathered), dtype=torch.bool).scatter_reduce_(0, which, sizes < widths[which], "amax")
+    on_device = to_device(torch.stack([segments, pick]), device)  # one copy to the device for the whole layer
+    end = 0
+    for bucket, count, width, has_padding in zip(gathered, counts.tolist(), widths.tolist(), padded.tolist(),
+                                                 strict=True):
+        begin, end = end, end + count
+        if count == 0:
             continue
-        pick, position = pairs[:, 0], pairs[:, 1]
-        segments = position * heads + host[pick] % heads
-        if bucket.start >= 0:  # views of one row's consecutive segments: consecutive wherever the row lands
-            count, head = host.shape[0], int(host[0]) % heads
-            for p in (indices == int(host[0]) // heads).nonzero().flatten().tolist():
-                first = p * heads + head
-                out.append(Bucket(torch.arange(first, first + count, device=device), bucket.width,
-                                  start=int(new_offsets[first]), first=first, host=torch.arange(first, first + count)))
-            continue
-        sizes = chosen[segments]
-        width = int(sizes.max())
-        if segments.shape[0] == 1:
-            segment = int(segments[0])
-            out.append(Bucket(to_device(segments, device), width, start=int(new_offsets[segment]), first=segment,
-                              host=segments))
+        if count == 1:  # one segment left: a view of its entries
+            out.append(Bucket(on_device[0, begin:end], width, start=int(starts[hosts[pairs[begin, 0]]]),
+                              first=int(segments[begin]), host=segments[begin:end]))
             continue
         assert bucket.index is not None  # a gathered bucket always has its index
-        shift = new_offsets[segments] - offsets[host[pick]]
-        rows_on_device = to_device(pick, device)
-        index = bucket.index.view(-1, bucket.width)[rows_on_device, :width] + to_device(shift, device)[:, None]
+        rows = on_device[1, begin:end]
+        index = bucket.index.view(-1, bucket.width)[rows, :width]
         padding = None
-        if bool((sizes < width).any()):  # host values: `sizes` is CPU
+        if has_padding:
             assert bucket.padding is not None  # shorter segments than the width were padded before
-            padding = bucket.padding[rows_on_device, :width]
-            index = index.masked_fill_(padding, 0)
-        out.append(Bucket(to_device(segments, device), width, index=index.reshape(-1), padding=padding,
-                          host=segments))
+            padding = bucket.padding[rows, :width]
+        out.append(Bucket(on_device[0, begin:end], width, index=index.reshape(-1), padding=padding,
+                          host=segments[begin:end]))
     return out
 
 
 @dataclass(frozen=True)
 class HeadwiseEntries:
     """What a compressed layer hands the attention function at decode (its `update`'s return): the kept prompt
-    entries `keys`/`values` `[total, d]` (segments of (row, cache head), row-major), their `buckets`, the number
-    of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t, d]`. `bias`
+    entries `keys`/`values` `[total, d]` (one run of entries per (row, cache head); their `buckets` say where),
+    the number of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t,
+    d]`. `bias`
     float32 `[total]` (or None): added to each entry's logits (a summary entry standing for c tokens carries
     log c: RazorAttention's compensation token)."""
 
@@ -241,44 +252,53 @@ def _compiled_flex() -> Any:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def segment_block_mask(kept: torch.Tensor, q_heads: int, q_len: int, total: int) -> Any:
-    """The flex `BlockMask` of the prompt part, for `kept` (int64 `[rows, heads]` on the attention's device,
-    segments stored row-major, `total` entries in all) and flattened query heads `rows · q_heads` (query head
-    h of row r reads segment r · heads + h // (q_heads // heads)): each query head lists the
-    `FLEX_BLOCK`-entry blocks its segment overlaps (its first to its last), and the mask keeps, inside them,
-    only its segment's entries. Built on the device from `kept` and `total`: nothing is read back."""
+def segment_block_mask(starts: torch.Tensor, lengths: torch.Tensor, q_heads: int, q_len: int, total: int) -> Any:
+    """The flex `BlockMask` of the prompt part, for segments (row, cache head) stored from `starts` with
+    `lengths` entries (int64 `[rows, heads]` on the attention's device; `total` stored entries in all) and
+    flattened query heads `rows · q_heads` (query head h of row r reads segment r · heads + h // (q_heads //
+    heads)): each query head lists the `FLEX_BLOCK`-entry blocks its segment overlaps (its first to its last),
+    and the mask keeps, inside them, only its segment's entries (rows may share entries, and entries of rows
+    gone stay unread). Built on the device: nothing is read back."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    rows, heads = kept.shape
-    device = kept.device
-    lengths = kept.reshape(-1)
-    offsets = lengths.cumsum(0) - lengths
-    segment = torch.arange(rows * heads, device=device).repeat_interleave(q_heads // heads)  # [rows · q_heads]
-    first, last = offsets[segment] // FLEX_BLOCK, (offsets[segment] + lengths[segment] - 1) // FLEX_BLOCK
-    count = torch.where(lengths[segment] > 0, last - first + 1, 0)
+    rows, heads = lengths.shape
+    group = q_heads // heads
+    start = starts.reshape(-1).repeat_interleave(group)  # [rows · q_heads]
+    count_entries = lengths.reshape(-1).repeat_interleave(group)
+    end = start + count_entries
+    first, last = start // FLEX_BLOCK, (end - 1) // FLEX_BLOCK
+    count = torch.where(count_entries > 0, last - first + 1, 0)
     # BlockMask's documented layout: one row of `kv_blocks` indices per query head, the first `count` listed
     widest = max((total + FLEX_BLOCK - 1) // FLEX_BLOCK, 1)
-    blocks = (first[:, None] + torch.arange(widest, device=device)[None]).clamp(max=widest - 1)
-    entry_segment = torch.repeat_interleave(torch.arange(rows * heads, device=device), lengths, output_size=total)
+    blocks = (first[:, None] + torch.arange(widest, device=lengths.device)[None]).clamp(max=widest - 1)
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return entry_segment[kv_idx] == segment[h]
+        return (kv_idx >= start[h]) & (kv_idx < end[h])
 
     return BlockMask.from_kv_blocks(count.view(1, -1, 1).to(torch.int32), blocks.view(1, -1, 1, widest).to(torch.int32),
                                     BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, max(total, 1)),
                                     compute_q_blocks=False)  # inference: no backward's query-block lists
 
 
-def segment_lengths(buckets: list[Bucket], segments: int, device: torch.device | str) -> torch.Tensor:
-    """int64 `[segments]` on `device`: the entries of each segment, read from its bucket's width less its
-    padding (0: in no bucket); device ops only."""
+def segment_spans(buckets: list[Bucket], segments: int, device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 `[segments]` storage start and entries of each segment on `device`, read from its bucket (a view's
+    start and width, a gathered segment's first index and unpadded slots; 0, 0: in no bucket); device ops only."""
+    starts = torch.zeros(segments, dtype=torch.long, device=device)
     lengths = torch.zeros(segments, dtype=torch.long, device=device)
     for bucket in buckets:
-        width = torch.full((bucket.segments.shape[0],), bucket.width, device=device)
+        count = bucket.segments.shape[0]
+        width = torch.full((count,), bucket.width, device=device)
+        if bucket.start >= 0:
+            first = bucket.start + torch.arange(count, device=device) * bucket.width
+        else:
+            assert bucket.index is not None  # a gathered bucket always has its index
+            first = bucket.index.view(count, bucket.width)[:, 0]
         if bucket.padding is not None:
             width = width - bucket.padding.sum(-1)
+        starts.index_copy_(0, bucket.segments, first)
         lengths.index_copy_(0, bucket.segments, width)
-    return lengths
+    return starts, lengths
 
 
 def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float, softcap: float | None,
@@ -290,9 +310,10 @@ def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float
 
     rows, q_heads, q_len, dim = query.shape
     if q_len not in entries.flex_masks:
-        kept = segment_lengths(entries.buckets, rows * entries.heads, query.device).view(rows, entries.heads)
-        empty = (kept.reshape(-1) == 0).repeat_interleave(q_heads // entries.heads)
-        entries.flex_masks[q_len] = (segment_block_mask(kept, q_heads, q_len, entries.keys.shape[0]), empty)
+        starts, kept = segment_spans(entries.buckets, rows * entries.heads, query.device)
+        empty = (kept == 0).repeat_interleave(q_heads // entries.heads)
+        entries.flex_masks[q_len] = (segment_block_mask(starts.view(rows, -1), kept.view(rows, -1), q_heads, q_len,
+                                                        entries.keys.shape[0]), empty)
     block_mask, empty = entries.flex_masks[q_len]
     bias = entries.bias
 

@@ -49,9 +49,10 @@ from headscore.compression.attention import (
 )
 from headscore.compression.presses import Press, kept_positions, window_scores
 from headscore.core.errors import HeadscoreError
-from headscore.core.kv_cache import extend_buffer
+from headscore.core.kv_cache import extend_buffer, select_rows
 from headscore.core.model import FULL_ATTENTION, Geometry
 
+TAIL_ROOM = 32  # tokens of room at least when a compressed layer's tail buffer is (re)allocated (else doubled)
 # (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
 #  perf_counter() when the scoring began)
 Recorded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one prompt's keys, values [kv_heads, n, d], window scores
@@ -230,6 +231,10 @@ class HeadwiseLayer(CacheLayerMixin):
         self.generated = tail_keys.shape[2]
         self.selection_seconds = selection_seconds
         self.bias = bias  # float32 [total] logit bias of summary entries (a press's `summary_entries`), or None
+        # CPU int64 [rows]: where each row's entries start in `keys` (row-major when built; rows that leave or
+        # repeat move nothing, `batch_select_indices`)
+        totals = kept.sum(dim=1)
+        self.row_starts = totals.cumsum(0) - totals
         self.buckets = plan_segments(kept, keys.device)
         self.flex_masks: dict[int, Any] = {}  # the flex decode kernel's block masks, for these rows
         self.kernel = decode_kernel(keys.device)  # chosen once, not per step
@@ -281,8 +286,9 @@ class HeadwiseLayer(CacheLayerMixin):
                                  f"{key_states.shape[0]}")
         keys, values = self._tail
         end = self.generated + key_states.shape[2]
-        self._tail = (extend_buffer(keys, self.generated, key_states), extend_buffer(values, self.generated,
-                                                                                     value_states))
+        room = max(TAIL_ROOM, end)  # doubling: a compressed cache's tail may outgrow its prompt entries
+        self._tail = (extend_buffer(keys, self.generated, key_states, room),
+                      extend_buffer(values, self.generated, value_states, room))
         self.generated = end
         entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
                                   self.tail_values, self.bias, self.flex_masks, self.kernel)
@@ -337,24 +343,28 @@ class HeadwiseLayer(CacheLayerMixin):
             count += int(segments.shape[0]) * bucket.width * slot
         return count
 
+    def offsets(self) -> torch.Tensor:
+        """CPU int64 `[rows, heads]`: where each (row, cache head)'s entries start in `keys`."""
+        return self.row_starts[:, None] + self.kept.cumsum(dim=1) - self.kept
+
+    def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `row`'s kept prompt keys and values `[Σ kept[row], d]` (head-major, each head's positions in order,
+        as built): views of the storage."""
+        start, count = int(self.row_starts[row]), int(self.kept[row].sum())
+        return self.keys[start:start + count], self.values[start:start + count]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (in that order; repeats allowed): their entries, tails (with the
-        buffers' room) and plan (`select_plan`: remapped, not planned again). CPU `indices` read nothing back
-        from the device (`HeadwiseCache.batch_select_indices` hands every layer CPU indices)."""
+        """Keep only the rows `indices` (in that order; repeats allowed). The kept entries are not moved (a
+        repeated row reads the same storage; a row gone is no longer read, its storage freed with the layer) and
+        the plan is remapped (`select_plan`, no new plan); the tails keep their generated tokens of those rows
+        (and their room). CPU `indices` read nothing back from the device (`HeadwiseCache.batch_select_indices`
+        hands every layer CPU indices)."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        totals = self.kept.sum(dim=1)
-        starts = totals.cumsum(0) - totals
-        counts = totals[indices]
-        shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
-        entries = to_device(torch.arange(int(counts.sum())) + shift, self.keys.device)
-        self.keys, self.values = self.keys[entries], self.values[entries]
-        if self.bias is not None:
-            self.bias = self.bias[entries]
-        self.buckets = select_plan(self.buckets, self.kept, indices, self.keys.device)
-        self.kept = self.kept[indices]
+        self.buckets = select_plan(self.buckets, self.kept, self.offsets(), indices, self.keys.device)
+        self.kept, self.row_starts = self.kept[indices], self.row_starts[indices]
         self.lengths = [self.lengths[i] for i in indices.tolist()]
         on_device = to_device(indices, self._tail[0].device)
-        self._tail = (self._tail[0][on_device], self._tail[1][on_device])
+        self._tail = tuple(select_rows(part, self.generated, on_device) for part in self._tail)  # type: ignore[assignment]
         self.flex_masks = {}
 
     def fork(self) -> HeadwiseLayer:
@@ -362,7 +372,8 @@ class HeadwiseLayer(CacheLayerMixin):
         copy; nothing modifies them in place), the tail its own (a copy of this one's, empty after
         compression)."""
         forked = copy.copy(self)
-        forked._tail = tuple(part[:, :, :self.generated].clone() for part in self._tail)  # type: ignore[assignment]
+        rows = torch.arange(self.rows, device=self._tail[0].device)
+        forked._tail = tuple(select_rows(part, self.generated, rows) for part in self._tail)  # type: ignore[assignment]
         forked.flex_masks = dict(self.flex_masks)
         return forked
 

@@ -22,19 +22,29 @@ from transformers.cache_utils import DynamicLayer
 RESERVE = 256  # tokens of room added whenever the buffer is (re)allocated
 
 
-def extend_buffer(buffer: torch.Tensor | None, length: int, states: torch.Tensor) -> torch.Tensor:
+def extend_buffer(buffer: torch.Tensor | None, length: int, states: torch.Tensor, room: int = RESERVE
+                  ) -> torch.Tensor:
     """Write `states` `[rows, heads, tokens, d]` after the first `length` tokens of `buffer` `[rows, heads,
-    capacity, d]` and return the buffer: in place when it has room, else a new buffer with `RESERVE` tokens of
+    capacity, d]` and return the buffer: in place when it has room, else a new buffer with `room` tokens of
     room more, holding `buffer`'s first `length` tokens (None: no cached tokens). Views of its first tokens
     then read exactly what `torch.cat` would have built."""
     end = length + states.shape[2]
     if buffer is None or buffer.shape[2] < end:
-        grown = states.new_empty(states.shape[0], states.shape[1], end + RESERVE, states.shape[3])
+        grown = states.new_empty(states.shape[0], states.shape[1], end + room, states.shape[3])
         if length and buffer is not None:
             grown[:, :, :length].copy_(buffer[:, :, :length])
         buffer = grown
     buffer[:, :, length:end].copy_(states)
     return buffer
+
+
+def select_rows(buffer: torch.Tensor, length: int, indices: torch.Tensor) -> torch.Tensor:
+    """A new buffer of rows `indices` (on the buffer's device; repeats allowed) of `buffer` `[rows, heads,
+    capacity, d]`, as much room, holding their first `length` tokens: only those are copied."""
+    selected = buffer.new_empty(indices.shape[0], *buffer.shape[1:])
+    if length:
+        torch.index_select(buffer[:, :, :length], 0, indices, out=selected[:, :, :length])
+    return selected
 
 
 class GrowingLayer(DynamicLayer):
@@ -84,8 +94,8 @@ class GrowingLayer(DynamicLayer):
         if self.get_seq_length() > 0 and self._holds_views():
             assert self._key_buffer is not None and self._value_buffer is not None
             length = self.get_seq_length()
-            self._key_buffer = self._key_buffer[indices.to(self._key_buffer.device)]
-            self._value_buffer = self._value_buffer[indices.to(self._value_buffer.device)]
+            self._key_buffer = select_rows(self._key_buffer, length, indices.to(self._key_buffer.device))
+            self._value_buffer = select_rows(self._value_buffer, length, indices.to(self._value_buffer.device))
             self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
         else:
             super().batch_select_indices(indices)
