@@ -180,3 +180,25 @@ def test_the_kernel_is_chosen_once_per_cache(monkeypatch):
     entries, _ = layer.update(keys, keys)
     headwise_attention(torch.randn(KEPT.shape[0], 8, 1, 16, dtype=torch.float64), entries, 0.25)
     assert entries.kernel == "flex" and 1 in layer.flex_masks  # flex ran: its block mask was built
+
+
+def test_rows_leaving_and_the_flex_mask_read_nothing_back_from_the_device():
+    """The decode side's device tensors on the `meta` device (shapes, no values: any read of a value raises):
+    a row selection (remapped plan, tails) and the flex block mask of its plan run on the bookkeeping kept on
+    the host, reading back no device tensor (what would be a synchronization on CUDA)."""
+    kept = KEPT
+    total, rows = int(kept.sum()), kept.shape[0]
+    keys = torch.empty(total, 16, device="meta")
+    tail = torch.empty(rows, 4, 3, 16, device="meta")
+    layer = HeadwiseLayer(keys, keys.clone(), kept, 100, [100] * rows, tail, tail.clone())
+    assert layer.kernel == "buckets" and all(b.segments.device.type == "meta" for b in layer.buckets)
+    layer.batch_select_indices(torch.tensor([4, 2, 2, 0]))
+    layer.batch_select_indices(torch.tensor([3, 1, 0]))
+    token = torch.empty(3, 4, 1, 16, device="meta")
+    entries, _ = layer.update(token, token)
+    assert entries.tail_keys.shape == (3, 4, 4, 16) and layer.keys.shape[0] == total
+    starts, lengths = segment_spans(layer.buckets, 3 * 8, "meta")
+    mask = segment_block_mask(starts.view(3, 8), lengths.view(3, 8), 16, 1, total)
+    assert mask.kv_num_blocks.shape == (1, 48, 1)
+    host = torch.cat([b.host for b in layer.buckets]).sort().values  # the same plan on the CPU, checked
+    assert host.tolist() == [s for s in range(24) if int(KEPT[[0, 2, 4]].reshape(-1)[s]) > 0]

@@ -9,7 +9,16 @@ from transformers import AttentionInterface, DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION, HeadwiseEntries, headwise_attention, plan_segments
 from headscore.compression.cache import HeadwiseCache
-from headscore.compression.generation import _forward, answer_after, decode_rows, fork, prefill_compressed
+from headscore.compression.generation import (
+    _forward,
+    answer_after,
+    compress_rows,
+    compress_state,
+    decode_rows,
+    fork,
+    prefill,
+    prefill_compressed,
+)
 from headscore.compression.presses import make_press
 from headscore.core.attention import use_attention
 from headscore.core.decoding import StopRule
@@ -143,10 +152,33 @@ def test_a_fork_shares_the_compressed_entries_and_has_its_own_tail(model, random
     assert all(layer.generated == 0 for layer in cache.layers)
     two = fork(cache)
     two.batch_select_indices(torch.tensor([0, 0]))
-    with pytest.raises(HeadscoreError, match="one compressed context"):
+    with pytest.raises(HeadscoreError, match="2 compressed contexts for 1 questions"):
         answer_after(model, two, [torch.tensor([5])], StopRule(1))
     with pytest.raises(HeadscoreError, match="one stop rule per question"):
         answer_after(model, cache, [torch.tensor([5]), torch.tensor([6])], [StopRule(1)])
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_one_question_per_row_of_a_batch_of_contexts_equals_each_alone(model, full, random_scores):
+    """A cache of rows (two methods on one context, then contexts of different lengths, left padded): row i
+    asked question i answers as its own one-row cache does."""
+    geometry = Geometry.from_config(model.config)
+    torch.manual_seed(7)
+    contexts = [torch.randint(3, 128, (n,)) for n in (48, 61)]
+    questions = [torch.randint(3, 128, (n,)) for n in (6, 4)]
+    presses = ([press_of("full", geometry, 0, random_scores)] * 2 if full else
+               [press_of("snapkv", geometry, 12, random_scores), press_of("headkv", geometry, 20, random_scores)])
+    rules = [StopRule(5), StopRule(7)]
+    states = [prefill(model, context[None], window=4) for context in contexts]
+    alone = [answer_after(model, compress_state(state, press), [question], rule)[0][0]
+             for state, press, question, rule in zip(states, presses, questions, rules, strict=True)]
+    if not full:  # two methods as rows of one cache of the first context
+        one = [answer_after(model, compress_state(states[0], press), [question], rule)[0][0]
+               for press, question, rule in zip(presses, questions, rules, strict=True)]
+        assert answer_after(model, compress_state(states[0], presses), questions, rules)[0] == one
+    padded = compress_rows(list(zip(states, presses, strict=True)))
+    got, _ = answer_after(model, padded, questions, rules, lengths=[state.length for state in states])
+    assert got == alone
 
 
 def test_a_query_that_sees_nothing_gets_zeros_not_nan():

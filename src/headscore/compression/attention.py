@@ -129,9 +129,9 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A small CPU tensor on `device` without waiting for the device's queued work (pinned, non-blocking: a
     plain copy to CUDA would synchronize)."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def select_plan(buckets: list[Bucket], kept: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,

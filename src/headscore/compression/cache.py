@@ -11,16 +11,21 @@ Each layer goes through two objects:
   head for query-granularity budgets) it stores only the prompt entries that head kept, flattened:
   `keys`, `values` `[total_kept, head_dim]`, the segments of row 0's heads 0, 1, ..., then row 1's, ..., each
   segment's entries in original order (so their RoPE positions are the original ones); `kept` CPU int64
-  `[rows, heads]` entries per segment; `tail_keys`, `tail_values` `[rows, kv_heads, generated, head_dim]` the
-  dense tail of generated tokens of each row (every head attends to its row's generated tokens). Its `update`
+  `[rows, heads]` entries per segment, `row_starts` CPU int64 `[rows]` where each row's segments start;
+  `tail_keys`, `tail_values` `[rows, kv_heads, generated, head_dim]` the dense tail of generated tokens of each
+  row (every head attends to its row's generated tokens), views of buffers grown in place. Its `update`
   appends to the tail and returns the `HeadwiseEntries` the decode attention reads.
 
 Storage is Σ kept over rows and heads × head_dim × 2 × dtype size plus the tails: no padding to the largest head
 or row, no mask. Rows may hold different prompts (left padded, with an `attention_mask`: a padded position is
-never kept nor counted in a budget) and different presses (one per row); finished rows can be dropped
-(`batch_select_indices`). A hybrid model's sliding-window layers keep transformers' own bounded cache layer
-(`HeadwiseCache.make_layer`); budgets, presses and the KV report's compressed entries cover the full-attention
-layers, whose compressed slot (`PrefillLayer.index`, `Geometry.compressed_layers`) is the row of the budgets.
+never kept nor counted in a budget) and different presses (one per row); finished rows can be dropped and rows
+repeated (`batch_select_indices`): no kept entry moves (a repeated row reads the same entries; a dropped row's
+are no longer read and go with the layer) and the decode plan is remapped, not planned again. `fork` gives a
+cache sharing the kept entries with its own tails (one compressed context, several questions:
+`headscore.compression.generation.answer_after`). A hybrid model's sliding-window layers keep transformers' own
+bounded cache layer (`HeadwiseCache.make_layer`); budgets, presses and the KV report's compressed entries cover
+the full-attention layers, whose compressed slot (`PrefillLayer.index`, `Geometry.compressed_layers`) is the row
+of the budgets.
 """
 
 from __future__ import annotations

@@ -314,17 +314,19 @@ def fork(cache: Any) -> Any:
     return forked
 
 
-def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rules: StopRule | Sequence[StopRule]
-                 ) -> tuple[list[list[int]], float]:
+def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rules: StopRule | Sequence[StopRule],
+                 lengths: Sequence[int] | None = None) -> tuple[list[list[int]], float]:
     """Answer `questions` after a compressed context: `(tokens per question, seconds)`.
 
-    `cache`: one row, the context alone prefilled and compressed (`prefill_compressed`, `compress_state`), not
-    modified. `questions`: 1-D ids each (the question and answer prefix that follow the context), any lengths.
-    They are prefilled together as rows of a `fork` (the row repeated: the kept entries shared), left padded to
-    the longest with an attention mask (each row's positions follow the context's), then decoded greedily by
-    `decode_rows`, question `i` ending on `rules[i]` (one rule: every question's). Exact: each question's
-    tokens are those of its own prefill on the compressed context. `seconds`: prefill of the questions and
-    decode, wall time.
+    `cache`: the context(s) alone prefilled and compressed (`prefill_compressed`, `compress_state`,
+    `compress_rows`), not modified: one row, asked every question (the row repeated in a `fork`, its kept
+    entries shared), or one row per question (e.g. one per method, `compress_state(state, presses)`; contexts of
+    different lengths left padded: give each row's real context length in `lengths`, as to `decode_rows`).
+    `questions`: 1-D ids each (the question and answer prefix that follow the context), any lengths; they are
+    prefilled together on a fork, left padded to the longest with an attention mask (each row's positions
+    follow its own context), then decoded greedily by `decode_rows`, question `i` ending on `rules[i]` (one
+    rule: every question's). Exact: each question's tokens are those of its own prefill on its compressed
+    context. `seconds`: prefill of the questions and decode, wall time.
     """
     rules = [rules] * len(questions) if isinstance(rules, StopRule) else list(rules)
     if not questions or len(rules) != len(questions):
@@ -333,12 +335,15 @@ def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rule
     if any(question.numel() == 0 for question in questions):
         raise HeadscoreError("a question is empty")
     rows = cache.rows if isinstance(cache, HeadwiseCache) else cache.layers[0].keys.shape[0]
-    if rows != 1:
-        raise HeadscoreError(f"answer_after takes a cache of one compressed context, this one holds {rows} rows")
+    if rows not in (1, len(questions)):
+        raise HeadscoreError(f"the cache holds {rows} compressed contexts for {len(questions)} questions: give "
+                             "one context, or one per question")
+    if lengths is not None and len(lengths) != rows:
+        raise HeadscoreError(f"{len(lengths)} context lengths for a cache of {rows} rows")
     device = input_device(model)
     began = time.perf_counter()
     work = fork(cache)
-    if len(questions) > 1:
+    if rows == 1 and len(questions) > 1:
         work.batch_select_indices(torch.zeros(len(questions), dtype=torch.long, device=device))
     cached, longest = cache.get_seq_length(), max(question.numel() for question in questions)
     ids = torch.zeros(len(questions), longest, dtype=torch.long, device=device)
@@ -347,7 +352,9 @@ def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rule
         pad = longest - question.numel()
         ids[row, pad:] = question.reshape(-1).to(device)
         mask[row, cached:cached + pad] = 0
-    padded = any(question.numel() < longest for question in questions)
+        if lengths is not None:
+            mask[row, :cached - lengths[0 if rows == 1 else row]] = 0
+    padded = not bool(mask.all())
     logits, _ = _forward(model, ids, work, mask if padded else None)
     tokens, _ = decode_rows(model, work, logits, rules, mask=mask if padded else None)
     _sync(device)
