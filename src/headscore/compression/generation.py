@@ -12,6 +12,11 @@ full keys/values and window scores):
 per condition (a cache of several rows: `compress_state(state, [press, ...])`), each row ending on its own
 `StopRule` and dropped from the batch when it does; `decode` is its one-row form. `compress_generate` does it
 all for a context and a question and returns the answer with a `KVReport`.
+
+The question after the compressed context (query-agnostic compression, the leaderboard's protocol): prefill and
+compress the context alone, then `answer_after(model, cache, questions, rules)` prefills the questions (with
+their answer prefixes) on a `fork` of the compressed cache, one row each, and decodes; the compressed context
+is never modified, so it serves any number of questions without a new prefill.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from headscore.core.decoding import FinishHook, StopRule, greedy_decode
 from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
-from headscore.core.kv_cache import growing_cache
+from headscore.core.kv_cache import GrowingLayer, growing_cache
 from headscore.core.model import (
     Geometry,
     eos_ids,
@@ -115,11 +120,14 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _forward(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, float]:
-    """Prefill `input_ids` `[rows, n]` into `cache`: (last logits [rows, vocab], seconds). With a left-padded
-    batch's `attention_mask` `[rows, n]`, each row's positions count from its first real token."""
+    """Prefill `input_ids` `[rows, n]` into `cache`: (last logits [rows, vocab], seconds). With an
+    `attention_mask` `[rows, cached + n]` (1: real token, 0: padding; a left-padded batch, or questions left
+    padded after a cached context), each row's positions count its real tokens."""
     device = input_device(model)
-    masked = {} if attention_mask is None else {"attention_mask": attention_mask,
-                                                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    # the mask may cover cached tokens too ([rows, cached + n]): the positions are its last n columns'
+    masked = {} if attention_mask is None else {
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]}
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         _sync(device)
         start = time.perf_counter()
@@ -297,7 +305,8 @@ def _check_state_press(state: PrefillState, press: Press) -> None:
 
 def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
                 on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
-                lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                lengths: Sequence[int] | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
     the row took part in)`, with the head-wise attention (`core.decoding.greedy_decode`, the one decode loop).
@@ -308,10 +317,11 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     `on_select` gets the kept positions whenever rows leave (for per-row state outside the cache). The rows are
     one prompt's (equal, unpadded lengths: positions follow the cache length), or, with `lengths` (each row's
     real prompt length), prompts left padded to the longest (`compress_rows`): each row then gets its own
-    positions and an attention mask hiding its padding.
+    positions and an attention mask hiding its padding; `mask` `[rows, cached]` (1: real, 0: padding) does it
+    for padding anywhere (questions left padded after the context: `answer_after`).
     """
     return greedy_decode(model, cache, logits, rules, on_finish, on_select, attention=HEADWISE_ATTENTION,
-                         lengths=lengths)
+                         lengths=lengths, mask=mask)
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
@@ -322,6 +332,71 @@ def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
     rule = StopRule(max_new_tokens, frozenset(eos), frozenset(line_end), min_new_tokens)
     tokens, seconds = decode_rows(model, cache, logits, [rule])
     return tokens[0], seconds[0]
+
+
+# ---------------------------------------------------------------------------------------------- question after
+
+
+def fork(cache: Any) -> Any:
+    """An independent cache of the same rows that shares `cache`'s entries (no copy): a `HeadwiseCache` through
+    `HeadwiseCache.fork` (kept entries shared, its own tail), the full press's cache with its layers copied
+    around the same tensors (a growing layer's first update then copies them into its own buffer; transformers'
+    layers replace theirs). What the fork is given never changes `cache`."""
+    if isinstance(cache, HeadwiseCache):
+        return cache.fork()
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in forked.layers:
+        if isinstance(layer, GrowingLayer):
+            layer._key_buffer = layer._value_buffer = None  # never write into the shared buffers
+    return forked
+
+
+def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rules: StopRule | Sequence[StopRule],
+                 lengths: Sequence[int] | None = None) -> tuple[list[list[int]], float]:
+    """Answer `questions` after a compressed context: `(tokens per question, seconds)`.
+
+    `cache`: the context(s) alone prefilled and compressed (`prefill_compressed`, `compress_state`,
+    `compress_rows`), not modified: one row, asked every question (the row repeated in a `fork`, its kept
+    entries shared), or one row per question (e.g. one per method, `compress_state(state, presses)`; contexts of
+    different lengths left padded: give each row's real context length in `lengths`, as to `decode_rows`).
+    `questions`: 1-D ids each (the question and answer prefix that follow the context), any lengths; they are
+    prefilled together on a fork, left padded to the longest with an attention mask (each row's positions
+    follow its own context), then decoded greedily by `decode_rows`, question `i` ending on `rules[i]` (one
+    rule: every question's). Exact: each question's tokens are those of its own prefill on its compressed
+    context. `seconds`: prefill of the questions and decode, wall time.
+    """
+    rules = [rules] * len(questions) if isinstance(rules, StopRule) else list(rules)
+    if not questions or len(rules) != len(questions):
+        raise HeadscoreError(f"answer_after takes at least one question and one stop rule per question, got "
+                             f"{len(questions)} questions and {len(rules)} rules")
+    if any(question.numel() == 0 for question in questions):
+        raise HeadscoreError("a question is empty")
+    rows = cache.rows if isinstance(cache, HeadwiseCache) else cache.layers[0].keys.shape[0]
+    if rows not in (1, len(questions)):
+        raise HeadscoreError(f"the cache holds {rows} compressed contexts for {len(questions)} questions: give "
+                             "one context, or one per question")
+    if lengths is not None and len(lengths) != rows:
+        raise HeadscoreError(f"{len(lengths)} context lengths for a cache of {rows} rows")
+    device = input_device(model)
+    began = time.perf_counter()
+    work = fork(cache)
+    if rows == 1 and len(questions) > 1:
+        work.batch_select_indices(torch.zeros(len(questions), dtype=torch.long, device=device))
+    cached, longest = cache.get_seq_length(), max(question.numel() for question in questions)
+    ids = torch.zeros(len(questions), longest, dtype=torch.long, device=device)
+    mask = torch.ones(len(questions), cached + longest, dtype=torch.long, device=device)
+    for row, question in enumerate(questions):  # rows, not tokens
+        pad = longest - question.numel()
+        ids[row, pad:] = question.reshape(-1).to(device)
+        mask[row, cached:cached + pad] = 0
+        if lengths is not None:
+            mask[row, :cached - lengths[0 if rows == 1 else row]] = 0
+    padded = not bool(mask.all())
+    logits, _ = _forward(model, ids, work, mask if padded else None)
+    tokens, _ = decode_rows(model, work, logits, rules, mask=mask if padded else None)
+    _sync(device)
+    return tokens, time.perf_counter() - began
 
 
 # ---------------------------------------------------------------------------------------------- report
