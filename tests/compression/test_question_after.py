@@ -33,7 +33,7 @@ def model(tiny_llama):
 
 def press_of(method: str, geometry: Geometry, budget: int, random_scores):
     scores = random_scores(geometry.layers, geometry.query_heads) if method == "headkv" else None
-    return make_press(method, geometry, budget=budget, window=4, scores=scores)
+    return make_press(method, geometry, settings={"budget": budget, "window": 4, "scores": scores})
 
 
 def all_logits(model, ids, cache, **extra):
