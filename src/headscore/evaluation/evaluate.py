@@ -80,6 +80,7 @@ from headscore.evaluation.tasks import (
 )
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.rules import RULES, rule_for_scores
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
@@ -111,8 +112,6 @@ def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
     head scores under its own name, and headkv-NAME for the scores of every registered score rule (headkv-r2,
     headkv-r: the paper's HeadKV-R2 and HeadKV-R) and for each name in `score_names`, and razor. `razor-kN`
     (any N) is not listed: `eval_method` resolves it from its name."""
-    from headscore.scoring.rules import RULES
-
     methods = {name: EvalMethod(name) for name, press in PRESSES.items() if "scores" not in press_options(press)}
     for name in dict.fromkeys([*(rule.scores_name for rule in RULES.values()), *score_names]):
         methods[HEADKV_METHOD + name] = EvalMethod("headkv", name)
@@ -136,8 +135,6 @@ def eval_method(name: str, score_names: Sequence[str] = ()) -> EvalMethod:
 
 def scores_option(name: str) -> str:
     """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
-    from headscore.scoring.rules import rule_for_scores
-
     rule = rule_for_scores(name)
     return f"--scores {name}=FILE" + (f" (head scores of estimate --rule {rule.name})" if rule else "")
 
