@@ -16,7 +16,7 @@ _names, __getattr__ = lazy_exports(__name__, {
     "core.attention": ["use_attention"],
     # head scores: needle trials, estimate, the HeadKV score files
     "scoring.trials": ["Trial", "build_needle_trials", "read_trials", "write_trials"],
-    "scoring.rules": ["RULES", "register_score_rule"],
+    "scoring.rules": ["RULES", "score_rule"],
     "scoring.estimate": ["EstimateOptions", "EstimateResult", "estimate", "run_estimate", "merge_runs"],
     "scoring.head_scores": ["HeadScores", "read_head_scores", "write_head_scores"],
     # budgets and compression: scorers × allocations, presses, the head-wise cache, generation on it
