@@ -5,7 +5,7 @@ The library's public API, importable from here (`from headscore import load_mode
 name is imported from its module on first use, so `import headscore` (and `headscore --help`) loads no torch.
 """
 
-from headscore.core.errors import HeadscoreError
+from headscore.core.errors import HeadscoreError as HeadscoreError  # re-exported (also eager: it is light)
 from headscore.core.exports import lazy_exports
 
 __version__ = "0.1.0"
