@@ -43,7 +43,7 @@ from transformers.cache_utils import (
 from headscore.compression.attention import HeadwiseEntries, plan_segments
 from headscore.compression.presses import Press, kept_positions, window_scores
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import FULL_ATTENTION, Geometry
+from headscore.core.model import FULL_ATTENTION, Geometry, cache_config
 
 # (layer, full keys [rows, kv_heads, n, d], values, window scores per row [q_heads, m_row], prompt length per row,
 #  perf_counter() when the scoring began)
@@ -367,6 +367,7 @@ class HeadwiseCache(DynamicCache):
         self.window = windows.pop() if windows else (8 if window is None else window)
         # per compressed layer, per row: (keys [kv_heads, n_row, d], values, window scores) of the row's real tokens
         self.recorded: list[list[Recorded] | None] = [None] * geometry.layers
+        config = cache_config(config)  # a model whose every layer is sliding: full attention within its window
         if config is None:
             if geometry.compressed_layers is not None:
                 raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")

@@ -524,6 +524,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if too_long:
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
+    for sample in samples:  # a model whose every layer is sliding: full attention within its window only
+        geometry.check_fits(sample.length + sample.max_new_tokens, f"sample {sample.id}'s prompt and answer")
     described = asdict(options)
     if not options.razor_compensation:  # named only when on, so the journals of earlier runs stay valid
         described.pop("razor_compensation")
