@@ -41,7 +41,10 @@ __all__ = ["SHORTHANDS", "SOURCED", "SYNTHETIC", "TASKS", "LongBenchTask", "Loog
 
 
 def _entry(spec: str) -> tuple[TaskEntry, str | None]:
-    """The registry entry of `spec` and its source (`NAME:SOURCE` of a sourced task; None otherwise)."""
+    """The registry entry of `spec` and its source (`NAME:SOURCE` of a sourced task; None otherwise). A name may
+    hold a colon itself (a family registered as `FAMILY:MEMBER`)."""
+    if spec in TASKS and not TASKS[spec].sourced:
+        return TASKS[spec], None
     name, colon, source = spec.partition(":")
     entry = TASKS.get(name)
     if entry is None or (colon and not entry.sourced):
