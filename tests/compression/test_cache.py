@@ -268,11 +268,17 @@ def test_selecting_rows_keeps_their_entries_and_tails(tiny_llama, random_scores)
 
 
 def test_a_model_without_full_attention_layers_is_rejected(tiny_llama):
-    """Every layer sliding (Mistral v0.1 style): nothing to compress, one clear error; hybrids load."""
-    from transformers import Gemma2Config, MistralConfig
+    """Every layer chunked: nothing to compress, one clear error; every layer sliding (Mistral v0.1 style) is
+    full attention within its window (tests/models/test_families.py); hybrids load."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
-    with pytest.raises(HeadscoreError, match="no full-attention layer"):
-        Geometry.from_config(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    chunked = LlamaConfig(num_hidden_layers=2)
+    chunked.attention_chunk_size = 16
+    with pytest.raises(HeadscoreError, match="no full-attention layer .its layers are chunked_attention"):
+        Geometry.from_config(chunked)
+    sliding = Geometry.from_config(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    assert (sliding.layers, sliding.compressed_layers, sliding.sliding_window) == (2, None, 16)
+    assert Geometry.from_dict(sliding.to_dict()) == sliding
     assert Geometry.from_config(tiny_llama().config).compressed_layers is None
     hybrid = Geometry.from_config(Gemma2Config(num_hidden_layers=4, sliding_window=16))
     assert (hybrid.layers, hybrid.compressed_layers) == (2, (1, 3))

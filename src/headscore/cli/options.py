@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from headscore.cli.app import library_help
 from headscore.core.assets import DEFAULT_MODEL
 from headscore.core.defaults import (
     ADA_ALLOCATION,
@@ -40,11 +41,15 @@ BETAS_HELP = ("HeadKV pool control β > 1: pool = floor((B - w) / β) per head, 
 SCORES_HELP = ("Named head-score file NAME=FILE (HeadKV format), repeatable: each name gives a method "
                "headkv-NAME (r: retrieval scores, estimate --rule retrieval; r2: estimate --rule r2; any other "
                "name, e.g. er for the r2 rule on the retrieval needles).")
-TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, vartrack, twohop) or any of those; "
-              "longbench:DIR (the 16 English LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
-              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md); ruler "
-              "(RULER's 13 tasks), ruler-synthetic (the 11 without downloaded data) or ruler:NAME,NAME, e.g. "
-              "ruler:niah_single_1,vt (see docs/ruler.md).")
+
+
+def _tasks_help() -> str:
+    from headscore.evaluation.tasks import tasks_help  # lazy: the task registry imports torch; built for --help
+
+    return tasks_help()
+
+
+TASKS_HELP = library_help("tasks", _tasks_help)
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "

@@ -56,7 +56,7 @@ from headscore.compression.presses import Press, kept_positions
 from headscore.compression.scorers import Rope, ScorerInputs
 from headscore.core.errors import HeadscoreError
 from headscore.core.kv_cache import extend_buffer, select_rows
-from headscore.core.model import FULL_ATTENTION, Geometry
+from headscore.core.model import FULL_ATTENTION, Geometry, cache_config
 
 
 @dataclass(eq=False)
@@ -496,6 +496,7 @@ class HeadwiseCache(DynamicCache):
         self.rope = rope
         # per compressed layer, per row: the row's real tokens (recording: `press=None`)
         self.recorded: list[list[LayerRecord] | None] = [None] * geometry.layers
+        config = cache_config(config)  # a model whose every layer is sliding: full attention within its window
         if config is None:
             if geometry.compressed_layers is not None:
                 raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")

@@ -508,6 +508,7 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
     if geometry.max_context and len(ids) + max_new_tokens > geometry.max_context:
         raise HeadscoreError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the "
                              f"model's context of {geometry.max_context}")
+    geometry.check_fits(len(ids) + max_new_tokens)  # a model whose every layer is sliding: within its window
     tokens, report = generate_ids(model, torch.tensor([ids]), press, max_new_tokens=max_new_tokens,
                                   eos=eos_ids(model, tokenizer), tokenizer=tokenizer)
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()

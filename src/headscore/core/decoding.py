@@ -16,7 +16,7 @@ import torch
 
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import input_device, with_cache
+from headscore.core.model import Geometry, input_device, with_cache
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,8 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
         logits = logits[None].expand(rows, -1)
     if logits.shape[0] != rows:
         raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
+    # a model whose every layer is sliding is full attention only within its window
+    Geometry.from_config(model.config).check_fits(cache.get_seq_length() + max(r.max_new_tokens for r in rules))
     device = input_device(model)
     if forced is not None:
         forced = forced.cpu()

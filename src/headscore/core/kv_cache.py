@@ -19,6 +19,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from headscore.core.model import cache_config
+
 RESERVE = 256  # tokens of room added whenever the buffer is (re)allocated
 
 
@@ -107,7 +109,9 @@ class GrowingLayer(DynamicLayer):
 
 def growing_cache(config: Any = None) -> DynamicCache:
     """A `DynamicCache` (for `config`'s layer kinds) whose plain full-attention layers are `GrowingLayer`s;
-    sliding-window and other special layers stay transformers' own."""
+    sliding-window and other special layers stay transformers' own (a model whose every layer is sliding gets
+    full-attention layers: `core.model.cache_config`)."""
+    config = cache_config(config)
     cache = DynamicCache() if config is None else DynamicCache(config=config)
     if config is None:
         cache.layer_class_to_replicate = GrowingLayer

@@ -74,6 +74,7 @@ from headscore.evaluation.tasks import (
 )
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.rules import rule_for_scores
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
@@ -87,8 +88,6 @@ GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template i
 
 def scores_option(name: str) -> str:
     """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
-    from headscore.scoring.rules import rule_for_scores
-
     rule = rule_for_scores(name)
     return f"--scores {name}=FILE" + (f" (head scores of estimate --rule {rule.name})" if rule else "")
 
@@ -488,6 +487,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if too_long:
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
+    for sample in samples:  # a model whose every layer is sliding: full attention within its window only
+        geometry.check_fits(sample.length + sample.max_new_tokens, f"sample {sample.id}'s prompt and answer")
     described = asdict(options)
     header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**described, "methods": list(options.methods), "budgets": list(options.budgets),

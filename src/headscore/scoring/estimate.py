@@ -133,6 +133,16 @@ def stop_criteria(model: Any, tokenizer: Any, options: EstimateOptions, answer_t
     return estimate_stop_rule(model, tokenizer, min(length, options.max_new_tokens))
 
 
+def trial_tokens(model: Any, tokenizer: Any, trial: Trial, prompt_ids: torch.Tensor, span: tuple[int, int],
+                 options: EstimateOptions) -> int:
+    """The longest sequence a trial's pass runs: the prompt and the forced answer (teacher-forced), or the
+    prompt and the longest decode its stop rule allows (decode)."""
+    if options.mode == "teacher-forced":
+        return prompt_ids.shape[0] + span[1] - span[0] - 1
+    stop = stop_criteria(model, tokenizer, options, answer_token_count(tokenizer, trial.answer), span[1] - span[0])
+    return prompt_ids.shape[0] + stop.max_new_tokens
+
+
 @dataclass
 class EstimateResult:
     """What a run produced: counts, the ten best heads `(layer, head, share)`, warnings for the summary."""
@@ -334,6 +344,7 @@ def teacher_forced_rules(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     start, end = span
     answer = prompt_ids[start:end]
     inputs = torch.cat([prompt_ids, answer[:-1]])[None]
+    Geometry.from_config(model.config).check_fits(inputs.shape[1])  # an all-sliding model: within its window
     capture.arm(end - start)
     if cache is None:
         logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
@@ -578,6 +589,10 @@ def estimate_rules(
     # planned over the whole file: shards are contiguous ranges of the sharing order (whatever the prefix
     # options), and a trial's shared length, hence its result, does not depend on the shard, limit or resume
     encoded = [encode_trial(trial, tokenizer) for trial in trials]
+    if geometry.sliding_window is not None:  # every layer sliding: full attention within the window only
+        for trial, (prompt, span) in zip(trials, encoded, strict=True):
+            geometry.check_fits(max(trial_tokens(model, tokenizer, trial, prompt, span, option)
+                                    for _, option in runs.values()), f"trial {trial.id}'s prompt and answer")
     ids = [prompt for prompt, _ in encoded]
     plan = plan_prefixes(ids, max_tokens=prefix.max_tokens)
     chosen = select_trials(len(trials), shard, limit, plan_prefixes(ids).order if prefix.max_tokens else plan.order)

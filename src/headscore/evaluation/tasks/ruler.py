@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from headscore.core.errors import HeadscoreError
 from headscore.core.prompts import TEMPLATES, apply_template, encode_prompt
 from headscore.evaluation.tasks import ruler_haystacks as hay
-from headscore.evaluation.tasks.base import Sample, Task
+from headscore.evaluation.tasks.base import Sample, Task, register_shorthand, register_task
 
 RULER_COMMIT = "c3f5e3b4f87f97e048793bb510a3a6b19a46bf3a"  # the NVIDIA/RULER commit these definitions follow
 VT_ICL_TOKENS = 500  # RULER's in-context vt example fills at most this many tokens
@@ -375,10 +375,11 @@ class RulerTask(Task):
                       target_length=length, meta=meta)
 
 
-def expand_ruler(spec: str) -> list[str] | None:
-    """`ruler` → the 13 `ruler:NAME` specs, `ruler-synthetic` → the 11 without downloaded data; else None."""
-    if spec == "ruler":
-        return [f"ruler:{name}" for name in RULER_TASKS]
-    if spec == "ruler-synthetic":
-        return [f"ruler:{name}" for name in RULER_SYNTHETIC]
-    return None
+for _name in RULER_TASKS:  # one class, a family of names: ruler:NAME fixes the task
+    register_task(f"ruler:{_name}", group="ruler", task=_name)(RulerTask)
+
+
+@register_shorthand("ruler-synthetic", "RULER's 11 tasks that need no downloaded data")
+def ruler_synthetic(argument: str | None) -> list[str] | None:
+    """`ruler-synthetic` → the 11 `ruler:NAME` specs without downloaded data."""
+    return None if argument is not None else [f"ruler:{name}" for name in RULER_SYNTHETIC]
