@@ -21,14 +21,14 @@ _names, __getattr__ = lazy_exports(__name__, {
     "scoring.head_scores": ["HeadScores", "read_head_scores", "write_head_scores"],
     # budgets and compression: scorers × allocations, presses, the head-wise cache, generation on it
     "compression.budgets": ["Budgets"],
-    "compression.allocation": ["ALLOCATIONS", "register_allocation", "allocate", "allocate_sweep"],
+    "compression.allocation": ["ALLOCATIONS", "Allocation", "register_allocation", "allocate", "allocate_sweep"],
     "compression.budgets_file": ["read_budgets", "write_budgets"],
-    "compression.scorers": ["SCORERS", "Scorer", "register_scorer"],
-    "compression.presses": ["PRESSES", "Press", "register_press", "make_press"],
+    "compression.scorers": ["SCORERS", "Scorer", "ScorerInputs", "register_scorer"],
+    "compression.presses": ["PRESSES", "Press", "register_press", "make_press", "parse_method"],
     "compression.cache": ["HeadwiseCache"],
     "compression.attention": ["HEADWISE_ATTENTION"],
     "compression.generation": ["prefill", "compress_state", "decode", "generate_ids", "compress_generate",
-                               "CompressResult", "KVReport"],
+                               "answer_after", "CompressResult", "KVReport"],
     # evaluation: tasks and evaluate
     "evaluation.tasks": ["TASKS", "Task", "Sample", "register_task", "get_task"],
     "evaluation.evaluate": ["EvaluateOptions", "evaluate", "run_evaluate"],

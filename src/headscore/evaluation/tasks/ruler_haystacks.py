@@ -23,6 +23,7 @@ from typing import Any
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import read_jsonl
 from headscore.core.haystack import load_haystack
+from headscore.evaluation.tasks.longbench import load_hub
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
@@ -284,8 +285,6 @@ def load_qa(dataset: str, source: str | None) -> QaData:
     (the official JSON, or JSONL of hub rows), such a file, or None for the Hugging Face hub."""
     parse = _squad if dataset == "squad" else _hotpot
     if source is None:
-        from headscore.evaluation.tasks.longbench import load_hub
-
         name, config, split = QA_SOURCES[dataset]["hub"]
         what = f"RULER's {'qa_1' if dataset == 'squad' else 'qa_2'} data, {QA_SOURCES[dataset]['what']},"
         return parse(load_hub(name, config, split, what, _fetch(dataset)))
