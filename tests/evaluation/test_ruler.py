@@ -297,7 +297,7 @@ def test_specs_expand_and_reject():
     assert expand_specs("ruler:niah_single_1,vt,niah") == ["ruler:niah_single_1", "ruler:vt", "niah"]
     assert {"lengths", "samples_per_length", "seed", "qa_data", "template"} <= set(task_settings("ruler:vt"))
     assert get_task("ruler:vt").settings()["task"] == "ruler:vt"
-    with pytest.raises(HeadscoreError, match="unknown RULER task 'vtt'"):
+    with pytest.raises(HeadscoreError, match="unknown task 'ruler:vtt'"):
         get_task("ruler:vtt")
     with pytest.raises(HeadscoreError, match="unknown task 'vt'"):
         expand_specs("vt") and get_task("vt")
