@@ -182,8 +182,8 @@ def task_options(
     num_needles: Annotated[int | None, typer.Option("--num-needles", help="niah: use only the first N "
                                                     "evaluation needles [default: all 3].")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="LongBench/LooGLE: middle-truncate the "
-                                                   "whole prompt to this many tokens (the authors: 7500 for "
-                                                   "Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
+                                                   "whole prompt to this many tokens (HeadKV's run_longbench.py: 7950 "
+                                                   "for Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
     = None,
 ) -> dict[str, Any]:
     """How the evaluation tasks are built (the `task_options` of `evaluate` and `tune`; template apart)."""
