@@ -46,7 +46,8 @@ def test_shipped_configs_validate(name):
             0, 10000, 5, "official")
         assert needles["r2_haystack"].endswith("haystack_for_detect_r2")
         assert needles["retrieval_haystack"].endswith("haystack_for_detect") and needles["span"] == "official"
-        assert (estimate["stop_rule"], estimate["rouge"]) == ("official", "stemmed")
+        assert (estimate["stop_rule"], estimate["rouge"], estimate["r2_weight"]) == ("official", "stemmed",
+                                                                                  "released")
     if name == "mistral-7b-instruct":
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
     if name == "smollm2-135m":

@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "r2_haystack": None, "retrieval_haystack": None, "span": "answer"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "er_mode": "decode", "max_new_tokens": 50,
                  "limit": None, "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline",
-                 "rouge": "plain"},
+                 "rouge": "plain", "r2_weight": "released"},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
                   "budget": defaults.BUDGET, "beta": defaults.BETA},
     "allocate": {"budgets": [defaults.BUDGET], "betas": [1.005, defaults.BETA, 1.2, 2.0], "window": defaults.WINDOW,
@@ -267,7 +267,7 @@ class Study:
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
                                       max_new_tokens=settings["max_new_tokens"], stop_rule=settings["stop_rule"],
-                                      rouge=settings["rouge"])
+                                      rouge=settings["rouge"], r2_weight=settings["r2_weight"])
             if len(sets) > 1:
                 self.log(f"estimate: {', '.join(f'scores-{name}' for name in sets.values())} from one "
                          f"{options.mode} pass over trials-{needles}")
