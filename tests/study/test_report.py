@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
+from headscore.evaluation.evaluate import COMPENSATED
 from headscore.core.model import Geometry
 from headscore.scoring.head_scores import HeadScores, write_head_scores
 from headscore.study.report import (
@@ -80,7 +81,7 @@ def test_razor_section_ours_beside_theirs():
         razor = results[(results["method"] == "razor") & (results["budget"] == budget)]
         r2 = results[(results["method"] == "headkv-r2") & (results["budget"] == budget)]
         low, high = int(razor["full_heads"].min()), int(razor["full_heads"].max())
-        assert (f"| {budget} | {low}–{high} | {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} | "
+        assert (f"| {budget} | `razor` | {low}–{high} | {razor['kv_ratio'].mean():.3f} | {razor['score'].mean():.3f} | "
                 f"{r2['kv_ratio'].mean():.3f} | {r2['score'].mean():.3f} | 1.000 |") in text
     assert "not this run's" in text and "RazorAttention (theirs)" in text
     for budget, k, value in THEIR_RAZOR:
@@ -114,4 +115,7 @@ def test_razor_section_shows_fixed_k_rows_beside_theirs():
     frame["compensation"] = True
     on = "".join(razor_section(pd.concat([results, frame], ignore_index=True)))
     assert "Compensation token **on**" in on
+    labelled = frame.assign(method=frame["method"] + COMPENSATED)
+    both = "".join(razor_section(pd.concat([results, pd.DataFrame(fixed), labelled], ignore_index=True)))
+    assert "Run both ways" in both and "| `razor-k5` | 5 |" in both and "| `razor-k5 (compensation)` | 5 |" in both
     assert "RazorAttention at a given k" not in "".join(razor_section(results))

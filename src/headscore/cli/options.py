@@ -46,9 +46,9 @@ TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, v
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
-                                            "of the dropped keys and values) per compressed head. Off by default, "
-                                            "as the HeadKV authors ran RazorAttention: they found it made runs "
-                                            "about 3x slower at large k.")]
+                                            "of the dropped keys and values) per compressed head. Off by default; "
+                                            "the HeadKV authors found it made runs about 3x slower at large k "
+                                            "(a config's evaluate.razor_compensation: both runs both ways).")]
 Device = Annotated[str, typer.Option("--device", help="Device: auto (CUDA when available, else CPU), cpu, cuda, "
                                      "cuda:1, ... (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")]
 DType = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32 on "

@@ -104,6 +104,16 @@ class EvalMethod:
 HEADKV_METHOD = "headkv-"  # headkv-NAME: the headkv press on the head scores named NAME
 RAZOR_K_METHOD = "razor-k"  # razor-kN: RazorAttention with N full-cache heads, whatever the budget
 RAZOR_K_PATTERN = re.compile(r"razor-k(0|[1-9][0-9]*)")
+COMPENSATED = " (compensation)"  # the label suffix of razor conditions with the compensation token, run both ways
+
+
+def razor_compensations(setting: bool | str) -> list[bool]:
+    """The compensation settings each razor method runs with: `[setting]`, or both for "both"."""
+    if setting == "both":
+        return [False, True]
+    if not isinstance(setting, bool):
+        raise HeadscoreError(f"evaluate: razor compensation must be true, false or both, got {setting!r}")
+    return [setting]
 
 
 def eval_methods(score_names: Sequence[str] = ()) -> dict[str, EvalMethod]:
@@ -153,8 +163,9 @@ class EvaluateOptions:
     `headscore compress` (`sinks` too); `fidelity` selects the authors' behaviour (docs/fidelity.md).
     `answer_prefix` is appended to every prompt (after the generation prompt, so the
     observation window covers it); the model continues it and the prediction excludes it.
-    `razor_compensation` turns on RazorAttention's compensation token in every razor method (off: as the HeadKV
-    authors ran it; they found it made a run about three times slower at large k).
+    `razor_compensation` turns on RazorAttention's compensation token in every razor method (their rebuttal says
+    it made a run about three times slower at large k, so it was likely on in theirs; the paper does not say);
+    "both" runs every razor method both ways, the compensated one labelled `<method> (compensation)`.
     """
 
     methods: Sequence[str] = EVALUATE_METHODS
@@ -170,7 +181,7 @@ class EvaluateOptions:
     sinks: int = SINKS
     answer_prefix: str = ""
     fidelity: FidelityOptions = field(default_factory=FidelityOptions)
-    razor_compensation: bool = False
+    razor_compensation: bool | str = False
 
 
 @dataclass(frozen=True)
@@ -201,9 +212,7 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
         raise HeadscoreError("evaluate: no budget given")
     if not options.betas:
         raise HeadscoreError("evaluate: no beta given")
-    if not isinstance(options.razor_compensation, bool):
-        raise HeadscoreError(f"evaluate: razor compensation must be true or false, got "
-                             f"{options.razor_compensation!r}")
+    compensations = razor_compensations(options.razor_compensation)
     loaded: dict[str, Any] = {}
     conditions = []
     sweep = len(options.betas) > 1
@@ -216,20 +225,22 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
             loaded[needs] = read_head_scores(path, geometry.layers, geometry.query_heads)
         betas = options.betas if "beta" in takes[kind] else [None]
         budgeted = "budget" in takes[kind] and entry.full_heads is None
+        variants = [(beta, c) for beta in betas for c in (compensations if kind == "razor" else [False])]
         for budget in options.budgets if budgeted else [None]:
-            for beta in betas:
+            for beta, compensation in variants:
                 try:
                     press = make_press(kind, geometry, budget=budget or BUDGET, window=options.window,
                                        kernel=options.kernel, alpha=options.alpha, beta=beta or BETA,
                                        temp=options.temp, granularity=options.granularity,
                                        pyramid_beta=options.pyramid_beta, sinks=options.sinks,
                                        scores=loaded.get(needs) if needs else None, full_heads=entry.full_heads,
-                                       compensation=options.razor_compensation, **options.fidelity.params())
+                                       compensation=compensation, **options.fidelity.params())
                 except HeadscoreError as error:
                     if entry.full_heads is None:
                         raise
                     raise HeadscoreError(f"evaluate: method {method}: {error}") from error
                 label = f"{method} (β={beta:g})" if sweep and beta is not None else method
+                label += COMPENSATED if compensation and len(compensations) > 1 else ""
                 conditions.append(Condition(method=method, budget=budget, beta=beta, press=press, label=label))
     return conditions
 

@@ -74,8 +74,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  # docs/fidelity.md: the authors' compression settings and LongBench weights
                  "granularity": None, "beyond_prompt": "clamp", "score_dtype": "float32",
                  "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None,
-                 # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, off as the
-                 # HeadKV authors ran it (about 3x slower at large k)
+                 # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, true, false
+                 # or both (every razor method both ways; tune's baselines then without)
                  "razor_compensation": False,
                  "batch_size": 1},  # samples prefilled and decoded together (evaluate --batch-size)
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
@@ -360,7 +360,7 @@ class Study:
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
                               seed=int(s["seed"]), window=e["window"], kernel=e["kernel"], alpha=e["alpha"],
-                              granularity=e["granularity"], razor_compensation=e["razor_compensation"],
+                              granularity=e["granularity"], razor_compensation=e["razor_compensation"] is True,
                               fidelity=FidelityOptions(**{k: e[k] for k in FidelityOptions.__dataclass_fields__}))
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
