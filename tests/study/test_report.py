@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from headscore.evaluation.evaluate import COMPENSATED
 from headscore.core.model import Geometry
+from headscore.evaluation.evaluate import COMPENSATED
 from headscore.scoring.head_scores import HeadScores, write_head_scores
 from headscore.study.report import (
     THEIR_RAZOR,

@@ -194,8 +194,8 @@ def razor_section(results: pd.DataFrame) -> list[str]:
                          f"{other['kv_ratio'].mean():.3f}" if not other.empty else "-",
                          f"{other['score'].mean():.3f}" if not other.empty else "-",
                          f"{full.mean():.3f}" if not full.empty else "-"])
-        lines.append(markdown_table(["KV size B", "method", "razor k", "razor KV ratio", "razor score", "headkv-r2 KV ratio",
-                                     "headkv-r2 score", "full score"], rows))
+        lines.append(markdown_table(["KV size B", "method", "razor k", "razor KV ratio", "razor score",
+                                     "headkv-r2 KV ratio", "headkv-r2 score", "full score"], rows))
     fixed = razor_rows(results)
     if not fixed.empty:
         theirs = {k: (budget, value) for budget, k, value in THEIR_RAZOR}
