@@ -13,6 +13,8 @@ from headscore.scoring.head_scores import HeadScores, write_head_scores
 from headscore.study.report import (
     THEIR_RAZOR,
     ablation_section,
+    at_beta,
+    beta_sweep_section,
     head_distribution,
     razor_section,
 )
@@ -119,3 +121,46 @@ def test_razor_section_shows_fixed_k_rows_beside_theirs():
     both = "".join(razor_section(pd.concat([results, pd.DataFrame(fixed), labelled], ignore_index=True)))
     assert "Run both ways" in both and "| `razor-k5` | 5 |" in both and "| `razor-k5 (compensation)` | 5 |" in both
     assert "RazorAttention at a given k" not in "".join(razor_section(results))
+
+
+def sweep_frame() -> pd.DataFrame:
+    """A β-sweep result table: headkv-r2 at 2 budgets × 3 β on two LongBench datasets of different sizes and a
+    NIAH task, plus full; scores drawn so the best β differs per budget."""
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for budget in (64, 128):
+        for beta in (1.005, 1.01, 2.0):
+            for task, count in (("longbench:qasper", 3), ("loogle:computation", 1), ("niah", 2)):
+                for sample in range(count):
+                    rows.append({"task": task, "sample": f"{task}-{sample}", "method": f"headkv-r2 (β={beta:g})",
+                                 "budget": budget, "beta": beta, "score": float(torch.rand(1, generator=generator)),
+                                 "kv_ratio": 0.1, "compensation": None})
+    rows.append({"task": "niah", "sample": "niah-0", "method": "full", "budget": None, "beta": None, "score": 1.0,
+                 "kv_ratio": 1.0, "compensation": None})
+    return pd.DataFrame(rows)
+
+
+def test_beta_sweep_section_marks_the_best_on_test_beside_tunes_choice(tmp_path):
+    """The best β per budget: the mean over the LongBench/LooGLE tasks of each task's mean (plain loops here),
+    beside tune's choice read from its comparison.csv; the other sections read evaluate.beta's rows by name."""
+    results = sweep_frame()
+    pd.DataFrame([{"method": "headkv-r2", "budget": 128, "chosen_beta": 1.01}]).to_csv(
+        tmp_path / "comparison.csv", index=False)
+    text = "".join(beta_sweep_section(results, tmp_path))
+    for budget in (64, 128):
+        means = {}
+        for beta in (1.005, 1.01, 2.0):
+            task_means = []
+            for task in ("longbench:qasper", "loogle:computation"):  # niah left out: the run has LongBench tasks
+                values = [r["score"] for r in results.to_dict("records")
+                          if r["budget"] == budget and r["beta"] == beta and r["task"] == task]
+                task_means.append(sum(values) / len(values))
+            means[beta] = sum(task_means) / len(task_means)
+        best = max(means, key=lambda b: means[b])
+        cells = " | ".join(f"**{means[b]:.4f}**" if b == best else f"{means[b]:.4f}" for b in (1.005, 1.01, 2.0))
+        tuned = "1.01" if budget == 128 else "-"
+        assert f"| `headkv-r2` | {budget} | {cells} | {best:g} | {tuned} |" in text
+    main = at_beta(results, 1.01)
+    assert set(main["method"]) == {"headkv-r2", "full"} and set(main["beta"].dropna()) == {1.01}
+    assert len(main) == 2 * 6 + 1
+    assert "sweeps no β" in "".join(beta_sweep_section(main, tmp_path))

@@ -32,6 +32,9 @@ def test_shipped_configs_validate(name):
         # the authors' numbers (docs/fidelity.md): HeadKV run_longbench.py model2maxlen, head_start_llama3.sh β
         assert evaluate["max_length"] == {"llama3-8b-instruct": 7950, "mistral-7b-instruct": 31500}[name]
         assert evaluate["beta"] == {"llama3-8b-instruct": 1.005, "mistral-7b-instruct": 1.01}[name]
+        # head_start_mistral.sh sweeps all eight β on LongBench; head_start_llama3.sh runs 1.005 only
+        assert evaluate["betas"] == {"llama3-8b-instruct": None,
+                                     "mistral-7b-instruct": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]}[name]
         # ... and their behaviour throughout
         assert {k: evaluate[k] for k in ("granularity", "beyond_prompt", "score_dtype", "pyramid_schedule",
                                          "ada_allocation", "dtype")} == {
@@ -65,6 +68,7 @@ def test_shipped_configs_validate(name):
         ("evaluate: [1, 2]\n", "section 'evaluate' must be a mapping"),
         ("ablate:\n  ks: []\n", "'ablate.ks' must be a non-empty list"),
         ("beta_sweep:\n  budget: 64\n", "section 'beta_sweep' was replaced by 'tune'"),
+        ("evaluate:\n  beta: 1.5\n  betas: [1.01, 2]\n", "'evaluate.betas' must be a list holding 'evaluate.beta'"),
         ("model: [unclosed\n", "not valid YAML"),
     ],
 )

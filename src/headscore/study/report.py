@@ -78,6 +78,61 @@ def tune_section(folder: Path) -> list[str]:
     return lines
 
 
+SWEPT = " (β="  # evaluate's label of a method in a β sweep: `<method> (β=<beta>)`
+
+
+def at_beta(results: pd.DataFrame, beta: float) -> pd.DataFrame:
+    """The results of a β sweep at one β, each method under its own name (`headkv-r2 (β=1.01)` -> `headkv-r2`);
+    the rows of other β dropped. Results without a sweep are returned as they are."""
+    swept = results["method"].astype(str).str.contains(SWEPT, regex=False)
+    if not swept.any():
+        return results
+    kept = results[~swept | results["beta"].sub(beta).abs().lt(1e-9)]
+    return kept.assign(method=kept["method"].astype(str).str.split(SWEPT, regex=False).str[0])
+
+
+def sweep_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, budget, β) of a β sweep: the test score the authors would read, the mean over tasks of each
+    task's mean score (LongBench/LooGLE: each dataset is a task, so their average over datasets / 100), over
+    the LongBench/LooGLE tasks when the run has any, else over all its tasks."""
+    swept = results[results["method"].astype(str).str.contains(SWEPT, regex=False)]
+    sourced = swept["task"].astype(str).str.match(r"(longbench|loogle):")
+    if sourced.any():
+        swept = swept[sourced]
+    swept = swept.assign(base=swept["method"].astype(str).str.split(SWEPT, regex=False).str[0])
+    per_task = swept.groupby(["base", "budget", "beta", "task"], sort=False)["score"].mean()
+    return per_task.groupby(level=[0, 1, 2], sort=False).mean().rename("score").reset_index()
+
+
+def beta_sweep_section(results: pd.DataFrame, tune_folder: Path) -> list[str]:
+    """Every β of the evaluate stage's sweep per method and budget, the β with the best test score (what the
+    authors' sweep over test data picks) beside the β `tune` chose on its validation split."""
+    scores = sweep_scores(results)
+    if scores.empty:
+        return ["`evaluate.betas` sweeps no β (one β per method).\n"]
+    comparison = tune_folder / "comparison.csv"
+    chosen: dict[tuple[str, int], float] = {}
+    if comparison.is_file():
+        chosen = {(str(r["method"]), int(r["budget"])): float(r["chosen_beta"])
+                  for r in pd.read_csv(comparison).to_dict("records")}
+    betas = sorted(scores["beta"].unique())
+    rows = []
+    for (method, budget), group in scores.groupby(["base", "budget"], sort=False):
+        by_beta = dict(zip(group["beta"], group["score"], strict=True))
+        best = max(by_beta, key=lambda b: (by_beta[b], -b))  # ties: the smaller β
+        cells = [f"**{by_beta[b]:.4f}**" if b == best else f"{by_beta[b]:.4f}" if b in by_beta else "-"
+                 for b in betas]
+        tuned = chosen.get((str(method), int(budget)))
+        rows.append([f"`{method}`", int(budget), *cells, f"{best:g}", "-" if tuned is None else f"{tuned:g}"])
+    return ["Every β of `evaluate.betas` at every budget (the authors' `head_start_mistral.sh` sweep). Score: the "
+            "mean over tasks of each task's mean (LongBench/LooGLE tasks only where the run has them: their average "
+            "over datasets / 100). **Best on test**: the β the authors' sweep picks by looking at the test scores; "
+            "**tune (validation)**: the β `headscore tune` chose on its validation split (`tune` section), where it "
+            "tuned the same method and budget.\n\n",
+            markdown_table(["method", "B", *[f"β={b:g}" for b in betas], "best on test (the authors')",
+                            "tune (validation)"], rows)]
+
+
 # the paper's Table 2 score sets: folder name -> (label, rule and needles)
 SCORE_SET_LABELS = {"retrieval": ("Head-R", "retrieval rule, retrieval needles"),
                     "er": ("Head-ER", "r2 rule, retrieval needles"),
@@ -341,15 +396,19 @@ def write_report(study: Any) -> Path:
 
     # ---- the paper's ablation and RazorAttention
     evaluate_settings = config.section("evaluate")
+    main = at_beta(results, float(evaluate_settings["beta"]))  # a β sweep: the sections below read evaluate.beta
     out.append("## Head-R, Head-ER, Head-R2 (the paper's Table 2)\n")
     out.extend(ablation_section(root, load_geometry(top["model"]), int(config.section("allocate")["budgets"][0]),
-                                float(evaluate_settings["beta"]), int(evaluate_settings["window"]), results))
+                                float(evaluate_settings["beta"]), int(evaluate_settings["window"]), main))
     out.append("## RazorAttention at matched KV\n")
-    out.extend(razor_section(results))
+    out.extend(razor_section(main))
 
     # ---- tune
     out.append("## β chosen on a validation split\n")
     out.extend(tune_section(root / "tune"))
+    if evaluate_settings.get("betas"):
+        out.append("### β sweep on the evaluate tasks: the authors' pick on test data beside tune's\n")
+        out.extend(beta_sweep_section(results, root / "tune"))
 
     # ---- ablation
     out.append("## Head ablation\n")

@@ -67,7 +67,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "evaluate": {"tasks": "niah,synthetic",
                  "methods": ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-er", "headkv-r2",
                              "razor"],
-                 "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "window": defaults.WINDOW,
+                 # betas: a β sweep of every headkv method at every budget (head_start_mistral.sh's grid); beta:
+                 # the one the other report sections (Table 2, razor) read, one of betas
+                 "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "betas": None,
+                 "window": defaults.WINDOW,
                  "kernel": defaults.KERNEL, "alpha": defaults.ALPHA,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
                  "max_length": None, "limit": None, "template": None, "num_needles": None,
@@ -160,6 +163,10 @@ def load_config(path: str | Path) -> StudyConfig:
                          ("latency", "lengths")):
         if not isinstance(values[section][key], list) or not values[section][key]:
             raise HeadscoreError(f"reproduce: config {path}: '{section}.{key}' must be a non-empty list")
+    betas = values["evaluate"]["betas"]
+    if betas is not None and (not isinstance(betas, list) or values["evaluate"]["beta"] not in betas):
+        raise HeadscoreError(f"reproduce: config {path}: 'evaluate.betas' must be a list holding 'evaluate.beta' "
+                             f"({values['evaluate']['beta']})")
     return StudyConfig(path=path, values=values)
 
 
@@ -350,7 +357,8 @@ class Study:
     def stage_evaluate(self) -> dict[str, Any]:
         s = self.config.section("evaluate")
         return self._evaluate("evaluate", self.path("evaluate"), tasks=s["tasks"], methods=s["methods"],
-                              budgets=s["budgets"], betas=[s["beta"]], lengths=s["lengths"], depths=s["depths"])
+                              budgets=s["budgets"], betas=s["betas"] or [s["beta"]], lengths=s["lengths"],
+                              depths=s["depths"])
 
     def stage_tune(self) -> dict[str, Any]:
         s, e = self.config.section("tune"), self.config.section("evaluate")
