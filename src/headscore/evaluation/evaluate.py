@@ -74,6 +74,7 @@ from headscore.evaluation.tasks import (
     Task,
     expand_specs,
     get_task,
+    newline_token,
     score,
     task_samples,
     task_settings,
@@ -265,7 +266,9 @@ def tokenizer_eos(tokenizer: Any) -> set[int]:
 
 def stop_tokens(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> tuple[Set[int], Set[int]]:
     """`(eos ids, line-end ids)` of the sample's stop rule: `stops` and `line_end` for "line", the tokenizer's
-    EOS id and no line ends for "eos"."""
+    EOS id and no line ends for "eos", that and the tokenizer's newline token for "newline-token"."""
+    if sample.stop == "newline-token":
+        return tokenizer_eos(tokenizer) | {newline_token(tokenizer)}, set()
     return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
 
 
@@ -654,7 +657,7 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
         raise HeadscoreError("evaluate: the tasks produced no samples")
     with atomic_open(out) as handle:
         for s in samples:
-            eos = tokenizer_eos(tokenizer) if s.stop == "eos" else eos_ids(None, tokenizer)
+            eos = stop_tokens(s, tokenizer, eos_ids(None, tokenizer), set())[0]
             prompt = s.prompt + answer_prefix
             tokens = len(encode_prompt(tokenizer, prompt, s.template)["input_ids"]) if answer_prefix else s.length
             line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": prompt,

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
 from headscore.core.model import Geometry, load_geometry
+from headscore.core.plots import niah_panels
 from headscore.evaluation.compare import compare_scores
 from headscore.evaluation.evaluate import COMPENSATED, RAZOR_K_METHOD, RAZOR_K_PATTERN
+from headscore.evaluation.tasks.niah_official import NiahOfficialTask, overlap_score, rouge_score_x10
 from headscore.evaluation.tune import comparison_markdown, validation_markdown
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
@@ -75,6 +78,53 @@ def tune_section(folder: Path) -> list[str]:
              "Held-out test split:\n\n", comparison_markdown(comparison, baselines)]
     chosen = ", ".join(f"B={r['budget']}: β={r['chosen_beta']:g} ({r['test_gain']:+.3f})" for r in comparison)
     lines.append(f"\nChosen β per budget (held-out gain over the default β): {chosen}.\n")
+    return lines
+
+
+NIAH_OFFICIAL_DIR = "niah-official"  # the report's needle figures, beside report.md
+
+
+def niah_official_section(results: pd.DataFrame, root: Path, model: str) -> list[str]:
+    """The authors' needle-in-a-haystack test (`niah-official`): per budget one figure of heatmaps in their
+    layout, the full cache first, then every method at that budget (methods without a budget, razor-kN, in one
+    more figure); and per method and budget their two numbers, both from the predictions: the heatmaps' score
+    (`overlap_score`) and the logged ROUGE-1 F × 10. Nothing when the run has no niah-official rows."""
+    rows = results[results["task"] == NiahOfficialTask.name]
+    if rows.empty:
+        return []
+    predictions = rows["prediction"].fillna("").astype(str)
+    rows = rows.assign(overlap=predictions.map(overlap_score), rouge10=predictions.map(rouge_score_x10))
+    lengths = sorted(int(v) for v in rows["target_length"].unique())
+    depths = sorted(float(v) for v in rows["depth"].unique())
+
+    def grid(group: pd.DataFrame) -> torch.Tensor:
+        table = group.pivot_table(index="depth", columns="target_length", values="overlap", aggfunc="mean")
+        return torch.tensor(table.reindex(index=depths, columns=lengths).to_numpy(dtype=float))
+
+    full = rows[rows["method"] == "full"]
+    compressed = rows[rows["method"] != "full"]
+    groups = [(f"KV size {int(budget)}", f"B{int(budget)}", compressed[compressed["budget"] == budget])
+              for budget in sorted(compressed["budget"].dropna().unique())]
+    if compressed["budget"].isna().any():
+        groups.append(("methods without a budget", "all", compressed[compressed["budget"].isna()]))
+    lines = ["Their `run_needle_in_haystack.py` protocol (`niah-official`, docs/tasks.md): the Paul Graham essays, "
+             "the San Francisco needle, their prompt, lengths × their ten depths, 30 new tokens ending at EOS or "
+             "the newline token. Heatmaps in their layout; the score is their figures' (the share of the answer's "
+             "distinct words in the response).\n"]
+    for caption, label, group in groups:
+        panels = {"full": grid(full)} if not full.empty else {}
+        panels.update({str(method): grid(part) for method, part in group.groupby("method", sort=False)})
+        path = root / NIAH_OFFICIAL_DIR / f"niah_official_{label}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        niah_panels(panels, path, lengths=lengths, depths=depths,
+                    title=f"Pressure Testing {model}, {caption}\nFact Retrieval Across Context Lengths "
+                          "(\"Needle In A HayStack\")")
+        lines.append(f"![niah-official {caption}]({NIAH_OFFICIAL_DIR}/{path.name})\n")
+    means = rows.assign(budget=rows["budget"].astype("Int64")).groupby(["method", "budget"], dropna=False,
+                                                                       sort=False)[["overlap", "rouge10"]].mean()
+    lines.append(markdown_table(["method", "budget", "heatmap score (their figures)", "ROUGE-1 F × 10 (their logs)"],
+                                [[f"`{method}`", "all" if pd.isna(budget) else int(budget), f"{values.overlap:.3f}",
+                                  f"{values.rouge10:.3f}"] for (method, budget), values in means.iterrows()]))
     return lines
 
 
@@ -393,6 +443,10 @@ def write_report(study: Any) -> Path:
                 out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
         out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
                    f"({budgets[0] if budgets else '-'}).\n")
+    official = niah_official_section(results, root, str(top["model"]))
+    if official:
+        out.append("\n### Needle in a haystack as the authors ran it (the paper's Fig. 5 / Fig. 8)\n")
+        out.extend(official)
 
     # ---- the paper's ablation and RazorAttention
     evaluate_settings = config.section("evaluate")

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
-from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, score, task_samples
+from headscore.evaluation.tasks.base import (
+    Placement,
+    Sample,
+    Task,
+    newline_token,
+    place_in_haystack,
+    score,
+    task_samples,
+)
 from headscore.evaluation.tasks.longbench import (
     HUB_LONGBENCH,
     HUB_LOOGLE,
@@ -23,15 +31,16 @@ from headscore.evaluation.tasks.longbench import (
     longbench_e_datasets,
 )
 from headscore.evaluation.tasks.niah import NiahTask
+from headscore.evaluation.tasks.niah_official import NiahOfficialTask
 from headscore.evaluation.tasks.synthetic import MultiKeyTask, MultiValueTask, TwoHopTask, VariableTrackingTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NiahTask, MultiKeyTask, MultiValueTask,
-                                                          VariableTrackingTask, TwoHopTask)}
+                                                          VariableTrackingTask, TwoHopTask, NiahOfficialTask)}
 SYNTHETIC = ("multikey", "multivalue", "vartrack", "twohop")
 SOURCED: dict[str, type[LongBenchTask]] = {"longbench": LongBenchTask, "loogle": LoogleTask}
 
 __all__ = ["SYNTHETIC", "TASKS", "LongBenchTask", "LoogleTask", "Placement", "Sample", "Task", "expand_specs",
-           "get_task", "place_in_haystack", "score", "task_samples", "task_settings"]
+           "get_task", "newline_token", "place_in_haystack", "score", "task_samples", "task_settings"]
 
 
 def _sourced(spec: str) -> tuple[type[LongBenchTask], str] | None:
