@@ -14,6 +14,7 @@ from headscore.study.report import (
     THEIR_RAZOR,
     ablation_section,
     at_beta,
+    babilong_section,
     beta_sweep_section,
     head_distribution,
     razor_section,
@@ -164,3 +165,31 @@ def test_beta_sweep_section_marks_the_best_on_test_beside_tunes_choice(tmp_path)
     assert set(main["method"]) == {"headkv-r2", "full"} and set(main["beta"].dropna()) == {1.01}
     assert len(main) == 2 * 6 + 1
     assert "sweeps no β" in "".join(beta_sweep_section(main, tmp_path))
+
+
+def test_babilong_section_is_their_per_length_accuracy():
+    """Accuracy × 100 per length: each qa task's mean there, then their mean (eval_babilong.py's per-split
+    average over datasets), the average over lengths, and each task's mean over lengths; plain loops here."""
+    generator = torch.Generator().manual_seed(2)
+    rows = []
+    for method, budget in (("full", None), ("headkv-r2", 128)):
+        for task in ("qa1", "qa2"):
+            for length in ("0k", "1k", "16k"):
+                for number in range(3 if task == "qa1" else 2):
+                    rows.append({"task": f"babilong:{task}", "sample": f"babilong-{task}-{length}-{number}",
+                                 "method": method, "budget": budget,
+                                 "score": float(torch.rand(1, generator=generator) > 0.5)})
+    text = "".join(babilong_section(pd.DataFrame(rows)))
+    assert "| method | budget | 0k | 1k | 16k | average | qa1 | qa2 |" in text
+    for method, budget in (("full", "all"), ("headkv-r2", 128)):
+        cell = {}
+        for task in ("qa1", "qa2"):
+            for length in ("0k", "1k", "16k"):
+                values = [r["score"] for r in rows if r["method"] == method and r["task"] == f"babilong:{task}"
+                          and r["sample"].split("-")[2] == length]
+                cell[task, length] = 100 * sum(values) / len(values)
+        per_length = [(cell["qa1", n] + cell["qa2", n]) / 2 for n in ("0k", "1k", "16k")]
+        per_task = [sum(cell[t, n] for n in ("0k", "1k", "16k")) / 3 for t in ("qa1", "qa2")]
+        expected = [f"{v:.1f}" for v in (*per_length, sum(per_length) / 3, *per_task)]
+        assert f"| `{method}` | {budget} | " + " | ".join(expected) + " |" in text
+    assert babilong_section(pd.DataFrame(rows).assign(task="niah")) == []

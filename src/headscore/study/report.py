@@ -128,6 +128,30 @@ def niah_official_section(results: pd.DataFrame, root: Path, model: str) -> list
     return lines
 
 
+def babilong_section(results: pd.DataFrame) -> list[str]:
+    """BABILong (`babilong:SOURCE`) as the authors' eval_babilong.py reports it: accuracy × 100 per length
+    (the mean over the qa tasks of each task's accuracy there), their average, and the average per task."""
+    rows = results[results["task"].astype(str).str.startswith("babilong:")]
+    if rows.empty:
+        return []
+    rows = rows.assign(length=rows["sample"].astype(str).str.split("-").str[2],
+                       budget=rows["budget"].astype("Int64"))
+    lengths = sorted(rows["length"].unique(), key=lambda name: int(name[:-1]))
+    tasks = sorted(rows["task"].unique(), key=lambda name: int(name.rsplit("qa", 1)[1]))
+    table = []
+    for (method, budget), group in rows.groupby(["method", "budget"], dropna=False, sort=False):
+        cell = 100 * group.groupby(["task", "length"])["score"].mean()
+        per_length = [cell.xs(length, level="length").mean() for length in lengths]
+        per_task = [cell.xs(task, level="task").mean() for task in tasks]
+        table.append([f"`{method}`", "all" if pd.isna(budget) else int(budget),
+                      *[f"{v:.1f}" for v in per_length], f"{sum(per_length) / len(per_length):.1f}",
+                      *[f"{v:.1f}" for v in per_task]])
+    return ["Their `run_babilong.py` protocol (`babilong:SOURCE`, docs/tasks.md): BABILong qa1–qa5, their prompts "
+            "in the chat template, 15 new tokens, their scorer; accuracy × 100 per length (mean over the tasks), "
+            "the average over lengths, and each task's mean over lengths.\n\n",
+            markdown_table(["method", "budget", *lengths, "average", *[t.split(":", 1)[1] for t in tasks]], table)]
+
+
 SWEPT = " (β="  # evaluate's label of a method in a β sweep: `<method> (β=<beta>)`
 
 
@@ -447,6 +471,10 @@ def write_report(study: Any) -> Path:
     if official:
         out.append("\n### Needle in a haystack as the authors ran it (the paper's Fig. 5 / Fig. 8)\n")
         out.extend(official)
+    babilong = babilong_section(results)
+    if babilong:
+        out.append("\n### Reasoning in a haystack (BABILong) as the authors ran it\n")
+        out.extend(babilong)
 
     # ---- the paper's ablation and RazorAttention
     evaluate_settings = config.section("evaluate")

@@ -1,9 +1,11 @@
 """Evaluation tasks: `get_task(spec, **settings).samples(tokenizer)` -> Samples; `score(sample, prediction)`.
 
-Specs: `niah`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`, `loogle:SOURCE`. Shorthands
+Specs: `niah`, `niah-official`, `multikey`, `multivalue`, `vartrack`, `twohop`, `longbench:SOURCE`, `loogle:SOURCE`,
+`babilong:SOURCE`. Shorthands
 (see `expand_specs`): `synthetic` names the four synthetic tasks; `longbench:DIR` / `longbench-e:DIR` the 16
 English LongBench datasets / the 13 LongBench-E ones from a folder of `<dataset>.jsonl` files (LongBench's
-data.zip); `loogle` LooGLE's long-dependency QA from the hub.
+data.zip); `loogle` LooGLE's long-dependency QA from the hub; `babilong` BABILong from the hub, at the authors'
+revision.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
+from headscore.evaluation.tasks.babilong import HUB_BABILONG, BabilongTask
 from headscore.evaluation.tasks.base import (
     Placement,
     Sample,
@@ -37,13 +40,13 @@ from headscore.evaluation.tasks.synthetic import MultiKeyTask, MultiValueTask, T
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NiahTask, MultiKeyTask, MultiValueTask,
                                                           VariableTrackingTask, TwoHopTask, NiahOfficialTask)}
 SYNTHETIC = ("multikey", "multivalue", "vartrack", "twohop")
-SOURCED: dict[str, type[LongBenchTask]] = {"longbench": LongBenchTask, "loogle": LoogleTask}
+SOURCED: dict[str, Any] = {"longbench": LongBenchTask, "loogle": LoogleTask, "babilong": BabilongTask}
 
 __all__ = ["SYNTHETIC", "TASKS", "LongBenchTask", "LoogleTask", "Placement", "Sample", "Task", "expand_specs",
            "get_task", "newline_token", "place_in_haystack", "score", "task_samples", "task_settings"]
 
 
-def _sourced(spec: str) -> tuple[type[LongBenchTask], str] | None:
+def _sourced(spec: str) -> tuple[Any, str] | None:
     """`(task class, source)` for `longbench:SOURCE` / `loogle:SOURCE`, else None."""
     kind, colon, source = spec.partition(":")
     return (SOURCED[kind], source) if colon and kind in SOURCED else None
@@ -59,8 +62,8 @@ def task_settings(spec: str) -> list[str]:
 
 
 def unknown(spec: str) -> str:
-    return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, loogle, longbench:DIR, "
-            "longbench-e:DIR, longbench:PATH_OR_HF_ID or loogle:PATH_OR_HF_ID")
+    return (f"unknown task '{spec}': use one of {', '.join(TASKS)}, synthetic, loogle, babilong, longbench:DIR, "
+            "longbench-e:DIR, longbench:PATH_OR_HF_ID, loogle:PATH_OR_HF_ID or babilong:DIR_OR_HF_ID")
 
 
 def get_task(spec: str, **settings: Any) -> Task:
@@ -91,6 +94,8 @@ def _expand_one(spec: str) -> list[str]:
         return list(SYNTHETIC)
     if spec == "loogle":
         return [f"loogle:{HUB_LOOGLE}"]
+    if spec == "babilong":
+        return [f"babilong:{HUB_BABILONG}"]
     if names and not colon:
         raise HeadscoreError(f"{kind} needs the folder of LongBench's <dataset>.jsonl files ({HUB_LONGBENCH}'s "
                              f"data.zip): {kind}:DIR (or longbench:FILE, longbench:HF_ID:CONFIG)")
