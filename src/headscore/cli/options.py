@@ -42,7 +42,8 @@ SCORES_HELP = ("Named head-score file NAME=FILE (HeadKV format), repeatable: eac
                "name, e.g. er for the r2 rule on the retrieval needles).")
 TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, vartrack, twohop) or any of those; "
               "longbench:DIR (the 16 English LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
-              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md).")
+              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md); "
+              "niah-official and babilong[:DIR_OR_HF_ID], the authors' needle and BABILong tests (docs/tasks.md).")
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
