@@ -412,8 +412,19 @@ def test_compensation_reaches_every_razor_press(model, tokenizer, score_files):
         assert on["full_heads"] == off["full_heads"]
         assert on["kv_size"] - off["kv_size"] == pytest.approx((heads - on["full_heads"]) / heads)
     assert rows[False][2]["kv_size"] == rows[True][2]["kv_size"] and rows[True][2]["compensation"] is None
-    with pytest.raises(HeadscoreError, match="compensation must be true or false"):
+    with pytest.raises(HeadscoreError, match="compensation must be true, false or both"):
         plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"], scores=scores, params={"compensation": "yes"}))
+    # "both": every razor method both ways, the compensated one labelled; its rows are the two runs' rows
+    options = EvaluateOptions(methods=["razor-k1", "razor", "snapkv"], budgets=[24], scores=scores,
+                              params={"compensation": "both"})
+    conditions = plan_conditions(geometry, options)
+    assert [c.label for c in conditions] == ["razor-k1", "razor-k1 (compensation)", "razor", "razor (compensation)",
+                                             "snapkv"]
+    assert [c.press.compensation for c in conditions[:4]] == [False, True, False, True]
+    together = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    separate = [rows[False][0], rows[True][0], rows[False][1], rows[True][1], rows[False][2]]
+    for got, expected in zip(together, separate, strict=True):
+        assert {k: v for k, v in got.items() if k != "method"} == {k: v for k, v in expected.items() if k != "method"}
 
 
 def test_razor_k_above_the_heads_is_one_error(model, score_files):

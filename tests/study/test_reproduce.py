@@ -27,11 +27,15 @@ def test_shipped_configs_validate(name):
         assert min(config.section("evaluate")["budgets"]) == 64
         assert max(config.section("evaluate")["budgets"]) == 2048
         evaluate = config.section("evaluate")
-        assert evaluate["tasks"] == "longbench:data/LongBench,loogle:bigai-nlco/LooGLE"
+        assert evaluate["tasks"] == "longbench:data/LongBench,loogle:bigai-nlco/LooGLE,niah-official,babilong"
+        assert evaluate["lengths"] is None and evaluate["depths"] is None  # niah-official's own grid
         assert evaluate["template"] == "raw"
         # the authors' numbers (docs/fidelity.md): HeadKV run_longbench.py model2maxlen, head_start_llama3.sh β
         assert evaluate["max_length"] == {"llama3-8b-instruct": 7950, "mistral-7b-instruct": 31500}[name]
         assert evaluate["beta"] == {"llama3-8b-instruct": 1.005, "mistral-7b-instruct": 1.01}[name]
+        # head_start_mistral.sh sweeps all eight β on LongBench; head_start_llama3.sh runs 1.005 only
+        assert evaluate["betas"] == {"llama3-8b-instruct": None,
+                                     "mistral-7b-instruct": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]}[name]
         # ... and their behaviour throughout
         assert {k: evaluate[k] for k in ("granularity", "beyond_prompt", "score_dtype", "pyramid_schedule",
                                          "ada_allocation", "dtype")} == {
@@ -40,13 +44,14 @@ def test_shipped_configs_validate(name):
         assert config.section("allocate")["granularity"] == "query"
         # RazorAttention as the authors ran it: k given (B = 128: 5, 10, 20; B = 1024: 100, 500), beside razor
         assert {"razor", "razor-k5", "razor-k10", "razor-k20", "razor-k100", "razor-k500"} <= set(evaluate["methods"])
-        assert evaluate["razor_compensation"] is False
+        assert evaluate["razor_compensation"] == "both"  # the paper does not say; both, labelled
         needles, estimate = config.section("needles"), config.section("estimate")
         assert (needles["min_length"], needles["max_length"], needles["lengths"], needles["template"]) == (
             0, 10000, 5, "official")
         assert needles["r2_haystack"].endswith("haystack_for_detect_r2")
         assert needles["retrieval_haystack"].endswith("haystack_for_detect") and needles["span"] == "official"
-        assert (estimate["stop_rule"], estimate["rouge"]) == ("official", "stemmed")
+        assert (estimate["stop_rule"], estimate["rouge"], estimate["r2_weight"]) == ("official", "stemmed",
+                                                                                  "released")
     if name == "mistral-7b-instruct":
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
     if name == "smollm2-135m":
@@ -64,6 +69,7 @@ def test_shipped_configs_validate(name):
         ("evaluate: [1, 2]\n", "section 'evaluate' must be a mapping"),
         ("ablate:\n  ks: []\n", "'ablate.ks' must be a non-empty list"),
         ("beta_sweep:\n  budget: 64\n", "section 'beta_sweep' was replaced by 'tune'"),
+        ("evaluate:\n  beta: 1.5\n  betas: [1.01, 2]\n", "'evaluate.betas' must be a list holding 'evaluate.beta'"),
         ("model: [unclosed\n", "not valid YAML"),
     ],
 )

@@ -53,9 +53,9 @@ TASKS_HELP = library_help("tasks", _tasks_help)
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
-                                            "of the dropped keys and values) per compressed head. Off by default, "
-                                            "as the HeadKV authors ran RazorAttention: they found it made runs "
-                                            "about 3x slower at large k.")]
+                                            "of the dropped keys and values) per compressed head. Off by default; "
+                                            "the HeadKV authors found it made runs about 3x slower at large k "
+                                            "(a config's evaluate.razor_compensation: both runs both ways).")]
 Device = Annotated[str, typer.Option("--device", help="Device: auto (CUDA when available, else CPU), cpu, cuda, "
                                      "cuda:1, ... (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")]
 DType = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32 on "
@@ -227,8 +227,8 @@ def task_options(
     num_needles: Annotated[int | None, typer.Option("--num-needles", help="niah: use only the first N "
                                                     "evaluation needles [default: all 3].")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="LongBench/LooGLE: middle-truncate the "
-                                                   "whole prompt to this many tokens (the authors: 7500 for "
-                                                   "Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
+                                                   "whole prompt to this many tokens (HeadKV's run_longbench.py: 7950 "
+                                                   "for Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
     = None,
 ) -> dict[str, Any]:
     """How the evaluation tasks are built (the `task_options` of `evaluate` and `tune`; template apart)."""

@@ -82,6 +82,15 @@ def rouge1_recall_stemmed(prediction: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].recall
 
 
+def rouge1_f_stemmed(prediction: str, reference: str) -> float:
+    """ROUGE-1 F-measure of `rouge_score` with the Porter stemmer (`RougeScorer([...], use_stemmer=True)
+    .score(reference, prediction)['rouge1'].fmeasure`): the needle-in-a-haystack score HeadKV, PyramidKV and
+    SnapKV log (× 10)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].fmeasure
+
+
 def _lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
     if not a or not b:

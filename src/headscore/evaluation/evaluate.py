@@ -68,6 +68,7 @@ from headscore.evaluation.tasks import (
     Task,
     expand_specs,
     get_task,
+    newline_token,
     score,
     task_samples,
     task_settings,
@@ -86,6 +87,18 @@ GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template i
 
 
 
+COMPENSATED = " (compensation)"  # the label suffix of conditions with the compensation token, run both ways
+
+
+def compensation_variants(setting: bool | str) -> list[bool]:
+    """The compensation settings a method taking one runs with: `[setting]`, or both for "both"."""
+    if setting == "both":
+        return [False, True]
+    if not isinstance(setting, bool):
+        raise HeadscoreError(f"evaluate: compensation must be true, false or both, got {setting!r}")
+    return [setting]
+
+
 def scores_option(name: str) -> str:
     """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
     rule = rule_for_scores(name)
@@ -102,7 +115,10 @@ class EvaluateOptions:
     `SCORER@headkv-NAME`; razor: `r`) takes that file. `betas`: HeadKV's pool control; several values make a β
     sweep (each method taking β runs at every β). `params`: every other method parameter, the one set of
     settings each method takes what applies to from (`make_press(settings=...)`: window, kernel, alpha, temp,
-    granularity, pyramid_beta, sinks, compensation, the fidelity options of docs/fidelity.md, each scorer's own).
+    granularity, pyramid_beta, sinks, the fidelity options of docs/fidelity.md, each scorer's own), and
+    `compensation` (RazorAttention's compensation token: true, false, or "both": every method taking it runs
+    both ways, the compensated one labelled `<method> (compensation)`; their rebuttal says it made a run about
+    three times slower at large k, so it was likely on in the authors' runs; the paper does not say).
     `answer_prefix` is appended to every prompt (after the generation prompt, so the observation window
     covers it); the model continues it and the prediction excludes it.
     """
@@ -158,18 +174,22 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
     sizes: list[tuple[str | None, Any]] = [("budget", int(b)) for b in options.budgets]
     sizes += [("ratio", float(r)) for r in options.ratios]
     sweep = len(options.betas) > 1
+    compensations = compensation_variants(options.params.get("compensation", False))
     conditions = []
     for spec in specs:
         betas = options.betas if "beta" in spec.parameters() else [None]
+        takes = "compensation" in spec.parameters()
+        variants = [(beta, c) for beta in betas for c in (compensations if takes else [False])]
         for unit, size in sizes if spec.takes_budget else [(None, None)]:
-            for beta in betas:
+            for beta, compensation in variants:
                 settings = {**options.params, "beta": beta, "scores": loaded or None,
-                            **({unit: size} if unit else {})}
+                            "compensation": compensation, **({unit: size} if unit else {})}
                 try:
                     press = make_press(spec.name, geometry, settings=settings)
                 except HeadscoreError as error:
                     raise HeadscoreError(f"evaluate: method {spec.name}: {error}") from error
                 label = f"{spec.name} (β={beta:g})" if sweep and beta is not None else spec.name
+                label += COMPENSATED if compensation and len(compensations) > 1 else ""
                 conditions.append(Condition(method=spec.name, budget=size if unit == "budget" else None, beta=beta,
                                             press=press, label=label, ratio=size if unit == "ratio" else None))
     return conditions
@@ -198,7 +218,9 @@ def tokenizer_eos(tokenizer: Any) -> set[int]:
 
 def stop_tokens(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> tuple[Set[int], Set[int]]:
     """`(eos ids, line-end ids)` of the sample's stop rule: `stops` and `line_end` for "line", the tokenizer's
-    EOS id and no line ends for "eos"."""
+    EOS id and no line ends for "eos", that and the tokenizer's newline token for "newline-token"."""
+    if sample.stop == "newline-token":
+        return tokenizer_eos(tokenizer) | {newline_token(tokenizer)}, set()
     return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
 
 
@@ -603,7 +625,7 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
         raise HeadscoreError("evaluate: the tasks produced no samples")
     with atomic_open(out) as handle:
         for s in samples:
-            eos = tokenizer_eos(tokenizer) if s.stop == "eos" else eos_ids(None, tokenizer)
+            eos = stop_tokens(s, tokenizer, eos_ids(None, tokenizer), set())[0]
             prompt = s.prompt + answer_prefix
             tokens = len(encode_prompt(tokenizer, prompt, s.template)["input_ids"]) if answer_prefix else s.length
             line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": prompt,

@@ -6,7 +6,8 @@ LongBench datasets / the 13 LongBench-E ones from a folder of `<dataset>.jsonl` 
 `loogle`: LooGLE's long-dependency QA from the hub; `ruler`: RULER's 13 tasks `ruler:NAME`, `ruler-synthetic` the
 11 without downloaded data, and a bare RULER name after a `ruler:` spec continues it: `ruler:vt,cwe`). Specs: a
 task name, or `NAME:SOURCE` for a sourced task (`longbench:FILE_OR_HF_ID`, `loogle:FILE_OR_HF_ID`);
-`tasks_help()` lists them all.
+`tasks_help()` lists them all. The authors' own tests: `niah-official` (their needle-in-a-haystack) and
+`babilong[:SOURCE]` (BABILong at their revision).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import dataclasses
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
-from headscore.evaluation.tasks import longbench, niah, ruler, synthetic  # noqa: F401  (the modules register their tasks)
+from headscore.evaluation.tasks import (  # noqa: F401  (the modules register their tasks)
+    babilong,
+    longbench,
+    niah,
+    niah_official,
+    ruler,
+    synthetic,
+)
 from headscore.evaluation.tasks.base import (
     SHORTHANDS,
     TASKS,
@@ -23,6 +31,7 @@ from headscore.evaluation.tasks.base import (
     Sample,
     Task,
     TaskEntry,
+    newline_token,
     place_in_haystack,
     register_shorthand,
     register_task,
@@ -39,8 +48,8 @@ SYNTHETIC = tuple(task_group("synthetic"))
 SOURCED: dict[str, type[Task]] = {name: entry.cls for name, entry in TASKS.items() if entry.sourced}
 
 __all__ = ["SHORTHANDS", "SOURCED", "SYNTHETIC", "TASKS", "LongBenchTask", "LoogleTask", "Placement", "Sample",
-           "Task", "expand_specs", "get_task", "place_in_haystack", "register_shorthand", "register_task", "score",
-           "task_forms", "task_samples", "task_settings", "tasks_help"]
+           "Task", "expand_specs", "get_task", "newline_token", "place_in_haystack", "register_shorthand",
+           "register_task", "score", "task_forms", "task_samples", "task_settings", "tasks_help"]
 
 
 def _entry(spec: str) -> tuple[TaskEntry, str | None]:

@@ -16,8 +16,17 @@ MIN_FILLER = 16  # fewest haystack tokens a generated prompt may hold
 
 # decoding stop rules: the model's and the tokenizer's EOS ids, or a line break once the answer has begun
 # ("line": short answers); only the tokenizer's EOS id (or the token limit), no post-processing of the text
-# ("eos": LongBench/LooGLE as the authors generate, the prediction kept unstripped)
-STOP_RULES = ("line", "eos")
+# ("eos": LongBench/LooGLE as the authors generate, the prediction kept unstripped); the tokenizer's EOS id or its
+# newline token from the first new token on ("newline-token": the authors' needle-in-a-haystack generation)
+STOP_RULES = ("line", "eos", "newline-token")
+
+
+def newline_token(tokenizer: Any) -> int:
+    """The authors' newline stop id: `tokenizer.encode("\\n", add_special_tokens=False)[-1]`."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if not ids:
+        raise HeadscoreError("the tokenizer encodes a newline to no token; the newline-token stop rule needs one")
+    return int(ids[-1])
 
 
 @dataclass
