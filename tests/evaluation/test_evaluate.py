@@ -492,3 +492,35 @@ def test_a_scorer_scores_each_prompt_once_for_every_allocation_and_budget(model,
     for method in methods:  # every allocation spends the same total at a KV size, the ratio its share
         assert by_method[(method, 16, None)]["kv_size"] == pytest.approx(16, abs=1.0)
         assert by_method[(method, None, 0.5)]["ratio_achieved"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_question_after_compression(model, tokenizer, score_files):
+    """--question after: the context before the question is prefilled and compressed, the question asked on the
+    compressed cache. With every entry kept it answers exactly as the whole prompt does; compressed, the
+    selection is the context's alone (the window's last tokens are the context's, not the question's)."""
+    from headscore.evaluation.evaluate import question_start, sample_ids
+
+    geometry = Geometry.from_config(model.config)
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 4
+    ids = sample_ids(tokenizer, sample)
+    split = question_start(tokenizer, sample)
+    asked = tokenizer.decode(ids[split:])
+    assert sample.question in asked and sample.question not in tokenizer.decode(ids[:split])
+    stops = eos_ids(model, tokenizer)
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[16, 4000],
+                              scores=score_files(geometry))
+    conditions = plan_conditions(geometry, options)
+    inside = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    after = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, question="after")
+    assert [row["question"] for row in after] == ["after"] * len(conditions)
+    assert [row["question"] for row in inside] == ["in-prompt"] * len(conditions)
+    for got, want in zip(after, inside, strict=True):
+        if got["budget"] in (None, 4000):  # everything kept: one prefill of context and question, split
+            assert got["prediction"] == want["prediction"] and got["length"] == want["length"]
+    small = [row for row in after if row["budget"] == 16]
+    assert all(row["kv_size"] == pytest.approx(16, abs=1) for row in small)
+    no_question = small_samples(tokenizer)[0]
+    no_question.question = ""
+    with pytest.raises(HeadscoreError, match="has no question after its context"):
+        question_start(tokenizer, no_question)

@@ -352,6 +352,16 @@ def fork(cache: Any) -> Any:
     return forked
 
 
+def extend(model: Any, cache: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Prefill `ids` `[rows, q]` after what every row of `cache` holds (the question after a compressed context,
+    the same number of tokens in every row, no padding): the last logits `[rows, vocab]`, from which
+    `decode_rows` continues. `cache` grows by the q tokens (fork it first to keep it as it was)."""
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise HeadscoreError(f"extend takes token ids [rows, q] with q >= 1, got shape {tuple(ids.shape)}")
+    logits, _ = _forward(model, ids.to(input_device(model)), cache)
+    return logits
+
+
 def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rules: StopRule | Sequence[StopRule],
                  lengths: Sequence[int] | None = None) -> tuple[list[list[int]], float]:
     """Answer `questions` after a compressed context: `(tokens per question, seconds)`.

@@ -33,6 +33,7 @@ from headscore.compression.generation import (
     cache_report,
     compress_rows,
     decode_rows,
+    extend,
     prefill,
     prefill_batch,
     run_extra_passes,
@@ -120,7 +121,10 @@ class EvaluateOptions:
     both ways, the compensated one labelled `<method> (compensation)`; their rebuttal says it made a run about
     three times slower at large k, so it was likely on in the authors' runs; the paper does not say).
     `answer_prefix` is appended to every prompt (after the generation prompt, so the observation window
-    covers it); the model continues it and the prediction excludes it.
+    covers it); the model continues it and the prediction excludes it. `question`: "in-prompt" (the paper's
+    protocol: the whole prompt is prefilled and compressed) or "after" (only the context before the question is;
+    the question and answer prefix are then prefilled on the compressed cache: query-agnostic compression, the
+    leaderboard's protocol, `evaluate_sample`).
     """
 
     methods: Sequence[str] = EVALUATE_METHODS
@@ -130,6 +134,7 @@ class EvaluateOptions:
     betas: Sequence[float] = (BETA,)
     params: dict[str, Any] = field(default_factory=dict)
     answer_prefix: str = ""
+    question: str = "in-prompt"
 
     @property
     def window(self) -> int:
@@ -229,6 +234,29 @@ def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int
     return encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
 
 
+QUESTION_MODES = ("in-prompt", "after")
+
+
+def question_start(tokenizer: Any, sample: Any, answer_prefix: str = "") -> int:
+    """Where the question begins in `sample_ids` (`--question after`: the tokens before it are prefilled and
+    compressed, the rest asked on the compressed cache): the first token holding part of the last occurrence of
+    `sample.question` in the prompt text. The two parts are the very ids of the prompt, split."""
+    at = sample.prompt.rfind(sample.question) if sample.question else -1
+    encoded = encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template, offsets=True)
+    ends = [end for start, end in encoded["offset_mapping"]]
+    split = next((k for k, end in enumerate(ends) if end > at and k > 0), None) if at > 0 else None
+    if split is None:
+        raise HeadscoreError(f"evaluate --question after: sample {sample.id} has no question after its context")
+    return split
+
+
+def prefill_ids(tokenizer: Any, sample: Any, answer_prefix: str, question: str) -> list[int]:
+    """The ids prefilled (and compressed) for a sample: all of `sample_ids`, or the context before the question
+    (`question` "after")."""
+    ids = sample_ids(tokenizer, sample, answer_prefix)
+    return ids[:question_start(tokenizer, sample, answer_prefix)] if question == "after" else ids
+
+
 def batch_groups(conditions: Sequence[Condition], samples: int, decode_batch: int | None
                  ) -> list[list[tuple[int, int]]]:
     """Which (sample, condition) rows of `samples` samples decode together (positions into the batch and into
@@ -252,11 +280,12 @@ def decode_groups(conditions: Sequence[Condition], decode_batch: int | None) -> 
     return [[condition for _, condition in group] for group in batch_groups(conditions, 1, decode_batch)]
 
 
-def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Sequence[StopRule]
-                 ) -> list[tuple[list[int], KVReport]]:
+def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Sequence[StopRule],
+                 question: torch.Tensor | None = None) -> list[tuple[list[int], KVReport]]:
     """Decode `(prefill state, press)` rows at once (`compress_rows`: presses of one prefill, or prompts of
     several left padded to the longest), row `i` ending on `rules[i]`: `(tokens, KVReport)` per row, the report
-    taken when its row finished."""
+    taken when its row finished. `question` `[q]`: ids asked after the compressed context (rows of one prefill),
+    prefilled on the compressed cache before decoding."""
     cache = compress_rows(rows)
     states = [state for state, _ in rows]
     several = any(state is not states[0] for state in states)
@@ -269,16 +298,20 @@ def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Se
                                              state.seconds, seconds, row=position, padding=width - state.length))
 
     logits = torch.stack([state.logits for state in states]) if several else states[0].logits
+    if question is not None:
+        if several:
+            raise HeadscoreError("a question after the context takes rows of one prefill")
+        logits = extend(model, cache, question[None].expand(len(rows), -1))
     decode_rows(model, cache, logits, rules, on_finish=finished,
                 lengths=[state.length for state in states] if several else None)
     return [decoded[row] for row in range(len(rows))]
 
 
-def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule
-                      ) -> list[tuple[list[int], KVReport]]:
+def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule,
+                      question: torch.Tensor | None = None) -> list[tuple[list[int], KVReport]]:
     """Decode one prefill under several presses at once (one batch row each; the full press alone):
-    `(tokens, KVReport)` per press (`decode_pairs`)."""
-    return decode_pairs(model, [(state, press) for press in presses], [rule] * len(presses))
+    `(tokens, KVReport)` per press (`decode_pairs`; `question`: asked after the compressed context)."""
+    return decode_pairs(model, [(state, press) for press in presses], [rule] * len(presses), question)
 
 
 def sample_rule(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> StopRule:
@@ -312,9 +345,13 @@ def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
                     stops: set[int], window: int, line_end: Set[int] = frozenset(),
                     answer_prefix: str = "", prefixes: PrefixCache | None = None,
-                    shared: int = 0, decode_batch: int | None = None) -> list[dict[str, Any]]:
+                    shared: int = 0, decode_batch: int | None = None,
+                    question: str = "in-prompt") -> list[dict[str, Any]]:
     """Prefill `sample` (its prompt followed by `answer_prefix`) once, then decode every condition: one result
-    row per condition, in plan order.
+    row per condition, in plan order. `question` "after": only the context before the question is prefilled and
+    compressed; the question (and the answer prefix) is then prefilled on each compressed cache
+    (`question_start`), so the selection cannot see it (query-agnostic compression, RULER's leaderboard
+    protocol).
 
     The compressed conditions decode together, one batch row each (`decode_groups`, at most `decode_batch`
     rows; 1: one at a time), each row ending on the sample's stop rule (`stop_tokens`) and leaving the batch
@@ -323,7 +360,8 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     """
 
     ids = sample_ids(tokenizer, sample, answer_prefix)
-    prompt = torch.tensor(ids)
+    split = question_start(tokenizer, sample, answer_prefix) if question == "after" else len(ids)
+    prompt, asked = torch.tensor(ids[:split]), torch.tensor(ids[split:]) if split < len(ids) else None
     # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
     with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
         state = prefill(model, prompt[None].to(input_device(model)), window, cache, start,
@@ -332,9 +370,10 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     rule = sample_rule(sample, tokenizer, stops, line_end)
     results: dict[int, tuple[list[int], KVReport]] = {}
     for group in decode_groups(conditions, decode_batch):
-        decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule)
+        decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule, asked)
         results.update(zip(group, decoded, strict=True))
-    return result_rows(tokenizer, sample, len(ids), conditions, [results[i] for i in range(len(conditions))])
+    return result_rows(tokenizer, sample, len(ids), conditions, [results[i] for i in range(len(conditions))],
+                       question)
 
 
 def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], conditions: Sequence[Condition],
@@ -363,7 +402,7 @@ def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], condition
 
 
 def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[Condition],
-                decoded: Sequence[tuple[list[int], KVReport]]) -> list[dict[str, Any]]:
+                decoded: Sequence[tuple[list[int], KVReport]], question: str = "in-prompt") -> list[dict[str, Any]]:
     """One result row per condition of `sample` (its prompt `length` tokens) from its decoded `(tokens,
     report)`; "eos" predictions are kept unstripped."""
     rows = []
@@ -377,7 +416,7 @@ def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[C
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
-            **condition_columns(condition.press, report), "ratio": condition.ratio,
+            **condition_columns(condition.press, report), "ratio": condition.ratio, "question": question,
         })
     return rows
 
@@ -501,6 +540,11 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     decode_groups(conditions, decode_batch)  # a bad --decode-batch fails before any work
     if batch_size < 1:
         raise HeadscoreError(f"--batch-size must be at least 1, got {batch_size}")
+    if options.question not in QUESTION_MODES:
+        raise HeadscoreError(f"evaluate: --question must be one of {', '.join(QUESTION_MODES)}, got "
+                             f"'{options.question}'")
+    if batch_size > 1 and options.question == "after":
+        raise HeadscoreError("--question after runs one sample at a time: use --batch-size 1")
     if batch_size > 1 and geometry.compressed_layers is not None:
         raise HeadscoreError("--batch-size above 1 needs a model whose layers are all full attention (this one "
                              "has sliding-window layers)")
@@ -526,7 +570,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     # planned over every sample (resumed runs share the same lengths); the window's queries run unshared
     prefix = prefix.for_model(model)
     keys = list(by_id)
-    plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
+    plan = plan_prefixes([torch.tensor(prefill_ids(tokenizer, by_id[key], options.answer_prefix, options.question))
+                          for key in keys],
                          min_suffix=max(query_count(conditions, options.window), 1), max_tokens=prefix.max_tokens)
     shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
     sharing = prefix.enabled and batch_size == 1  # batched prompts are prefilled whole
@@ -534,7 +579,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
-                               options.answer_prefix, prefixes, shared[sample_id], decode_batch)
+                               options.answer_prefix, prefixes, shared[sample_id], decode_batch, options.question)
         return {"sample": sample_id, "rows": rows}
 
     def work_batch(batch_keys: list[str]) -> list[dict[str, Any]]:

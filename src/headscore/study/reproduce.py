@@ -83,6 +83,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  # compression ratios beside the budgets; any other method parameter (temp, sinks, pyramid_beta, a
                  # scorer's own: `headscore evaluate --help`), as `--param KEY=VALUE`
                  "ratios": [], "params": {},
+                 # in-prompt (the paper's protocol) or after (the question asked after compression: RULER's)
+                 "question": "in-prompt",
                  "batch_size": 1},  # samples prefilled and decoded together (evaluate --batch-size)
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
@@ -358,7 +360,8 @@ class Study:
         scores = self.method_scores(methods, stage)
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets],
                                   ratios=[float(r) for r in settings["ratios"]], scores=scores,
-                                  betas=[float(b) for b in betas], params=method_params(settings))
+                                  betas=[float(b) for b in betas], params=method_params(settings),
+                                  question=settings["question"])
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
