@@ -87,3 +87,21 @@ def test_cli_allocate_memory(tmp_path, headscore_cli):
     assert written["memory"]["bytes_held"] <= 64 * 2**20 and written["memory"]["context"] == 4096
     failed = headscore_cli("allocate", "--allocation", "uniform", "--memory", "64MiB", "--out", out)
     assert failed.returncode != 0 and "needs --context" in failed.stderr and "\n" not in failed.stderr.strip()
+
+
+def test_cli_compress_memory_holds_what_it_planned(tmp_path, tiny_folder, headscore_cli):
+    context = tmp_path / "context.txt"
+    context.write_text("The vault code is 4812. " * 30, encoding="utf-8")
+    report = tmp_path / "report.json"
+    result = headscore_cli("compress", "--model", tiny_folder, "--method", "snapkv@pyramid", "--memory", "20KB",
+                           "--context-file", context, "--question", "What is the vault code?",
+                           "--max-new-tokens", "4", "--report", report)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(report.read_text())
+    target = written["metadata"]["memory_target"]
+    assert target["memory"] == 20_000 and target["bytes_held"] <= 20_000
+    assert written["report"]["kv_bytes"] == target["bytes_held"]  # the plan is what the cache held
+    assert written["metadata"]["press"]["budget"] == target["budget"]
+    refused = headscore_cli("compress", "--model", tiny_folder, "--method", "full", "--memory", "20KB",
+                            "--context-file", context, "--question", "What?")
+    assert refused.returncode != 0 and "memory target sizes a scorer × allocation method" in refused.stderr

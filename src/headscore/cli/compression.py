@@ -166,6 +166,9 @@ def compress_command(
     budgets: BudgetsOption = option_values(BUDGET),
     ratio: Annotated[float | None, typer.Option("--ratio", help="Compression ratio instead of --budgets: the "
                                                 "fraction of the prompt's KV entries removed, per layer.")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="A memory target instead of --budgets (2GiB, "
+                                               "512MiB, bytes): the largest KV size whose cache of this prompt "
+                                               "and --max-new-tokens fits it.")] = None,
     betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
     fidelity_options: Any = None,
@@ -193,7 +196,7 @@ def compress_command(
         result, metadata = compress_files(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
-            progress=lambda stage: bar.update(task, description=stage),
+            progress=lambda stage: bar.update(task, description=stage), memory=memory,
             settings={"budget": budget, "ratio": ratio, "beta": beta, **press_parameters, **fidelity_options.params(),
                       "full_heads": full_heads, "compensation": compensation,
                       "scores": str(scores) if scores else None, "budgets": str(budget_file) if budget_file else None})
@@ -211,6 +214,10 @@ def compress_command(
     summary.add_row("KV bytes (compressed)", f"{kv.kv_bytes:,}")
     summary.add_row("KV bytes (full cache)", f"{kv.full_kv_bytes:,}")
     summary.add_row("ratio", f"{kv.ratio:.4f}")
+    if "memory_target" in metadata:
+        target = metadata["memory_target"]
+        summary.add_row("memory target", f"{target['memory']:,} ({target['dtype']}; KV size {target['budget']}, "
+                        f"{target['bytes_held']:,} bytes planned)")
     if "full_heads_rule" in kv.press:  # razor: k and where it came from
         summary.add_row("full-cache heads (k)", f"{kv.press['full_heads']} ({kv.press['full_heads_rule']})")
     summary.add_row("index bytes", f"{kv.index_bytes:,}")

@@ -33,7 +33,9 @@ from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, RecordedPrompt, window_kv_bytes
-from headscore.compression.presses import FullPress, Press, make_press
+from headscore.compression.memory import MemoryTarget, memory_budgets, parse_bytes
+from headscore.compression.presses import FullPress, Press, make_press, parse_method
+from headscore.compression.presses import load_scores as load_head_scores
 from headscore.compression.scorers import EXTRA_PASSES, Rope
 from headscore.core.attention import use_attention
 from headscore.core.decoding import FinishHook, StopRule, greedy_decode
@@ -47,6 +49,7 @@ from headscore.core.model import (
     input_device,
     load_geometry,
     load_model,
+    load_tokenizer,
     resolve_device,
     with_cache,
 )
@@ -529,11 +532,12 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
                    max_new_tokens: int = 64, template: str = TEMPLATE, answer_prefix: str = "",
                    device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
-                   settings: Mapping[str, Any] | None = None,
+                   settings: Mapping[str, Any] | None = None, memory: str | int | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
     model, answer. Returns the result and a metadata dict (model, geometry, parameters, versions,
-    fingerprints)."""
+    fingerprints). `memory` (a size: 2GiB, 512MiB, bytes): the KV size is the largest whose cache of this
+    prompt and `max_new_tokens` fits it (`compression.memory`), stated in the metadata beside the bytes held."""
 
     path = Path(context_file)
     if not path.is_file():
@@ -545,6 +549,12 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
         raise HeadscoreError("the question is empty")
     geometry = load_geometry(model_name)
     press = make_press(method, geometry, settings, **press_options)
+    target = None
+    if memory is not None:
+        settings, target = fit_memory(model_name, geometry, method, {**(settings or {}), **press_options}, memory,
+                                      render_prompt(load_tokenizer(model_name), context, question, template,
+                                                    answer_prefix), template, max_new_tokens, dtype, device)
+        press, press_options = make_press(method, geometry, settings), {}
     if progress:
         progress("loading the model")
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
@@ -562,5 +572,26 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
                 "template": template, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
                 "device": resolve_device(device),
                 "dtype": str(next(model.parameters()).dtype), "press": press.describe(), **files,
-                "versions": versions()}
+                **({"memory_target": target} if target is not None else {}), "versions": versions()}
     return result, metadata
+
+
+def fit_memory(model_name: str, geometry: Geometry, method: str, settings: Mapping[str, Any], memory: str | int,
+               prompt: str, template: str, max_new_tokens: int, dtype: str | None, device: str
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings of `compress --memory` (its `budget`: the largest KV size whose cache of `prompt` fits
+    `memory`) and the target with the bytes it holds."""
+    spec = parse_method(method)
+    if spec.press is not None or spec.allocation is None:
+        raise HeadscoreError(f"a memory target sizes a scorer × allocation method, not {method}")
+    length = len(encode_prompt(load_tokenizer(model_name), prompt, template)["input_ids"])
+    cache_dtype = dtype or ("bfloat16" if resolve_device(device).startswith("cuda") else "float32")
+    target = MemoryTarget(parse_bytes(memory), length, 1, cache_dtype, max(max_new_tokens - 1, 0))
+    scores = settings.get("scores")
+    params = {k: settings[k] for k in ("beta", "temp", "pyramid_beta") if settings.get(k) is not None}
+    window = settings.get("window")
+    budgets, held = memory_budgets(spec.allocation, geometry, target, window=WINDOW if window is None else window,
+                                   granularity=settings.get("granularity"),
+                                   scores=None if scores is None else load_head_scores(scores), **params)
+    return {**settings, "budget": budgets.budget, "ratio": None}, {**target.to_dict(), "bytes_held": held,
+                                                                     "budget": budgets.budget}
