@@ -193,3 +193,34 @@ def test_babilong_section_is_their_per_length_accuracy():
         expected = [f"{v:.1f}" for v in (*per_length, sum(per_length) / 3, *per_task)]
         assert f"| `{method}` | {budget} | " + " | ".join(expected) + " |" in text
     assert babilong_section(pd.DataFrame(rows).assign(task="niah")) == []
+
+
+def test_leaderboard_section_averages_tasks_and_writes_its_files(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from headscore.study.report import leaderboard_section
+
+    rows = []
+    for task, scores in (("ruler:vt", {"snapkv": (1.0, 0.0), "kvzip": (1.0, 1.0)}),
+                         ("ruler:cwe", {"snapkv": (0.5, 0.5), "kvzip": (0.0, 0.0)})):
+        rows.append({"task": task, "sample": f"{task}-0", "method": "full", "ratio": None, "score": 1.0,
+                     "kv_bytes": 1000, "ratio_achieved": 0.0, "question": "after", "prediction": "x",
+                     "answers": "x"})
+        for method, (low, high) in scores.items():
+            for ratio, score in ((0.5, low), (0.875, high)):
+                rows.append({"task": task, "sample": f"{task}-0", "method": method, "ratio": ratio,
+                             "score": score, "kv_bytes": 1000 * (1 - ratio), "ratio_achieved": ratio,
+                             "question": "after", "prediction": "y", "answers": "x"})
+    lines = leaderboard_section(pd.DataFrame(rows), tmp_path)
+    text = "".join(lines)
+    # per task first, then over tasks: snapkv (1 + 0.5) / 2 at 0.5, (0 + 0.5) / 2 at 0.875
+    assert "| snapkv | 0.750 | 0.250 |" in text and "| kvzip | 0.500 | 0.500 |" in text
+    assert "Full cache: 1.000" in text and "question after" in text
+    assert (tmp_path / "score_vs_ratio.png").is_file() and (tmp_path / "score_vs_bytes.png").is_file()
+    table = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert len(table) == 8 and set(table.columns) >= {"task", "method", "ratio", "score", "kv_bytes"}
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and {p["method"] for p in predictions} == {"snapkv", "kvzip"}
+    assert leaderboard_section(pd.DataFrame(rows).assign(ratio=None), tmp_path) == []

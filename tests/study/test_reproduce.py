@@ -15,7 +15,8 @@ from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["quick", "smollm2-135m", "llama3-8b-instruct", "mistral-7b-instruct"])
+@pytest.mark.parametrize("name", ["quick", "smollm2-135m", "llama3-8b-instruct", "mistral-7b-instruct",
+                                  "ruler-qwen3-8b", "ruler-llama3.1-8b", "ruler-smollm2"])
 def test_shipped_configs_validate(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.name == name
@@ -54,6 +55,15 @@ def test_shipped_configs_validate(name):
                                                                                   "released")
     if name == "mistral-7b-instruct":
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
+    if name.startswith("ruler-"):  # the leaderboard's protocol: RULER, question after, ratios
+        evaluate = config.section("evaluate")
+        assert evaluate["question"] == "after" and evaluate["budgets"] == []
+        assert evaluate["tasks"] in ("ruler", "ruler-synthetic") and evaluate["ratios"][-1] == 0.875
+        assert {"full", "expected", "kvzip", "headkv-r2", "expected@headkv-r2", "kvzip@global"} <= set(
+            evaluate["methods"])
+        if name != "ruler-smollm2":
+            assert evaluate["ratios"] == [0.25, 0.5, 0.75, 0.875] and evaluate["lengths"] == [4096]
+            assert config.top["device"] == "cuda" and "/" in config.top["model"]
     if name == "smollm2-135m":
         assert config.section("estimate")["r2_mode"] == "teacher-forced"
         assert "razor-k5" in config.section("evaluate")["methods"]  # once per sample: cheap

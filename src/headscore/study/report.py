@@ -15,7 +15,7 @@ from headscore.compression.presses import RAZOR_K
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
 from headscore.core.model import Geometry, load_geometry
-from headscore.core.plots import niah_panels
+from headscore.core.plots import line_plot, niah_panels
 from headscore.evaluation.compare import compare_scores
 from headscore.evaluation.evaluate import COMPENSATED
 from headscore.evaluation.tasks.niah_official import NiahOfficialTask, overlap_score, rouge_score_x10
@@ -353,6 +353,55 @@ def razor_section(results: pd.DataFrame) -> list[str]:
     return lines
 
 
+def task_mean(frame: pd.DataFrame, by: list[str], column: str = "score") -> pd.Series:
+    """Mean of `column` per task, then over tasks (the leaderboard's average), for each group of `by`."""
+    return frame.groupby([*by, "task"], dropna=False)[column].mean().groupby(level=by, dropna=False).mean()
+
+
+def leaderboard_section(results: pd.DataFrame, folder: Path) -> list[str]:
+    """Rows run at compression ratios (`evaluate.ratios`): the leaderboard's figure (score against the ratio
+    asked, one line per method, full as a line), the figure no leaderboard shows (score against the KV bytes
+    actually held), a table, and `leaderboard.csv` / `predictions.jsonl` per (task, method, ratio)."""
+    if "ratio" not in results or not results["ratio"].notna().any():
+        return []
+    rated = results[results["ratio"].notna()]
+    full = results[results["method"] == "full"]
+    per_task = rated.groupby(["task", "method", "ratio"], sort=False).agg(
+        score=("score", "mean"), kv_bytes=("kv_bytes", "mean"), ratio_achieved=("ratio_achieved", "mean"),
+        samples=("sample", "nunique")).reset_index()
+    atomic_write_text(folder / "leaderboard.csv", per_task.to_csv(index=False))
+    columns = [c for c in ("task", "sample", "method", "ratio", "ratio_achieved", "kv_bytes", "question",
+                           "prediction", "answers", "score") if c in rated]
+    atomic_write_text(folder / "predictions.jsonl", rated[columns].to_json(orient="records", lines=True,
+                                                                           force_ascii=False))
+    scores, held = task_mean(rated, ["method", "ratio"]), task_mean(rated, ["method", "ratio"], "kv_bytes")
+    ratios = sorted(rated["ratio"].unique())
+    methods = list(dict.fromkeys(rated["method"]))
+    by_ratio = {m: ([float(r) for r in ratios], [float(scores[(m, r)]) for r in ratios], None) for m in methods}
+    by_bytes = {m: ([float(held[(m, r)]) for r in ratios], [float(scores[(m, r)]) for r in ratios], None)
+                for m in methods}
+    lines = []
+    if len(full):
+        full_score, full_bytes = float(task_mean(full, ["method"])["full"]), float(full["kv_bytes"].mean())
+        by_ratio["full"] = ([float(r) for r in ratios], [full_score] * len(ratios), None)
+        by_bytes["full"] = ([full_bytes], [full_score], None)
+        lines.append(f"Full cache: {full_score:.3f} (mean KV bytes {full_bytes:,.0f}).")
+    line_plot(by_ratio, folder / "score_vs_ratio.png", title="score vs compression ratio (question after)",
+              xlabel="compression ratio asked (fraction of the prompt's entries removed)", ylabel="mean score",
+              xscale="linear")
+    line_plot(by_bytes, folder / "score_vs_bytes.png", title="score vs KV bytes held",
+              xlabel="KV bytes held (mean per sample)", ylabel="mean score", xscale="log")
+    table = [[m, *[f"{scores[(m, r)]:.3f}" for r in ratios]] for m in methods]
+    asked = rated["question"].iloc[0] if "question" in rated else "in-prompt"
+    return [f"Mean over tasks of each task's mean score (the leaderboard's average), question {asked}; "
+            f"{rated['sample'].nunique()} samples. " + " ".join(lines) + "\n\n",
+            markdown_table(["method", *[f"ratio {r:g}" for r in ratios]], table),
+            "\n![score vs compression ratio](evaluate/score_vs_ratio.png)\n",
+            "\n![score vs KV bytes held](evaluate/score_vs_bytes.png)\n",
+            "\nPer (task, method, ratio): `evaluate/leaderboard.csv`; every prediction: "
+            "`evaluate/predictions.jsonl`.\n"]
+
+
 def write_report(study: Any) -> Path:
     """Write `results/<config>/report.md` from the files the stages wrote (missing ones are named)."""
 
@@ -468,6 +517,10 @@ def write_report(study: Any) -> Path:
                 out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
         out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
                    f"({budgets[0] if budgets else '-'}).\n")
+    leaderboard = leaderboard_section(results, root / "evaluate")
+    if leaderboard:
+        out.append("\n### The leaderboard's view: score against compression ratio, and against the bytes held\n")
+        out.extend(leaderboard)
     official = niah_official_section(results, root, str(top["model"]))
     if official:
         out.append("\n### Needle in a haystack as the authors ran it (the paper's Fig. 5 / Fig. 8)\n")

@@ -178,8 +178,11 @@ def load_config(path: str | Path) -> StudyConfig:
                          ("allocate", "budgets"), ("tune", "betas"),
                          ("tune", "budgets"), ("tune", "methods"), ("ablate", "ks"), ("ablate", "seeds"),
                          ("latency", "lengths")):
-        if not isinstance(values[section][key], list) or not values[section][key]:
+        empty_allowed = (section, key) == ("evaluate", "budgets") and values["evaluate"]["ratios"]  # ratios only
+        if not isinstance(values[section][key], list) or not (values[section][key] or empty_allowed):
             raise HeadscoreError(f"reproduce: config {path}: '{section}.{key}' must be a non-empty list")
+    if not isinstance(values["evaluate"]["ratios"], list):
+        raise HeadscoreError(f"reproduce: config {path}: 'evaluate.ratios' must be a list")
     betas = values["evaluate"]["betas"]
     if betas is not None and (not isinstance(betas, list) or values["evaluate"]["beta"] not in betas):
         raise HeadscoreError(f"reproduce: config {path}: 'evaluate.betas' must be a list holding 'evaluate.beta' "
