@@ -31,6 +31,7 @@ from typing import Any
 from headscore.core.errors import HeadscoreError
 from headscore.core.haystack import load_haystack
 from headscore.core.metrics import rouge1_f_stemmed
+from headscore.core.model import load_geometry
 from headscore.core.prompts import OfficialHaystack, encode_prompt
 from headscore.evaluation.tasks.base import Sample, Task, register_task
 
@@ -68,7 +69,6 @@ def official_lengths(max_context: int, step: int = 1000, start: int = 1000) -> l
 
 def model_context(tokenizer: Any) -> int:
     """The context of the model the tokenizer belongs to (its config's `max_position_embeddings`)."""
-    from headscore.core.model import load_geometry
 
     try:
         context = load_geometry(str(tokenizer.name_or_path)).max_context
