@@ -4,6 +4,8 @@ re-implementation of their step written here (HeadKV `headkv/snapkv_utils.py` at
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -46,6 +48,49 @@ def test_pyramid_schedule_is_the_authors(schedule, budget, q_len):
         want = authors_pyramid(layers, budget - window, window, q_len, layer,
                                kvcache_factory=schedule == "kvcache-factory")
         assert (None if whole[layer] else int(budgets[layer])) == want
+
+
+class AuthorsPyramidLayer:
+    """HeadKV `SnapKVCluster` with `pyram_mode` (snapkv_utils.py L110–148), line for line: its capacity is set at
+    the first prompt (`pyram_init`) and kept; a prompt shorter than it is kept whole."""
+
+    def __init__(self, layer, layers, max_capacity_prompt, window, pyram_beta):
+        self.layer_idx, self.num_hidden_layers, self.window_size = layer, layers, window
+        self.max_capacity_prompt, self.pyram_beta, self.pyram_init = max_capacity_prompt, pyram_beta, False
+
+    def kept(self, q_len):
+        if not self.pyram_init:
+            base_capacity = self.max_capacity_prompt - self.window_size
+            min_num = base_capacity // self.pyram_beta
+            max_num = base_capacity * 2 - min_num
+            if max_num >= q_len - self.window_size:
+                max_num = q_len - self.window_size
+                min_num = base_capacity * 2 - max_num
+            steps = (max_num - min_num) // (self.num_hidden_layers - 1)
+            self.max_capacity_prompt = max_num - self.layer_idx * steps + self.window_size
+            self.pyram_init = True
+        if q_len < self.max_capacity_prompt:
+            return q_len - self.window_size
+        return self.max_capacity_prompt - self.window_size
+
+
+def test_pyramid_schedule_frozen_at_the_first_prompt_is_the_authors():
+    """`--pyramid-schedule headkv-first-prompt`: the first prompt fixes every layer's budget for the run, as
+    HeadKV's code does; the same prompts in another order give other budgets."""
+    window, layers = 8, 4
+    for order in ([300, 60, 1000, 130], [60, 300, 130, 1000]):
+        theirs = [AuthorsPyramidLayer(layer, layers, 64, window, 4) for layer in range(layers)]
+        press = make_press("pyramidkv", GQA, budget=64, window=window, pyramid_beta=4.0,
+                           pyramid_schedule="headkv-first-prompt")
+        for q_len in order:
+            got = [int(press.prompt_counts(layer, torch.rand(2, q_len - window), GQA)[0]) for layer in range(layers)]
+            assert got == [layer.kept(q_len) for layer in theirs], (order, q_len)
+    first = make_press("pyramidkv", GQA, budget=64, window=window, pyramid_beta=4.0,
+                       pyramid_schedule="headkv-first-prompt")
+    per_prompt = make_press("pyramidkv", GQA, budget=64, window=window, pyramid_beta=4.0, pyramid_schedule="headkv")
+    first.prompt_counts(0, torch.rand(2, 52), GQA)  # a short first prompt...
+    assert not torch.equal(first.prompt_counts(0, torch.rand(2, 992), GQA),  # ... fixes a later long one's budget
+                           per_prompt.prompt_counts(0, torch.rand(2, 992), GQA))
 
 
 def test_pyramid_press_official_schedule_at_prefill():
@@ -136,20 +181,41 @@ def test_budget_beyond_the_prompt_keeps_the_layer_whole(name):
         make_press("snapkv", GQA, beyond_prompt="whole")
 
 
-def test_score_dtype_breaks_ties_as_fp16_weights_do():
-    """The authors round the softmax to fp16 (`.to(query_states.dtype)`), average, pool and take the top-k in
-    fp16. With window rows exact in fp16, rounding the float32 mean is that same step."""
+def authors_window_scores(query, key, window):
+    """HeadKV `SnapKVCluster.update_kv` (snapkv_utils.py L150–160) on fp16 tensors `[1, heads, n, d]` (KV heads
+    already repeated): logits and their division in fp16, the causal mask added, softmax in float32 back to
+    fp16, the window's rows summed in fp16 over the positions before the window."""
+    head_dim = query.shape[-1]
+    attn_weights = torch.matmul(query[..., -window:, :], key.transpose(2, 3)) / math.sqrt(head_dim)
+    mask = torch.full((window, window), torch.finfo(attn_weights.dtype).min)
+    cond = torch.arange(window)
+    mask.masked_fill_(cond < (cond + 1).view(window, 1), 0)
+    attn_weights[:, :, -window:, -window:] += mask[None, None]
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return attn_weights[:, :, -window:, :-window].sum(dim=-2)
+
+
+def test_score_dtype_rounds_the_logits_and_the_weights_as_the_authors_do():
+    """`score_dtype="float16"`: the window's logits rounded before the softmax and the weights after it, as the
+    authors' fp16 selection; their ranking (sum over the window, max-pooled) is ours (mean, pooled): the same
+    top-k, the same ties."""
     generator = torch.Generator().manual_seed(3)
-    rows = (torch.rand(8, 4, 64, generator=generator) / 40).half()  # [heads, window rows, m]
-    rows[:, :, 10] = rows[:, :, 11] + torch.tensor(1e-6).half() * 0  # exact ties after rounding
-    theirs = torch.nn.functional.max_pool1d(rows.mean(dim=1), 7, stride=1, padding=3)  # fp16 all along
-    press = make_press("snapkv", GQA, budget=24, window=4, granularity="query", score_dtype="float16")
-    attention = torch.cat([rows.float(), torch.zeros(8, 4, 4)], dim=2)[None]  # the window's own columns unread
-    inputs = ScorerInputs(keys=torch.zeros(1, 2, 68, 4), values=torch.zeros(1, 2, 68, 4),
-                          queries=torch.zeros(1, 8, 4, 4), window=4, heads=8, _window_attention=attention)
+    n, window, heads = 96, 8, 8
+    query = (torch.randn(1, heads, window, 64, generator=generator) * 2).half()
+    key = (torch.randn(1, 2, n, 64, generator=generator) * 2).half()
+    theirs = authors_window_scores(query.repeat_interleave(1, dim=1), key.repeat_interleave(4, dim=1), window)
+    theirs = torch.nn.functional.max_pool1d(theirs, 7, stride=1, padding=3)  # fp16 all along
+    press = make_press("snapkv", GQA, budget=24, window=window, granularity="query", score_dtype="float16")
+    inputs = ScorerInputs(keys=key, values=key, queries=query, window=window, heads=8)
     ours = press.selection_scores(inputs)
-    assert ours.dtype == torch.float16 and torch.equal(ours, theirs)
-    assert torch.equal(ours.topk(20).indices, theirs.topk(20).indices)
+    assert ours.dtype == torch.float16
+    # sum over 8 rows in fp16 vs mean in float32 rounded: equal up to the scale 8 and fp16's last bit
+    torch.testing.assert_close(ours.float() * window, theirs[0].float(), rtol=2e-3, atol=1e-3)
+    for head in range(heads):
+        assert set(ours[head].topk(16).indices.tolist()) == set(theirs[0, head].topk(16).indices.tolist())
+    # float32 logits would rank differently somewhere: the rounding matters
+    exact = make_press("snapkv", GQA, budget=24, window=window, granularity="query").selection_scores(inputs)
+    assert not torch.equal(exact.half(), ours)
     with pytest.raises(HeadscoreError, match="score dtype"):
         make_press("snapkv", GQA, score_dtype="int8")
 

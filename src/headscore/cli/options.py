@@ -192,13 +192,16 @@ def fidelity_options(
     beyond_prompt: Annotated[str, typer.Option("--beyond-prompt", help="clamp (each head keeps at most the "
                                                "prompt) or keep (the authors: a layer whose budget exceeds the "
                                                "prompt stays uncompressed).")] = BEYOND_PROMPT,
-    score_dtype: Annotated[str, typer.Option("--score-dtype", help="Round the window scores to float32, float16 "
-                                             "(the authors' LongBench weights, whose ties decide top-k) or "
-                                             "bfloat16 before selection.")] = SCORE_DTYPE,
+    score_dtype: Annotated[str, typer.Option("--score-dtype", help="SnapKV's selection in float32, or as the "
+                                             "authors' float16 (or bfloat16) weights compute it: the window's "
+                                             "logits q·k rounded before the softmax, the weights after it, "
+                                             "their ties deciding top-k.")] = SCORE_DTYPE,
     pyramid_schedule: Annotated[str, typer.Option("--pyramid-schedule", help="pyramidkv: linear (exact "
                                                   "interpolation) or the authors' whole-number steps clamped to "
                                                   "the prompt: headkv, kvcache-factory (uniform below 2(B-w) "
-                                                  "tokens).")] = PYRAMID_SCHEDULE,
+                                                  "tokens), headkv-first-prompt (HeadKV's code: the first "
+                                                  "prompt's schedule kept for every later one; results then "
+                                                  "depend on sample order).")] = PYRAMID_SCHEDULE,
     ada_allocation: Annotated[str, typer.Option("--ada-allocation", help="ada-snapkv: pool (floor + top "
                                                 "(1-alpha) share) or official (normalized scores, "
                                                 "round((1-alpha)·count + floor), as the authors).")]

@@ -78,7 +78,7 @@ def pyramid_layer_budgets(layers: int, inner: int, pyramid_beta: float) -> torch
     return torch.round(high - drop.double() / (layers - 1)).to(torch.int64)
 
 
-PYRAMID_SCHEDULES = ("linear", "headkv", "kvcache-factory")
+PYRAMID_SCHEDULES = ("linear", "headkv", "kvcache-factory", "headkv-first-prompt")
 
 
 def pyramid_official_budgets(layers: int, inner: int, pyramid_beta: float, length: int, window: int,
@@ -91,7 +91,7 @@ def pyramid_official_budgets(layers: int, inner: int, pyramid_beta: float, lengt
     L130–148): a layer is kept whole when length < its budget + window. `kvcache-factory` (`PyramidKVCluster`):
     kept whole when length < B' + window; uniform B' when length < 2B'.
     """
-    if schedule not in PYRAMID_SCHEDULES[1:]:
+    if schedule not in PYRAMID_SCHEDULES[1:3]:
         raise HeadscoreError(f"unknown pyramid schedule '{schedule}': use {', '.join(PYRAMID_SCHEDULES)}")
     low = int(inner // pyramid_beta)
     high = 2 * inner - low
@@ -247,7 +247,10 @@ class PyramidAllocation(Allocation):
     pyramid_beta: β_p ≥ 1, how far the last layer falls (1 = uniform; PyramidKV's default 20).
     pyramid_schedule: "linear" (exact interpolation, total = uniform, any prompt), or the authors' rule for the
     prompt at hand (`pyramid_official_budgets`): "headkv" or "kvcache-factory" (these decide themselves when a
-    layer is kept whole; `beyond_prompt` does not apply).
+    layer is kept whole; `beyond_prompt` does not apply); "headkv-first-prompt": HeadKV's rule as its code runs
+    it (`SnapKVCluster.pyram_init`): each layer's budget is fixed by the first prompt this allocation sees and
+    kept for every later prompt (a layer stays whole when a prompt is shorter than its budget + window), so
+    results depend on the order of the samples.
     """
 
     summary: ClassVar[str] = "PyramidKV: budgets falling linearly over the layers (--pyramid-beta)"
@@ -276,6 +279,13 @@ class PyramidAllocation(Allocation):
         if self.pyramid_schedule == "linear":
             return super().counts(layer, scores, budget, window, geometry, granularity)
         heads, m = scores.shape
+        if self.pyramid_schedule == "headkv-first-prompt":
+            first = self.__dict__.setdefault("_first", {})  # per layer, its budget from the first prompt
+            if layer not in first:
+                first[layer] = int(pyramid_official_budgets(geometry.layers, budget - window, self.pyramid_beta,
+                                                            m + window, window, "headkv")[0][layer])
+            kept = m if m + window < first[layer] + window else first[layer]
+            return torch.full((heads,), kept, dtype=torch.int64)
         budgets, whole = pyramid_official_budgets(geometry.layers, budget - window, self.pyramid_beta, m + window,
                                                   window, self.pyramid_schedule)
         return torch.full((heads,), m if whole[layer] else int(budgets[layer]), dtype=torch.int64)

@@ -194,8 +194,9 @@ def scorer_parameters(cls: type[Scorer]) -> set[str]:
 @dataclass(frozen=True)
 class SnapKVScorer(Scorer):
     """SnapKV: the window queries' mean attention, max-pooled over `kernel` positions, averaged over the query
-    heads of each cache head. `score_dtype`: the window scores are rounded to it before pooling (the authors'
-    fp16 runs)."""
+    heads of each cache head. `score_dtype` float16 / bfloat16: computed as the authors' half-precision runs do
+    (`rounded_window_attention`: the logits rounded before the softmax, the weights after it), the mean rounded
+    before pooling, so their ties decide top-k as theirs."""
 
     summary: ClassVar[str] = "SnapKV: the observation window's mean attention, max-pooled (the paper's selection)"
     comparable: ClassVar[bool] = True  # attention probabilities: every head's row sums to one
@@ -211,9 +212,27 @@ class SnapKVScorer(Scorer):
         n, window = inputs.length, inputs.window
         if window == 0:
             return inputs.keys.new_zeros(inputs.keys.shape[0], inputs.heads, n, dtype=torch.float32)
-        mean = inputs.window_attention()[..., : n - window].mean(dim=2)  # [batch, q_heads, m]
+        rows = (inputs.window_attention() if self.score_dtype == "float32"
+                else rounded_window_attention(inputs, SCORE_DTYPES[self.score_dtype]))
+        mean = rows[..., : n - window].mean(dim=2)  # [batch, q_heads, m]
         selected = group_scores(pool_scores(mean.to(SCORE_DTYPES[self.score_dtype]), self.kernel), inputs.heads)
         return F.pad(selected, (0, window))
+
+
+def rounded_window_attention(inputs: ScorerInputs, dtype: torch.dtype) -> torch.Tensor:
+    """The window's attention rows as the authors' half-precision runs compute them (HeadKV `snapkv_utils.py`):
+    the logits q·kᵀ rounded to `dtype`, divided by √d in `dtype`, softmaxed in float32 and rounded to `dtype`
+    again. float32 `[batch, q_heads, window, n]` holding `dtype` values (no n × n: the window's rows only)."""
+    queries, keys = inputs.queries[:, :, -inputs.window:].float(), inputs.keys.float()
+    batch, q_heads, window, dim = queries.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    grouped = queries.reshape(batch, kv_heads, (q_heads // kv_heads) * window, dim)
+    logits = torch.matmul(grouped, keys.transpose(-1, -2)).view(batch, q_heads, window, n)
+    scale = dim**-0.5 if inputs.scaling is None else inputs.scaling
+    logits = logits.to(dtype).div(1 / scale).float()
+    hidden = torch.arange(n, device=logits.device)[None, :] > torch.arange(window, device=logits.device)[:, None] + (
+        n - window)
+    return torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).to(dtype).float()
 
 
 @register_scorer("streaming")
