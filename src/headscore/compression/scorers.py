@@ -503,7 +503,7 @@ class CriticalScorer(Scorer):
         hidden = weight.shape[0]
         per_head = weight.view(hidden, kv_heads, q_heads // kv_heads, dim).permute(1, 3, 2, 0)
         per_head = per_head.reshape(kv_heads, dim, (q_heads // kv_heads) * hidden)  # [kv, d, group · hidden]
-        block = max(1, PROJECTION_ELEMENTS // max(1, batch * q_heads * hidden))
+        block = PROJECTION_POSITIONS
         parts = []
         for start in range(0, n, block):  # blocks of positions: the [.., block, hidden] product stays in cache
             values = inputs.values[:, :, start:start + block].float()
@@ -520,7 +520,9 @@ class CriticalScorer(Scorer):
 
 
 MODIFIERS["critical"] = CriticalScorer
-PROJECTION_ELEMENTS = 1 << 18  # float32 elements of one block of projected values (1 MiB: stays in cache)
+# positions per block of projected values `[batch, q_heads, block, hidden]`: small enough to stay in cache, large
+# enough that the projection weights are read from memory only n / block times (CPU: about one o_proj's time)
+PROJECTION_POSITIONS = 64
 
 
 def check_number(value: Any, what: str) -> None:
