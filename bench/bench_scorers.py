@@ -29,6 +29,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -209,8 +210,7 @@ def part_c(args: argparse.Namespace) -> None:
     print(f"{'run':>22} {'peak_MiB':>9} {'/prefill':>9} {'peak-KV_MiB':>12}", flush=True)
     print(f"{'prefill':>22} {plain / 2**20:>9.0f} {1.0:>9.2f} {'':>12}", flush=True)
     for chunk in args.memory_chunks:
-        peak = peak_bytes(lambda chunk=chunk: kvzip_pass(model, tokenizer, ids, state.keys, state.values,
-                                                         chunk=chunk))
+        peak = peak_bytes(partial(kvzip_pass, model, tokenizer, ids, state.keys, state.values, chunk=chunk))
         print(f"{f'kvzip chunk={chunk}':>22} {peak / 2**20:>9.0f} {peak / plain:>9.2f} "
               f"{(peak - kv_bytes) / 2**20:>12.0f}", flush=True)
     print("(peak-KV: the pass's peak less one prompt's worth of KV, about what the reconstruction's own cache holds: "

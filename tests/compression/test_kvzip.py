@@ -55,6 +55,25 @@ def test_reconstruction_prefix_uses_the_chat_template(tokenizer):
     assert prefix.endswith("<|im_start|>assistant\n")  # SmolLM2's template: the assistant's turn opens
 
 
+class PlainTokenizer:
+    """A tokenizer without a chat template (characters as ids), or with one that fails."""
+
+    def __init__(self, template: str | None = None) -> None:
+        self.chat_template = template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, *args, **kwargs) -> str:
+        raise ValueError("roles must alternate")
+
+
+def test_reconstruction_prefix_without_or_with_a_broken_template():
+    assert "".join(map(chr, reconstruction_prefix(PlainTokenizer()))) == "\n\nRepeat the previous context exactly.\n"
+    with pytest.raises(HeadscoreError, match="chat template cannot render"):
+        reconstruction_prefix(PlainTokenizer("{{ broken }}"))
+
+
 def test_pass_equals_one_unchunked_eager_forward(model_and_prompt, tokenizer):
     model, ids = model_and_prompt
     keys, values = prompt_kv(model, ids)

@@ -171,8 +171,12 @@ def reconstruction_prefix(tokenizer: Any) -> list[int]:
     suffix = PLAIN_SUFFIX
     if getattr(tokenizer, "chat_template", None):
         marker = "\u2063HEADSCORE-KVZIP\u2063"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                             tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as error:  # a template's own jinja error: one line naming it
+            raise HeadscoreError(f"the tokenizer's chat template cannot render one user message ({error}); kvzip "
+                                 "cannot build its reconstruction prompt") from error
         if marker not in text:
             raise HeadscoreError("the tokenizer's chat template drops the user message; kvzip cannot build its "
                                  "reconstruction prompt")
