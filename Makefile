@@ -31,7 +31,8 @@ lint:
 ## bench: the benchmarks (ratios measured side by side in one run): estimate vs generate (and one two-rule estimate vs two runs),
 ##        compressed vs full cache,
 ##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks,
-##        the batched head-wise cache (evaluate batched vs --decode-batch 1, decode step vs rows, decode attention)
+##        the batched head-wise cache (evaluate batched vs --decode-batch 1, decode step vs rows, decode attention, a row leaving),
+##        one compressed context asked 8 questions vs 8 prefills (the question after the context)
 bench:
 	$(BIN)/python bench/bench_estimate.py --length 4000
 	$(BIN)/python bench/bench_compress.py
@@ -39,6 +40,7 @@ bench:
 	$(BIN)/python bench/bench_suffix.py
 	$(BIN)/python bench/bench_variants.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_question_after.py
 
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
 ## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)

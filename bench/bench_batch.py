@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_batch.py --parts c        # the attention alone (no model)
     .venv/bin/python bench/bench_batch.py --parts d        # evaluate --batch-size 4 vs 1
     .venv/bin/python bench/bench_batch.py --parts e        # ablate: shared prefill, in-place decode cache
+    .venv/bin/python bench/bench_batch.py --parts f        # a row leaving the batch: remapped vs re-planned
 
 (a) `evaluate` on SmolLM2, NIAH at `--length` tokens (`--depths`, default 0, 50, 100), the default study's
     methods × budgets (full, snapkv, pyramidkv, ada-snapkv, headkv-r, headkv-r2 × 32, 64, 128, 256; synthetic
@@ -28,8 +29,14 @@
     once per row in one batch, then `--steps` decode steps of the 17 rows on the in-place cache
     (`core.kv_cache.growing_cache`) vs transformers' `DynamicCache`; times and whether logits and caches are
     bit-identical.
+(f) A row leaving the batch (issue 32): a 32-layer cache of 32 heads (head dim 64, float32) and `--rows` rows
+    (default 20) of head-level budgets (synthetic skewed head scores, mean budgets 32-256 per head, as headkv rows
+    at the default study's budgets), 16 generated tokens: `batch_select_indices` of every layer dropping one row,
+    with the plan remapped (`select_plan`, now) and re-planned by `plan_segments`' dynamic program (before),
+    as a share of one decode step's attention over the 32 layers; then that step on the rows left, remapped plan
+    vs a fresh plan. Median of `--repeats` interleaved runs.
 Goals (issue 20): (a) <= 0.35x time, <= 1.2x memory; (b) 16 rows <= 3x one row; (c) at 2048 <= 0.3x of the
-full cache at 8k.
+full cache at 8k. Issue 32: (f) a row leaving <= 5 % of a decode step.
 """
 
 from __future__ import annotations
@@ -315,16 +322,106 @@ def part_e(args) -> None:
               f"bit-identical logits: {same}", flush=True)
 
 
+def skewed_layers(layers: int, heads: int, rows: int, dim: int, generated: int, seed: int = 0) -> list:
+    """(f): compressed layers of `rows` headkv-like rows (budgets 32, 64, 128, 256 in turn, spread over heads by
+    skewed scores, at least 8 per head plus a window of 8) with `generated` tail tokens."""
+    from headscore.compression.cache import HeadwiseLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    strength = torch.rand(layers, heads, generator=generator) ** 4 + 1e-3
+    share = strength / strength.sum(-1, keepdim=True)
+    built = []
+    for layer in range(layers):
+        budgets = torch.tensor([BUDGETS[row % len(BUDGETS)] for row in range(rows)])
+        kept = ((share[layer][None] * (budgets[:, None] - 8) * heads).floor().long() + 8 + 8)  # floor + window
+        total = int(kept.sum())
+        keys, values = (torch.randn(total, dim, generator=generator) for _ in range(2))
+        tail = torch.randn(rows, heads, generated, dim, generator=generator)
+        built.append(HeadwiseLayer(keys, values, kept, 4000, [4000] * rows, tail, tail.clone()))
+    return built
+
+
+def previous_select(layer, indices: torch.Tensor) -> None:
+    """(f) before: the previous `HeadwiseLayer.batch_select_indices`, step by step: the kept entries of the rows
+    gathered into new storage, the tails indexed, `plan_segments`' dynamic program run again."""
+    from headscore.compression.attention import plan_segments
+
+    totals = layer.kept.sum(dim=1)
+    starts = totals.cumsum(0) - totals
+    counts = totals[indices]
+    shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
+    entries = torch.arange(int(counts.sum())) + shift
+    layer.keys, layer.values = layer.keys[entries], layer.values[entries]
+    layer.kept = layer.kept[indices]
+    layer.row_starts = torch.cat([torch.zeros(1, dtype=torch.long), layer.kept.sum(dim=1).cumsum(0)[:-1]])
+    layer.lengths = [layer.lengths[i] for i in indices.tolist()]
+    layer.tail_keys, layer.tail_values = layer.tail_keys[indices], layer.tail_values[indices]
+    layer.buckets = plan_segments(layer.kept, layer.keys.device)
+    layer.flex_masks = {}
+
+
+def part_f(args) -> None:
+    from headscore.compression.attention import headwise_attention
+
+    layers, heads, dim = 32, 32, 64
+    built = skewed_layers(layers, heads, args.rows, dim, 16)
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(args.rows, heads, 1, dim, generator=generator)
+    token = torch.randn(args.rows, heads, 1, dim, generator=generator)
+    leaving = torch.tensor([r for r in range(args.rows) if r != args.rows // 2])  # one row leaves
+
+    def step(stack, q, t) -> float:  # the tails grow by one token a step (16 generated, then a few more)
+        began = time.perf_counter()
+        for layer in stack:
+            entries, _ = layer.update(t, t)
+            headwise_attention(q, entries)
+        return time.perf_counter() - began
+
+    def leave(stack, before: bool) -> tuple[float, list]:
+        forks = [layer.fork() for layer in stack]  # the same cache every time (a fork shares the entries)
+        began = time.perf_counter()
+        for layer in forks:
+            if before:
+                previous_select(layer, leaving)
+            else:
+                layer.batch_select_indices(leaving)
+        return time.perf_counter() - began, forks
+
+    times: dict[str, list[float]] = {"step": [], "now": [], "before": [], "step now": [], "step before": []}
+    with torch.inference_mode():
+        step(built, query, token)  # warm-up
+        for _ in range(args.repeats):
+            times["step"].append(step(built, query, token))
+            seconds, remapped = leave(built, before=False)
+            times["now"].append(seconds)
+            seconds, replanned = leave(built, before=True)
+            times["before"].append(seconds)
+            times["step now"].append(step(remapped, query[leaving], token[leaving]))
+            times["step before"].append(step(replanned, query[leaving], token[leaving]))
+            del remapped, replanned
+    median = {name: statistics.median(values) for name, values in times.items()}
+    buckets = sum(len(layer.buckets) for layer in built)
+    print(f"(f) a row leaving, {layers} layers × {heads} heads (dim {dim}, float32), {args.rows} rows of head-level "
+          f"budgets ({buckets} buckets), {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"  decode step (the attention of {layers} layers, {args.rows} rows): {median['step'] * 1e3:.1f} ms")
+    for name, label in (("before", "before: gathered, re-planned"), ("now", "now: remapped (select_plan)")):
+        print(f"  a row leaves, {label:>28}: {median[name] * 1e3:8.1f} ms = {median[name] / median['step']:6.1%} "
+              f"of a step ({median[name] / layers * 1e3:.2f} ms per layer)")
+    print(f"  the next step on {args.rows - 1} rows: remapped plan {median['step now'] * 1e3:.1f} ms, fresh plan "
+          f"{median['step before'] * 1e3:.1f} ms: {median['step now'] / median['step before']:.3f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="abcde", help="which of (a), (b), (c), (d), (e) to run")
+    parser.add_argument("--parts", default="abcdef", help="which of (a) to (f) to run")
     parser.add_argument("--length", type=int, default=2000, help="(a): NIAH context length")
     parser.add_argument("--depths", default="0,50,100", help="(a): NIAH needle depths (%%), comma-separated")
     parser.add_argument("--steps", type=int, default=10, help="(b), (e): timed decode steps per case")
-    parser.add_argument("--repeats", type=int, default=30, help="(c): timed calls per case")
+    parser.add_argument("--repeats", type=int, default=30, help="(c), (f): timed calls per case")
     parser.add_argument("--short-lengths", default="500,1000", help="(d): NIAH context lengths, comma-separated")
     parser.add_argument("--ablate-length", type=int, default=1000, help="(e): prompt tokens")
     parser.add_argument("--ablate-scores", default=None, help="(e): head-score file (default: synthetic scores)")
+    parser.add_argument("--rows", type=int, default=20, help="(f): rows of the cache")
     parser.add_argument("--child-evaluate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
@@ -342,7 +439,7 @@ def main() -> None:
         return
     print(f"bench_batch {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
-    for part, run in (("c", part_c), ("b", part_b), ("a", part_a), ("d", part_d), ("e", part_e)):
+    for part, run in (("c", part_c), ("f", part_f), ("b", part_b), ("a", part_a), ("d", part_d), ("e", part_e)):
         if part in args.parts:
             run(args)
 

@@ -108,7 +108,7 @@ def main() -> None:
         _, steps_hkv = decode(model, cache, logits, args.decode_tokens + 1)
         generated = cache.layers[0].generated
         full_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in full_cache.layers)
-        share_entries = press.budgets.total_entries + geometry.layers * geometry.kv_heads * generated
+        share_entries = press.budgets_for(geometry).total_entries + geometry.layers * geometry.kv_heads * generated
         share = share_entries / (geometry.layers * geometry.kv_heads * (length + generated))
         ratio = cache.kv_bytes() / full_bytes
         with_index = (cache.kv_bytes() + cache.index_bytes()) / full_bytes

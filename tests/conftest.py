@@ -223,3 +223,22 @@ def recorded():
         return RecordedPrompt(layers, window)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    """A tiny byte-level BPE that adds <s> to every encoding, as Llama and Mistral tokenizers do (trained here on
+    a slice of the default haystack)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from headscore.core.haystack import load_haystack
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([load_haystack(None).text[:80_000]], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")

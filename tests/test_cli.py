@@ -86,17 +86,18 @@ def test_named_scores():
 
 def test_shared_options_take_the_library_defaults():
     """The CLI's defaults are the library's (one source): the press parameters and HeadKV's β and budget."""
-    from headscore.compression.allocation import allocate
-    from headscore.compression.presses import AdaSnapKVPress, Press, PyramidKVPress, StreamingPress
+    from headscore.compression.allocation import AdaAllocation, PyramidAllocation, allocate
+    from headscore.compression.presses import Press, ScoredPress
+    from headscore.compression.scorers import SnapKVScorer, StreamingScorer
     from headscore.evaluation.evaluate import EvaluateOptions
     from headscore.evaluation.tune import TuneOptions
 
     command = typer.main.get_command(app)
     compress = {p.name: p.default for p in command.commands["compress"].params}
     assert compress["window"] == Press.window == defaults.WINDOW
-    assert compress["kernel"] == Press.kernel and compress["alpha"] == AdaSnapKVPress.alpha
-    assert compress["sinks"] == StreamingPress.sinks and compress["pyramid_beta"] == PyramidKVPress.pyramid_beta
-    assert list(compress["budgets"]) == [str(AdaSnapKVPress.budget)]
+    assert compress["kernel"] == SnapKVScorer.kernel and compress["alpha"] == AdaAllocation.alpha
+    assert compress["sinks"] == StreamingScorer.sinks and compress["pyramid_beta"] == PyramidAllocation.pyramid_beta
+    assert list(compress["budgets"]) == [str(ScoredPress.budget)]
     assert list(compress["betas"]) == [f"{inspect.signature(allocate).parameters['beta'].default:g}"]
     evaluate = {p.name: p.default for p in command.commands["evaluate"].params}
     assert [int(b) for b in evaluate["budgets"]] == list(EvaluateOptions.budgets)

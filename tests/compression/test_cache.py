@@ -87,7 +87,8 @@ def test_flex_block_mask_lists_exactly_the_blocks_each_segment_overlaps():
 
     kept = torch.tensor([[130, 0, 5, 300], [1, 256, 127, 129]])  # segments across block edges, one empty
     q_heads = 8  # 2 query heads per cache head
-    mask = segment_block_mask(kept, q_heads, 1, torch.device("cpu"))
+    starts = (kept.reshape(-1).cumsum(0) - kept.reshape(-1)).view(kept.shape)
+    mask = segment_block_mask(starts, kept, q_heads, 1, int(kept.sum()))
     counts, indices = mask.kv_num_blocks[0, :, 0], mask.kv_indices[0, :, 0]  # per flattened query head
     lengths = kept.reshape(-1)
     offsets = lengths.cumsum(0) - lengths
@@ -113,7 +114,7 @@ def test_a_flex_kernel_that_disagrees_gives_way_to_the_buckets(monkeypatch):
     monkeypatch.delenv("HEADSCORE_DECODE_KERNEL", raising=False)
     monkeypatch.setattr(attention, "_flex_failed", False)
     monkeypatch.setattr(attention, "_flex_checked", False)
-    monkeypatch.setattr(attention, "decode_kernel", lambda device: "buckets" if attention._flex_failed else "flex")
+    monkeypatch.setattr(attention, "decode_kernel", lambda device: "auto")  # as on CUDA: flex unless it failed
     calls = []
 
     def wrong(*args, **kwargs):
@@ -262,18 +263,22 @@ def test_selecting_rows_keeps_their_entries_and_tails(tiny_llama, random_scores)
     assert cache.rows == 2 and cache.layers[0].tail_keys[:, 0, 0, 0].tolist() == [2.0, 0.0]
     for position, row in enumerate([2, 0]):
         assert torch.equal(cache.kept(position), alone[row].kept())
-        start = int(cache.layers[1].kept[:position].sum())
-        assert torch.equal(cache.layers[1].keys[start:start + int(cache.layers[1].kept[position].sum())],
-                           alone[row].layers[1].keys)
+        assert torch.equal(cache.layers[1].entries(position)[0], alone[row].layers[1].keys)
     assert cache.kv_bytes() == cache.kv_bytes(0) + cache.kv_bytes(1)
 
 
 def test_a_model_without_full_attention_layers_is_rejected(tiny_llama):
-    """Every layer sliding (Mistral v0.1 style): nothing to compress, one clear error; hybrids load."""
-    from transformers import Gemma2Config, MistralConfig
+    """Every layer chunked: nothing to compress, one clear error; every layer sliding (Mistral v0.1 style) is
+    full attention within its window (tests/models/test_families.py); hybrids load."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
-    with pytest.raises(HeadscoreError, match="no full-attention layer"):
-        Geometry.from_config(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    chunked = LlamaConfig(num_hidden_layers=2)
+    chunked.attention_chunk_size = 16
+    with pytest.raises(HeadscoreError, match="no full-attention layer .its layers are chunked_attention"):
+        Geometry.from_config(chunked)
+    sliding = Geometry.from_config(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    assert (sliding.layers, sliding.compressed_layers, sliding.sliding_window) == (2, None, 16)
+    assert Geometry.from_dict(sliding.to_dict()) == sliding
     assert Geometry.from_config(tiny_llama().config).compressed_layers is None
     hybrid = Geometry.from_config(Gemma2Config(num_hidden_layers=4, sliding_window=16))
     assert (hybrid.layers, hybrid.compressed_layers) == (2, (1, 3))

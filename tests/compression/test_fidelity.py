@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headscore.compression.allocation import pyramid_official_budgets
+from headscore.compression.allocation import adaptive_budgets_official, pyramid_official_budgets
 from headscore.compression.cache import select_entries
-from headscore.compression.allocation import adaptive_budgets_official
 from headscore.compression.presses import make_press
 from headscore.compression.scorers import ScorerInputs
 from headscore.core.errors import HeadscoreError

@@ -91,7 +91,7 @@ def test_kept_entries_and_bytes_at_a_small_budget(tiny_model, method, press_for)
 
 
 def press_matrix(press, geometry):
-    return press.allocation.budgets_for(geometry, press.budget, press.window, press.granularity_at(geometry)).matrix
+    return press.budgets_for(geometry).matrix
 
 
 def test_headkv_budgets_are_head_level(tiny_llama):

@@ -143,7 +143,7 @@ def test_make_press_errors():
     with pytest.raises(HeadscoreError, match="alpha"):
         make_press("ada-snapkv", GEOMETRY, alpha=2.0)
     with pytest.raises(HeadscoreError, match="compare"):
-        make_press("snapkv@global", GEOMETRY)  # window attention is not comparable across layers
+        make_press("streaming@global", GEOMETRY)  # positions ranked per head do not compare across layers
     with pytest.raises(HeadscoreError, match="compression ratio"):
         make_press("snapkv", GEOMETRY, ratio=1.0)
 

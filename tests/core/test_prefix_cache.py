@@ -218,13 +218,16 @@ def test_an_error_inside_drops_the_cache(model):
 
 
 def test_sliding_window_models_and_bad_options_are_refused(tiny_llama):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4)
-    sliding = MistralForCausalLM(config).eval()
+    tiny = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4}
+    sliding = Gemma2ForCausalLM(Gemma2Config(**tiny, num_hidden_layers=2,
+                                             layer_types=["sliding_attention", "full_attention"])).eval()
     assert not PrefixOptions().for_model(sliding).enabled  # estimate and evaluate run every prompt whole
     assert PrefixOptions().for_model(tiny_llama()).enabled
+    # every layer sliding: run as full attention (within the window), so its prefixes are shared too
+    assert PrefixOptions().for_model(MistralForCausalLM(MistralConfig(**tiny, num_hidden_layers=1))).enabled
     with pytest.raises(HeadscoreError, match="sliding-window"), PrefixCache(sliding).reuse(torch.arange(10), 6):
         pass
     with pytest.raises(HeadscoreError, match="at least 1"):

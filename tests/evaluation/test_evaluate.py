@@ -16,11 +16,8 @@ from headscore.core.model import Geometry, eos_ids
 from headscore.core.prompts import encode_prompt, render_prompt
 from headscore.evaluation.evaluate import (
     Condition,
-    EvalMethod,
     EvaluateOptions,
     decode_groups,
-    eval_method,
-    eval_methods,
     evaluate,
     evaluate_sample,
     newline_token_ids,
@@ -68,7 +65,8 @@ def test_prefill_once_equals_separate_runs(model, tokenizer, score_files):
     sweep = plan_conditions(geometry, EvaluateOptions(methods=["snapkv", "headkv-r2"], budgets=[16], betas=[1.01, 2],
                                                      scores=options.scores))
     assert [c.label for c in sweep] == ["snapkv", "headkv-r2 (β=1.01)", "headkv-r2 (β=2)"]
-    spread = [c.press.budgets.matrix.max() - c.press.budgets.matrix.min() for c in sweep[1:]]
+    matrices = [c.press.budgets_for(geometry).matrix for c in sweep[1:]]
+    spread = [matrix.max() - matrix.min() for matrix in matrices]
     assert spread[0] > spread[1]  # a larger beta shares a smaller pool
     sample = small_samples(tokenizer)[1]
     sample.max_new_tokens = 5
@@ -193,16 +191,26 @@ def test_bad_plans(model, score_files):
         plan_conditions(geometry, EvaluateOptions(methods=["headkv-r"], budgets=[32], scores=other))
 
 
-def test_eval_methods_name_a_press_and_its_scores():
-    assert {name: (entry.press, entry.scores) for name, entry in eval_methods().items()} == {
-        "full": ("full", None), "snapkv": ("snapkv", None), "streaming": ("streaming", None),
-        "pyramidkv": ("pyramidkv", None), "ada-snapkv": ("ada-snapkv", None),
-        "headkv-r": ("headkv", "r"), "headkv-r2": ("headkv", "r2"), "razor": ("razor", "r")}
-    assert eval_method("headkv-er", ["er"]) == EvalMethod("headkv", "er")  # any named score file
-    with pytest.raises(HeadscoreError, match="unknown method 'headkv': use some of full, snapkv"):
-        eval_method("headkv")
-    with pytest.raises(HeadscoreError, match="unknown method 'headkv-er': use some of .*headkv-x"):
-        eval_method("headkv-er", ["x"])
+def test_the_plan_takes_each_methods_needs_from_the_registries(model, score_files):
+    """Head scores, budgets and β come from what each method declares: no method is special-cased by name."""
+    geometry = Geometry.from_config(model.config)
+    scores = score_files(geometry)
+    options = EvaluateOptions(methods=["full", "snapkv", "random@headkv-r2", "headkv-r", "razor-k1", "random@global"],
+                              budgets=[16, 24], ratios=[0.5], betas=[1.01, 2.0], scores=scores)
+    plan = [(c.label, c.budget, c.ratio, c.beta) for c in plan_conditions(geometry, options)]
+    sizes = [(16, None), (24, None), (None, 0.5)]
+    assert plan == [("full", None, None, None),
+                    *[("snapkv", b, r, None) for b, r in sizes],
+                    *[(f"random@headkv-r2 (β={beta:g})", b, r, beta) for b, r in sizes for beta in (1.01, 2.0)],
+                    *[(f"headkv-r (β={beta:g})", b, r, beta) for b, r in sizes for beta in (1.01, 2.0)],
+                    ("razor-k1", None, None, None),
+                    *[("random@global", b, r, None) for b, r in sizes]]
+    with pytest.raises(HeadscoreError, match="method headkv needs head scores"):
+        plan_conditions(geometry, EvaluateOptions(methods=["headkv"], budgets=[16], scores=scores))
+    with pytest.raises(HeadscoreError, match="method headkv-er needs --scores er=FILE"):
+        plan_conditions(geometry, EvaluateOptions(methods=["headkv-er"], budgets=[16], scores=scores))
+    with pytest.raises(HeadscoreError, match="no method takes the parameter 'alphaa'"):
+        plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[16], params={"alphaa": 1}))
 
 
 def test_named_score_files_and_razor_at_matched_kv(model, tokenizer, tmp_path, score_files):
@@ -216,9 +224,9 @@ def test_named_score_files_and_razor_at_matched_kv(model, tokenizer, tmp_path, s
     options = EvaluateOptions(methods=["razor", "headkv-r", "headkv-er", "headkv-r2"], budgets=[24], scores=scores)
     conditions = plan_conditions(geometry, options)
     er = next(c for c in conditions if c.method == "headkv-er")
-    assert er.press.budgets.source_scores == read_head_scores(scores["er"]).fingerprint
+    assert er.press.budgets_for(geometry).source_scores == read_head_scores(scores["er"]).fingerprint
     want = allocate("headkv", geometry, 24, window=8, scores=read_head_scores(scores["er"]))
-    assert torch.equal(er.press.budgets.matrix, want.matrix)
+    assert torch.equal(er.press.budgets_for(geometry).matrix, want.matrix)
     samples = small_samples(tokenizer)[:2]
     result = evaluate(model, tokenizer, samples, tmp_path / "run", options=options, model_name="tiny",
                       figures=False)
@@ -292,7 +300,7 @@ def test_answer_prefix_ends_the_prompt_inside_the_window(model, tokenizer, templ
 
     sample = small_samples(tokenizer)[1]
     sample.max_new_tokens = 5
-    condition = plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[24], window=window))
+    condition = plan_conditions(geometry, EvaluateOptions(methods=["snapkv"], budgets=[24], params={"window": window}))
     row = evaluate_sample(model, tokenizer, sample, condition, stops, window, answer_prefix=prefix)[0]
     ids = encode_prompt(tokenizer, sample.prompt + prefix, sample.template)["input_ids"]
     assert ids[-len(prefix_ids):] == prefix_ids
@@ -321,12 +329,14 @@ def test_smollm2_batched_conditions_equal_one_at_a_time(smollm2, tmp_path, score
 
 def test_razor_k_resolves_for_any_k_when_used():
     """razor-kN is resolved from its name (no registry copy): razor on the retrieval scores with k = N."""
-    assert eval_method("razor-k20") == EvalMethod("razor", "r", full_heads=20)
-    assert eval_method("razor-k0").full_heads == 0 and eval_method("razor-k12345").full_heads == 12345
-    assert not any(name.startswith("razor-k") for name in eval_methods())
+    from headscore.compression.presses import parse_method
+
+    spec = parse_method("razor-k20")
+    assert (spec.press, spec.head_scores, spec.full_heads) == ("razor", "r", 20)
+    assert parse_method("razor-k0").full_heads == 0 and parse_method("razor-k12345").full_heads == 12345
     for bad in ("razor-k", "razor-k05", "razor-k-1", "razor-kx", "razor-k5 "):
         with pytest.raises(HeadscoreError, match=f"unknown method '{bad}'.*razor-kN"):
-            eval_method(bad)
+            parse_method(bad)
 
 
 def test_razor_k_through_evaluate_equals_a_razor_press_compress(model, tokenizer, score_files):
@@ -392,7 +402,7 @@ def test_compensation_reaches_every_razor_press(model, tokenizer, score_files):
     rows = {}
     for on in (False, True):
         options = EvaluateOptions(methods=["razor-k1", "razor", "snapkv"], budgets=[24], scores=scores,
-                                  razor_compensation=on)
+                                  params={"compensation": on})
         conditions = plan_conditions(geometry, options)
         assert [c.press.compensation for c in conditions[:2]] == [on, on]
         rows[on] = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
@@ -402,8 +412,19 @@ def test_compensation_reaches_every_razor_press(model, tokenizer, score_files):
         assert on["full_heads"] == off["full_heads"]
         assert on["kv_size"] - off["kv_size"] == pytest.approx((heads - on["full_heads"]) / heads)
     assert rows[False][2]["kv_size"] == rows[True][2]["kv_size"] and rows[True][2]["compensation"] is None
-    with pytest.raises(HeadscoreError, match="compensation must be true or false"):
-        plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"], scores=scores, razor_compensation="yes"))
+    with pytest.raises(HeadscoreError, match="compensation must be true, false or both"):
+        plan_conditions(geometry, EvaluateOptions(methods=["razor-k1"], scores=scores, params={"compensation": "yes"}))
+    # "both": every razor method both ways, the compensated one labelled; its rows are the two runs' rows
+    options = EvaluateOptions(methods=["razor-k1", "razor", "snapkv"], budgets=[24], scores=scores,
+                              params={"compensation": "both"})
+    conditions = plan_conditions(geometry, options)
+    assert [c.label for c in conditions] == ["razor-k1", "razor-k1 (compensation)", "razor", "razor (compensation)",
+                                             "snapkv"]
+    assert [c.press.compensation for c in conditions[:4]] == [False, True, False, True]
+    together = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    separate = [rows[False][0], rows[True][0], rows[False][1], rows[True][1], rows[False][2]]
+    for got, expected in zip(together, separate, strict=True):
+        assert {k: v for k, v in got.items() if k != "method"} == {k: v for k, v in expected.items() if k != "method"}
 
 
 def test_razor_k_above_the_heads_is_one_error(model, score_files):
@@ -427,3 +448,79 @@ def test_cli_razor_k_above_the_models_heads_is_one_line(tmp_path, random_scores,
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "method razor-k91: razor: 91 full heads, but the model has 90 kv heads" in lines[0]
     assert not out.exists()
+
+
+@pytest.fixture
+def counted_scorer():
+    """A registered scorer (keys by norm) that counts its calls, for one test."""
+    from dataclasses import dataclass
+
+    from headscore.compression.scorers import SCORERS, Scorer, register_scorer
+
+    calls: list[int] = []
+
+    @register_scorer("counted")
+    @dataclass(frozen=True)
+    class CountedScorer(Scorer):
+        summary = "keys by norm, counting calls"
+        comparable = True
+
+        def score(self, inputs):
+            calls.append(inputs.layer)
+            norms = inputs.keys.float().norm(dim=-1)
+            return norms.repeat_interleave(inputs.heads // inputs.kv_heads, dim=1)
+
+    yield calls
+    del SCORERS["counted"]
+
+
+def test_a_scorer_scores_each_prompt_once_for_every_allocation_and_budget(model, tokenizer, score_files,
+                                                                           counted_scorer):
+    geometry = Geometry.from_config(model.config)
+    methods = ["counted", "counted@ada", "counted@pyramid", "counted@headkv-r2", "counted@global", "snapkv"]
+    options = EvaluateOptions(methods=methods, budgets=[16, 24], ratios=[0.5], scores=score_files(geometry))
+    conditions = plan_conditions(geometry, options)
+    sample = small_samples(tokenizer)[0]
+    sample.max_new_tokens = 2
+    rows = evaluate_sample(model, tokenizer, sample, conditions, eos_ids(model, tokenizer), options.window,
+                           decode_batch=4)  # several decode groups, each its own cache from the one prefill
+    assert sorted(counted_scorer) == [0, 1]  # once per layer of the one prompt, for 15 conditions
+    by_method = {(row["method"], row["budget"], row["ratio"]): row for row in rows}
+    assert {(row["scorer"], row["allocation"]) for row in rows} == {
+        ("counted", "uniform"), ("counted", "ada"), ("counted", "pyramid"), ("counted", "headkv-r2"),
+        ("counted", "global"), ("snapkv", "uniform")}
+    for method in methods:  # every allocation spends the same total at a KV size, the ratio its share
+        assert by_method[(method, 16, None)]["kv_size"] == pytest.approx(16, abs=1.0)
+        assert by_method[(method, None, 0.5)]["ratio_achieved"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_question_after_compression(model, tokenizer, score_files):
+    """--question after: the context before the question is prefilled and compressed, the question asked on the
+    compressed cache. With every entry kept it answers exactly as the whole prompt does; compressed, the
+    selection is the context's alone (the window's last tokens are the context's, not the question's)."""
+    from headscore.evaluation.evaluate import question_start, sample_ids
+
+    geometry = Geometry.from_config(model.config)
+    sample = small_samples(tokenizer)[1]
+    sample.max_new_tokens = 4
+    ids = sample_ids(tokenizer, sample)
+    split = question_start(tokenizer, sample)
+    asked = tokenizer.decode(ids[split:])
+    assert sample.question in asked and sample.question not in tokenizer.decode(ids[:split])
+    stops = eos_ids(model, tokenizer)
+    options = EvaluateOptions(methods=["full", "snapkv", "headkv-r2"], budgets=[16, 4000],
+                              scores=score_files(geometry))
+    conditions = plan_conditions(geometry, options)
+    inside = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window)
+    after = evaluate_sample(model, tokenizer, sample, conditions, stops, options.window, question="after")
+    assert [row["question"] for row in after] == ["after"] * len(conditions)
+    assert [row["question"] for row in inside] == ["in-prompt"] * len(conditions)
+    for got, want in zip(after, inside, strict=True):
+        if got["budget"] in (None, 4000):  # everything kept: one prefill of context and question, split
+            assert got["prediction"] == want["prediction"] and got["length"] == want["length"]
+    small = [row for row in after if row["budget"] == 16]
+    assert all(row["kv_size"] == pytest.approx(16, abs=1) for row in small)
+    no_question = small_samples(tokenizer)[0]
+    no_question.question = ""
+    with pytest.raises(HeadscoreError, match="has no question after its context"):
+        question_start(tokenizer, no_question)

@@ -49,7 +49,7 @@ def mixed_samples(tokenizer):
 
 def run(model, tokenizer, samples, out, scores_file, **kwargs):
     options = EvaluateOptions(methods=["full", "snapkv", "headkv-r", "pyramidkv", "razor", "razor-k1"],
-                              budgets=[12, 400], scores={"r": scores_file}, window=4)
+                              budgets=[12, 400], scores={"r": scores_file}, params={"window": 4})
     result = evaluate(model, tokenizer, samples, out, options=options, model_name="tiny", figures=False, **kwargs)
     return result, (out / "journal.jsonl").read_text(), (out / "results.csv").read_bytes()
 
@@ -95,7 +95,8 @@ def test_padded_rows_keep_only_their_prompt_and_decode_as_alone(model, random_sc
     alone = [prefill(model, prompt, window=4) for prompt in prompts]
     for state, single in zip(states, alone, strict=True):
         assert state.length == single.length
-        for ours, theirs in zip(state.keys + state.scores, single.keys + single.scores, strict=True):
+        queries = [layer.queries for layer in state.layers], [layer.queries for layer in single.layers]
+        for ours, theirs in zip(state.keys + queries[0], single.keys + queries[1], strict=True):
             torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(state.logits, single.logits)
     scores = random_scores(geometry.layers, geometry.query_heads)

@@ -57,9 +57,13 @@ def test_prefill_on_a_shared_prefix_equals_the_full_prefill(model, tokenizer, su
                                                                                                      start):
             shared = prefill(model, ids[index][None], 8, cache, start)
         assert shared.length == full.length == len(ids[index])
-        for name in ("keys", "values", "scores"):
+        for name in ("keys", "values"):
             for ours, theirs in zip(getattr(shared, name), getattr(full, name), strict=True):
                 torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        for slot, (ours, theirs) in enumerate(zip(shared.layers, full.layers, strict=True)):  # what scorers read
+            torch.testing.assert_close(ours.queries, theirs.queries, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(shared.layer_inputs(slot, 2).window_attention(),
+                                       full.layer_inputs(slot, 2).window_attention(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shared.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert any(keys > queries > 1 for queries, keys in suffix_passes)  # suffixes skipped their masked half
     with prefixes.reuse(ids[0], len(ids[0]) - 3) as (cache, start), \

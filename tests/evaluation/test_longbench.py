@@ -146,6 +146,35 @@ def test_profile_holds_the_authors_strings():
     assert len(longbench_e_datasets()) == 13 and "qmsum_e" not in longbench_e_datasets()
 
 
+
+def test_truncation_lengths_are_headkvs_run_longbench():
+    """HeadKV's run_longbench.py (L85–91, L137–139): the first key of `model2maxlen` contained in the lowercased
+    model path gives the truncation; the profile records it and the paper configs use it (not KVCache-Factory's
+    7500 for Llama-3)."""
+    from pathlib import Path
+
+    from headscore.study.reproduce import load_config
+
+    model2maxlen = {"llama2": 3950, "llama-2": 3950, "llama3": 7950, "llama-3": 7950, "mistral": 31500}
+
+    def theirs(model_path: str) -> int:
+        found = None
+        for key in model2maxlen:
+            if key in model_path.lower():
+                found = model2maxlen[key]
+        assert found is not None
+        return found
+
+    values = profile()["model_max_length"]["values"]
+    assert profile()["model_max_length"]["provenance"]["repository"] == "FYYFU/HeadKV"
+    assert values["Meta-Llama-3-8B-Instruct"] == theirs("meta-llama/Meta-Llama-3-8B-Instruct") == 7950
+    assert values["Mistral-7B-Instruct-v0.2"] == theirs("mistralai/Mistral-7B-Instruct-v0.2") == 31500
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("llama3-8b-instruct", "mistral-7b-instruct"):
+        config = load_config(configs / f"{name}.yaml")
+        assert config.section("evaluate")["max_length"] == theirs(config.top["model"].partition("@")[0])
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 
 

@@ -99,6 +99,50 @@ def test_too_short_length_is_an_error(tokenizer):
         get_task("vartrack", lengths=(40,)).samples(tokenizer)
 
 
+@pytest.fixture
+def task_registry():
+    """The task registries as they were, after the test."""
+    from headscore.evaluation.tasks import SHORTHANDS, TASKS
+
+    kept = [(registry, dict(registry)) for registry in (TASKS, SHORTHANDS)]
+    yield
+    for registry, entries in kept:
+        registry.clear()
+        registry.update(entries)
+
+
+def test_a_task_family_registers_by_decorator(task_registry, headscore_cli):
+    """One class registers a family of names (each fixing a setting) in a group; the group is a shorthand;
+    `--tasks`' help lists what is registered."""
+    from dataclasses import dataclass
+
+    from headscore.evaluation.tasks import Task, register_task, task_settings, tasks_help
+
+    @dataclass
+    class Echo(Task):
+        word: str = "a"
+        times: int = 1
+
+        def samples(self, tokenizer):
+            return []
+
+    for word in ("x", "y"):
+        register_task(f"echo:{word}", group="echoes", word=word)(Echo)
+    assert Echo.name == "echo:x"  # the first name, unless the class names itself
+    assert expand_specs("niah,echoes") == ["niah", "echo:x", "echo:y"]
+    assert get_task("echo:y", times=2) == Echo(word="y", times=2)
+    assert task_settings("echo:x") == ["times"]  # the name fixes `word`
+    with pytest.raises(HeadscoreError, match="no setting word"):
+        get_task("echo:x", word="z")
+    with pytest.raises(HeadscoreError, match="unknown task 'echo:z'.*echoes"):
+        get_task("echo:z")
+    with pytest.raises(HeadscoreError, match="registered twice"):
+        register_task("echo:x")(Echo)
+    assert "echoes (= echo:x, echo:y)" in tasks_help()
+    help_text = headscore_cli("evaluate", "--help", env={"COLUMNS": "400"}).stdout
+    assert "synthetic (= multikey, multivalue, vartrack, twohop)" in help_text and "echo:x, echo:y" in help_text
+
+
 def test_registry():
     with pytest.raises(HeadscoreError, match="unknown task 'nope'"):
         get_task("nope")

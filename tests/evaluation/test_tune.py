@@ -80,7 +80,7 @@ def test_tune_picks_the_known_best_beta(tiny_llama, tokenizer, tmp_path, monkeyp
     options = TuneOptions(methods=["headkv-r2"], budgets=[16, 32],
                           scores={"r2": str(tmp_path / "r2.json"), "r": str(tmp_path / "r.json")},
                           betas=[1.01, 1.2, 2.0], val_fraction=0.5, seed=1,
-                          baselines=["snapkv", "ada-snapkv", "razor-k1"], razor_compensation=True)
+                          baselines=["snapkv", "ada-snapkv", "razor-k1"], params={"compensation": True})
     out = tmp_path / "tune"
     result = tune(model, tokenizer, samples, out, options=options, model_name="tiny")
     val, test = split_samples(samples, 0.5, seed=1)

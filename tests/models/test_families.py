@@ -10,6 +10,7 @@ config alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -457,3 +458,57 @@ def test_blocked_attention_equals_plain_attention(masked):
     logits = torch.cat([logits.masked_fill(~keep, float("-inf")), sinks.view(1, 4, 1, 1).expand(1, 4, 9, 1)], -1)
     want = torch.softmax(logits, -1)[..., :-1] @ value.repeat_interleave(2, 1)
     torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def all_sliding_mistral(window: int | None, vocab: int):
+    """The tiny Mistral with `sliding_window=window` on every layer (Mistral-7B-v0.1's config; None: full
+    attention), with the same weights whatever the window."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", vocab_size=vocab, **{**COMMON, "sliding_window": window})
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_an_all_sliding_mistral_is_full_attention_within_its_window(tokenizer, trials, tmp_path, no_plots):
+    """Every layer sliding: within the window it is scored and compressed as the same model without a window
+    (same head scores, kept entries and tokens); a prompt beyond it is one error line naming the window."""
+    from headscore.compression.generation import generate_ids
+    from headscore.evaluation.evaluate import EvaluateOptions, evaluate
+    from headscore.evaluation.tasks import get_task
+    from headscore.scoring.estimate import EstimateOptions, estimate
+
+    vocab = len(tokenizer)
+    sliding, full = all_sliding_mistral(256, vocab), all_sliding_mistral(None, vocab)
+    assert all(torch.equal(a, b) for a, b in zip(sliding.parameters(), full.parameters(), strict=True))
+    geometry = Geometry.from_config(sliding.config)
+    assert geometry.sliding_window == 256 and geometry.compressed_layers is None
+    assert geometry == dataclasses.replace(Geometry.from_config(full.config), sliding_window=256)
+    for mode in ("teacher-forced", "decode"):
+        options = EstimateOptions(rule="r2", mode=mode)
+        for name, model in (("sliding", sliding), ("full", full)):
+            estimate(model, tokenizer, trials, tmp_path / f"{mode}-{name}", model_name=name, options=options,
+                     stop_after_failures=0)
+        assert (tmp_path / f"{mode}-sliding" / "head_scores.json").read_text() == \
+            (tmp_path / f"{mode}-full" / "head_scores.json").read_text()
+        metadata = json.loads((tmp_path / f"{mode}-sliding" / "metadata.json").read_text())
+        assert metadata["prefix_cache"]["enabled"] and metadata["geometry"]["sliding_window"] == 256
+    ids = torch.randint(3, vocab, (1, 200), generator=torch.Generator().manual_seed(3))
+    for method, params in (("snapkv", {"budget": 24, "window": 4}), ("full", {})):
+        runs = [generate_ids(model, ids, make_press(method, geometry, **params), max_new_tokens=8)
+                for model in (sliding, full)]
+        assert runs[0][0] == runs[1][0] and runs[0][1].kept == runs[1][1].kept
+    samples = get_task("niah", lengths=[200], depths=[50], num_needles=1, max_new_tokens=4).samples(tokenizer)
+    options = EvaluateOptions(methods=["full", "snapkv"], budgets=[24])
+    rows = [evaluate(model, tokenizer, samples, tmp_path / f"eval-{name}", options=options, model_name="m").rows
+            for name, model in (("sliding", sliding), ("full", full))]
+    assert [row["prediction"] for row in rows[0]] == [row["prediction"] for row in rows[1]]
+
+    narrow = all_sliding_mistral(100, vocab)
+    with pytest.raises(HeadscoreError, match=r"\(20[0-9] tokens\) exceed the model's sliding window of 100 tokens"):
+        generate_ids(narrow, ids, make_press("snapkv", Geometry.from_config(narrow.config), budget=24),
+                     max_new_tokens=8)
+    with pytest.raises(HeadscoreError, match="sample niah-.*sliding window of 100 tokens") as error:
+        evaluate(narrow, tokenizer, samples, tmp_path / "eval-narrow", options=options, model_name="m")
+    assert "\n" not in str(error.value)
+    with pytest.raises(HeadscoreError, match="trial .*sliding window of 100 tokens"):
+        estimate(narrow, tokenizer, trials, tmp_path / "narrow", model_name="m",
+                 options=EstimateOptions(rule="r2", mode="teacher-forced"))

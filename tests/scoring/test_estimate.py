@@ -287,3 +287,23 @@ def test_decode_stops_when_the_first_trials_all_fail_and_the_journal_continues(t
     assert tf.counted == len(trials)
     with pytest.raises(HeadscoreError, match="stop-after-failures"):
         estimate(model, tokenizer, trials, tmp_path / "neg", model_name="tiny", stop_after_failures=-1)
+
+
+def test_r2_weight_head_is_the_released_scores_times_a_over_10(tiny, tokenizer, trials, tmp_path):
+    """estimate --r2-weight head: every trial's scores are the released formula's × A / 10 (v / N per hit), the
+    metadata names the weight, and the default run's journal header does not (earlier journals resume)."""
+    model = tiny()
+    released = estimate(model, tokenizer, trials[:2], tmp_path / "released",
+                        options=EstimateOptions(mode="teacher-forced"), model_name="tiny")
+    head = estimate(model, tokenizer, trials[:2], tmp_path / "head",
+                    options=EstimateOptions(mode="teacher-forced", r2_weight="head"), model_name="tiny")
+    assert released.metadata["r2_weight"] == "released" and head.metadata["r2_weight"] == "head"
+    a = [len(tokenizer(t.answer, add_special_tokens=False)["input_ids"]) for t in trials[:2]]
+    ours = read_head_scores(tmp_path / "head" / "head_scores.json", 2, 4).to_tensor()
+    base = read_head_scores(tmp_path / "released" / "head_scores.json", 2, 4).to_tensor()
+    scale = torch.tensor(a, dtype=torch.float64)[:, None, None] / 10
+    torch.testing.assert_close(ours, base * scale)
+    header = json.loads((tmp_path / "released" / JOURNAL).read_text().splitlines()[0])
+    assert "r2_weight" not in json.dumps(header)
+    with pytest.raises(HeadscoreError, match="unknown r2 weight"):
+        EstimateOptions(r2_weight="tip")

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.haystack import Haystack, load_haystack, load_haystack_parts
@@ -71,19 +69,6 @@ def official_prompt(enc, haystack_text: str, needle: str, question: str, context
 def smollm2_tokenizer(tokenizer):
     """The shared SmolLM2 tokenizer (no BOS), named apart from the BOS tokenizer below."""
     return tokenizer
-
-
-@pytest.fixture(scope="module")
-def bos_tokenizer():
-    """A tiny byte-level BPE that adds <s> to every encoding (trained here on a slice of the haystack)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([load_haystack(None).text[:80_000]], trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
 
 
 def check_trials(tokenizer, trials, haystack_text, needles, lengths):

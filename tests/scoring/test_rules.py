@@ -105,3 +105,32 @@ def test_bad_span_and_method():
         r2_scores(random_probs(), (10, 16), answer_tokens=0)
     with pytest.raises(HeadscoreError, match="unknown score rule 'nope'"):
         get_rule("nope")
+
+
+def test_r2_weight_released_and_head_are_the_authors_two_commits():
+    """A hand example (2 steps, 1 layer, 2 heads, span of N = 2, A = 4) against the two versions of their
+    `retrieval_calculate` line: 84e4c2b `10 * v / (N * A)` (the released files), 4c68d6b `v / N` (the head)."""
+    from headscore.scoring.rules import r2_weight_scale
+
+    probs = torch.tensor([[[[0.05, 0.5, 0.3, 0.15], [0.7, 0.05, 0.15, 0.1]]],
+                          [[[0.1, 0.2, 0.6, 0.1], [0.4, 0.3, 0.2, 0.1]]]])  # [steps, layers, heads, context]
+    span, a = (1, 3), 4
+
+    def theirs(version: str) -> torch.Tensor:
+        out = torch.zeros(1, 2, dtype=torch.float64)
+        for step in range(2):
+            for head in range(2):
+                values, idx = probs[step, 0, head].topk(span[1] - span[0])
+                for v, i in zip(values.tolist(), idx.tolist(), strict=True):
+                    if span[0] <= i < span[1]:
+                        n = span[1] - span[0]
+                        out[0, head] += 10 * v * 1 / (n * a) if version == "84e4c2b" else v * 1 / n
+        return out
+
+    # by hand: head 0 hits 0.5 + 0.3 and 0.6 + 0.2 (sum 1.6); head 1 hits 0.15, then 0.3
+    torch.testing.assert_close(theirs("4c68d6b"), torch.tensor([[1.6 / 2, 0.45 / 2]], dtype=torch.float64))
+    released = r2_scores(probs, span, answer_tokens=a).double()
+    torch.testing.assert_close(released * r2_weight_scale("released", a), theirs("84e4c2b"))
+    torch.testing.assert_close(released * r2_weight_scale("head", a), theirs("4c68d6b"))
+    with pytest.raises(HeadscoreError, match="unknown r2 weight 'tip'"):
+        r2_weight_scale("tip", a)

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from headscore.compression.presses import parse_method
 from headscore.core.errors import HeadscoreError
-from headscore.evaluation.evaluate import eval_method
 from headscore.study.reproduce import SCHEMA, STAGES, load_config, run_study
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["quick", "smollm2-135m", "llama3-8b-instruct", "mistral-7b-instruct"])
+@pytest.mark.parametrize("name", ["quick", "smollm2-135m", "llama3-8b-instruct", "mistral-7b-instruct",
+                                  "ruler-qwen3-8b", "ruler-llama3.1-8b", "ruler-smollm2"])
 def test_shipped_configs_validate(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.name == name
@@ -27,11 +28,15 @@ def test_shipped_configs_validate(name):
         assert min(config.section("evaluate")["budgets"]) == 64
         assert max(config.section("evaluate")["budgets"]) == 2048
         evaluate = config.section("evaluate")
-        assert evaluate["tasks"] == "longbench:data/LongBench,loogle:bigai-nlco/LooGLE"
+        assert evaluate["tasks"] == "longbench:data/LongBench,loogle:bigai-nlco/LooGLE,niah-official,babilong"
+        assert evaluate["lengths"] is None and evaluate["depths"] is None  # niah-official's own grid
         assert evaluate["template"] == "raw"
         # the authors' numbers (docs/fidelity.md): HeadKV run_longbench.py model2maxlen, head_start_llama3.sh β
         assert evaluate["max_length"] == {"llama3-8b-instruct": 7950, "mistral-7b-instruct": 31500}[name]
         assert evaluate["beta"] == {"llama3-8b-instruct": 1.005, "mistral-7b-instruct": 1.01}[name]
+        # head_start_mistral.sh sweeps all eight β on LongBench; head_start_llama3.sh runs 1.005 only
+        assert evaluate["betas"] == {"llama3-8b-instruct": None,
+                                     "mistral-7b-instruct": [1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10]}[name]
         # ... and their behaviour throughout
         assert {k: evaluate[k] for k in ("granularity", "beyond_prompt", "score_dtype", "pyramid_schedule",
                                          "ada_allocation", "dtype")} == {
@@ -40,20 +45,30 @@ def test_shipped_configs_validate(name):
         assert config.section("allocate")["granularity"] == "query"
         # RazorAttention as the authors ran it: k given (B = 128: 5, 10, 20; B = 1024: 100, 500), beside razor
         assert {"razor", "razor-k5", "razor-k10", "razor-k20", "razor-k100", "razor-k500"} <= set(evaluate["methods"])
-        assert evaluate["razor_compensation"] is False
+        assert evaluate["razor_compensation"] == "both"  # the paper does not say; both, labelled
         needles, estimate = config.section("needles"), config.section("estimate")
         assert (needles["min_length"], needles["max_length"], needles["lengths"], needles["template"]) == (
             0, 10000, 5, "official")
         assert needles["r2_haystack"].endswith("haystack_for_detect_r2")
         assert needles["retrieval_haystack"].endswith("haystack_for_detect") and needles["span"] == "official"
-        assert (estimate["stop_rule"], estimate["rouge"]) == ("official", "stemmed")
+        assert (estimate["stop_rule"], estimate["rouge"], estimate["r2_weight"]) == ("official", "stemmed",
+                                                                                  "released")
     if name == "mistral-7b-instruct":
         assert config.top["model"].endswith("@dca6e4b60aca009ed25ffa70c9bb65e46960a573")
+    if name.startswith("ruler-"):  # the leaderboard's protocol: RULER, question after, ratios
+        evaluate = config.section("evaluate")
+        assert evaluate["question"] == "after" and evaluate["budgets"] == []
+        assert evaluate["tasks"] in ("ruler", "ruler-synthetic") and evaluate["ratios"][-1] == 0.875
+        assert {"full", "expected", "kvzip", "headkv-r2", "expected@headkv-r2", "kvzip@global"} <= set(
+            evaluate["methods"])
+        if name != "ruler-smollm2":
+            assert evaluate["ratios"] == [0.25, 0.5, 0.75, 0.875] and evaluate["lengths"] == [4096]
+            assert config.top["device"] == "cuda" and "/" in config.top["model"]
     if name == "smollm2-135m":
         assert config.section("estimate")["r2_mode"] == "teacher-forced"
         assert "razor-k5" in config.section("evaluate")["methods"]  # once per sample: cheap
     for method in config.section("evaluate")["methods"]:  # every method resolves
-        eval_method(method, ["r", "er", "r2"])
+        assert parse_method(method).head_scores in (None, "r", "er", "r2")
 
 
 @pytest.mark.parametrize(
@@ -64,6 +79,7 @@ def test_shipped_configs_validate(name):
         ("evaluate: [1, 2]\n", "section 'evaluate' must be a mapping"),
         ("ablate:\n  ks: []\n", "'ablate.ks' must be a non-empty list"),
         ("beta_sweep:\n  budget: 64\n", "section 'beta_sweep' was replaced by 'tune'"),
+        ("evaluate:\n  beta: 1.5\n  betas: [1.01, 2]\n", "'evaluate.betas' must be a list holding 'evaluate.beta'"),
         ("model: [unclosed\n", "not valid YAML"),
     ],
 )

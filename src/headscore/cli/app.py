@@ -76,17 +76,25 @@ class Alias:
     hint: str | None = None  # how the deprecation line spells the new form (default: `new`)
 
 
+# help texts built from the library's registries, which import torch: an option's help is a key of this table
+# (`library_help`) and its text is built only when a command's help is shown, so `headscore --help` stays fast
+LIBRARY_HELP: dict[str, Callable[[], str]] = {}
+
+
+def library_help(name: str, build: Callable[[], str]) -> str:
+    """An option help text that `build()` writes when the help is shown (see `LIBRARY_HELP`)."""
+    key = f"@{name}@"
+    LIBRARY_HELP[key] = build
+    return key
+
+
 class HeadscoreCommand(TyperCommand):
     """Every headscore command: help texts are shown as written (rich markup escaped: `[/INST]`, `[min, max]`),
-    and the deprecated spellings in `aliases` are rewritten before parsing."""
+    built from the library's registries where they list them (`library_help`), and the deprecated spellings in
+    `aliases` are rewritten before parsing."""
 
     aliases: ClassVar[dict[str, Alias]] = {}
     epilog_from: ClassVar[Any] = None  # () -> str: help text built when --help is shown (a registry's listing)
-
-    def format_help(self, ctx: Any, formatter: Any) -> None:
-        if self.epilog_from is not None and not self.epilog:
-            self.epilog = escape(self.epilog_from())
-        super().format_help(ctx, formatter)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +102,15 @@ class HeadscoreCommand(TyperCommand):
         for param in self.params:
             if getattr(param, "help", None):
                 param.help = escape(param.help)  # type: ignore[attr-defined]
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            build = LIBRARY_HELP.get(getattr(param, "help", None) or "")
+            if build is not None:
+                param.help = escape(build())  # type: ignore[attr-defined]
+        if self.epilog_from is not None and not self.epilog:
+            self.epilog = escape(self.epilog_from())
+        super().format_help(ctx, formatter)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, rewrite_aliases(self.name or "", args, self.aliases))

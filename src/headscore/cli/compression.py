@@ -64,12 +64,25 @@ def allocate_command(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a heatmap of the budgets (.png, .svg or .pdf; "
                                               "one per combination in a sweep, named like --split).")] = None,
     top: Annotated[int, typer.Option("--top", help="Heads listed in the summary.")] = 10,
+    memory: Annotated[str | None, typer.Option("--memory", help="A memory target instead of --budgets (2GiB, "
+                                               "512MiB, 1.5GB, bytes): the largest KV size whose cache fits it, "
+                                               "window and generated tokens included (needs --context and the "
+                                               "model's head dimension: --model).")] = None,
+    context: Annotated[int | None, typer.Option("--context", help="--memory: prompt tokens per sequence.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="--memory: sequences held at once.")] = 1,
+    cache_dtype: Annotated[str, typer.Option("--dtype", help="--memory: the cache's dtype (float32, bfloat16, "
+                                             "float16).")] = "bfloat16",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0, help="--memory: generated tokens per "
+                                                "sequence, held by every KV head.")] = 0,
 ) -> None:
-    """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines."""
+    """Turn head scores into a KV budget for every head (HeadKV), or build the uniform / pyramid baselines; with
+    --memory, the largest budgets whose cache fits a memory target."""
     from headscore.cli.geometry import resolve_geometry
     from headscore.compression.allocation import allocate_sweep
     from headscore.compression.budget_summary import summarize
     from headscore.compression.budgets_file import write_allocations
+    from headscore.compression.memory import MemoryTarget, memory_budgets, parse_bytes
+    from headscore.core.errors import HeadscoreError
     from headscore.core.plots import figure_format
     from headscore.scoring.head_scores import read_head_scores
 
@@ -82,8 +95,23 @@ def allocate_command(
     head_scores = None
     if scores is not None:
         head_scores = read_head_scores(scores, geometry.layers, geometry.query_heads)
-    results = allocate_sweep(allocation, geometry, budgets_list, beta_list, window=window, temp=temp,
-                             granularity=granularity, scores=head_scores, pyramid_beta=pyramid_beta)
+    if memory is not None:
+        if context is None:
+            raise HeadscoreError("allocate --memory needs --context (prompt tokens per sequence)")
+        target = MemoryTarget(parse_bytes(memory), context, batch, cache_dtype, max_new_tokens)
+        results, held = [], []
+        for beta in dict.fromkeys(beta_list if allocation == "headkv" else beta_list[:1]):
+            fitted, size = memory_budgets(allocation, geometry, target, window=window, granularity=granularity,
+                                          beta=beta, temp=temp, scores=head_scores, pyramid_beta=pyramid_beta)
+            fitted.memory = {**target.to_dict(), "bytes_held": size}
+            results.append(fitted)
+            held.append(size)
+        for fitted, size in zip(results, held, strict=True):
+            stdout.print(f"memory {target.memory:,} B: KV size {fitted.budget} per head, {size:,} B held "
+                         f"({size / target.memory:.1%} of the target)")
+    else:
+        results = allocate_sweep(allocation, geometry, budgets_list, beta_list, window=window, temp=temp,
+                                 granularity=granularity, scores=head_scores, pyramid_beta=pyramid_beta)
     # --split splits a sweep; a single combination keeps the --out name
     written = write_allocations(results, out, split=split and len(results) > 1, plot=plot)
 
@@ -138,6 +166,9 @@ def compress_command(
     budgets: BudgetsOption = option_values(BUDGET),
     ratio: Annotated[float | None, typer.Option("--ratio", help="Compression ratio instead of --budgets: the "
                                                 "fraction of the prompt's KV entries removed, per layer.")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="A memory target instead of --budgets (2GiB, "
+                                               "512MiB, bytes): the largest KV size whose cache of this prompt "
+                                               "and --max-new-tokens fits it.")] = None,
     betas: BetasOption = option_values(BETA),
     press_parameters: Any = None,
     fidelity_options: Any = None,
@@ -165,7 +196,7 @@ def compress_command(
         result, metadata = compress_files(
             model, context_file, question, method=method, max_new_tokens=max_new_tokens, template=template,
             answer_prefix=answer_prefix, device=device, dtype=dtype,
-            progress=lambda stage: bar.update(task, description=stage),
+            progress=lambda stage: bar.update(task, description=stage), memory=memory,
             settings={"budget": budget, "ratio": ratio, "beta": beta, **press_parameters, **fidelity_options.params(),
                       "full_heads": full_heads, "compensation": compensation,
                       "scores": str(scores) if scores else None, "budgets": str(budget_file) if budget_file else None})
@@ -183,6 +214,10 @@ def compress_command(
     summary.add_row("KV bytes (compressed)", f"{kv.kv_bytes:,}")
     summary.add_row("KV bytes (full cache)", f"{kv.full_kv_bytes:,}")
     summary.add_row("ratio", f"{kv.ratio:.4f}")
+    if "memory_target" in metadata:
+        target = metadata["memory_target"]
+        summary.add_row("memory target", f"{target['memory']:,} ({target['dtype']}; KV size {target['budget']}, "
+                        f"{target['bytes_held']:,} bytes planned)")
     if "full_heads_rule" in kv.press:  # razor: k and where it came from
         summary.add_row("full-cache heads (k)", f"{kv.press['full_heads']} ({kv.press['full_heads_rule']})")
     summary.add_row("index bytes", f"{kv.index_bytes:,}")

@@ -76,6 +76,11 @@ def evaluate_command(
                                                       "truncation) and generation settings as JSONL to this file, "
                                                       "loading only the tokenizer, and exit.")] = None,
     answer_prefix: AnswerPrefix = "",
+    question: Annotated[str, typer.Option("--question", help="in-prompt: the whole prompt is prefilled and "
+                                          "compressed (the paper's protocol); after: only the context before the "
+                                          "question is, then the question and answer prefix are prefilled on the "
+                                          "compressed cache (query-agnostic compression: RULER's leaderboard, one "
+                                          "compressed document for many questions).")] = "in-prompt",
     prefix_options: Any = None,
     decode_batch: DecodeBatch = None,
     compensation: Compensation = False,
@@ -92,7 +97,7 @@ def evaluate_command(
                               budgets=[] if ratio_list and budgets == option_values(*EVALUATE_BUDGETS)
                               else number_list(budgets, int, "--budgets"), ratios=ratio_list,
                               scores=run.scores, betas=number_list(betas, float, "--betas"),
-                              answer_prefix=answer_prefix,
+                              answer_prefix=answer_prefix, question=question,
                               params={**press_parameters, **fidelity_options.params(), "compensation": compensation})
     tasks = {**task_options, "template": template}
     if dump_prompts is not None:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from headscore.cli.app import library_help
 from headscore.core.assets import DEFAULT_MODEL
 from headscore.core.defaults import (
     ADA_ALLOCATION,
@@ -40,15 +41,21 @@ BETAS_HELP = ("HeadKV pool control β > 1: pool = floor((B - w) / β) per head, 
 SCORES_HELP = ("Named head-score file NAME=FILE (HeadKV format), repeatable: each name gives a method "
                "headkv-NAME (r: retrieval scores, estimate --rule retrieval; r2: estimate --rule r2; any other "
                "name, e.g. er for the r2 rule on the retrieval needles).")
-TASKS_HELP = ("Comma-separated tasks: niah, synthetic (= multikey, multivalue, vartrack, twohop) or any of those; "
-              "longbench:DIR (the 16 English LongBench datasets, DIR/<dataset>.jsonl from LongBench's data.zip), "
-              "longbench-e:DIR, longbench:FILE_OR_HF_ID, loogle[:FILE_OR_HF_ID] (see docs/longbench.md).")
+
+
+def _tasks_help() -> str:
+    from headscore.evaluation.tasks import tasks_help  # lazy: the task registry imports torch; built for --help
+
+    return tasks_help()
+
+
+TASKS_HELP = library_help("tasks", _tasks_help)
 
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 Compensation = Annotated[bool, typer.Option("--compensation", help="razor, razor-kN: one compensation entry (mean "
-                                            "of the dropped keys and values) per compressed head. Off by default, "
-                                            "as the HeadKV authors ran RazorAttention: they found it made runs "
-                                            "about 3x slower at large k.")]
+                                            "of the dropped keys and values) per compressed head. Off by default; "
+                                            "the HeadKV authors found it made runs about 3x slower at large k "
+                                            "(a config's evaluate.razor_compensation: both runs both ways).")]
 Device = Annotated[str, typer.Option("--device", help="Device: auto (CUDA when available, else CPU), cpu, cuda, "
                                      "cuda:1, ... (under torchrun, auto and cuda mean cuda:LOCAL_RANK).")]
 DType = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 [default: float32 on "
@@ -205,17 +212,23 @@ def fidelity_options(
 
 
 def task_options(
-    lengths: Annotated[str | None, typer.Option("--lengths", help="Prompt lengths (tokens) of niah and synthetic "
-                                                "tasks, comma-separated [default: 1000,2000,4000].")] = None,
+    lengths: Annotated[str | None, typer.Option("--lengths", help="Prompt lengths (tokens) of niah, synthetic and "
+                                                "RULER tasks (RULER's include the generated tokens), "
+                                                "comma-separated [default: 1000,2000,4000; RULER 4096].")] = None,
     depths: Annotated[str | None, typer.Option("--depths", help="Needle depths (%) of niah, comma-separated "
                                                "[default: 0,25,50,75,100].")] = None,
-    samples_per_length: Annotated[int | None, typer.Option("--samples-per-length", help="Synthetic samples per "
-                                                           "length [default: 4].")] = None,
+    samples_per_length: Annotated[int | None, typer.Option("--samples-per-length", help="Synthetic and RULER "
+                                                           "samples per length [default: 4].")] = None,
+    task_seed: Annotated[int | None, typer.Option("--task-seed", help="Seed of the generated synthetic and RULER "
+                                                  "samples [default: 42].")] = None,
+    qa_data: Annotated[str | None, typer.Option("--qa-data", help="RULER qa_1/qa_2: a folder holding squad.json "
+                                                "(SQuAD v2 dev) and hotpotqa.json (HotpotQA dev, distractor) "
+                                                "[default: the Hugging Face hub].")] = None,
     num_needles: Annotated[int | None, typer.Option("--num-needles", help="niah: use only the first N "
                                                     "evaluation needles [default: all 3].")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="LongBench/LooGLE: middle-truncate the "
-                                                   "whole prompt to this many tokens (the authors: 7500 for "
-                                                   "Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
+                                                   "whole prompt to this many tokens (HeadKV's run_longbench.py: 7950 "
+                                                   "for Llama-3-8B-Instruct, 31500 for Mistral-7B-Instruct-v0.2).")]
     = None,
 ) -> dict[str, Any]:
     """How the evaluation tasks are built (the `task_options` of `evaluate` and `tune`; template apart)."""
@@ -223,7 +236,8 @@ def task_options(
 
     return {"lengths": number_list([lengths], int, "--lengths") if lengths else None,
             "depths": number_list([depths], float, "--depths") if depths else None,
-            "samples_per_length": samples_per_length, "max_length": max_length, "num_needles": num_needles}
+            "samples_per_length": samples_per_length, "max_length": max_length, "num_needles": num_needles,
+            "seed": task_seed, "qa_data": qa_data}
 
 
 def prefix_options(

@@ -128,6 +128,10 @@ def estimate_command(
     rouge: Annotated[str, typer.Option("--rouge", help="retrieval success metric: plain ROUGE-1 recall or "
                                        "stemmed (rouge_score with the Porter stemmer, as Retrieval_Head).")]
     = "plain",
+    r2_weight: Annotated[str, typer.Option("--r2-weight", help="r2 rule: 'released' adds 10 · weight / (N · A) "
+                                           "per hit (HeadKV commit 84e4c2b, the released score files; per-trial "
+                                           "maximum 10 / N); 'head' adds weight / N (the repository head, "
+                                           "4c68d6b; per-trial maximum 1).")] = "released",
     stop_after_failures: Annotated[int, typer.Option("--stop-after-failures", help="Decode mode: stop (exit 2, "
                                                      "journal kept) when the first K trials all fail the success "
                                                      "check; 0 never stops.")] = 5,
@@ -153,7 +157,7 @@ def estimate_command(
     out_dirs = {names[0]: out} if len(names) == 1 else {name: out / get_rule(name).folder for name in names}
     options = EstimateOptions(rule=names[0], mode=mode, f1_threshold=f1_threshold,
                               rouge_threshold=rouge_threshold, max_new_tokens=max_new_tokens,
-                              stop_rule=stop_rule, rouge=rouge)
+                              stop_rule=stop_rule, rouge=rouge, r2_weight=r2_weight)
     with progress_bar() as bar:
         task = bar.add_task(f"scoring heads ({rule}, {mode})", total=None)
 

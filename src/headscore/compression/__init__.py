@@ -1,14 +1,17 @@
-"""Head-level KV compression: per-head budgets from head scores, the presses (one registry), the head-wise cache
-with its attention function, and generation on it."""
+"""Head-level KV compression: methods as a token scorer × a budget allocation (two registries), per-head budgets
+from head scores, the head-wise cache with its attention function, and generation on it."""
 
 from headscore.core.exports import lazy_exports
 
 # lazy: importing the package imports none of its modules (fast `headscore --help`, no cycles)
 __all__, __getattr__ = lazy_exports(__name__, {
-    "budgets": ["Budgets", "ALLOCATIONS", "register_allocation", "allocate", "allocate_sweep", "write_budgets",
-                "read_budgets", "read_budget_sweep", "write_allocations"],
-    "presses": ["PRESSES", "Press", "BudgetPress", "register_press", "make_press", "HeadKVPress"],
+    "budgets": ["Budgets"],
+    "budgets_file": ["write_budgets", "read_budgets", "read_budget_sweep", "write_allocations"],
+    "allocation": ["ALLOCATIONS", "Allocation", "register_allocation", "allocate", "allocate_sweep"],
+    "scorers": ["SCORERS", "MODIFIERS", "Scorer", "ScorerInputs", "register_scorer", "register_extra_pass"],
+    "presses": ["PRESSES", "Press", "ScoredPress", "register_press", "make_press", "parse_method"],
     "cache": ["HeadwiseCache"],
-    "generation": ["prefill", "prefill_compressed", "compress_state", "decode", "generate_ids", "compress_generate",
-                   "compress_files", "KVReport", "CompressResult"],
+    "generation": ["prefill", "prefill_compressed", "compress_state", "compress_rows", "run_extra_passes", "decode",
+                   "decode_rows", "fork", "answer_after", "generate_ids", "compress_generate", "compress_files",
+                   "KVReport", "CompressResult"],
 })

@@ -13,10 +13,15 @@ Decode attention in two parts merged by their log-sum-exps (exactly one softmax 
 
 The prompt part has a second kernel for CUDA: `torch.nn.attention.flex_attention` over the flattened entries
 with a block mask built from the segments (`segment_block_mask`: each query head visits only the 128-entry
-blocks its segment overlaps), compiled. `decode_kernel` picks it: `HEADSCORE_DECODE_KERNEL=auto` (default:
-flex on CUDA, buckets elsewhere), `buckets` or `flex` (on CPU flex runs eagerly, for tests: it scores every
-entry). The first flex result of a process is checked against the buckets; if compiling flex fails or the two
-disagree, the buckets take over with one warning.
+blocks its segment overlaps), compiled. `decode_kernel` picks it once per compressed layer when the cache is
+built (`HeadwiseEntries.kernel`): `HEADSCORE_DECODE_KERNEL=auto` (default: flex on CUDA, buckets elsewhere),
+`buckets` or `flex` (on CPU flex runs eagerly, for tests: it scores every entry). The first flex result of a
+process is checked against the buckets; if compiling flex fails or the two disagree, the buckets take over with
+one warning.
+
+When rows leave or repeat (`select_plan`), nothing is copied and nothing planned again: the storage stays (a
+repeated row reads the same entries, a row gone is no longer read), each bucket keeps its segments of the rows
+still there; the flex block mask is rebuilt from device tensors. Neither reads anything back from the device.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class Bucket:
     `width` entries. `start` >= 0: the segments are `first, first + 1, ...`, consecutive in storage, all
     `width` long, from entry `start` (the block, its queries and its outputs are views). Otherwise `index`
     int64 `[s · width]` gathers their entries and `padding` bool `[s, width]` marks the pad slots (None when
-    none)."""
+    none). `host`: the segments on the CPU (remapping a plan reads no device tensor)."""
 
     segments: torch.Tensor
     width: int
@@ -56,12 +61,18 @@ class Bucket:
     first: int = -1
     index: torch.Tensor | None = None
     padding: torch.Tensor | None = None
+    host: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.host is None:
+            object.__setattr__(self, "host", self.segments.cpu())
 
 
 def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
-                  overhead: int = BUCKET_OVERHEAD) -> list[Bucket]:
-    """Buckets for the segments of `kept` (CPU int64 `[rows, heads]`, entries per (row, cache head), stored
-    row-major then head-major, each segment's entries consecutive).
+                  overhead: int = BUCKET_OVERHEAD, offsets: torch.Tensor | None = None) -> list[Bucket]:
+    """Buckets for the segments of `kept` (CPU int64 `[rows, heads]`, entries per (row, cache head), each
+    segment's entries consecutive, a row's segments one after another), stored from `offsets` (CPU int64
+    `[rows, heads]`; None: row-major then head-major from 0, as a cache is built).
 
     A row whose heads all keep the same count is one view bucket. The other segments, sorted by length, are
     cut where it minimizes the summed cost of the buckets (a dynamic program over the sorted lengths; a bucket
@@ -70,15 +81,17 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
     """
     rows, heads = kept.shape
     lengths = kept.reshape(-1)
-    offsets = (lengths.cumsum(0) - lengths).tolist()
+    starts = lengths.cumsum(0) - lengths if offsets is None else offsets.reshape(-1)
+    offsets_of = starts.tolist()
     length_of = lengths.tolist()  # Python ints once, not one tensor read per segment
     buckets: list[Bucket] = []
     ragged: list[int] = []
     for row in range(rows):
         counts = kept[row]
         if int(counts[0]) > 0 and bool((counts == counts[0]).all()):
-            segments = torch.arange(row * heads, (row + 1) * heads, device=device)
-            buckets.append(Bucket(segments, int(counts[0]), start=offsets[row * heads], first=row * heads))
+            segments = torch.arange(row * heads, (row + 1) * heads)
+            buckets.append(Bucket(segments.to(device), int(counts[0]), start=offsets_of[row * heads], first=row * heads,
+                                  host=segments))
         else:
             ragged.extend(s for s in range(row * heads, (row + 1) * heads) if length_of[s] > 0)
     if not ragged:
@@ -99,25 +112,96 @@ def plan_segments(kept: torch.Tensor, device: torch.device | str = "cpu",
         width = sizes[end - 1]
         if end - begin == 1:  # one segment: a view of its entries
             segment = ragged[begin]
-            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets[segment],
-                                  first=segment))
+            buckets.append(Bucket(torch.tensor([segment], device=device), width, start=offsets_of[segment],
+                                  first=segment, host=torch.tensor([segment])))
             continue
         segments = torch.tensor(ragged[begin:end])
         slots = torch.arange(width)[None, :]
         counts = lengths[segments][:, None]
-        index = (torch.tensor([offsets[s] for s in ragged[begin:end]])[:, None] + slots).masked_fill(slots >= counts,
-                                                                                                     0)
+        index = (starts[segments][:, None] + slots).masked_fill(slots >= counts, 0)
         padding = slots >= counts
         buckets.append(Bucket(segments.to(device), width, index=index.reshape(-1).to(device),
-                              padding=padding.to(device) if bool(padding.any()) else None))
+                              padding=padding.to(device) if bool(padding.any()) else None, host=segments))
     return buckets
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small CPU tensor on `device` without waiting for the device's queued work (pinned, non-blocking: a
+    plain copy to CUDA would synchronize)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def select_plan(buckets: list[Bucket], kept: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
+                device: torch.device | str = "cpu") -> list[Bucket]:
+    """The plan of rows `indices` (CPU int64 `[rows']`, any order, repeats allowed) of the segments `kept` (CPU
+    int64 `[rows, heads]`, stored from `offsets`, CPU int64 `[rows, heads]`) that `buckets` plan; the storage
+    is not moved (`HeadwiseLayer.batch_select_indices`): a repeated row reads the same entries.
+
+    No dynamic program: a view bucket becomes one view per occurrence of its row; a gathered bucket keeps its
+    segments of the chosen rows (each as often as its row is chosen) with their gather index, its width cut to
+    its longest remaining segment (one remaining segment: a view). Host work is on `kept`, `offsets` and the
+    buckets' CPU segments only; the device picks rows of the old index and padding (nothing is read back)."""
+    heads = kept.shape[1]
+    lengths, starts = kept.reshape(-1), offsets.reshape(-1)
+    out: list[Bucket] = []
+    gathered = []
+    for bucket in buckets:
+        if bucket.start < 0:
+            gathered.append(bucket)
+            continue
+        # views of one row's consecutive segments: consecutive wherever the row lands
+        host = bucket.host
+        count, head = host.shape[0], int(host[0]) % heads
+        for p in (indices == int(host[0]) // heads).nonzero().flatten().tolist():
+            first = p * heads + head
+            out.append(Bucket(torch.arange(first, first + count, device=device), bucket.width,
+                              start=bucket.start, first=first, host=torch.arange(first, first + count)))
+    if not gathered:
+        return out
+    # every gathered bucket's segments at once: (i, p) = segment i (of all, bucket by bucket) lands in row p
+    hosts = torch.cat([bucket.host for bucket in gathered])
+    sizes_of = torch.tensor([bucket.host.shape[0] for bucket in gathered])
+    owner = torch.repeat_interleave(torch.arange(len(gathered)), sizes_of)
+    pairs = (indices[None, :] == (hosts // heads)[:, None]).nonzero()
+    which = owner[pairs[:, 0]]
+    segments = pairs[:, 1] * heads + hosts[pairs[:, 0]] % heads
+    pick = pairs[:, 0] - (sizes_of.cumsum(0) - sizes_of)[which]  # the segment's row in its old bucket
+    sizes = lengths[hosts[pairs[:, 0]]]
+    counts = torch.bincount(which, minlength=len(gathered))
+    widths = torch.zeros(len(gathered), dtype=torch.long).scatter_reduce_(0, which, sizes, "amax")
+    padded = torch.zeros(len(gathered), dtype=torch.bool).scatter_reduce_(0, which, sizes < widths[which], "amax")
+    on_device = to_device(torch.stack([segments, pick]), device)  # one copy to the device for the whole layer
+    end = 0
+    for bucket, count, width, has_padding in zip(gathered, counts.tolist(), widths.tolist(), padded.tolist(),
+                                                 strict=True):
+        begin, end = end, end + count
+        if count == 0:
+            continue
+        if count == 1:  # one segment left: a view of its entries
+            out.append(Bucket(on_device[0, begin:end], width, start=int(starts[hosts[pairs[begin, 0]]]),
+                              first=int(segments[begin]), host=segments[begin:end]))
+            continue
+        assert bucket.index is not None  # a gathered bucket always has its index
+        rows = on_device[1, begin:end]
+        index = bucket.index.view(-1, bucket.width)[rows, :width]
+        padding = None
+        if has_padding:
+            assert bucket.padding is not None  # shorter segments than the width were padded before
+            padding = bucket.padding[rows, :width]
+        out.append(Bucket(on_device[0, begin:end], width, index=index.reshape(-1), padding=padding,
+                          host=segments[begin:end]))
+    return out
 
 
 @dataclass(frozen=True)
 class HeadwiseEntries:
     """What a compressed layer hands the attention function at decode (its `update`'s return): the kept prompt
-    entries `keys`/`values` `[total, d]` (segments of (row, cache head), row-major), their `buckets`, the number
-    of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t, d]`. `bias`
+    entries `keys`/`values` `[total, d]` (one run of entries per (row, cache head); their `buckets` say where),
+    the number of cache `heads` per row, and the generated tail `tail_keys`/`tail_values` `[rows, kv_heads, t,
+    d]`. `bias`
     float32 `[total]` (or None): added to each entry's logits (a summary entry standing for c tokens carries
     log c: RazorAttention's compensation token)."""
 
@@ -131,6 +215,8 @@ class HeadwiseEntries:
     # the layer's flex block masks (and empty-segment flags) by query length: the compressed layer passes its
     # own dict, so they are built once per layer and batch (`segment_block_mask`)
     flex_masks: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the prompt-part kernel (`decode_kernel`'s answer, chosen when the layer was built); "" reads it per call
+    kernel: str = ""
 
 
 DECODE_KERNELS = ("auto", "buckets", "flex")
@@ -140,13 +226,14 @@ FLEX_BLOCK = 128  # flex_attention's block size: a query head visits the blocks 
 
 
 def decode_kernel(device: torch.device) -> str:
-    """`buckets` or `flex`, the prompt-part kernel for `device` (env `HEADSCORE_DECODE_KERNEL`: auto, buckets,
-    flex; auto is flex on CUDA, buckets elsewhere)."""
+    """The prompt-part kernel for `device`, from env `HEADSCORE_DECODE_KERNEL` (auto, buckets, flex): `buckets`,
+    `flex` (forced: a failure is raised) or, on CUDA only, `auto` (flex, unless it failed once in this
+    process). Read once per compressed layer when the cache is built, not per step."""
     choice = os.environ.get("HEADSCORE_DECODE_KERNEL", "auto")
     if choice not in DECODE_KERNELS:
         raise HeadscoreError(f"HEADSCORE_DECODE_KERNEL={choice}: use one of {', '.join(DECODE_KERNELS)}")
-    if choice == "auto":
-        return "flex" if device.type == "cuda" and not _flex_failed else "buckets"
+    if choice == "auto" and torch.device(device).type != "cuda":
+        return "buckets"
     return choice
 
 
@@ -165,44 +252,53 @@ def _compiled_flex() -> Any:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def segment_block_mask(kept: torch.Tensor, q_heads: int, q_len: int, device: torch.device) -> Any:
-    """The flex `BlockMask` of the prompt part, for `kept` (CPU int64 `[rows, heads]`, segments stored
-    row-major) and flattened query heads `rows · q_heads` (query head h of row r reads segment
-    r · heads + h // (q_heads // heads)): each query head lists the `FLEX_BLOCK`-entry blocks its segment
-    overlaps (its first to its last), and the mask keeps, inside them, only its segment's entries."""
+def segment_block_mask(starts: torch.Tensor, lengths: torch.Tensor, q_heads: int, q_len: int, total: int) -> Any:
+    """The flex `BlockMask` of the prompt part, for segments (row, cache head) stored from `starts` with
+    `lengths` entries (int64 `[rows, heads]` on the attention's device; `total` stored entries in all) and
+    flattened query heads `rows · q_heads` (query head h of row r reads segment r · heads + h // (q_heads //
+    heads)): each query head lists the `FLEX_BLOCK`-entry blocks its segment overlaps (its first to its last),
+    and the mask keeps, inside them, only its segment's entries (rows may share entries, and entries of rows
+    gone stay unread). Built on the device: nothing is read back."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    rows, heads = kept.shape
-    lengths = kept.reshape(-1)
-    offsets = lengths.cumsum(0) - lengths
-    total = int(lengths.sum())
-    segment = torch.arange(rows * heads).repeat_interleave(q_heads // heads)  # [rows · q_heads]
-    first, last = offsets[segment] // FLEX_BLOCK, (offsets[segment] + lengths[segment] - 1) // FLEX_BLOCK
-    count = torch.where(lengths[segment] > 0, last - first + 1, 0)
+    rows, heads = lengths.shape
+    group = q_heads // heads
+    start = starts.reshape(-1).repeat_interleave(group)  # [rows · q_heads]
+    count_entries = lengths.reshape(-1).repeat_interleave(group)
+    end = start + count_entries
+    first, last = start // FLEX_BLOCK, (end - 1) // FLEX_BLOCK
+    count = torch.where(count_entries > 0, last - first + 1, 0)
     # BlockMask's documented layout: one row of `kv_blocks` indices per query head, the first `count` listed
     widest = max((total + FLEX_BLOCK - 1) // FLEX_BLOCK, 1)
-    blocks = (first[:, None] + torch.arange(widest)[None]).clamp(max=widest - 1)
-    entry_segment = torch.repeat_interleave(torch.arange(rows * heads), lengths).to(device)
-    head_segment = segment.to(device)
+    blocks = (first[:, None] + torch.arange(widest, device=lengths.device)[None]).clamp(max=widest - 1)
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return entry_segment[kv_idx] == head_segment[h]
+        return (kv_idx >= start[h]) & (kv_idx < end[h])
 
-    return BlockMask.from_kv_blocks(count.view(1, -1, 1).to(device=device, dtype=torch.int32),
-                                    blocks.view(1, -1, 1, widest).to(device=device, dtype=torch.int32),
+    return BlockMask.from_kv_blocks(count.view(1, -1, 1).to(torch.int32), blocks.view(1, -1, 1, widest).to(torch.int32),
                                     BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, max(total, 1)),
                                     compute_q_blocks=False)  # inference: no backward's query-block lists
 
 
-def segment_lengths(buckets: list[Bucket], segments: int) -> torch.Tensor:
-    """CPU int64 `[segments]`: the entries of each segment, read back from its bucket (0: in no bucket)."""
-    lengths = torch.zeros(segments, dtype=torch.long)
+def segment_spans(buckets: list[Bucket], segments: int, device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 `[segments]` storage start and entries of each segment on `device`, read from its bucket (a view's
+    start and width, a gathered segment's first index and unpadded slots; 0, 0: in no bucket); device ops only."""
+    starts = torch.zeros(segments, dtype=torch.long, device=device)
+    lengths = torch.zeros(segments, dtype=torch.long, device=device)
     for bucket in buckets:
-        width = torch.full((bucket.segments.shape[0],), bucket.width)
+        count = bucket.segments.shape[0]
+        width = torch.full((count,), bucket.width, device=device)
+        if bucket.start >= 0:
+            first = bucket.start + torch.arange(count, device=device) * bucket.width
+        else:
+            assert bucket.index is not None  # a gathered bucket always has its index
+            first = bucket.index.view(count, bucket.width)[:, 0]
         if bucket.padding is not None:
-            width = width - bucket.padding.sum(-1).cpu()
-        lengths[bucket.segments.cpu()] = width
-    return lengths
+            width = width - bucket.padding.sum(-1)
+        starts.index_copy_(0, bucket.segments, first)
+        lengths.index_copy_(0, bucket.segments, width)
+    return starts, lengths
 
 
 def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float, softcap: float | None,
@@ -214,9 +310,10 @@ def flex_prompt_part(query: torch.Tensor, entries: HeadwiseEntries, scale: float
 
     rows, q_heads, q_len, dim = query.shape
     if q_len not in entries.flex_masks:
-        kept = segment_lengths(entries.buckets, rows * entries.heads).view(rows, entries.heads)
-        empty = (kept.reshape(-1) == 0).repeat_interleave(q_heads // entries.heads).to(query.device)
-        entries.flex_masks[q_len] = (segment_block_mask(kept, q_heads, q_len, query.device), empty)
+        starts, kept = segment_spans(entries.buckets, rows * entries.heads, query.device)
+        empty = (kept == 0).repeat_interleave(q_heads // entries.heads)
+        entries.flex_masks[q_len] = (segment_block_mask(starts.view(rows, -1), kept.view(rows, -1), q_heads, q_len,
+                                                        entries.keys.shape[0]), empty)
     block_mask, empty = entries.flex_masks[q_len]
     bias = entries.bias
 
@@ -282,11 +379,13 @@ def bucket_prompt_part(flat: torch.Tensor, entries: HeadwiseEntries, scale: floa
 
 def _prompt_part(query: torch.Tensor, flat: torch.Tensor, entries: HeadwiseEntries, scale: float,
                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt part by the kernel `decode_kernel` picks, `[rows · heads, group · q, d]` and its lse."""
+    """The prompt part by the entries' kernel (`decode_kernel`'s choice), `[rows · heads, group · q, d]` and its
+    lse."""
     global _flex_failed, _flex_checked
     rows, q_heads, q_len, dim = query.shape
-    if decode_kernel(query.device) == "flex":
-        forced = os.environ.get("HEADSCORE_DECODE_KERNEL") == "flex"
+    kernel = entries.kernel or decode_kernel(query.device)
+    if kernel == "flex" or (kernel == "auto" and not _flex_failed):
+        forced = kernel == "flex"
         try:
             out, lse = flex_prompt_part(query, entries, scale, softcap, flat.dtype)
             out, lse = out.view(rows * entries.heads, -1, dim), lse.view(rows * entries.heads, -1)
@@ -317,15 +416,18 @@ def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: float | None = None, *,
-                       softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                       softcap: float | None = None, sinks: torch.Tensor | None = None,
+                       tail_visible: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of new queries over a head-wise cache.
 
     `query` `[rows, q_heads, q, d]` (the last q tokens of each row; query head `h` reads cache head
     `h // (q_heads // heads)` and KV head `h // (q_heads // kv_heads)` of the tail, whose last q tokens are the
-    queries' own, causal among themselves). `softcap`: logits become `softcap · tanh(logits / softcap)` (Gemma
-    2). `sinks` `[q_heads]`: one extra logit per query head in the softmax denominator, with no value
-    (gpt-oss). Logits and the merge in float32 (float64 for float64 queries). Returns `[rows, q_heads, q, d]`
-    in the query's dtype.
+    queries' own, causal among themselves). `tail_visible` bool `[rows, 1 | q_heads, q, t]`: which tail tokens
+    each query sees instead (a padded batch's mask: tail tokens that are padding stay hidden). `softcap`:
+    logits become `softcap · tanh(logits / softcap)` (Gemma 2). `sinks` `[q_heads]`: one extra logit per query
+    head in the softmax denominator, with no value (gpt-oss). Logits and the merge in float32 (float64 for
+    float64 queries). A query that sees nothing (a padding query over an empty segment) gets zeros. Returns
+    `[rows, q_heads, q, d]` in the query's dtype.
     """
     rows, q_heads, q_len, dim = query.shape
     tail_keys, tail_values = entries.tail_keys, entries.tail_values
@@ -338,16 +440,21 @@ def headwise_attention(query: torch.Tensor, entries: HeadwiseEntries, scaling: f
     grouped = flat.reshape(rows, kv_heads, (q_heads // kv_heads) * q_len, dim)
     tail = torch.matmul(grouped, tail_keys.to(accumulate).transpose(-1, -2)).mul_(scale)
     tail = _capped(tail.view(rows, q_heads, q_len, t_len), softcap)
-    if q_len > 1:
+    if tail_visible is not None:
+        tail = tail.masked_fill_(~tail_visible, float("-inf"))
+    elif q_len > 1:
         visible = torch.arange(q_len, device=query.device)[:, None] + (t_len - q_len)
         tail = tail.masked_fill_(torch.arange(t_len, device=query.device)[None, :] > visible, float("-inf"))
     tail_lse = torch.logsumexp(tail, dim=-1)
-    tail_probs = tail.sub_(tail_lse[..., None]).exp_().view(rows, kv_heads, -1, t_len)
+    # a query that sees no tail token (left padding of a question) has lse -inf: its probabilities are 0, not NaN
+    tail_probs = tail.sub_(tail_lse.clamp(min=torch.finfo(accumulate).min)[..., None]).exp_()
+    tail_probs = tail_probs.view(rows, kv_heads, -1, t_len)
     tail_out = torch.matmul(tail_probs, tail_values.to(accumulate)).view(rows, q_heads, q_len, dim)
     prompt_lse = prompt_lse.view(rows, q_heads, q_len)
     total = torch.logaddexp(prompt_lse, tail_lse)
     if sinks is not None:
         total = torch.logaddexp(total, sinks.to(accumulate).view(1, q_heads, 1))
+    total = total.clamp(min=torch.finfo(accumulate).min)  # a query that sees nothing: weights 0, not NaN
     out = prompt_out.view(rows, q_heads, q_len, dim) * (prompt_lse - total).exp_()[..., None]
     out = out.add_(tail_out * (tail_lse - total).exp_()[..., None])
     return out.to(query.dtype)
@@ -361,13 +468,20 @@ def headwise_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     Prefill (`key` a `PendingPrefill`, what a recording layer's `update` returns): the exact sdpa output over
     the full keys/values, then the layer selects what it keeps. Decode (`key` a `HeadwiseEntries`):
     `headwise_attention`, with transformers' `softcap` and `s_aux` (sinks) arguments; the mask is not read (no
-    kept entry is padding). A sliding-window layer of a hybrid model is transformers' own cache layer: its
-    plain tensors go to sdpa with the model's sliding mask. Output `[b, q, q_heads, d]` as sdpa's.
+    kept entry is padding) for the prompt part, only its last t columns, the tail's, when it is given (a padded
+    batch: tail tokens may be a question's left padding). A sliding-window layer of a hybrid model is
+    transformers' own cache layer: its plain tensors go to sdpa with the model's sliding mask. Output
+    `[b, q, q_heads, d]` as sdpa's.
     """
     if isinstance(key, torch.Tensor):
         return sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(key, HeadwiseEntries):
-        out = headwise_attention(query, key, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+        visible = None
+        if isinstance(attention_mask, torch.Tensor):  # [rows, 1|heads, q, prompt width + t]: keep-mask or additive
+            visible = attention_mask[..., attention_mask.shape[-1] - key.tail_keys.shape[2]:]
+            visible = visible if visible.dtype == torch.bool else visible == 0
+        out = headwise_attention(query, key, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
+                                 tail_visible=visible)
         return out.transpose(1, 2), None
     pending = key
     output = sdpa_forward(module, query, pending.keys, pending.values, attention_mask, dropout=dropout,

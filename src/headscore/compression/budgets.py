@@ -39,6 +39,7 @@ class Budgets:
     pyramid_beta: float | None = None
     source_scores: str | None = None
     tuning: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None  # the memory target it was sized for (`compression.memory`), if any
 
     @property
     def layers(self) -> int:
@@ -96,6 +97,7 @@ class Budgets:
             "uniform_entries": self.uniform_entries,
             "source_scores": self.source_scores,
             **({"tuning": self.tuning} if self.tuning is not None else {}),
+            **({"memory": self.memory} if self.memory is not None else {}),
             "matrix": self.matrix.tolist(),
         }
 

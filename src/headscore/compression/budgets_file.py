@@ -97,7 +97,8 @@ def budgets_from_dict(item: Any, where: str) -> Budgets:
                       temp=_number(item.get("temp"), where, "temp", optional=True),
                       pyramid_beta=_number(item.get("pyramid_beta"), where, "pyramid_beta", optional=True),
                       source_scores=item.get("source_scores"),
-                      tuning=item.get("tuning") if isinstance(item.get("tuning"), dict) else None)
+                      tuning=item.get("tuning") if isinstance(item.get("tuning"), dict) else None,
+                      memory=item.get("memory") if isinstance(item.get("memory"), dict) else None)
     check_budget(budgets.budget, budgets.window)
     return budgets
 

@@ -11,16 +11,21 @@ Each layer goes through two objects:
   head for query-granularity budgets) it stores only the prompt entries that head kept, flattened:
   `keys`, `values` `[total_kept, head_dim]`, the segments of row 0's heads 0, 1, ..., then row 1's, ..., each
   segment's entries in original order (so their RoPE positions are the original ones); `kept` CPU int64
-  `[rows, heads]` entries per segment; `tail_keys`, `tail_values` `[rows, kv_heads, generated, head_dim]` the
-  dense tail of generated tokens of each row (every head attends to its row's generated tokens). Its `update`
+  `[rows, heads]` entries per segment, `row_starts` CPU int64 `[rows]` where each row's segments start;
+  `tail_keys`, `tail_values` `[rows, kv_heads, generated, head_dim]` the dense tail of generated tokens of each
+  row (every head attends to its row's generated tokens), views of buffers grown in place. Its `update`
   appends to the tail and returns the `HeadwiseEntries` the decode attention reads.
 
 Storage is Σ kept over rows and heads × head_dim × 2 × dtype size plus the tails: no padding to the largest head
 or row, no mask. Rows may hold different prompts (left padded, with an `attention_mask`: a padded position is
-never kept nor counted in a budget) and different presses (one per row); finished rows can be dropped
-(`batch_select_indices`). A hybrid model's sliding-window layers keep transformers' own bounded cache layer
-(`HeadwiseCache.make_layer`); budgets, presses and the KV report's compressed entries cover the full-attention
-layers, whose compressed slot (`PrefillLayer.index`, `Geometry.compressed_layers`) is the row of the budgets.
+never kept nor counted in a budget) and different presses (one per row); finished rows can be dropped and rows
+repeated (`batch_select_indices`): no kept entry moves (a repeated row reads the same entries; a dropped row's
+are no longer read and go with the layer) and the decode plan is remapped, not planned again. `fork` gives a
+cache sharing the kept entries with its own tails (one compressed context, several questions:
+`headscore.compression.generation.answer_after`). A hybrid model's sliding-window layers keep transformers' own
+bounded cache layer (`HeadwiseCache.make_layer`); budgets, presses and the KV report's compressed entries cover
+the full-attention layers, whose compressed slot (`PrefillLayer.index`, `Geometry.compressed_layers`) is the row
+of the budgets.
 """
 
 from __future__ import annotations
@@ -40,11 +45,18 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from headscore.compression.attention import HeadwiseEntries, plan_segments
+from headscore.compression.attention import (
+    HeadwiseEntries,
+    decode_kernel,
+    plan_segments,
+    select_plan,
+    to_device,
+)
 from headscore.compression.presses import Press, kept_positions
 from headscore.compression.scorers import Rope, ScorerInputs
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import FULL_ATTENTION, Geometry
+from headscore.core.kv_cache import extend_buffer, select_rows
+from headscore.core.model import FULL_ATTENTION, Geometry, cache_config
 
 
 @dataclass(eq=False)
@@ -105,6 +117,7 @@ class RecordedPrompt:
             inputs.extra[name] = results[slot][None]
 
 
+TAIL_ROOM = 32  # tokens of room at least when a compressed layer's tail buffer is (re)allocated (else doubled)
 # (layer, full keys [rows, kv_heads, n, d], values, per row its last queries [q_heads, q, d], prompt length per
 #  row, perf_counter() when the prefill hook began)
 PrefillHook = Callable[["PrefillLayer", torch.Tensor, torch.Tensor, list[torch.Tensor], list[int], float], None]
@@ -273,8 +286,6 @@ class HeadwiseLayer(CacheLayerMixin):
 
     keys: torch.Tensor  # always set: built compressed
     values: torch.Tensor
-    tail_keys: torch.Tensor
-    tail_values: torch.Tensor
 
     is_sliding = False
     is_croppable = False
@@ -289,11 +300,19 @@ class HeadwiseLayer(CacheLayerMixin):
         self.heads = kept.shape[1]
         self.width = width
         self.lengths = list(lengths)
-        self.tail_keys, self.tail_values = tail_keys, tail_values
+        # the tail lives in buffers [rows, kv_heads, capacity, d] grown in place (`core.kv_cache.extend_buffer`);
+        # `tail_keys`/`tail_values` are views of their first `generated` tokens
+        self._tail = (tail_keys, tail_values)
+        self.generated = tail_keys.shape[2]
         self.selection_seconds = selection_seconds
         self.bias = bias  # float32 [total] logit bias of summary entries (a press's `summary_entries`), or None
+        # CPU int64 [rows]: where each row's entries start in `keys` (row-major when built; rows that leave or
+        # repeat move nothing, `batch_select_indices`)
+        totals = kept.sum(dim=1)
+        self.row_starts = totals.cumsum(0) - totals
         self.buckets = plan_segments(kept, keys.device)
         self.flex_masks: dict[int, Any] = {}  # the flex decode kernel's block masks, for these rows
+        self.kernel = decode_kernel(keys.device)  # chosen once, not per step
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -338,15 +357,37 @@ class HeadwiseLayer(CacheLayerMixin):
     def update(  # type: ignore[override]  # hands decode attention the kept entries, not dense tensors
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[HeadwiseEntries, HeadwiseEntries]:
-        """Append the new tokens `[rows, kv_heads, q, d]` to the tails; returns what decode attention reads."""
+        """Append the new tokens `[rows, kv_heads, q, d]` to the tails (in place, in their buffers); returns what
+        decode attention reads."""
         if key_states.shape[0] != self.rows:
             raise HeadscoreError(f"the head-wise cache holds {self.rows} rows, the forward pass has "
                                  f"{key_states.shape[0]}")
-        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
-        self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
+        keys, values = self._tail
+        end = self.generated + key_states.shape[2]
+        room = max(TAIL_ROOM, end)  # doubling: a compressed cache's tail may outgrow its prompt entries
+        self._tail = (extend_buffer(keys, self.generated, key_states, room),
+                      extend_buffer(values, self.generated, value_states, room))
+        self.generated = end
         entries = HeadwiseEntries(self.keys, self.values, self.buckets, self.heads, self.tail_keys,
-                                  self.tail_values, self.bias, self.flex_masks)
+                                  self.tail_values, self.bias, self.flex_masks, self.kernel)
         return entries, entries
+
+    @property
+    def tail_keys(self) -> torch.Tensor:
+        """The generated tail's keys `[rows, kv_heads, generated, d]` (a view of its buffer)."""
+        return self._tail[0][:, :, :self.generated]
+
+    @tail_keys.setter
+    def tail_keys(self, keys: torch.Tensor) -> None:
+        self._tail, self.generated = (keys, self._tail[1]), keys.shape[2]
+
+    @property
+    def tail_values(self) -> torch.Tensor:
+        return self._tail[1][:, :, :self.generated]
+
+    @tail_values.setter
+    def tail_values(self, values: torch.Tensor) -> None:
+        self._tail = (self._tail[0], values)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -357,10 +398,6 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-    @property
-    def generated(self) -> int:
-        return self.tail_keys.shape[2]
 
     def kv_bytes(self, row: int | None = None) -> int:
         """Bytes of the stored keys and values (kept prompt entries plus generated tail), of one row or all."""
@@ -379,28 +416,44 @@ class HeadwiseLayer(CacheLayerMixin):
         for bucket in self.buckets:
             if bucket.index is None:
                 continue
-            segments = bucket.segments if row is None else bucket.segments[bucket.segments // self.heads == row]
+            segments = bucket.host if row is None else bucket.host[bucket.host // self.heads == row]
             slot = bucket.index.element_size() + (1 if bucket.padding is not None else 0)
             count += int(segments.shape[0]) * bucket.width * slot
         return count
 
+    def offsets(self) -> torch.Tensor:
+        """CPU int64 `[rows, heads]`: where each (row, cache head)'s entries start in `keys`."""
+        return self.row_starts[:, None] + self.kept.cumsum(dim=1) - self.kept
+
+    def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `row`'s kept prompt keys and values `[Σ kept[row], d]` (head-major, each head's positions in order,
+        as built): views of the storage."""
+        start, count = int(self.row_starts[row]), int(self.kept[row].sum())
+        return self.keys[start:start + count], self.values[start:start + count]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (in that order; repeats allowed)."""
+        """Keep only the rows `indices` (in that order; repeats allowed). The kept entries are not moved (a
+        repeated row reads the same storage; a row gone is no longer read, its storage freed with the layer) and
+        the plan is remapped (`select_plan`, no new plan); the tails keep their generated tokens of those rows
+        (and their room). CPU `indices` read nothing back from the device (`HeadwiseCache.batch_select_indices`
+        hands every layer CPU indices)."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        totals = self.kept.sum(dim=1)
-        starts = totals.cumsum(0) - totals
-        counts = totals[indices]
-        shift = torch.repeat_interleave(starts[indices] - (counts.cumsum(0) - counts), counts)
-        entries = (torch.arange(int(counts.sum())) + shift).to(self.keys.device)
-        self.keys, self.values = self.keys[entries], self.values[entries]
-        if self.bias is not None:
-            self.bias = self.bias[entries]
-        self.kept = self.kept[indices]
+        self.buckets = select_plan(self.buckets, self.kept, self.offsets(), indices, self.keys.device)
+        self.kept, self.row_starts = self.kept[indices], self.row_starts[indices]
         self.lengths = [self.lengths[i] for i in indices.tolist()]
-        on_device = indices.to(self.tail_keys.device)
-        self.tail_keys, self.tail_values = self.tail_keys[on_device], self.tail_values[on_device]
-        self.buckets = plan_segments(self.kept, self.keys.device)
+        on_device = to_device(indices, self._tail[0].device)
+        self._tail = tuple(select_rows(part, self.generated, on_device) for part in self._tail)  # type: ignore[assignment]
         self.flex_masks = {}
+
+    def fork(self) -> HeadwiseLayer:
+        """An independent layer over the same rows: the kept prompt entries, plan and bookkeeping shared (no
+        copy; nothing modifies them in place), the tail its own (a copy of this one's, empty after
+        compression)."""
+        forked = copy.copy(self)
+        rows = torch.arange(self.rows, device=self._tail[0].device)
+        forked._tail = tuple(select_rows(part, self.generated, rows) for part in self._tail)  # type: ignore[assignment]
+        forked.flex_masks = dict(self.flex_masks)
+        return forked
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -443,6 +496,7 @@ class HeadwiseCache(DynamicCache):
         self.rope = rope
         # per compressed layer, per row: the row's real tokens (recording: `press=None`)
         self.recorded: list[list[LayerRecord] | None] = [None] * geometry.layers
+        config = cache_config(config)  # a model whose every layer is sliding: full attention within its window
         if config is None:
             if geometry.compressed_layers is not None:
                 raise HeadscoreError("a hybrid model's head-wise cache needs its config (sliding-window layers)")
@@ -539,6 +593,24 @@ class HeadwiseCache(DynamicCache):
             counts = [None if given is None else given[slot] for given in spanning]
             cache.layers[cache.positions[slot]] = HeadwiseLayer.build(layer_rows, geometry, width, counts)
         return cache
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (in that order; repeats allowed) in every layer; the compressed layers
+        get them on the CPU, read back once."""
+        host = torch.as_tensor(indices, dtype=torch.long).cpu()
+        layers: list[Any] = self.layers  # compressed and transformers' own (sliding-window) layers
+        for layer in layers:
+            layer.batch_select_indices(host if isinstance(layer, HeadwiseLayer) else indices)
+
+    def fork(self) -> HeadwiseCache:
+        """An independent cache of the same compressed rows: the kept prompt entries shared (no copy), each
+        layer's tail its own (`HeadwiseLayer.fork`), a hybrid model's sliding-window layers copied (their
+        updates replace their tensors). One compressed context then serves several questions, each on a fork,
+        without a new prefill (`generation.answer_after`)."""
+        forked = copy.copy(self)
+        forked.layers = [layer.fork() if isinstance(layer, HeadwiseLayer) else copy.copy(layer)
+                         for layer in self.layers]
+        return forked
 
     @property
     def rows(self) -> int:

@@ -12,6 +12,11 @@ full keys/values and window scores):
 per condition (a cache of several rows: `compress_state(state, [press, ...])`), each row ending on its own
 `StopRule` and dropped from the batch when it does; `decode` is its one-row form. `compress_generate` does it
 all for a context and a question and returns the answer with a `KVReport`.
+
+The question after the compressed context (query-agnostic compression, the leaderboard's protocol): prefill and
+compress the context alone, then `answer_after(model, cache, questions, rules)` prefills the questions (with
+their answer prefixes) on a `fork` of the compressed cache, one row each, and decodes; the compressed context
+is never modified, so it serves any number of questions without a new prefill.
 """
 
 from __future__ import annotations
@@ -28,20 +33,23 @@ from transformers import DynamicCache
 
 from headscore.compression.attention import HEADWISE_ATTENTION
 from headscore.compression.cache import HeadwiseCache, RecordedPrompt, window_kv_bytes
-from headscore.compression.presses import FullPress, Press, make_press
+from headscore.compression.memory import MemoryTarget, memory_budgets, parse_bytes
+from headscore.compression.presses import FullPress, Press, make_press, parse_method
+from headscore.compression.presses import load_scores as load_head_scores
 from headscore.compression.scorers import EXTRA_PASSES, Rope
 from headscore.core.attention import use_attention
 from headscore.core.decoding import FinishHook, StopRule, greedy_decode
 from headscore.core.defaults import TEMPLATE, WINDOW
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import fingerprint_file, versions
-from headscore.core.kv_cache import growing_cache
+from headscore.core.kv_cache import GrowingLayer, growing_cache
 from headscore.core.model import (
     Geometry,
     eos_ids,
     input_device,
     load_geometry,
     load_model,
+    load_tokenizer,
     resolve_device,
     with_cache,
 )
@@ -115,11 +123,14 @@ def _check_input(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _forward(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, float]:
-    """Prefill `input_ids` `[rows, n]` into `cache`: (last logits [rows, vocab], seconds). With a left-padded
-    batch's `attention_mask` `[rows, n]`, each row's positions count from its first real token."""
+    """Prefill `input_ids` `[rows, n]` into `cache`: (last logits [rows, vocab], seconds). With an
+    `attention_mask` `[rows, cached + n]` (1: real token, 0: padding; a left-padded batch, or questions left
+    padded after a cached context), each row's positions count its real tokens."""
     device = input_device(model)
-    masked = {} if attention_mask is None else {"attention_mask": attention_mask,
-                                                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    # the mask may cover cached tokens too ([rows, cached + n]): the positions are its last n columns'
+    masked = {} if attention_mask is None else {
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]}
     with torch.inference_mode(), use_attention(model, HEADWISE_ATTENTION):
         _sync(device)
         start = time.perf_counter()
@@ -297,7 +308,8 @@ def _check_state_press(state: PrefillState, press: Press) -> None:
 
 def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[StopRule],
                 on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
-                lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                lengths: Sequence[int] | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy decode of every row of `cache` from the prefill's last `logits` `[rows, vocab]` (or `[vocab]`,
     repeated for every row: rows compressed from one prefill): `(tokens per row, seconds of each decode step
     the row took part in)`, with the head-wise attention (`core.decoding.greedy_decode`, the one decode loop).
@@ -308,10 +320,11 @@ def decode_rows(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[St
     `on_select` gets the kept positions whenever rows leave (for per-row state outside the cache). The rows are
     one prompt's (equal, unpadded lengths: positions follow the cache length), or, with `lengths` (each row's
     real prompt length), prompts left padded to the longest (`compress_rows`): each row then gets its own
-    positions and an attention mask hiding its padding.
+    positions and an attention mask hiding its padding; `mask` `[rows, cached]` (1: real, 0: padding) does it
+    for padding anywhere (questions left padded after the context: `answer_after`).
     """
     return greedy_decode(model, cache, logits, rules, on_finish, on_select, attention=HEADWISE_ATTENTION,
-                         lengths=lengths)
+                         lengths=lengths, mask=mask)
 
 
 def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
@@ -322,6 +335,81 @@ def decode(model: Any, cache: Any, logits: torch.Tensor, max_new_tokens: int,
     rule = StopRule(max_new_tokens, frozenset(eos), frozenset(line_end), min_new_tokens)
     tokens, seconds = decode_rows(model, cache, logits, [rule])
     return tokens[0], seconds[0]
+
+
+# ---------------------------------------------------------------------------------------------- question after
+
+
+def fork(cache: Any) -> Any:
+    """An independent cache of the same rows that shares `cache`'s entries (no copy): a `HeadwiseCache` through
+    `HeadwiseCache.fork` (kept entries shared, its own tail), the full press's cache with its layers copied
+    around the same tensors (a growing layer's first update then copies them into its own buffer; transformers'
+    layers replace theirs). What the fork is given never changes `cache`."""
+    if isinstance(cache, HeadwiseCache):
+        return cache.fork()
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in forked.layers:
+        if isinstance(layer, GrowingLayer):
+            layer._key_buffer = layer._value_buffer = None  # never write into the shared buffers
+    return forked
+
+
+def extend(model: Any, cache: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Prefill `ids` `[rows, q]` after what every row of `cache` holds (the question after a compressed context,
+    the same number of tokens in every row, no padding): the last logits `[rows, vocab]`, from which
+    `decode_rows` continues. `cache` grows by the q tokens (fork it first to keep it as it was)."""
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise HeadscoreError(f"extend takes token ids [rows, q] with q >= 1, got shape {tuple(ids.shape)}")
+    logits, _ = _forward(model, ids.to(input_device(model)), cache)
+    return logits
+
+
+def answer_after(model: Any, cache: Any, questions: Sequence[torch.Tensor], rules: StopRule | Sequence[StopRule],
+                 lengths: Sequence[int] | None = None) -> tuple[list[list[int]], float]:
+    """Answer `questions` after a compressed context: `(tokens per question, seconds)`.
+
+    `cache`: the context(s) alone prefilled and compressed (`prefill_compressed`, `compress_state`,
+    `compress_rows`), not modified: one row, asked every question (the row repeated in a `fork`, its kept
+    entries shared), or one row per question (e.g. one per method, `compress_state(state, presses)`; contexts of
+    different lengths left padded: give each row's real context length in `lengths`, as to `decode_rows`).
+    `questions`: 1-D ids each (the question and answer prefix that follow the context), any lengths; they are
+    prefilled together on a fork, left padded to the longest with an attention mask (each row's positions
+    follow its own context), then decoded greedily by `decode_rows`, question `i` ending on `rules[i]` (one
+    rule: every question's). Exact: each question's tokens are those of its own prefill on its compressed
+    context. `seconds`: prefill of the questions and decode, wall time.
+    """
+    rules = [rules] * len(questions) if isinstance(rules, StopRule) else list(rules)
+    if not questions or len(rules) != len(questions):
+        raise HeadscoreError(f"answer_after takes at least one question and one stop rule per question, got "
+                             f"{len(questions)} questions and {len(rules)} rules")
+    if any(question.numel() == 0 for question in questions):
+        raise HeadscoreError("a question is empty")
+    rows = cache.rows if isinstance(cache, HeadwiseCache) else cache.layers[0].keys.shape[0]
+    if rows not in (1, len(questions)):
+        raise HeadscoreError(f"the cache holds {rows} compressed contexts for {len(questions)} questions: give "
+                             "one context, or one per question")
+    if lengths is not None and len(lengths) != rows:
+        raise HeadscoreError(f"{len(lengths)} context lengths for a cache of {rows} rows")
+    device = input_device(model)
+    began = time.perf_counter()
+    work = fork(cache)
+    if rows == 1 and len(questions) > 1:
+        work.batch_select_indices(torch.zeros(len(questions), dtype=torch.long, device=device))
+    cached, longest = cache.get_seq_length(), max(question.numel() for question in questions)
+    ids = torch.zeros(len(questions), longest, dtype=torch.long, device=device)
+    mask = torch.ones(len(questions), cached + longest, dtype=torch.long, device=device)
+    for row, question in enumerate(questions):  # rows, not tokens
+        pad = longest - question.numel()
+        ids[row, pad:] = question.reshape(-1).to(device)
+        mask[row, cached:cached + pad] = 0
+        if lengths is not None:
+            mask[row, :cached - lengths[0 if rows == 1 else row]] = 0
+    padded = not bool(mask.all())
+    logits, _ = _forward(model, ids, work, mask if padded else None)
+    tokens, _ = decode_rows(model, work, logits, rules, mask=mask if padded else None)
+    _sync(device)
+    return tokens, time.perf_counter() - began
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -433,6 +521,7 @@ def compress_generate(model: Any, tokenizer: Any, context: str, question: str, *
     if geometry.max_context and len(ids) + max_new_tokens > geometry.max_context:
         raise HeadscoreError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the "
                              f"model's context of {geometry.max_context}")
+    geometry.check_fits(len(ids) + max_new_tokens)  # a model whose every layer is sliding: within its window
     tokens, report = generate_ids(model, torch.tensor([ids]), press, max_new_tokens=max_new_tokens,
                                   eos=eos_ids(model, tokenizer), tokenizer=tokenizer)
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -443,11 +532,12 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
                    max_new_tokens: int = 64, template: str = TEMPLATE, answer_prefix: str = "",
                    device: str = "auto",
                    dtype: str | None = None, progress: Callable[[str], None] | None = None,
-                   settings: Mapping[str, Any] | None = None,
+                   settings: Mapping[str, Any] | None = None, memory: str | int | None = None,
                    **press_options: Any) -> tuple[CompressResult, dict[str, Any]]:
     """The `compress` command: check the inputs and build the press (before loading any weights), load the
     model, answer. Returns the result and a metadata dict (model, geometry, parameters, versions,
-    fingerprints)."""
+    fingerprints). `memory` (a size: 2GiB, 512MiB, bytes): the KV size is the largest whose cache of this
+    prompt and `max_new_tokens` fits it (`compression.memory`), stated in the metadata beside the bytes held."""
 
     path = Path(context_file)
     if not path.is_file():
@@ -459,6 +549,12 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
         raise HeadscoreError("the question is empty")
     geometry = load_geometry(model_name)
     press = make_press(method, geometry, settings, **press_options)
+    target = None
+    if memory is not None:
+        settings, target = fit_memory(model_name, geometry, method, {**(settings or {}), **press_options}, memory,
+                                      render_prompt(load_tokenizer(model_name), context, question, template,
+                                                    answer_prefix), template, max_new_tokens, dtype, device)
+        press, press_options = make_press(method, geometry, settings), {}
     if progress:
         progress("loading the model")
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
@@ -476,5 +572,26 @@ def compress_files(model_name: str, context_file: str | Path, question: str, *, 
                 "template": template, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
                 "device": resolve_device(device),
                 "dtype": str(next(model.parameters()).dtype), "press": press.describe(), **files,
-                "versions": versions()}
+                **({"memory_target": target} if target is not None else {}), "versions": versions()}
     return result, metadata
+
+
+def fit_memory(model_name: str, geometry: Geometry, method: str, settings: Mapping[str, Any], memory: str | int,
+               prompt: str, template: str, max_new_tokens: int, dtype: str | None, device: str
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings of `compress --memory` (its `budget`: the largest KV size whose cache of `prompt` fits
+    `memory`) and the target with the bytes it holds."""
+    spec = parse_method(method)
+    if spec.press is not None or spec.allocation is None:
+        raise HeadscoreError(f"a memory target sizes a scorer × allocation method, not {method}")
+    length = len(encode_prompt(load_tokenizer(model_name), prompt, template)["input_ids"])
+    cache_dtype = dtype or ("bfloat16" if resolve_device(device).startswith("cuda") else "float32")
+    target = MemoryTarget(parse_bytes(memory), length, 1, cache_dtype, max(max_new_tokens - 1, 0))
+    scores = settings.get("scores")
+    params = {k: settings[k] for k in ("beta", "temp", "pyramid_beta") if settings.get(k) is not None}
+    window = settings.get("window")
+    budgets, held = memory_budgets(spec.allocation, geometry, target, window=WINDOW if window is None else window,
+                                   granularity=settings.get("granularity"),
+                                   scores=None if scores is None else load_head_scores(scores), **params)
+    return {**settings, "budget": budgets.budget, "ratio": None}, {**target.to_dict(), "bytes_held": held,
+                                                                     "budget": budgets.budget}

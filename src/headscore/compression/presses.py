@@ -322,7 +322,7 @@ class ScoredPress(Press):
         """Fixed budgets of another geometry are an error."""
         if self.allocation.reads_scores or self.ratio is not None:
             return
-        budgets = self.allocation.budgets_for(geometry, self.budget, self.window, self.granularity_at(geometry))
+        budgets = self.budgets_for(geometry)
         budgets.geometry.check_matches(geometry, "budgets")
         if tuple(budgets.matrix.shape) != (geometry.layers, self.cache_heads(geometry)):
             raise HeadscoreError(f"the budgets matrix is {tuple(budgets.matrix.shape)}, not the {geometry.layers} "
@@ -330,6 +330,13 @@ class ScoredPress(Press):
 
     def granularity_at(self, geometry: Geometry) -> str:
         return resolve_granularity(geometry, self.granularity)
+
+    def budgets_for(self, geometry: Geometry) -> Budgets:
+        """The fixed `Budgets` of this method on `geometry` (uniform, pyramid, headkv at a KV size; an error for a
+        data-dependent allocation or a ratio, whose counts depend on each prompt)."""
+        if self.ratio is not None:
+            raise HeadscoreError(f"method {self.name} has a compression ratio: its budgets depend on each prompt")
+        return self.allocation.budgets_for(geometry, self.budget, self.window, self.granularity_at(geometry))
 
     def counts(self, layer: int, scores: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         length = scores.shape[1] + self.window

@@ -198,6 +198,7 @@ class SnapKVScorer(Scorer):
     fp16 runs)."""
 
     summary: ClassVar[str] = "SnapKV: the observation window's mean attention, max-pooled (the paper's selection)"
+    comparable: ClassVar[bool] = True  # attention probabilities: every head's row sums to one
     kernel: int = KERNEL
     score_dtype: str = SCORE_DTYPE
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from headscore.core.errors import HeadscoreError
+from headscore.core.families import UNSUPPORTED_FAMILIES, UNSUPPORTED_REASON
 from headscore.core.files import fingerprint_file
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -141,8 +142,6 @@ def gguf_architecture(gguf: Path) -> str:
 def check_gguf_architecture(gguf: Path) -> None:
     """Before converting: transformers' GGUF loader must convert the architecture, and headscore run it."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    from headscore.core.model import UNSUPPORTED_FAMILIES, UNSUPPORTED_REASON
 
     architecture = gguf_architecture(gguf)
     if architecture in UNSUPPORTED_FAMILIES:

@@ -16,7 +16,7 @@ import torch
 
 from headscore.core.attention import use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import input_device, with_cache
+from headscore.core.model import Geometry, input_device, with_cache
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
                   on_finish: FinishHook | None = None, on_select: Callable[[torch.Tensor], None] | None = None,
                   *, attention: str | None = None, forced: torch.Tensor | None = None,
                   before_forward: Callable[[], None] | None = None, on_pick: PickHook | None = None,
-                  lengths: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                  lengths: Sequence[int] | None = None, mask: torch.Tensor | None = None
+                  ) -> tuple[list[list[int]], list[list[float]]]:
     """The one greedy decode loop (evaluate and ablate through `compression.generation.decode_rows`, estimate's
     scored steps): every row of `cache` from the last `logits` `[rows, vocab]` (or `[vocab]`, repeated for
     every row): `(tokens per row, seconds of each decode step the row took part in)`.
@@ -130,7 +131,9 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
     position, tokens, seconds)` sees each row's cache state just before, `on_select(kept)` gets the kept
     positions whenever rows leave. The rows are one prompt's (equal, unpadded lengths: positions follow the
     cache length), or, with `lengths` (each row's real prompt length), prompts left padded to the longest: each
-    row then gets its own positions and an attention mask hiding its padding (`padded_step`). `attention`: the
+    row then gets its own positions and an attention mask hiding its padding (`padded_step`); `mask` `[rows,
+    width]` (1: a real token, 0: padding) says the same for padding anywhere in the cached tokens (questions left
+    padded after a compressed context, `compression.generation.answer_after`). `attention`: the
     attention implementation the steps run with (None: the model's current one, e.g. an attention capture).
     `forced` `[rows, steps]` ids replace the greedy picks (a given
     continuation; `rules` still end the rows). `before_forward()` runs before every step's forward and
@@ -142,6 +145,8 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
         logits = logits[None].expand(rows, -1)
     if logits.shape[0] != rows:
         raise HeadscoreError(f"{logits.shape[0]} rows of logits for {rows} stop rules")
+    # a model whose every layer is sliding is full attention only within its window
+    Geometry.from_config(model.config).check_fits(cache.get_seq_length() + max(r.max_new_tokens for r in rules))
     device = input_device(model)
     if forced is not None:
         forced = forced.cpu()
@@ -149,8 +154,12 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
     tokens: list[list[int]] = [[token] for token in first]
     seconds: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))
-    real = None if lengths is None else torch.tensor(list(lengths), device=device)
-    width = 0 if real is None else int(real.max())
+    if lengths is not None:
+        real = torch.tensor(list(lengths), device=device)
+        width = int(real.max())
+        mask = (torch.arange(width, device=device)[None, :] >= (width - real)[:, None]).long()
+    elif mask is not None:
+        mask = mask.to(device=device, dtype=torch.long)
     if on_pick is not None:
         on_pick(0, active, first)
     with torch.inference_mode(), use_attention(model, attention) if attention else nullcontext():
@@ -168,11 +177,11 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
                 if on_select is not None:
                     on_select(kept)
                 active = [active[position] for position in going]
-                real = None if real is None else real[kept]
+                mask = None if mask is None else mask[kept]
             start = time.perf_counter()
             inputs = torch.tensor([[tokens[row][-1]] for row in active], device=device)
             step = len(tokens[active[0]])
-            padded = {} if real is None else padded_step(real, width, step)
+            padded = {} if mask is None else padded_step(mask, step)
             if before_forward is not None:
                 before_forward()
             out = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, **padded)
@@ -189,9 +198,9 @@ def greedy_decode(model: Any, cache: Any, logits: torch.Tensor, rules: Sequence[
     return tokens, seconds
 
 
-def padded_step(lengths: torch.Tensor, width: int, step: int) -> dict[str, torch.Tensor]:
-    """Decode step `step` (tokens generated so far) of rows left padded to `width` with real prompt `lengths`
-    `[rows]`: the new token's `position_ids` `[rows, 1]` and the `attention_mask` `[rows, width + step]`."""
-    columns = torch.arange(width + step, device=lengths.device)
-    return {"position_ids": (lengths + step - 1)[:, None],
-            "attention_mask": (columns[None, :] >= (width - lengths)[:, None]).long()}
+def padded_step(mask: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    """Decode step `step` (tokens generated so far) of rows whose cached prompt tokens are `mask` `[rows,
+    width]` (1: real, 0: padding): the new token's `position_ids` `[rows, 1]` (the row's real tokens before it)
+    and the `attention_mask` `[rows, width + step]`."""
+    return {"position_ids": (mask.sum(-1) + step - 1)[:, None],
+            "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], step)], dim=1)}

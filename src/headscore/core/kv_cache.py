@@ -19,7 +19,34 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from headscore.core.model import cache_config
+
 RESERVE = 256  # tokens of room added whenever the buffer is (re)allocated
+
+
+def extend_buffer(buffer: torch.Tensor | None, length: int, states: torch.Tensor, room: int = RESERVE
+                  ) -> torch.Tensor:
+    """Write `states` `[rows, heads, tokens, d]` after the first `length` tokens of `buffer` `[rows, heads,
+    capacity, d]` and return the buffer: in place when it has room, else a new buffer with `room` tokens of
+    room more, holding `buffer`'s first `length` tokens (None: no cached tokens). Views of its first tokens
+    then read exactly what `torch.cat` would have built."""
+    end = length + states.shape[2]
+    if buffer is None or buffer.shape[2] < end:
+        grown = states.new_empty(states.shape[0], states.shape[1], end + room, states.shape[3])
+        if length and buffer is not None:
+            grown[:, :, :length].copy_(buffer[:, :, :length])
+        buffer = grown
+    buffer[:, :, length:end].copy_(states)
+    return buffer
+
+
+def select_rows(buffer: torch.Tensor, length: int, indices: torch.Tensor) -> torch.Tensor:
+    """A new buffer of rows `indices` (on the buffer's device; repeats allowed) of `buffer` `[rows, heads,
+    capacity, d]`, as much room, holding their first `length` tokens: only those are copied."""
+    selected = buffer.new_empty(indices.shape[0], *buffer.shape[1:])
+    if length:
+        torch.index_select(buffer[:, :, :length], 0, indices, out=selected[:, :, :length])
+    return selected
 
 
 class GrowingLayer(DynamicLayer):
@@ -48,17 +75,6 @@ class GrowingLayer(DynamicLayer):
                    and buffer.shape[:2] + buffer.shape[3:] == states.shape[:2] + states.shape[3:]
                    for buffer, states in zip(buffers, (key_states, value_states), strict=True))
 
-    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
-        """New buffers of `capacity` tokens (rows, heads and dims of the new states) holding the first `length`
-        cached entries."""
-        buffers = []
-        for states, cached in ((key_states, self.keys), (value_states, self.values)):
-            buffer = states.new_empty(states.shape[0], states.shape[1], capacity, states.shape[3])
-            if length and cached is not None:
-                buffer[:, :, :length].copy_(cached)
-            buffers.append(buffer)
-        self._key_buffer, self._value_buffer = buffers
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key_states`/`value_states` `[rows, kv_heads, tokens, head_dim]`; return every cached entry."""
@@ -66,13 +82,13 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
-        if not self._fits(key_states, value_states, length, end):
-            self._reserve(key_states, value_states, length, end + RESERVE)
-        keys, values = self._key_buffer, self._value_buffer
-        assert keys is not None and values is not None
-        keys[:, :, length:end].copy_(key_states)
-        values[:, :, length:end].copy_(value_states)
-        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        if self._fits(key_states, value_states, length, end):
+            keys, values = self._key_buffer, self._value_buffer
+        else:  # the cached entries (wherever they are) start new buffers
+            keys, values = self.keys if length else None, self.values if length else None
+        self._key_buffer = extend_buffer(keys, length, key_states)
+        self._value_buffer = extend_buffer(values, length, value_states)
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -80,8 +96,8 @@ class GrowingLayer(DynamicLayer):
         if self.get_seq_length() > 0 and self._holds_views():
             assert self._key_buffer is not None and self._value_buffer is not None
             length = self.get_seq_length()
-            self._key_buffer = self._key_buffer[indices.to(self._key_buffer.device)]
-            self._value_buffer = self._value_buffer[indices.to(self._value_buffer.device)]
+            self._key_buffer = select_rows(self._key_buffer, length, indices.to(self._key_buffer.device))
+            self._value_buffer = select_rows(self._value_buffer, length, indices.to(self._value_buffer.device))
             self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
         else:
             super().batch_select_indices(indices)
@@ -93,7 +109,9 @@ class GrowingLayer(DynamicLayer):
 
 def growing_cache(config: Any = None) -> DynamicCache:
     """A `DynamicCache` (for `config`'s layer kinds) whose plain full-attention layers are `GrowingLayer`s;
-    sliding-window and other special layers stay transformers' own."""
+    sliding-window and other special layers stay transformers' own (a model whose every layer is sliding gets
+    full-attention layers: `core.model.cache_config`)."""
+    config = cache_config(config)
     cache = DynamicCache() if config is None else DynamicCache(config=config)
     if config is None:
         cache.layer_class_to_replicate = GrowingLayer

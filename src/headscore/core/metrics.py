@@ -27,6 +27,8 @@ __all__ = [
     "rouge1_recall",
     "rouge_l",
     "score_answers",
+    "string_match",
+    "string_match_all",
 ]
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -80,6 +82,15 @@ def rouge1_recall_stemmed(prediction: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].recall
 
 
+def rouge1_f_stemmed(prediction: str, reference: str) -> float:
+    """ROUGE-1 F-measure of `rouge_score` with the Porter stemmer (`RougeScorer([...], use_stemmer=True)
+    .score(reference, prediction)['rouge1'].fmeasure`): the needle-in-a-haystack score HeadKV, PyramidKV and
+    SnapKV log (× 10)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].fmeasure
+
+
 def _lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
     if not a or not b:
@@ -128,6 +139,18 @@ def contains_all(prediction: str, answers: str | Sequence[str]) -> float:
     return sum(contains_match(prediction, [a]) for a in wanted) / len(wanted) if wanted else 0.0
 
 
+def string_match(prediction: str, answer: str) -> float:
+    """RULER's test: 1.0 if the answer occurs in the prediction, case-insensitive, with no other normalization."""
+    return float(answer.lower() in prediction.lower())
+
+
+def string_match_all(prediction: str, answers: str | Sequence[str]) -> float:
+    """RULER's `string_match_all` for one prediction: the share of the answers that `string_match` finds
+    (0.0 without answers). Its `string_match_part` is `string_match` at best over the answers."""
+    wanted = _as_list(answers)
+    return sum(string_match(prediction, a) for a in wanted) / len(wanted) if wanted else 0.0
+
+
 def best_over(metric: Callable[[str, str], float], prediction: str, answers: str | Sequence[str]) -> float:
     """max(metric(prediction, answer) for answer in answers); 0.0 when there are no answers."""
     return max((metric(prediction, a) for a in _as_list(answers)), default=0.0)
@@ -139,6 +162,12 @@ METRICS: dict[str, Callable[[str, str], float]] = {
     "rouge_l": rouge_l,
     "exact_match": lambda p, a: exact_match(p, [a]),
     "contains": lambda p, a: contains_match(p, [a]),
+    "string_match_part": string_match,
+}
+# metrics of all the answers at once (the others are the best over the answers)
+AGGREGATES: dict[str, Callable[[str, str | Sequence[str]], float]] = {
+    "contains_all": contains_all,
+    "string_match_all": string_match_all,
 }
 
 
@@ -147,15 +176,16 @@ def get_metric(name: str) -> Callable[[str, str], float]:
     try:
         return METRICS[name]
     except KeyError:
-        known = ", ".join(sorted([*METRICS, "contains_all"]))
+        known = ", ".join(sorted([*METRICS, *AGGREGATES]))
         raise HeadscoreError(f"unknown metric {name!r} (known: {known})") from None
 
 
 def score_answers(metric: str, prediction: str, answers: str | Sequence[str]) -> float:
     """Score a prediction against gold answers with the metric called `metric`.
 
-    `contains_all` scores the fraction of answers found; every other metric is the best over the answers.
+    `contains_all` and `string_match_all` score the fraction of answers found; every other metric is the best
+    over the answers.
     """
-    if metric == "contains_all":
-        return contains_all(prediction, answers)
+    if metric in AGGREGATES:
+        return AGGREGATES[metric](prediction, answers)
     return best_over(get_metric(metric), prediction, answers)

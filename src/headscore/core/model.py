@@ -10,56 +10,57 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from headscore.core.assets import DEFAULT_MODEL, quiet_transformers, resolve_model
 from headscore.core.errors import HeadscoreError
+from headscore.core.families import FULL_ATTENTION, UNSUPPORTED_FAMILIES, UNSUPPORTED_REASON, WINDOWED_ATTENTION
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-# attention layer kinds (transformers' `layer_types`): full attention is scored and compressed head-wise; sliding
-# (and chunked) layers keep the bounded cache transformers builds for them
-FULL_ATTENTION = "full_attention"
-WINDOWED_ATTENTION = ("sliding_attention", "chunked_attention")
-# families whose layers keep no per-token, per-head keys and values (checked from the config, before weights)
-UNSUPPORTED_FAMILIES = {
-    "deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention",
-    "deepseek_v32": "multi-head latent attention", "kimi_k25": "multi-head latent attention",
-    "minicpm3": "multi-head latent attention", "glm4_moe_lite": "multi-head latent attention",
-    "mamba": "state-space layers", "mamba2": "state-space layers", "falcon_mamba": "state-space layers",
-    "falcon_h1": "state-space layers", "jamba": "state-space layers", "bamba": "state-space layers",
-    "zamba": "state-space layers", "zamba2": "state-space layers", "nemotron_h": "state-space layers",
-    "granitemoehybrid": "state-space layers", "lfm2": "convolution layers", "lfm2_moe": "convolution layers",
-    "rwkv": "recurrent layers", "xlstm": "recurrent layers", "recurrent_gemma": "recurrent layers",
-    "qwen3_next": "linear-attention layers", "qwen3_5": "linear-attention layers",
-    "kimi_linear": "linear-attention layers", "minimax": "linear-attention layers",
-}
-UNSUPPORTED_REASON = {
-    "multi-head latent attention": "keys and values are one low-rank latent shared by every head, so there is "
-                                   "no per-head token cache to select from",
-    "state-space layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
-    "convolution layers": "they carry a convolution state instead of per-token keys and values",
-    "recurrent layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
-    "linear-attention layers": "they carry a fixed-size recurrent state instead of per-token keys and values",
-}
+def text_config(config: Any) -> Any:
+    """The decoder's config (a multimodal config's text part; the config itself otherwise)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def transformers_layer_types(text: Any) -> list[str]:
+    """Each decoder layer's attention kind as transformers' caches infer it (`layer_types`, else from
+    `sliding_window` / `attention_chunk_size`), without any check."""
+    try:
+        return list(get_layer_types_and_kwargs(text)[0])
+    except (AttributeError, TypeError):
+        return [FULL_ATTENTION] * text.num_hidden_layers
+
+
+def all_sliding(config: Any) -> int | None:
+    """The window of a model whose every layer is sliding-window attention (Mistral-7B-v0.1: 4096), else None.
+
+    headscore runs such a model as full attention, which it is for a sequence that fits the window
+    (`Geometry.check_fits` refuses longer ones): its caches are plain full-attention caches (`cache_config`)."""
+    text = text_config(config)
+    types = transformers_layer_types(text)
+    window = getattr(text, "sliding_window", None)
+    return int(window) if types and window and all(kind == "sliding_attention" for kind in types) else None
+
+
+def cache_config(config: Any) -> Any:
+    """The config to build a model's caches from: `config`, or None (every layer a plain full-attention layer)
+    for a model whose every layer is sliding (`all_sliding`)."""
+    return None if config is None or all_sliding(config) else config
 
 
 def attention_layer_types(config: Any) -> list[str]:
     """Each decoder layer's attention kind (transformers' `layer_types`, inferred as its caches do), after
     checking the family is supported: an unsupported one (multi-head latent attention, linear-attention,
     state-space, recurrent or convolution layers) raises one HeadscoreError naming the family and the reason."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     family = getattr(text, "model_type", None) or type(text).__name__
     kind = UNSUPPORTED_FAMILIES.get(family)
     if kind is None and getattr(text, "kv_lora_rank", None):
         kind = "multi-head latent attention"
-    try:
-        types = list(get_layer_types_and_kwargs(text)[0])
-    except (AttributeError, TypeError):
-        types = [FULL_ATTENTION] * text.num_hidden_layers
+    types = transformers_layer_types(text)
     other = sorted({t for t in types if t != FULL_ATTENTION and t not in WINDOWED_ATTENTION})
     if kind is None and other:
         kind = "linear-attention layers" if "linear_attention" in other else None
@@ -78,6 +79,8 @@ class Geometry:
     `layers` counts the layers headscore scores and compresses: the full-attention ones. In a hybrid model
     (sliding-window and full layers) `compressed_layers` lists their indices in the model (budgets and head
     scores row `i` is model layer `compressed_layers[i]`); None: every layer is full attention.
+    `sliding_window`: set when every layer is sliding (`all_sliding`): headscore runs the model as full attention
+    (every layer compressed), for sequences of at most that many tokens (`check_fits`).
     """
 
     layers: int
@@ -86,6 +89,7 @@ class Geometry:
     head_dim: int
     max_context: int | None = None
     compressed_layers: tuple[int, ...] | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.compressed_layers is not None:
@@ -112,6 +116,8 @@ class Geometry:
             del found["compressed_layers"]
         else:
             found["compressed_layers"] = list(self.compressed_layers)
+        if self.sliding_window is None:
+            del found["sliding_window"]
         return found
 
     @classmethod
@@ -120,12 +126,20 @@ class Geometry:
         malformed dict, for the caller to name its file."""
         return cls(layers=int(data["layers"]), query_heads=int(data["query_heads"]), kv_heads=int(data["kv_heads"]),
                    head_dim=int(data.get("head_dim") or 0), max_context=data.get("max_context"),
-                   compressed_layers=data.get("compressed_layers"))
+                   compressed_layers=data.get("compressed_layers"), sliding_window=data.get("sliding_window"))
 
     def describe(self, kv_heads: bool = True) -> str:
         """'30 layers × 9 query heads / 3 KV heads' (without the KV heads: `kv_heads=False`)."""
         text = f"{self.layers} layers × {self.query_heads} query heads"
         return text + (f" / {self.kv_heads} KV heads" if kv_heads else "")
+
+    def check_fits(self, tokens: int, what: str = "the prompt and the new tokens") -> None:
+        """A model whose every layer is sliding is full attention only for sequences within its window: `tokens`
+        (the prompt and every token generated after it) beyond `sliding_window` is one HeadscoreError."""
+        if self.sliding_window is not None and tokens > self.sliding_window:
+            raise HeadscoreError(f"{what} ({tokens} tokens) exceed the model's sliding window of "
+                                 f"{self.sliding_window} tokens (every layer attends within it; headscore scores "
+                                 "and compresses it as full attention only within the window)")
 
     def check_matches(self, model: Geometry, what: str, *, kv_heads: bool = True) -> None:
         """The one geometry-mismatch error: `what` (budgets, head scores, ...) was made for this geometry and is
@@ -141,14 +155,13 @@ class Geometry:
         """The geometry of a model's config; an unsupported family or a model without any full-attention layer
         is a HeadscoreError (see `attention_layer_types`)."""
         types = attention_layer_types(config)
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        full = tuple(i for i, kind in enumerate(types) if kind == FULL_ATTENTION)
+        sliding = all_sliding(config)
+        config = text_config(config)
+        full = tuple(i for i, kind in enumerate(types) if kind == FULL_ATTENTION or sliding)
         if not full:
-            window = getattr(config, "sliding_window", None)
             raise HeadscoreError(f"model family '{getattr(config, 'model_type', '?')}' has no full-attention "
-                                 f"layer (every layer attends within a window of {window} tokens): headscore "
-                                 "scores and compresses full-attention layers only; for contexts that fit the "
-                                 "window, load it with sliding_window set to null in its config")
+                                 f"layer (its layers are {', '.join(sorted(set(types)))}): headscore scores and "
+                                 "compresses full-attention layers only")
         query_heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or query_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
@@ -159,6 +172,7 @@ class Geometry:
             head_dim=head_dim,
             max_context=getattr(config, "max_position_embeddings", None),
             compressed_layers=None if len(full) == len(types) else full,
+            sliding_window=sliding,
         )
 
 

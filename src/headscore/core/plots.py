@@ -133,3 +133,39 @@ def scatter_plot(xs: list[float], ys: list[float], path: str | os.PathLike, *, t
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     save_figure(figure, path)
+
+
+# the authors' needle-in-a-haystack colours (run_needle_visulize.py's LinearSegmentedColormap "custom_cmap")
+NIAH_COLORS = ("#F0496E", "#EBB839", "#0CD79F")
+
+
+def niah_panels(panels: Mapping[str, torch.Tensor], path: str | os.PathLike, *, lengths: Sequence[int],
+                depths: Sequence[float], title: str) -> None:
+    """Needle-in-a-haystack heatmaps in the layout of the HeadKV/PyramidKV figures, one panel per name, stacked:
+    each `[depths, lengths]` score grid (0–1; NaN: not run) with depth 0 at the top, their red-yellow-green
+    colours, grey cell borders, x "Token Limit" (ticks rotated 45°), y "Depth Percent", a "Score" colour bar;
+    a panel's title is its name and mean score."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if not panels:
+        raise HeadscoreError("needle heatmaps need at least one panel")
+    cmap = LinearSegmentedColormap.from_list("custom_cmap", list(NIAH_COLORS))
+    width = max(8.0, 3.0 + 0.45 * len(lengths))
+    figure = _new_figure(width, (1.2 + 0.32 * len(depths)) * len(panels) + 0.6)
+    figure.suptitle(title)
+    for row, (name, grid) in enumerate(panels.items()):
+        values = grid.detach().to("cpu", torch.float64).numpy()
+        if values.shape != (len(depths), len(lengths)):
+            raise HeadscoreError(f"needle heatmap {name}: grid {values.shape} is not depths × lengths "
+                                 f"({len(depths)} × {len(lengths)})")
+        axes = figure.add_subplot(len(panels), 1, row + 1)
+        image = axes.pcolormesh(values, cmap=cmap, vmin=0.0, vmax=1.0, edgecolors="grey", linewidth=0.5)
+        axes.invert_yaxis()
+        axes.set_xticks([i + 0.5 for i in range(len(lengths))], [str(v) for v in lengths], rotation=45)
+        axes.set_yticks([i + 0.5 for i in range(len(depths))], [f"{v:g}" for v in depths])
+        axes.set_xlabel("Token Limit")
+        axes.set_ylabel("Depth Percent")
+        finite = values[~torch.isnan(grid.detach().to("cpu", torch.float64)).numpy()]
+        axes.set_title(f"{name}: {finite.mean():.3f}" if finite.size else name)
+        figure.colorbar(image, ax=axes).set_label("Score")
+    save_figure(figure, path)

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from headscore.core.attention import CAUSAL_SUFFIX
 from headscore.core.errors import HeadscoreError
-from headscore.core.model import input_device, with_cache
+from headscore.core.model import cache_config, input_device, with_cache
 
 CHUNK = 1024  # tokens per prefill pass of a shared prefix (bounds activation memory like a plain prefill)
 
@@ -70,7 +70,7 @@ class PrefixOptions:
 
 def croppable(model: Any) -> bool:
     """Whether every layer of the model's `DynamicCache` is plain full attention (can be cropped to a prefix)."""
-    layers: list[Any] = DynamicCache(config=model.config).layers
+    layers: list[Any] = DynamicCache(config=cache_config(model.config)).layers
     return all(layer.is_croppable and not layer.is_sliding for layer in layers)
 
 
@@ -185,7 +185,7 @@ class PrefixCache:
             if not croppable(self.model):
                 raise HeadscoreError("prefix sharing needs full-attention cache layers; this model has "
                                      "sliding-window or recurrent layers")
-            self.cache, keep = DynamicCache(config=self.model.config), 0
+            self.cache, keep = DynamicCache(config=cache_config(self.model.config)), 0
         else:
             self.cache.crop(keep - self.cache.get_seq_length())
         extend_cache(self.model, self.cache, ids, keep, ends)

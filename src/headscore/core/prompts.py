@@ -129,8 +129,9 @@ class OfficialHaystack:
     """The authors' needle prompt (HeadKV `retrieval_head_detection_r2.py`, FYYFU/HeadKV), step for step.
 
     1. `read_context_files`: the haystack text, repeated whole until it holds `max_length` whitespace-separated
-       words. 2. `encode_and_trim`: encode it with the tokenizer's special tokens and, if longer than `length`
-       tokens, decode the first `length` (special tokens kept as text). 3. `insert_needle`: encode that context
+       words (`count="tokens"`: tokens, special tokens included, as their `run_needle_in_haystack.py`).
+       2. `encode_and_trim`: encode it with the tokenizer's special tokens and, if longer than `length` tokens,
+       decode the first `length` (special tokens kept as text). 3. `insert_needle`: encode that context
        and the needle (special tokens again), cut the context to `length - 200 - len(needle)` tokens, and put
        the needle at the last period token at or before `int(len(context) * depth / 100)` (at the end for depth
        100); decode. 4. The prompt is that text followed directly by `OFFICIAL_QUESTION`, tokenized with the
@@ -138,9 +139,12 @@ class OfficialHaystack:
        and just before the needle, as theirs does. The trimmed context is encoded once per length.
     """
 
-    def __init__(self, tokenizer: Any, text: str, max_length: int):
+    def __init__(self, tokenizer: Any, text: str, max_length: int, count: str = "words"):
+        def size(context: str) -> int:
+            return len(tokenizer.encode(context)) if count == "tokens" else len(context.split())
+
         context = text
-        while len(context.split()) < max_length:
+        while size(context) < max_length:
             context += text
         self.tokenizer = tokenizer
         self.context = context

@@ -33,6 +33,7 @@ from headscore.compression.generation import (
     cache_report,
     compress_rows,
     decode_rows,
+    extend,
     prefill,
     prefill_batch,
     run_extra_passes,
@@ -68,12 +69,14 @@ from headscore.evaluation.tasks import (
     Task,
     expand_specs,
     get_task,
+    newline_token,
     score,
     task_samples,
     task_settings,
 )
 from headscore.evaluation.tasks.longbench import longbench_markdown, longbench_table
 from headscore.scoring.head_scores import read_head_scores
+from headscore.scoring.rules import rule_for_scores
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
@@ -85,10 +88,20 @@ GENERATED_TASK_TEMPLATE = TEMPLATE  # niah/synthetic prompts unless a template i
 
 
 
+COMPENSATED = " (compensation)"  # the label suffix of conditions with the compensation token, run both ways
+
+
+def compensation_variants(setting: bool | str) -> list[bool]:
+    """The compensation settings a method taking one runs with: `[setting]`, or both for "both"."""
+    if setting == "both":
+        return [False, True]
+    if not isinstance(setting, bool):
+        raise HeadscoreError(f"evaluate: compensation must be true, false or both, got {setting!r}")
+    return [setting]
+
+
 def scores_option(name: str) -> str:
     """How to give the head scores named `name`: `--scores NAME=FILE`, with the estimate rule that makes them."""
-    from headscore.scoring.rules import rule_for_scores
-
     rule = rule_for_scores(name)
     return f"--scores {name}=FILE" + (f" (head scores of estimate --rule {rule.name})" if rule else "")
 
@@ -103,9 +116,15 @@ class EvaluateOptions:
     `SCORER@headkv-NAME`; razor: `r`) takes that file. `betas`: HeadKV's pool control; several values make a β
     sweep (each method taking β runs at every β). `params`: every other method parameter, the one set of
     settings each method takes what applies to from (`make_press(settings=...)`: window, kernel, alpha, temp,
-    granularity, pyramid_beta, sinks, compensation, the fidelity options of docs/fidelity.md, each scorer's own).
+    granularity, pyramid_beta, sinks, the fidelity options of docs/fidelity.md, each scorer's own), and
+    `compensation` (RazorAttention's compensation token: true, false, or "both": every method taking it runs
+    both ways, the compensated one labelled `<method> (compensation)`; their rebuttal says it made a run about
+    three times slower at large k, so it was likely on in the authors' runs; the paper does not say).
     `answer_prefix` is appended to every prompt (after the generation prompt, so the observation window
-    covers it); the model continues it and the prediction excludes it.
+    covers it); the model continues it and the prediction excludes it. `question`: "in-prompt" (the paper's
+    protocol: the whole prompt is prefilled and compressed) or "after" (only the context before the question is;
+    the question and answer prefix are then prefilled on the compressed cache: query-agnostic compression, the
+    leaderboard's protocol, `evaluate_sample`).
     """
 
     methods: Sequence[str] = EVALUATE_METHODS
@@ -115,6 +134,7 @@ class EvaluateOptions:
     betas: Sequence[float] = (BETA,)
     params: dict[str, Any] = field(default_factory=dict)
     answer_prefix: str = ""
+    question: str = "in-prompt"
 
     @property
     def window(self) -> int:
@@ -159,18 +179,22 @@ def plan_conditions(geometry: Geometry, options: EvaluateOptions) -> list[Condit
     sizes: list[tuple[str | None, Any]] = [("budget", int(b)) for b in options.budgets]
     sizes += [("ratio", float(r)) for r in options.ratios]
     sweep = len(options.betas) > 1
+    compensations = compensation_variants(options.params.get("compensation", False))
     conditions = []
     for spec in specs:
         betas = options.betas if "beta" in spec.parameters() else [None]
+        takes = "compensation" in spec.parameters()
+        variants = [(beta, c) for beta in betas for c in (compensations if takes else [False])]
         for unit, size in sizes if spec.takes_budget else [(None, None)]:
-            for beta in betas:
+            for beta, compensation in variants:
                 settings = {**options.params, "beta": beta, "scores": loaded or None,
-                            **({unit: size} if unit else {})}
+                            "compensation": compensation, **({unit: size} if unit else {})}
                 try:
                     press = make_press(spec.name, geometry, settings=settings)
                 except HeadscoreError as error:
                     raise HeadscoreError(f"evaluate: method {spec.name}: {error}") from error
                 label = f"{spec.name} (β={beta:g})" if sweep and beta is not None else spec.name
+                label += COMPENSATED if compensation and len(compensations) > 1 else ""
                 conditions.append(Condition(method=spec.name, budget=size if unit == "budget" else None, beta=beta,
                                             press=press, label=label, ratio=size if unit == "ratio" else None))
     return conditions
@@ -199,13 +223,38 @@ def tokenizer_eos(tokenizer: Any) -> set[int]:
 
 def stop_tokens(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> tuple[Set[int], Set[int]]:
     """`(eos ids, line-end ids)` of the sample's stop rule: `stops` and `line_end` for "line", the tokenizer's
-    EOS id and no line ends for "eos"."""
+    EOS id and no line ends for "eos", that and the tokenizer's newline token for "newline-token"."""
+    if sample.stop == "newline-token":
+        return tokenizer_eos(tokenizer) | {newline_token(tokenizer)}, set()
     return (tokenizer_eos(tokenizer), set()) if sample.stop == "eos" else (stops, line_end)
 
 
 def sample_ids(tokenizer: Any, sample: Any, answer_prefix: str = "") -> list[int]:
     """The token ids `evaluate` runs for a sample: its prompt followed by `answer_prefix`."""
     return encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template)["input_ids"]
+
+
+QUESTION_MODES = ("in-prompt", "after")
+
+
+def question_start(tokenizer: Any, sample: Any, answer_prefix: str = "") -> int:
+    """Where the question begins in `sample_ids` (`--question after`: the tokens before it are prefilled and
+    compressed, the rest asked on the compressed cache): the first token holding part of the last occurrence of
+    `sample.question` in the prompt text. The two parts are the very ids of the prompt, split."""
+    at = sample.prompt.rfind(sample.question) if sample.question else -1
+    encoded = encode_prompt(tokenizer, sample.prompt + answer_prefix, sample.template, offsets=True)
+    ends = [end for start, end in encoded["offset_mapping"]]
+    split = next((k for k, end in enumerate(ends) if end > at and k > 0), None) if at > 0 else None
+    if split is None:
+        raise HeadscoreError(f"evaluate --question after: sample {sample.id} has no question after its context")
+    return split
+
+
+def prefill_ids(tokenizer: Any, sample: Any, answer_prefix: str, question: str) -> list[int]:
+    """The ids prefilled (and compressed) for a sample: all of `sample_ids`, or the context before the question
+    (`question` "after")."""
+    ids = sample_ids(tokenizer, sample, answer_prefix)
+    return ids[:question_start(tokenizer, sample, answer_prefix)] if question == "after" else ids
 
 
 def batch_groups(conditions: Sequence[Condition], samples: int, decode_batch: int | None
@@ -231,11 +280,12 @@ def decode_groups(conditions: Sequence[Condition], decode_batch: int | None) -> 
     return [[condition for _, condition in group] for group in batch_groups(conditions, 1, decode_batch)]
 
 
-def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Sequence[StopRule]
-                 ) -> list[tuple[list[int], KVReport]]:
+def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Sequence[StopRule],
+                 question: torch.Tensor | None = None) -> list[tuple[list[int], KVReport]]:
     """Decode `(prefill state, press)` rows at once (`compress_rows`: presses of one prefill, or prompts of
     several left padded to the longest), row `i` ending on `rules[i]`: `(tokens, KVReport)` per row, the report
-    taken when its row finished."""
+    taken when its row finished. `question` `[q]`: ids asked after the compressed context (rows of one prefill),
+    prefilled on the compressed cache before decoding."""
     cache = compress_rows(rows)
     states = [state for state, _ in rows]
     several = any(state is not states[0] for state in states)
@@ -248,16 +298,20 @@ def decode_pairs(model: Any, rows: Sequence[tuple[PrefillState, Any]], rules: Se
                                              state.seconds, seconds, row=position, padding=width - state.length))
 
     logits = torch.stack([state.logits for state in states]) if several else states[0].logits
+    if question is not None:
+        if several:
+            raise HeadscoreError("a question after the context takes rows of one prefill")
+        logits = extend(model, cache, question[None].expand(len(rows), -1))
     decode_rows(model, cache, logits, rules, on_finish=finished,
                 lengths=[state.length for state in states] if several else None)
     return [decoded[row] for row in range(len(rows))]
 
 
-def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule
-                      ) -> list[tuple[list[int], KVReport]]:
+def decode_conditions(model: Any, state: PrefillState, presses: Sequence[Any], rule: StopRule,
+                      question: torch.Tensor | None = None) -> list[tuple[list[int], KVReport]]:
     """Decode one prefill under several presses at once (one batch row each; the full press alone):
-    `(tokens, KVReport)` per press (`decode_pairs`)."""
-    return decode_pairs(model, [(state, press) for press in presses], [rule] * len(presses))
+    `(tokens, KVReport)` per press (`decode_pairs`; `question`: asked after the compressed context)."""
+    return decode_pairs(model, [(state, press) for press in presses], [rule] * len(presses), question)
 
 
 def sample_rule(sample: Sample, tokenizer: Any, stops: Set[int], line_end: Set[int]) -> StopRule:
@@ -291,9 +345,13 @@ def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
 def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequence[Condition],
                     stops: set[int], window: int, line_end: Set[int] = frozenset(),
                     answer_prefix: str = "", prefixes: PrefixCache | None = None,
-                    shared: int = 0, decode_batch: int | None = None) -> list[dict[str, Any]]:
+                    shared: int = 0, decode_batch: int | None = None,
+                    question: str = "in-prompt") -> list[dict[str, Any]]:
     """Prefill `sample` (its prompt followed by `answer_prefix`) once, then decode every condition: one result
-    row per condition, in plan order.
+    row per condition, in plan order. `question` "after": only the context before the question is prefilled and
+    compressed; the question (and the answer prefix) is then prefilled on each compressed cache
+    (`question_start`), so the selection cannot see it (query-agnostic compression, RULER's leaderboard
+    protocol).
 
     The compressed conditions decode together, one batch row each (`decode_groups`, at most `decode_batch`
     rows; 1: one at a time), each row ending on the sample's stop rule (`stop_tokens`) and leaving the batch
@@ -302,7 +360,8 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     """
 
     ids = sample_ids(tokenizer, sample, answer_prefix)
-    prompt = torch.tensor(ids)
+    split = question_start(tokenizer, sample, answer_prefix) if question == "after" else len(ids)
+    prompt, asked = torch.tensor(ids[:split]), torch.tensor(ids[split:]) if split < len(ids) else None
     # the prefix is prefilled with the same (sdpa-exact) attention function as the rest of the prompt
     with use_attention(model, HEADWISE_ATTENTION), shared_prefix(prefixes, prompt, shared) as (cache, start):
         state = prefill(model, prompt[None].to(input_device(model)), window, cache, start,
@@ -311,9 +370,10 @@ def evaluate_sample(model: Any, tokenizer: Any, sample: Any, conditions: Sequenc
     rule = sample_rule(sample, tokenizer, stops, line_end)
     results: dict[int, tuple[list[int], KVReport]] = {}
     for group in decode_groups(conditions, decode_batch):
-        decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule)
+        decoded = decode_conditions(model, state, [conditions[i].press for i in group], rule, asked)
         results.update(zip(group, decoded, strict=True))
-    return result_rows(tokenizer, sample, len(ids), conditions, [results[i] for i in range(len(conditions))])
+    return result_rows(tokenizer, sample, len(ids), conditions, [results[i] for i in range(len(conditions))],
+                       question)
 
 
 def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], conditions: Sequence[Condition],
@@ -342,7 +402,7 @@ def evaluate_batch(model: Any, tokenizer: Any, samples: Sequence[Any], condition
 
 
 def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[Condition],
-                decoded: Sequence[tuple[list[int], KVReport]]) -> list[dict[str, Any]]:
+                decoded: Sequence[tuple[list[int], KVReport]], question: str = "in-prompt") -> list[dict[str, Any]]:
     """One result row per condition of `sample` (its prompt `length` tokens) from its decoded `(tokens,
     report)`; "eos" predictions are kept unstripped."""
     rows = []
@@ -356,7 +416,7 @@ def result_rows(tokenizer: Any, sample: Any, length: int, conditions: Sequence[C
             "prediction": prediction, "answers": " | ".join(sample.answers), "metric": sample.metric,
             "score": score(sample, prediction), "kv_bytes": report.kv_bytes,
             "full_kv_bytes": report.full_kv_bytes, "kv_ratio": report.ratio,
-            **condition_columns(condition.press, report), "ratio": condition.ratio,
+            **condition_columns(condition.press, report), "ratio": condition.ratio, "question": question,
         })
     return rows
 
@@ -480,6 +540,11 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     decode_groups(conditions, decode_batch)  # a bad --decode-batch fails before any work
     if batch_size < 1:
         raise HeadscoreError(f"--batch-size must be at least 1, got {batch_size}")
+    if options.question not in QUESTION_MODES:
+        raise HeadscoreError(f"evaluate: --question must be one of {', '.join(QUESTION_MODES)}, got "
+                             f"'{options.question}'")
+    if batch_size > 1 and options.question == "after":
+        raise HeadscoreError("--question after runs one sample at a time: use --batch-size 1")
     if batch_size > 1 and geometry.compressed_layers is not None:
         raise HeadscoreError("--batch-size above 1 needs a model whose layers are all full attention (this one "
                              "has sliding-window layers)")
@@ -488,6 +553,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     if too_long:
         raise HeadscoreError(f"evaluate: sample {too_long[0]} does not fit the model's context of {limit} tokens "
                              "(LongBench/LooGLE: --max-length truncates prompts)")
+    for sample in samples:  # a model whose every layer is sliding: full attention within its window only
+        geometry.check_fits(sample.length + sample.max_new_tokens, f"sample {sample.id}'s prompt and answer")
     described = asdict(options)
     header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**described, "methods": list(options.methods), "budgets": list(options.budgets),
@@ -503,7 +570,8 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
     # planned over every sample (resumed runs share the same lengths); the window's queries run unshared
     prefix = prefix.for_model(model)
     keys = list(by_id)
-    plan = plan_prefixes([torch.tensor(sample_ids(tokenizer, by_id[key], options.answer_prefix)) for key in keys],
+    plan = plan_prefixes([torch.tensor(prefill_ids(tokenizer, by_id[key], options.answer_prefix, options.question))
+                          for key in keys],
                          min_suffix=max(query_count(conditions, options.window), 1), max_tokens=prefix.max_tokens)
     shared = {keys[position]: plan.shared[position] for position in range(len(keys))}
     sharing = prefix.enabled and batch_size == 1  # batched prompts are prefilled whole
@@ -511,7 +579,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
 
     def work(sample_id: str) -> dict[str, Any]:
         rows = evaluate_sample(model, tokenizer, by_id[sample_id], conditions, stops, options.window, line_end,
-                               options.answer_prefix, prefixes, shared[sample_id], decode_batch)
+                               options.answer_prefix, prefixes, shared[sample_id], decode_batch, options.question)
         return {"sample": sample_id, "rows": rows}
 
     def work_batch(batch_keys: list[str]) -> list[dict[str, Any]]:
@@ -602,7 +670,7 @@ def dump_prompts(model_name: str, tasks: str, out: str | Path, *, task_options: 
         raise HeadscoreError("evaluate: the tasks produced no samples")
     with atomic_open(out) as handle:
         for s in samples:
-            eos = tokenizer_eos(tokenizer) if s.stop == "eos" else eos_ids(None, tokenizer)
+            eos = stop_tokens(s, tokenizer, eos_ids(None, tokenizer), set())[0]
             prompt = s.prompt + answer_prefix
             tokens = len(encode_prompt(tokenizer, prompt, s.template)["input_ids"]) if answer_prefix else s.length
             line = {"id": s.id, "task": s.task, "dataset": s.meta.get("dataset"), "prompt": prompt,

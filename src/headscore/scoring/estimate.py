@@ -49,7 +49,7 @@ from headscore.core.prefix_cache import PrefixCache, PrefixOptions, plan_prefixe
 from headscore.core.prompts import encode_prompt, tokenizer_fingerprint
 from headscore.scoring.capture import attention_capture
 from headscore.scoring.head_scores import HeadScores, normalized_importance, write_head_scores
-from headscore.scoring.rules import get_rule
+from headscore.scoring.rules import R2_WEIGHTS, get_rule, r2_weight_scale
 from headscore.scoring.trials import Trial, read_trials, trials_fingerprint
 
 MODES = ("decode", "teacher-forced")
@@ -84,7 +84,8 @@ class EstimateOptions:
     or EOS) or "official" (the authors' test of `<0x0A>` or id 144; r2 also at `config.eos_token_id`;
     retrieval never at EOS and not capped by the span, as Retrieval_Head). `rouge`: the retrieval success
     metric, "plain" (`metrics.rouge1_recall`) or "stemmed" (`rouge_score` with the Porter stemmer, as
-    Retrieval_Head).
+    Retrieval_Head). `r2_weight` (rule r2 only): "released" 10 · weight / (N · A) per hit, the formula of the
+    released score files, or "head" weight / N, the repository head's (`rules.r2_weight_scale`).
     """
 
     rule: str = "r2"
@@ -94,6 +95,7 @@ class EstimateOptions:
     max_new_tokens: int = 50
     stop_rule: str = "newline"
     rouge: str = "plain"
+    r2_weight: str = "released"
 
     def __post_init__(self) -> None:
         get_rule(self.rule)
@@ -105,6 +107,8 @@ class EstimateOptions:
             raise HeadscoreError(f"unknown stop rule '{self.stop_rule}': use one of {', '.join(STOP_RULES)}")
         if self.rouge not in ROUGE_VARIANTS:
             raise HeadscoreError(f"unknown rouge '{self.rouge}': use one of {', '.join(ROUGE_VARIANTS)}")
+        if self.r2_weight not in R2_WEIGHTS:
+            raise HeadscoreError(f"unknown r2 weight '{self.r2_weight}': use one of {', '.join(R2_WEIGHTS)}")
 
     def success(self, f1: float, rouge: float) -> bool:
         """The rule's success check (r2: QA F1 > f1_threshold; retrieval: ROUGE-1 recall > rouge_threshold)."""
@@ -131,6 +135,16 @@ def stop_criteria(model: Any, tokenizer: Any, options: EstimateOptions, answer_t
                         official_newline_ids(tokenizer) | ({eos} if isinstance(eos, int) else set()))
     length = get_rule(options.rule).decode_steps(answer_tokens, span_tokens)
     return estimate_stop_rule(model, tokenizer, min(length, options.max_new_tokens))
+
+
+def trial_tokens(model: Any, tokenizer: Any, trial: Trial, prompt_ids: torch.Tensor, span: tuple[int, int],
+                 options: EstimateOptions) -> int:
+    """The longest sequence a trial's pass runs: the prompt and the forced answer (teacher-forced), or the
+    prompt and the longest decode its stop rule allows (decode)."""
+    if options.mode == "teacher-forced":
+        return prompt_ids.shape[0] + span[1] - span[0] - 1
+    stop = stop_criteria(model, tokenizer, options, answer_token_count(tokenizer, trial.answer), span[1] - span[0])
+    return prompt_ids.shape[0] + stop.max_new_tokens
 
 
 @dataclass
@@ -334,6 +348,7 @@ def teacher_forced_rules(model: Any, prompt_ids: torch.Tensor, span: tuple[int, 
     start, end = span
     answer = prompt_ids[start:end]
     inputs = torch.cat([prompt_ids, answer[:-1]])[None]
+    Geometry.from_config(model.config).check_fits(inputs.shape[1])  # an all-sliding model: within its window
     capture.arm(end - start)
     if cache is None:
         logits = model(input_ids=inputs, use_cache=False, logits_to_keep=end - start).logits
@@ -396,6 +411,8 @@ def score_trial_rules(model: Any, tokenizer: Any, trial: Trial, index: int, opti
     records = []
     for option in options:
         scores, generated, bad = found[option.rule]
+        if option.rule == "r2":
+            scores = scores * r2_weight_scale(option.r2_weight, answer_tokens)
         response = tokenizer.decode(generated, skip_special_tokens=True).strip()
         recall = rouge1_recall_stemmed if option.rouge == "stemmed" else rouge1_recall
         f1, rouge = qa_f1(response, trial.answer), recall(response, trial.answer)
@@ -479,6 +496,7 @@ def build_outputs(out_dir: Path, header: dict[str, Any], records: Sequence[dict[
                         f"(allocate will refuse it) and no heatmap was drawn; see {TABLE_FILE}")
     metadata = {
         "command": "estimate", **header,
+        **({"r2_weight": header.get("r2_weight", "released")} if header["method"] == "r2" else {}),
         "mode_note": MODE_NOTES[header["mode"]],
         "trials_run": len(records), "trials_counted": len(counted), "trials_nan": len(nan),
         "files": {"scores": SCORES_FILE, "table": TABLE_FILE, "heatmap": HEATMAP_FILE if top else None,
@@ -578,6 +596,10 @@ def estimate_rules(
     # planned over the whole file: shards are contiguous ranges of the sharing order (whatever the prefix
     # options), and a trial's shared length, hence its result, does not depend on the shard, limit or resume
     encoded = [encode_trial(trial, tokenizer) for trial in trials]
+    if geometry.sliding_window is not None:  # every layer sliding: full attention within the window only
+        for trial, (prompt, span) in zip(trials, encoded, strict=True):
+            geometry.check_fits(max(trial_tokens(model, tokenizer, trial, prompt, span, option)
+                                    for _, option in runs.values()), f"trial {trial.id}'s prompt and answer")
     ids = [prompt for prompt, _ in encoded]
     plan = plan_prefixes(ids, max_tokens=prefix.max_tokens)
     chosen = select_trials(len(trials), shard, limit, plan_prefixes(ids).order if prefix.max_tokens else plan.order)
@@ -628,8 +650,12 @@ def run_header(model_name: str, geometry: Geometry, options: EstimateOptions, tr
     """What an estimate run is (its journal's header, the base of metadata.json)."""
     # the rule is recorded as "method" (the files' key since the first release), then its description
     settings = {("method" if key == "rule" else key): value for key, value in asdict(options).items()}
-    return {"model": model_name, "geometry": geometry.to_dict(), **settings,
-            "rule": get_rule(options.rule).description,
+    rule = get_rule(options.rule).description
+    if options.r2_weight == "released":  # named only when not the default, so earlier journals stay valid
+        settings.pop("r2_weight")
+    elif options.rule == "r2":
+        rule += "; --r2-weight head: weight / N per hit instead (the repository head, commit 4c68d6b)"
+    return {"model": model_name, "geometry": geometry.to_dict(), **settings, "rule": rule,
             "trials_fingerprint": trials_fingerprint(trials), "trials_count": len(trials),
             "shard": f"{shard[0]}/{shard[1]}"}
 

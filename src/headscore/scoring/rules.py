@@ -18,7 +18,8 @@ The two rules are the authors' own:
   `10 / N` (every step puts all its top-N weight in the span, over at most A steps). This is the version of
   commit 84e4c2b (2024-11-01), which also added the released score files (their per-trial maximum is 10 / N);
   the later commit 4c68d6b (2024-11-14), still at the head of the repository (0862a09), comments that line out
-  for `weight / N` (L227–228). headscore keeps the formula that produced the released files.
+  for `weight / N` (L227–228). headscore keeps the formula that produced the released files by default;
+  `estimate --r2-weight head` gives the head's `weight / N` (per-trial maximum 1; `r2_weight_scale`).
 - `retrieval` (Wu et al., `retrieval_head_detection.py`, nightdessert/Retrieval_Head): a head whose top-1
   position lies in the span and holds the token just generated adds `1 / N`.
 """
@@ -33,6 +34,9 @@ import torch
 from headscore.core.errors import HeadscoreError
 
 SUCCESS_CHECKS = ("f1", "rouge")
+# the r2 weight per hit: "released" 10 · weight / (N · A) (commit 84e4c2b, the released score files), "head"
+# weight / N (commit 4c68d6b, still at the repository's head)
+R2_WEIGHTS = ("released", "head")
 DECODE_LENGTHS = ("answer", "span")
 
 
@@ -122,6 +126,15 @@ def r2_scores(probs: torch.Tensor, span: tuple[int, int], tokens: torch.Tensor |
     values, positions = probs.topk(n, dim=-1)  # [steps, layers, heads, N]
     inside = (positions >= start) & (positions < end)
     return (values * inside).sum(dim=(0, -1)) * (10.0 / (n * answer_tokens))
+
+
+def r2_weight_scale(weight: str, answer_tokens: int) -> float:
+    """The factor that turns a trial's `r2_scores` (the released 10 · weight / (N · A) per hit) into `weight`'s
+    formula: 1 for "released", A / 10 for "head" (weight / N per hit; the sum over hits is linear in the factor).
+    """
+    if weight not in R2_WEIGHTS:
+        raise HeadscoreError(f"unknown r2 weight '{weight}': use one of {', '.join(R2_WEIGHTS)}")
+    return 1.0 if weight == "released" else answer_tokens / 10.0
 
 
 @score_rule("retrieval", success="rouge", decode_length="span", scores_name="r",

@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from headscore.compression.presses import RAZOR_K
 from headscore.core.errors import HeadscoreError
 from headscore.core.files import atomic_write_text, hardware
 from headscore.core.model import Geometry, load_geometry
+from headscore.core.plots import line_plot, niah_panels
 from headscore.evaluation.compare import compare_scores
+from headscore.evaluation.evaluate import COMPENSATED
+from headscore.evaluation.tasks.niah_official import NiahOfficialTask, overlap_score, rouge_score_x10
 from headscore.evaluation.tune import comparison_markdown, validation_markdown
 from headscore.scoring.head_scores import HeadScores, read_head_scores
 
@@ -76,6 +80,132 @@ def tune_section(folder: Path) -> list[str]:
     chosen = ", ".join(f"B={r['budget']}: β={r['chosen_beta']:g} ({r['test_gain']:+.3f})" for r in comparison)
     lines.append(f"\nChosen β per budget (held-out gain over the default β): {chosen}.\n")
     return lines
+
+
+NIAH_OFFICIAL_DIR = "niah-official"  # the report's needle figures, beside report.md
+
+
+def niah_official_section(results: pd.DataFrame, root: Path, model: str) -> list[str]:
+    """The authors' needle-in-a-haystack test (`niah-official`): per budget one figure of heatmaps in their
+    layout, the full cache first, then every method at that budget (methods without a budget, razor-kN, in one
+    more figure); and per method and budget their two numbers, both from the predictions: the heatmaps' score
+    (`overlap_score`) and the logged ROUGE-1 F × 10. Nothing when the run has no niah-official rows."""
+    rows = results[results["task"] == NiahOfficialTask.name]
+    if rows.empty:
+        return []
+    predictions = rows["prediction"].fillna("").astype(str)
+    rows = rows.assign(overlap=predictions.map(overlap_score), rouge10=predictions.map(rouge_score_x10))
+    lengths = sorted(int(v) for v in rows["target_length"].unique())
+    depths = sorted(float(v) for v in rows["depth"].unique())
+
+    def grid(group: pd.DataFrame) -> torch.Tensor:
+        table = group.pivot_table(index="depth", columns="target_length", values="overlap", aggfunc="mean")
+        return torch.tensor(table.reindex(index=depths, columns=lengths).to_numpy(dtype=float))
+
+    full = rows[rows["method"] == "full"]
+    compressed = rows[rows["method"] != "full"]
+    groups = [(f"KV size {int(budget)}", f"B{int(budget)}", compressed[compressed["budget"] == budget])
+              for budget in sorted(compressed["budget"].dropna().unique())]
+    if compressed["budget"].isna().any():
+        groups.append(("methods without a budget", "all", compressed[compressed["budget"].isna()]))
+    lines = ["Their `run_needle_in_haystack.py` protocol (`niah-official`, docs/tasks.md): the Paul Graham essays, "
+             "the San Francisco needle, their prompt, lengths × their ten depths, 30 new tokens ending at EOS or "
+             "the newline token. Heatmaps in their layout; the score is their figures' (the share of the answer's "
+             "distinct words in the response).\n"]
+    for caption, label, group in groups:
+        panels = {"full": grid(full)} if not full.empty else {}
+        panels.update({str(method): grid(part) for method, part in group.groupby("method", sort=False)})
+        path = root / NIAH_OFFICIAL_DIR / f"niah_official_{label}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        niah_panels(panels, path, lengths=lengths, depths=depths,
+                    title=f"Pressure Testing {model}, {caption}\nFact Retrieval Across Context Lengths "
+                          "(\"Needle In A HayStack\")")
+        lines.append(f"![niah-official {caption}]({NIAH_OFFICIAL_DIR}/{path.name})\n")
+    means = rows.assign(budget=rows["budget"].astype("Int64")).groupby(["method", "budget"], dropna=False,
+                                                                       sort=False)[["overlap", "rouge10"]].mean()
+    lines.append(markdown_table(["method", "budget", "heatmap score (their figures)", "ROUGE-1 F × 10 (their logs)"],
+                                [[f"`{method}`", "all" if pd.isna(budget) else int(budget), f"{values.overlap:.3f}",
+                                  f"{values.rouge10:.3f}"] for (method, budget), values in means.iterrows()]))
+    return lines
+
+
+def babilong_section(results: pd.DataFrame) -> list[str]:
+    """BABILong (`babilong:SOURCE`) as the authors' eval_babilong.py reports it: accuracy × 100 per length
+    (the mean over the qa tasks of each task's accuracy there), their average, and the average per task."""
+    rows = results[results["task"].astype(str).str.startswith("babilong:")]
+    if rows.empty:
+        return []
+    rows = rows.assign(length=rows["sample"].astype(str).str.split("-").str[2],
+                       budget=rows["budget"].astype("Int64"))
+    lengths = sorted(rows["length"].unique(), key=lambda name: int(name[:-1]))
+    tasks = sorted(rows["task"].unique(), key=lambda name: int(name.rsplit("qa", 1)[1]))
+    table = []
+    for (method, budget), group in rows.groupby(["method", "budget"], dropna=False, sort=False):
+        cell = 100 * group.groupby(["task", "length"])["score"].mean()
+        per_length = [cell.xs(length, level="length").mean() for length in lengths]
+        per_task = [cell.xs(task, level="task").mean() for task in tasks]
+        table.append([f"`{method}`", "all" if pd.isna(budget) else int(budget),
+                      *[f"{v:.1f}" for v in per_length], f"{sum(per_length) / len(per_length):.1f}",
+                      *[f"{v:.1f}" for v in per_task]])
+    return ["Their `run_babilong.py` protocol (`babilong:SOURCE`, docs/tasks.md): BABILong qa1–qa5, their prompts "
+            "in the chat template, 15 new tokens, their scorer; accuracy × 100 per length (mean over the tasks), "
+            "the average over lengths, and each task's mean over lengths.\n\n",
+            markdown_table(["method", "budget", *lengths, "average", *[t.split(":", 1)[1] for t in tasks]], table)]
+
+
+SWEPT = " (β="  # evaluate's label of a method in a β sweep: `<method> (β=<beta>)`
+
+
+def at_beta(results: pd.DataFrame, beta: float) -> pd.DataFrame:
+    """The results of a β sweep at one β, each method under its own name (`headkv-r2 (β=1.01)` -> `headkv-r2`);
+    the rows of other β dropped. Results without a sweep are returned as they are."""
+    swept = results["method"].astype(str).str.contains(SWEPT, regex=False)
+    if not swept.any():
+        return results
+    kept = results[~swept | results["beta"].sub(beta).abs().lt(1e-9)]
+    return kept.assign(method=kept["method"].astype(str).str.split(SWEPT, regex=False).str[0])
+
+
+def sweep_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, budget, β) of a β sweep: the test score the authors would read, the mean over tasks of each
+    task's mean score (LongBench/LooGLE: each dataset is a task, so their average over datasets / 100), over
+    the LongBench/LooGLE tasks when the run has any, else over all its tasks."""
+    swept = results[results["method"].astype(str).str.contains(SWEPT, regex=False)]
+    sourced = swept["task"].astype(str).str.match(r"(longbench|loogle):")
+    if sourced.any():
+        swept = swept[sourced]
+    swept = swept.assign(base=swept["method"].astype(str).str.split(SWEPT, regex=False).str[0])
+    per_task = swept.groupby(["base", "budget", "beta", "task"], sort=False)["score"].mean()
+    return per_task.groupby(level=[0, 1, 2], sort=False).mean().rename("score").reset_index()
+
+
+def beta_sweep_section(results: pd.DataFrame, tune_folder: Path) -> list[str]:
+    """Every β of the evaluate stage's sweep per method and budget, the β with the best test score (what the
+    authors' sweep over test data picks) beside the β `tune` chose on its validation split."""
+    scores = sweep_scores(results)
+    if scores.empty:
+        return ["`evaluate.betas` sweeps no β (one β per method).\n"]
+    comparison = tune_folder / "comparison.csv"
+    chosen: dict[tuple[str, int], float] = {}
+    if comparison.is_file():
+        chosen = {(str(r["method"]), int(r["budget"])): float(r["chosen_beta"])
+                  for r in pd.read_csv(comparison).to_dict("records")}
+    betas = sorted(scores["beta"].unique())
+    rows = []
+    for (method, budget), group in scores.groupby(["base", "budget"], sort=False):
+        by_beta = dict(zip(group["beta"], group["score"], strict=True))
+        best = max(by_beta, key=lambda b: (by_beta[b], -b))  # ties: the smaller β
+        cells = [f"**{by_beta[b]:.4f}**" if b == best else f"{by_beta[b]:.4f}" if b in by_beta else "-"
+                 for b in betas]
+        tuned = chosen.get((str(method), int(budget)))
+        rows.append([f"`{method}`", int(budget), *cells, f"{best:g}", "-" if tuned is None else f"{tuned:g}"])
+    return ["Every β of `evaluate.betas` at every budget (the authors' `head_start_mistral.sh` sweep). Score: the "
+            "mean over tasks of each task's mean (LongBench/LooGLE tasks only where the run has them: their average "
+            "over datasets / 100). **Best on test**: the β the authors' sweep picks by looking at the test scores; "
+            "**tune (validation)**: the β `headscore tune` chose on its validation split (`tune` section), where it "
+            "tuned the same method and budget.\n\n",
+            markdown_table(["method", "B", *[f"β={b:g}" for b in betas], "best on test (the authors')",
+                            "tune (validation)"], rows)]
 
 
 # the paper's Table 2 score sets: folder name -> (label, rule and needles)
@@ -146,44 +276,56 @@ def ablation_section(root: Path, geometry: Geometry, budget: int, beta: float, w
     return lines
 
 
+def razor_base(method: Any) -> str:
+    """A razor label without the compensation suffix (`razor (compensation)` -> `razor`)."""
+    return str(method).removesuffix(COMPENSATED)
+
+
 def razor_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The rows of razor-kN methods (k given directly), with their k, in order of k."""
-    fixed = results[results["method"].map(lambda m: RAZOR_K.fullmatch(str(m)) is not None)]
-    return fixed.assign(k=fixed["method"].str.removeprefix("razor-k").astype(int)).sort_values("k",
-                                                                                               kind="stable")
+    """The rows of razor-kN methods (k given directly, with or without the compensation token), with their k,
+    in order of k."""
+    fixed = results[results["method"].map(lambda m: RAZOR_K.fullmatch(razor_base(m)) is not None)]
+    k = fixed["method"].map(razor_base).str.removeprefix("razor-k").astype(int)
+    return fixed.assign(k=k).sort_values("k", kind="stable")
 
 
 def razor_section(results: pd.DataFrame) -> list[str]:
     """RazorAttention at each budget's total KV beside HeadKV-R2 and full, razor-kN (k given, as the authors ran
     it) beside the authors' numbers at the same k, then all the HeadKV authors' numbers."""
-    every = results[results["method"].eq("razor") | results["method"].map(
-        lambda m: RAZOR_K.fullmatch(str(m)) is not None)]
-    compensated = "compensation" in every and bool(every["compensation"].fillna(False).astype(bool).any())
+    base = results["method"].map(razor_base)
+    every = results[base.eq("razor") | base.map(lambda m: RAZOR_K.fullmatch(m) is not None)]
+    flags = every["compensation"].fillna(False).astype(bool) if "compensation" in every else pd.Series(False)
+    both = bool(every["method"].astype(str).str.endswith(COMPENSATED).any())
     lines = ["`razor`: the top-k heads by retrieval score keep their whole prompt, every other head StreamingLLM's "
              "4 sink tokens + the 8-token window; k per prompt from the HeadKV authors' equal-total-KV rule, "
              "k = round((B − 4 − 8) · L · H / prompt length) (halves up; L · H cache heads), so razor holds about "
              "the KV of budget B. `razor-kN`: k = N given, as the authors ran it; its KV does not depend on B, so "
              "it runs once per sample and is placed by the KV size it held (mean entries per cache head). "
-             + ("Compensation token **on** (`evaluate.razor_compensation`): one more entry per compressed head; "
-                "the authors ran without it.\n\n" if compensated else
-                "Compensation token off, as in the authors' runs.\n\n")]
-    razor = results[results["method"] == "razor"]
+             + ("Run both ways (`evaluate.razor_compensation: both`): the methods labelled `(compensation)` store "
+                "RazorAttention's compensation token, one more entry per compressed head (the mean of its dropped "
+                "keys and values); the others do not. " if both else
+                "Compensation token **on** (`evaluate.razor_compensation`): one more entry per compressed head. "
+                if bool(flags.any()) else "Compensation token off (`evaluate.razor_compensation`). ")
+             + "The paper does not say whether the authors' runs had it; their rebuttal's remark that it made a "
+               "run about three times slower at large k implies it was on.\n\n"]
+    razor = results[base == "razor"]
     if razor.empty:
         lines.append("`evaluate.methods` does not run razor.\n")
     else:
         full = results.loc[results["method"] == "full", "score"]
         r2 = results[results["method"] == "headkv-r2"]
         rows = []
-        for budget, group in razor.groupby("budget"):
+        for (budget, label), group in razor.groupby(["budget", "method"], sort=True):
             other = r2[r2["budget"] == budget]
             low, high = int(group["full_heads"].min()), int(group["full_heads"].max())
-            rows.append([int(budget), f"{low}–{high}" if low != high else low, f"{group['kv_ratio'].mean():.3f}",
+            rows.append([int(budget), f"`{label}`", f"{low}–{high}" if low != high else low,
+                         f"{group['kv_ratio'].mean():.3f}",
                          f"{group['score'].mean():.3f}",
                          f"{other['kv_ratio'].mean():.3f}" if not other.empty else "-",
                          f"{other['score'].mean():.3f}" if not other.empty else "-",
                          f"{full.mean():.3f}" if not full.empty else "-"])
-        lines.append(markdown_table(["KV size B", "razor k", "razor KV ratio", "razor score", "headkv-r2 KV ratio",
-                                     "headkv-r2 score", "full score"], rows))
+        lines.append(markdown_table(["KV size B", "method", "razor k", "razor KV ratio", "razor score",
+                                     "headkv-r2 KV ratio", "headkv-r2 score", "full score"], rows))
     fixed = razor_rows(results)
     if not fixed.empty:
         theirs = {k: (budget, value) for budget, k, value in THEIR_RAZOR}
@@ -206,9 +348,58 @@ def razor_section(results: pd.DataFrame) -> list[str]:
         [[budget, k, f"{value:.2f}", f"{THEIR_HEADKV_R2[budget]:.2f}", f"{THEIR_FULL:.2f}"]
          for budget, k, value in THEIR_RAZOR]))
     lines.append("\nThey also found RazorAttention's compensation token (`--compensation` in compress, evaluate "
-                 "and tune; `evaluate.razor_compensation` in a config) made a run about three times slower at "
-                 "large k.\n")
+                 "and tune; `evaluate.razor_compensation` in a config: true, false or both) made a run about three "
+                 "times slower at large k.\n")
     return lines
+
+
+def task_mean(frame: pd.DataFrame, by: list[str], column: str = "score") -> pd.Series:
+    """Mean of `column` per task, then over tasks (the leaderboard's average), for each group of `by`."""
+    return frame.groupby([*by, "task"], dropna=False)[column].mean().groupby(level=by, dropna=False).mean()
+
+
+def leaderboard_section(results: pd.DataFrame, folder: Path) -> list[str]:
+    """Rows run at compression ratios (`evaluate.ratios`): the leaderboard's figure (score against the ratio
+    asked, one line per method, full as a line), the figure no leaderboard shows (score against the KV bytes
+    actually held), a table, and `leaderboard.csv` / `predictions.jsonl` per (task, method, ratio)."""
+    if "ratio" not in results or not results["ratio"].notna().any():
+        return []
+    rated = results[results["ratio"].notna()]
+    full = results[results["method"] == "full"]
+    per_task = rated.groupby(["task", "method", "ratio"], sort=False).agg(
+        score=("score", "mean"), kv_bytes=("kv_bytes", "mean"), ratio_achieved=("ratio_achieved", "mean"),
+        samples=("sample", "nunique")).reset_index()
+    atomic_write_text(folder / "leaderboard.csv", per_task.to_csv(index=False))
+    columns = [c for c in ("task", "sample", "method", "ratio", "ratio_achieved", "kv_bytes", "question",
+                           "prediction", "answers", "score") if c in rated]
+    atomic_write_text(folder / "predictions.jsonl", rated[columns].to_json(orient="records", lines=True,
+                                                                           force_ascii=False))
+    scores, held = task_mean(rated, ["method", "ratio"]), task_mean(rated, ["method", "ratio"], "kv_bytes")
+    ratios = sorted(rated["ratio"].unique())
+    methods = list(dict.fromkeys(rated["method"]))
+    by_ratio = {m: ([float(r) for r in ratios], [float(scores[(m, r)]) for r in ratios], None) for m in methods}
+    by_bytes = {m: ([float(held[(m, r)]) for r in ratios], [float(scores[(m, r)]) for r in ratios], None)
+                for m in methods}
+    lines = []
+    if len(full):
+        full_score, full_bytes = float(task_mean(full, ["method"])["full"]), float(full["kv_bytes"].mean())
+        by_ratio["full"] = ([float(r) for r in ratios], [full_score] * len(ratios), None)
+        by_bytes["full"] = ([full_bytes], [full_score], None)
+        lines.append(f"Full cache: {full_score:.3f} (mean KV bytes {full_bytes:,.0f}).")
+    line_plot(by_ratio, folder / "score_vs_ratio.png", title="score vs compression ratio (question after)",
+              xlabel="compression ratio asked (fraction of the prompt's entries removed)", ylabel="mean score",
+              xscale="linear")
+    line_plot(by_bytes, folder / "score_vs_bytes.png", title="score vs KV bytes held",
+              xlabel="KV bytes held (mean per sample)", ylabel="mean score", xscale="log")
+    table = [[m, *[f"{scores[(m, r)]:.3f}" for r in ratios]] for m in methods]
+    asked = rated["question"].iloc[0] if "question" in rated else "in-prompt"
+    return [f"Mean over tasks of each task's mean score (the leaderboard's average), question {asked}; "
+            f"{rated['sample'].nunique()} samples. " + " ".join(lines) + "\n\n",
+            markdown_table(["method", *[f"ratio {r:g}" for r in ratios]], table),
+            "\n![score vs compression ratio](evaluate/score_vs_ratio.png)\n",
+            "\n![score vs KV bytes held](evaluate/score_vs_bytes.png)\n",
+            "\nPer (task, method, ratio): `evaluate/leaderboard.csv`; every prediction: "
+            "`evaluate/predictions.jsonl`.\n"]
 
 
 def write_report(study: Any) -> Path:
@@ -326,18 +517,34 @@ def write_report(study: Any) -> Path:
                 out.append(f"![NIAH {method} {label}](evaluate/{figure.name})\n")
         out.append(f"All NIAH heatmaps (every method and budget) are in `evaluate/`; budgets shown: the smallest "
                    f"({budgets[0] if budgets else '-'}).\n")
+    leaderboard = leaderboard_section(results, root / "evaluate")
+    if leaderboard:
+        out.append("\n### The leaderboard's view: score against compression ratio, and against the bytes held\n")
+        out.extend(leaderboard)
+    official = niah_official_section(results, root, str(top["model"]))
+    if official:
+        out.append("\n### Needle in a haystack as the authors ran it (the paper's Fig. 5 / Fig. 8)\n")
+        out.extend(official)
+    babilong = babilong_section(results)
+    if babilong:
+        out.append("\n### Reasoning in a haystack (BABILong) as the authors ran it\n")
+        out.extend(babilong)
 
     # ---- the paper's ablation and RazorAttention
     evaluate_settings = config.section("evaluate")
+    main = at_beta(results, float(evaluate_settings["beta"]))  # a β sweep: the sections below read evaluate.beta
     out.append("## Head-R, Head-ER, Head-R2 (the paper's Table 2)\n")
     out.extend(ablation_section(root, load_geometry(top["model"]), int(config.section("allocate")["budgets"][0]),
-                                float(evaluate_settings["beta"]), int(evaluate_settings["window"]), results))
+                                float(evaluate_settings["beta"]), int(evaluate_settings["window"]), main))
     out.append("## RazorAttention at matched KV\n")
-    out.extend(razor_section(results))
+    out.extend(razor_section(main))
 
     # ---- tune
     out.append("## β chosen on a validation split\n")
     out.extend(tune_section(root / "tune"))
+    if evaluate_settings.get("betas"):
+        out.append("### β sweep on the evaluate tasks: the authors' pick on test data beside tune's\n")
+        out.extend(beta_sweep_section(results, root / "tune"))
 
     # ---- ablation
     out.append("## Head ablation\n")

@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "r2_haystack": None, "retrieval_haystack": None, "span": "answer"},
     "estimate": {"r2_mode": "decode", "retrieval_mode": "decode", "er_mode": "decode", "max_new_tokens": 50,
                  "limit": None, "f1_threshold": 0.5, "rouge_threshold": 0.5, "stop_rule": "newline",
-                 "rouge": "plain"},
+                 "rouge": "plain", "r2_weight": "released"},
     "stability": {"scores": "r2", "draws": 200, "seed": 0, "k": 20, "overlap": 0.9, "share": 0.95,
                   "budget": defaults.BUDGET, "beta": defaults.BETA},
     "allocate": {"budgets": [defaults.BUDGET], "betas": [1.005, defaults.BETA, 1.2, 2.0], "window": defaults.WINDOW,
@@ -67,19 +67,24 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "evaluate": {"tasks": "niah,synthetic",
                  "methods": ["full", "snapkv", "pyramidkv", "ada-snapkv", "headkv-r", "headkv-er", "headkv-r2",
                              "razor"],
-                 "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "window": defaults.WINDOW,
+                 # betas: a β sweep of every headkv method at every budget (head_start_mistral.sh's grid); beta:
+                 # the one the other report sections (Table 2, razor) read, one of betas
+                 "budgets": list(defaults.EVALUATE_BUDGETS), "beta": defaults.BETA, "betas": None,
+                 "window": defaults.WINDOW,
                  "kernel": defaults.KERNEL, "alpha": defaults.ALPHA,
                  "lengths": [1000, 2000, 4000], "depths": [0, 25, 50, 75, 100], "samples_per_length": 2,
                  "max_length": None, "limit": None, "template": None, "num_needles": None,
                  # docs/fidelity.md: the authors' compression settings and LongBench weights
                  "granularity": None, "beyond_prompt": "clamp", "score_dtype": "float32",
                  "pyramid_schedule": "linear", "ada_allocation": "pool", "dtype": None,
-                 # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, off as the
-                 # HeadKV authors ran it (about 3x slower at large k)
+                 # razor, razor-kN (and tune's razor baselines): RazorAttention's compensation token, true, false
+                 # or both (every razor method both ways; tune's baselines then without)
                  "razor_compensation": False,
                  # compression ratios beside the budgets; any other method parameter (temp, sinks, pyramid_beta, a
                  # scorer's own: `headscore evaluate --help`), as `--param KEY=VALUE`
                  "ratios": [], "params": {},
+                 # in-prompt (the paper's protocol) or after (the question asked after compression: RULER's)
+                 "question": "in-prompt",
                  "batch_size": 1},  # samples prefilled and decoded together (evaluate --batch-size)
     "tune": {"methods": ["headkv-r2"], "budgets": [64], "betas": list(DEFAULT_GRID), "default_beta": DEFAULT_BETA,
              "baselines": list(defaults.TUNE_BASELINES), "val_fraction": 0.5, "seed": 0, "tasks": "niah",
@@ -173,8 +178,15 @@ def load_config(path: str | Path) -> StudyConfig:
                          ("allocate", "budgets"), ("tune", "betas"),
                          ("tune", "budgets"), ("tune", "methods"), ("ablate", "ks"), ("ablate", "seeds"),
                          ("latency", "lengths")):
-        if not isinstance(values[section][key], list) or not values[section][key]:
+        empty_allowed = (section, key) == ("evaluate", "budgets") and values["evaluate"]["ratios"]  # ratios only
+        if not isinstance(values[section][key], list) or not (values[section][key] or empty_allowed):
             raise HeadscoreError(f"reproduce: config {path}: '{section}.{key}' must be a non-empty list")
+    if not isinstance(values["evaluate"]["ratios"], list):
+        raise HeadscoreError(f"reproduce: config {path}: 'evaluate.ratios' must be a list")
+    betas = values["evaluate"]["betas"]
+    if betas is not None and (not isinstance(betas, list) or values["evaluate"]["beta"] not in betas):
+        raise HeadscoreError(f"reproduce: config {path}: 'evaluate.betas' must be a list holding 'evaluate.beta' "
+                             f"({values['evaluate']['beta']})")
     return StudyConfig(path=path, values=values)
 
 
@@ -282,7 +294,7 @@ class Study:
                                       f1_threshold=settings["f1_threshold"],
                                       rouge_threshold=settings["rouge_threshold"],
                                       max_new_tokens=settings["max_new_tokens"], stop_rule=settings["stop_rule"],
-                                      rouge=settings["rouge"])
+                                      rouge=settings["rouge"], r2_weight=settings["r2_weight"])
             if len(sets) > 1:
                 self.log(f"estimate: {', '.join(f'scores-{name}' for name in sets.values())} from one "
                          f"{options.mode} pass over trials-{needles}")
@@ -351,7 +363,8 @@ class Study:
         scores = self.method_scores(methods, stage)
         options = EvaluateOptions(methods=list(methods), budgets=[int(b) for b in budgets],
                                   ratios=[float(r) for r in settings["ratios"]], scores=scores,
-                                  betas=[float(b) for b in betas], params=method_params(settings))
+                                  betas=[float(b) for b in betas], params=method_params(settings),
+                                  question=settings["question"])
         task_options = {"lengths": lengths, "depths": depths, "template": settings["template"],
                         "num_needles": settings["num_needles"],
                         "samples_per_length": settings["samples_per_length"], "max_length": settings["max_length"]}
@@ -363,7 +376,8 @@ class Study:
     def stage_evaluate(self) -> dict[str, Any]:
         s = self.config.section("evaluate")
         return self._evaluate("evaluate", self.path("evaluate"), tasks=s["tasks"], methods=s["methods"],
-                              budgets=s["budgets"], betas=[s["beta"]], lengths=s["lengths"], depths=s["depths"])
+                              budgets=s["budgets"], betas=s["betas"] or [s["beta"]], lengths=s["lengths"],
+                              depths=s["depths"])
 
     def stage_tune(self) -> dict[str, Any]:
         s, e = self.config.section("tune"), self.config.section("evaluate")
@@ -372,7 +386,8 @@ class Study:
         options = TuneOptions(methods=list(s["methods"]), budgets=[int(b) for b in s["budgets"]], scores=scores,
                               betas=[float(b) for b in s["betas"]], default_beta=float(s["default_beta"]),
                               baselines=list(s["baselines"]), val_fraction=float(s["val_fraction"]),
-                              seed=int(s["seed"]), params=method_params(e))
+                              seed=int(s["seed"]),  # tune's razor baselines: without the token under "both"
+                              params={**method_params(e), "compensation": e["razor_compensation"] is True})
         task_options = {"lengths": s["lengths"] or e["lengths"], "depths": s["depths"] or e["depths"],
                         "template": e["template"], "num_needles": e["num_needles"],
                         "samples_per_length": e["samples_per_length"], "max_length": e["max_length"]}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from headscore.core.errors import HeadscoreError
 from headscore.core.metrics import score_answers
@@ -16,8 +16,17 @@ MIN_FILLER = 16  # fewest haystack tokens a generated prompt may hold
 
 # decoding stop rules: the model's and the tokenizer's EOS ids, or a line break once the answer has begun
 # ("line": short answers); only the tokenizer's EOS id (or the token limit), no post-processing of the text
-# ("eos": LongBench/LooGLE as the authors generate, the prediction kept unstripped)
-STOP_RULES = ("line", "eos")
+# ("eos": LongBench/LooGLE as the authors generate, the prediction kept unstripped); the tokenizer's EOS id or its
+# newline token from the first new token on ("newline-token": the authors' needle-in-a-haystack generation)
+STOP_RULES = ("line", "eos", "newline-token")
+
+
+def newline_token(tokenizer: Any) -> int:
+    """The authors' newline stop id: `tokenizer.encode("\\n", add_special_tokens=False)[-1]`."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if not ids:
+        raise HeadscoreError("the tokenizer encodes a newline to no token; the newline-token stop rule needs one")
+    return int(ids[-1])
 
 
 @dataclass
@@ -125,6 +134,96 @@ def place_in_haystack(tokenizer: Any, haystack_text: str, placements: Sequence[P
         prompt = render_prompt(tokenizer, context, p.question, template)
         results.append((context, prompt, len(encode_prompt(tokenizer, prompt, template)["input_ids"])))
     return results
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A registered task name: its class, the settings the name fixes (`preset`), whether its spec is
+    `NAME:SOURCE` (`sourced`), and the group shorthand it belongs to (`group`, e.g. `synthetic`)."""
+
+    cls: type[Task]
+    preset: dict[str, Any] = field(default_factory=dict)
+    sourced: bool = False
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Shorthand:
+    """A spec that names other specs (`longbench:DIR`: one spec per dataset file). `expand(argument)` gets the
+    text after `NAME:` (None without a colon) and returns the specs, or None when the spec is not a shorthand
+    after all (it is then read as a task). `form` is how it is written (`longbench:DIR`) and `help` what it
+    names, for `--tasks`' help; a task group's `help` is "" (its members are listed)."""
+
+    expand: Callable[[str | None], list[str] | None]
+    form: str
+    help: str = ""
+
+
+TASKS: dict[str, TaskEntry] = {}  # name -> entry, in registration order (filled by `register_task`)
+SHORTHANDS: dict[str, Shorthand] = {}  # name -> shorthand (filled by `register_shorthand` and task groups)
+T = TypeVar("T", bound=type[Task])
+Expand = Callable[[str | None], list[str] | None]
+
+
+def register_task(name: str, *, sourced: bool = False, group: str | None = None,
+                  **preset: Any) -> Callable[[T], T]:
+    """Class decorator: register a task class under `name` (`--tasks NAME`; `NAME:SOURCE` when `sourced`, the
+    source going to the class's `source` setting). `preset`: settings the name fixes, so one class can register
+    a family of names (stack the decorator, or call `register_task(name, **preset)(cls)` in a loop); `group`:
+    the name joins the shorthand `group` (`synthetic` names every synthetic task). The class's `name` is the
+    first name it is registered under."""
+
+    def add(cls: T) -> T:
+        if name in TASKS or name in SHORTHANDS:
+            raise HeadscoreError(f"task name '{name}' is registered twice")
+        if "name" not in vars(cls):
+            cls.name = name
+        TASKS[name] = TaskEntry(cls, dict(preset), sourced, group)
+        if group is not None and group not in SHORTHANDS:
+            SHORTHANDS[group] = Shorthand(lambda argument: None if argument is not None else task_group(group), group)
+        return cls
+
+    return add
+
+
+def register_shorthand(form: str, help: str) -> Callable[[Expand], Expand]:
+    """Function decorator: `expand(argument)` expands the specs `NAME` / `NAME:ARGUMENT` (see `Shorthand`);
+    `form` is how the shorthand is written (`NAME` or `NAME:ARGUMENT`), `help` what it names."""
+    name = form.partition(":")[0]
+
+    def add(expand: Expand) -> Expand:
+        if name in SHORTHANDS:
+            raise HeadscoreError(f"task shorthand '{name}' is registered twice")
+        SHORTHANDS[name] = Shorthand(expand, form, help)
+        return expand
+
+    return add
+
+
+def task_group(group: str) -> list[str]:
+    """The task names registered in `group`, in registration order."""
+    return [name for name, entry in TASKS.items() if entry.group == group]
+
+
+def task_forms() -> list[str]:
+    """How every task and shorthand is written: plain tasks, task groups, other shorthands, sourced tasks."""
+    plain = [name for name, entry in TASKS.items() if not entry.sourced]
+    shorthands = sorted(SHORTHANDS.values(), key=lambda item: bool(item.help))  # task groups first
+    sourced = [f"{name}:FILE_OR_HF_ID" for name, entry in TASKS.items() if entry.sourced]
+    return [*plain, *(item.form for item in shorthands), *sourced]
+
+
+def tasks_help() -> str:
+    """`--tasks`' help, from the registries: every plain task, each shorthand, the sourced forms."""
+    plain = [name for name, entry in TASKS.items() if not entry.sourced]
+    shorthands = sorted(SHORTHANDS.items(), key=lambda item: bool(item[1].help))  # task groups first
+    described = [f"{item.form} ({item.help or '= ' + ', '.join(task_group(name))})" for name, item in shorthands]
+    sourced = [f"{name}:FILE_OR_HF_ID" for name, entry in TASKS.items() if entry.sourced]
+    return (f"Comma-separated tasks: {', '.join(plain)}; {'; '.join(described)}; {', '.join(sourced)} "
+            "(see docs/tasks.md).")
 
 
 def task_samples(task: Task, tokenizer: Any) -> list[Sample]:

@@ -35,7 +35,7 @@ from headscore.core.errors import HeadscoreError
 from headscore.core.files import read_jsonl
 from headscore.core.metrics import METRICS as ANSWER_METRICS
 from headscore.core.prompts import apply_template, encode_prompt
-from headscore.evaluation.tasks.base import Sample, Task
+from headscore.evaluation.tasks.base import Sample, Task, register_shorthand, register_task
 from headscore.evaluation.tasks.longbench_metrics import (
     BUCKETS,
     PREFIX,
@@ -123,16 +123,17 @@ def render_longbench_prompt(tokenizer: Any, prompt_template: str, record: dict[s
     return apply_template(tokenizer, prompt, "chat") if template == "chat" else prompt
 
 
-def load_hub(name: str, config: str | None, split: str, what: str) -> list[dict[str, Any]]:
-    """Rows of a Hugging Face dataset through `datasets`, each as a dict."""
+def load_hub(name: str, config: str | None, split: str, what: str,
+             instead: str = "a local JSONL file works too (see docs/longbench.md)") -> list[dict[str, Any]]:
+    """Rows of a Hugging Face dataset through `datasets`, each as a dict; the error ends with `instead`."""
     try:
         import datasets  # lazy: `datasets` is slow to import and only hub sources need it
 
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types; all mean the same to the user
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise HeadscoreError(f"cannot load {what} '{name}' (config {config}, split {split}): {first}; a local "
-                             f"JSONL file works too (see docs/longbench.md)") from error
+        raise HeadscoreError(f"cannot load {what} '{name}' (config {config}, split {split}): {first}; "
+                             f"{instead}") from error
     return [dict(row) for row in rows]
 
 
@@ -159,13 +160,13 @@ def answers_of(value: Any, where: str) -> list[str]:
     return list(answers)
 
 
+@register_task("longbench", sourced=True)
 @dataclass
 class LongBenchTask(Task):
     """LongBench records from `source`, built with the profile. `limit` keeps the first records; `max_length`
     is the whole prompt's token limit (middle truncation); `metric` / `max_new_tokens` override the
     profile's (`metric` then names a `core.metrics` metric)."""
 
-    name = "longbench"
     source: str = ""
     dataset: str | None = None
     metric: str | None = None
@@ -258,12 +259,12 @@ def loogle_questions(records: Sequence[Any], source: str) -> list[dict[str, Any]
     return out
 
 
+@register_task("loogle", sourced=True)
 @dataclass
 class LoogleTask(LongBenchTask):
     """LooGLE's long-dependency QA from `source` (file or hub spec), the four types HeadKV reports; `limit`
     keeps the first questions of those types."""
 
-    name = "loogle"
 
     def samples(self, tokenizer: Any) -> list[Sample]:
         self.check()
@@ -329,3 +330,37 @@ def longbench_markdown(table: Sequence[dict[str, Any]]) -> str:
         cells = [f"{entry[c]:.2f}" if c in entry else "" for c in order]
         lines.append(f"| {entry['method']} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def dataset_files(kind: str, folder: str | None, names: list[str]) -> list[str] | None:
+    """`longbench:DIR` / `longbench-e:DIR`: one `longbench:FILE` spec per dataset file of the folder; None when
+    `folder` is not a folder (a file or hub spec: the task itself)."""
+    if folder is None:
+        raise HeadscoreError(f"{kind} needs the folder of LongBench's <dataset>.jsonl files ({HUB_LONGBENCH}'s "
+                             f"data.zip): {kind}:DIR (or longbench:FILE, longbench:HF_ID:CONFIG)")
+    if not Path(folder).expanduser().is_dir():
+        return None
+    files = [Path(folder) / f"{name}.jsonl" for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise HeadscoreError(f"LongBench folder {folder} lacks {', '.join(missing)}")
+    return [f"longbench:{f}" for f in files]
+
+
+@register_shorthand("longbench:DIR", "the 16 English LongBench datasets, DIR/<dataset>.jsonl from "
+                                 "LongBench's data.zip")
+def expand_longbench(folder: str | None) -> list[str] | None:
+    return dataset_files("longbench", folder, longbench_datasets())
+
+
+@register_shorthand("longbench-e:DIR", "the 13 LongBench-E datasets")
+def expand_longbench_e(folder: str | None) -> list[str] | None:
+    found = dataset_files("longbench-e", folder, longbench_e_datasets())
+    if found is None:
+        raise HeadscoreError(f"longbench-e takes a folder of <dataset>_e.jsonl files, not '{folder}'")
+    return found
+
+
+@register_shorthand("loogle", f"= loogle:{HUB_LOOGLE}, LooGLE's long-dependency QA")
+def expand_loogle(source: str | None) -> list[str] | None:
+    return [f"loogle:{HUB_LOOGLE}"] if source is None else None

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from headscore.core.haystack import load_haystack
-from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack
+from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, register_task
 from headscore.scoring.trials import load_needles, needles_dir
 
 EVAL_NEEDLES = "eval.jsonl"
 
 
+@register_task("niah")
 @dataclass
 class NiahTask(Task):
     """Samples for every (length, depth, needle), in that nesting order.
@@ -25,7 +26,6 @@ class NiahTask(Task):
     `needles`: a needle JSONL file (default: needles/eval.jsonl); `num_needles`: use only the first ones.
     """
 
-    name = "niah"
     lengths: Sequence[int] = (1000, 2000, 4000)
     depths: Sequence[float] = (0.0, 25.0, 50.0, 75.0, 100.0)
     needles: str | None = None

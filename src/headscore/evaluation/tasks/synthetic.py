@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from headscore.core.haystack import load_haystack
-from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack
+from headscore.evaluation.tasks.base import Placement, Sample, Task, place_in_haystack, register_task
 
 ADJECTIVES = ("amber", "brisk", "copper", "dusky", "elder", "frosty", "gilded", "hollow", "ivory", "jagged",
               "lunar", "mossy", "nimble", "opal", "quiet", "rustic", "scarlet", "tidal", "velvet", "woolly")
@@ -86,11 +86,11 @@ def distinct_codes(rng: random.Random, count: int) -> list[str]:
     return [str(code) for code in rng.sample(range(1_000_000, 10_000_000), count)]
 
 
+@register_task("multikey", group="synthetic")
 @dataclass
 class MultiKeyTask(SyntheticTask):
     """`keys` facts "The access code for the <key> vault is <code>."; the question asks for one key."""
 
-    name = "multikey"
     keys: int = 4
 
     def puzzle(self, rng: random.Random) -> Puzzle:
@@ -101,11 +101,11 @@ class MultiKeyTask(SyntheticTask):
                       {"key": keys[target], "distractors": [c for i, c in enumerate(codes) if i != target]})
 
 
+@register_task("multivalue", group="synthetic")
 @dataclass
 class MultiValueTask(SyntheticTask):
     """`values` facts "One access code for the <key> vault is <code>." for one key; asks for all of them."""
 
-    name = "multivalue"
     metric: ClassVar[str] = "contains_all"
     values: int = 4
     max_new_tokens: int = 64
@@ -117,11 +117,11 @@ class MultiValueTask(SyntheticTask):
                       tuple(codes), {"key": key})
 
 
+@register_task("vartrack", group="synthetic")
 @dataclass
 class VariableTrackingTask(SyntheticTask):
     """A chain of `hops` + 1 variables holding one value, interleaved with a 3-variable distractor chain."""
 
-    name = "vartrack"
     metric: ClassVar[str] = "contains_all"
     hops: int = 4
     max_new_tokens: int = 48
@@ -149,11 +149,11 @@ class VariableTrackingTask(SyntheticTask):
         return Puzzle(texts, question, tuple(chain), {"value": value, "distractors": distractor})
 
 
+@register_task("twohop", group="synthetic")
 @dataclass
 class TwoHopTask(SyntheticTask):
     """Two people with ages and favourite instruments; ask for the instrument of the older or the younger."""
 
-    name = "twohop"
 
     def puzzle(self, rng: random.Random) -> Puzzle:
         firsts, lasts = rng.sample(FIRST_NAMES, 2), rng.sample(LAST_NAMES, 2)
