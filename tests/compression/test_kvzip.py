@@ -55,6 +55,25 @@ def test_reconstruction_prefix_uses_the_chat_template(tokenizer):
     assert prefix.endswith("<|im_start|>assistant\n")  # SmolLM2's template: the assistant's turn opens
 
 
+class PlainTokenizer:
+    """A tokenizer without a chat template (characters as ids), or with one that fails."""
+
+    def __init__(self, template: str | None = None) -> None:
+        self.chat_template = template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, *args, **kwargs) -> str:
+        raise ValueError("roles must alternate")
+
+
+def test_reconstruction_prefix_without_or_with_a_broken_template():
+    assert "".join(map(chr, reconstruction_prefix(PlainTokenizer()))) == "\n\nRepeat the previous context exactly.\n"
+    with pytest.raises(HeadscoreError, match="chat template cannot render"):
+        reconstruction_prefix(PlainTokenizer("{{ broken }}"))
+
+
 def test_pass_equals_one_unchunked_eager_forward(model_and_prompt, tokenizer):
     model, ids = model_and_prompt
     keys, values = prompt_kv(model, ids)
@@ -89,22 +108,28 @@ def test_chunks_bound_the_attention_rows(model_and_prompt, tokenizer, monkeypatc
     assert widths and max(widths) == 5
 
 
-def test_both_chunk_kernels_agree(monkeypatch):
-    """The log-sum-exp path (CPU flash kernel) and the full softmax rows give the same output and maxima."""
+@pytest.mark.parametrize("earlier", [0, 6])
+def test_both_chunk_kernels_agree(monkeypatch, earlier):
+    """The merged flash-kernel path (with its blocks of logits) and the full softmax rows give the same output and
+    maxima, with and without reconstruction chunks before this one; both match a softmax written here."""
     from headscore.compression import kvzip
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 6, 5, 8, generator=generator)
-    key, value = torch.randn(1, 2, 17, 8, generator=generator), torch.randn(1, 2, 17, 8, generator=generator)
-    fast_out, fast = kvzip.chunk_attention(query, key, value, 9, 0.4)
+    prompt = [torch.randn(1, 2, 9, 8, generator=generator) for _ in range(2)]
+    recon = [torch.randn(1, 2, earlier + 5, 8, generator=generator) for _ in range(2)]
+    key, value = kvzip.SplitStates(prompt[0], recon[0]), kvzip.SplitStates(prompt[1], recon[1])
+    fast_out, fast = kvzip.chunk_attention(query, key, value, 0.4)
     monkeypatch.setattr(kvzip, "BLOCK_LOGITS", 2 * 9 * 4)  # blocks of 4 of the 15 rows of a group
-    torch.testing.assert_close(kvzip.chunk_attention(query, key, value, 9, 0.4)[1], fast)
-    monkeypatch.setattr(kvzip, "causal_suffix_parts", lambda *args: (None, None))
-    rows_out, rows = kvzip.chunk_attention(query, key, value, 9, 0.4)
+    torch.testing.assert_close(kvzip.chunk_attention(query, key, value, 0.4)[1], fast)
+    monkeypatch.setattr(kvzip, "cpu_flash_kernel", lambda: (None, False))
+    rows_out, rows = kvzip.chunk_attention(query, key, value, 0.4)
     torch.testing.assert_close(fast_out, rows_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, rows, rtol=1e-5, atol=1e-7)
-    probs = torch.softmax((query @ key.repeat_interleave(3, 1).transpose(-1, -2) * 0.4).masked_fill(
-        torch.arange(17)[None, :] > torch.arange(5)[:, None] + 12, float("-inf")), dim=-1)
+    keys, total = torch.cat((prompt[0], recon[0]), dim=2), 9 + earlier + 5
+    logits = query @ keys.repeat_interleave(3, 1).transpose(-1, -2) * 0.4
+    probs = torch.softmax(logits.masked_fill(torch.arange(total)[None, :] > torch.arange(5)[:, None] + total - 5,
+                                             float("-inf")), dim=-1)
     for kv in range(2):
         for position in range(9):
             assert float(rows[kv, position]) == pytest.approx(float(probs[0, kv * 3:(kv + 1) * 3, :, position].max()),

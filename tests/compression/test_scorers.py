@@ -220,7 +220,7 @@ def test_critical(heads, base, monkeypatch):
     assert scorer.name == f"{base}+critical" and scorer.needs_module
     assert scorer.query_count(WINDOW) == base_scorer.query_count(WINDOW)
     assert (scorer.extra_pass, scorer.comparable) == (base_scorer.extra_pass, base_scorer.comparable)
-    monkeypatch.setattr(scorers, "PROJECTION_ELEMENTS", 7 * BATCH * Q_HEADS * 5)  # several position blocks
+    monkeypatch.setattr(scorers, "PROJECTION_POSITIONS", 7)  # several blocks of positions
     found = inputs.scores(scorer)
     base_scores = inputs.scores(base_scorer).double()  # shared, computed once
     weight = module.o_proj.weight.detach().double()

@@ -4,10 +4,11 @@ teacher-forced through a reconstruction of it ("Repeat the previous context exac
 then the prompt's own ids) on top of the prompt's cache, and each prompt position is scored by the largest
 attention any reconstruction query of its KV head's group pays it.
 
-The reconstruction runs in chunks of `chunk` tokens, each on the cache of the prompt and the chunks before it,
-so a chunk's attention rows (`[q_heads, chunk, keys]`) and activations are all that is alive beside the cache;
-the scores are exactly those of one unchunked pass (the softmax of every reconstruction query runs over the
-prompt and the reconstruction up to it). The authors instead reconstruct each 2,000-token context chunk with
+The reconstruction runs in chunks of `chunk` tokens, each on the prompt's cache and the chunks before it: the
+scores are exactly those of one unchunked pass (the softmax of every reconstruction query runs over the prompt
+and the reconstruction up to it), while only one chunk's activations are alive. The prompt's keys/values are
+read in place (never copied); the pass adds the reconstruction's own keys/values (about the prompt's KV size)
+and, per attention call, one chunk's outputs. The authors instead reconstruct each 2,000-token context chunk with
 its own prompt on the bare prompt cache and softmax over sinks + that chunk + its reconstruction only; both
 agree for prompts of one chunk.
 """
@@ -16,20 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headscore.compression.scorers import register_extra_pass
-from headscore.core.attention import attention_rows, causal_suffix_parts, use_attention
+from headscore.core.attention import attention_rows, cpu_flash_kernel, use_attention
 from headscore.core.errors import HeadscoreError
-from headscore.core.kv_cache import growing_cache
 from headscore.core.model import Geometry, input_device, with_cache
 
 KVZIP_ATTENTION = "headscore_kvzip"
-KVZIP_CHUNK = 512  # reconstruction tokens per forward: the attention rows held are q_heads × chunk × keys
+KVZIP_CHUNK = 512  # reconstruction tokens per forward: what bounds the pass's activations
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # the authors' instruction (first chunk's)
 PLAIN_SUFFIX = "\n"  # after the instruction when the tokenizer has no chat template (kvpress)
 BLOCK_LOGITS = 1 << 18  # float32 logits per block of scoring rows (1 MiB: stays in a core's cache)
@@ -38,10 +41,9 @@ RECORDER = "headscore_kvzip_scores"  # attribute set on the attention modules du
 
 class ReconstructionScores:
     """Running maxima over one reconstruction pass: per recorded model layer `[kv_heads, n]` float32, the
-    largest attention any reconstruction query of the group paid each of the first `n` (prompt) positions."""
+    largest attention any reconstruction query of the group paid each prompt position."""
 
-    def __init__(self, layers: tuple[int, ...], n: int) -> None:
-        self.n = n
+    def __init__(self, layers: tuple[int, ...]) -> None:
         self.slot = {layer: slot for slot, layer in enumerate(layers)}
         self.scores: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -54,51 +56,105 @@ class ReconstructionScores:
         self.scores[slot] = best if previous is None else torch.maximum(previous, best)
 
 
-def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, scaling: float | None,
+@dataclass(frozen=True)
+class SplitStates:
+    """What a `ReconstructionLayer` hands the attention function as its keys (or values): the prompt's
+    `[1, kv_heads, n, d]` (the given tensors, never copied) and the reconstruction's so far `[1, kv_heads, t, d]`,
+    the current chunk's last."""
+
+    prompt: torch.Tensor
+    reconstruction: torch.Tensor
+
+
+class ReconstructionLayer(DynamicLayer):
+    """A cache layer for the reconstruction pass: the prompt's keys/values are held by reference (never copied
+    nor modified) and the reconstruction's are written into a buffer of `room` tokens; `update` returns both
+    (`SplitStates`) for `kvzip_attention_forward`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        super().__init__()
+        self.prompt_keys, self.prompt_values = keys[None], values[None]
+        kv_heads, _, dim = keys.shape
+        self.key_buffer = keys.new_empty(1, kv_heads, room, dim)
+        self.value_buffer = values.new_empty(1, kv_heads, room, dim)
+        self.filled = 0
+        self.keys, self.values, self.is_initialized = self.prompt_keys, self.prompt_values, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[Any, Any]:
+        end = self.filled + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:
+            raise HeadscoreError(f"the reconstruction outgrew its cache ({end} > {self.key_buffer.shape[2]} tokens)")
+        self.key_buffer[:, :, self.filled:end] = key_states
+        self.value_buffer[:, :, self.filled:end] = value_states
+        self.filled = end
+        return (SplitStates(self.prompt_keys, self.key_buffer[:, :, :end]),
+                SplitStates(self.prompt_values, self.value_buffer[:, :, :end]))
+
+    def get_seq_length(self) -> int:
+        return self.prompt_keys.shape[2] + self.filled
+
+
+def chunk_attention(query: torch.Tensor, key: SplitStates, value: SplitStates, scaling: float | None,
                     softcap: float | None = None, sinks: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reconstruction chunk: the queries `[1, q_heads, q, d]` are the last q of the k keys (causal), the
-    first `n` keys the prompt's. Returns the exact attention output `[1, q_heads, q, d]` and the largest
-    attention weight any query of each KV head's group pays each prompt position, float32 `[kv_heads, n]`.
+    """One reconstruction chunk: the queries `[1, q_heads, q, d]` are the last q of the reconstruction (causal
+    among themselves), after every prompt key. Returns the exact attention output `[1, q_heads, q, d]` and the
+    largest attention weight any query of each KV head's group pays each prompt position, float32
+    `[kv_heads, n]`.
 
-    Where the CPU flash kernel gives each query's log-sum-exp (`causal_suffix_parts`), the weights are
-    exp(max over queries of (logit − lse)): only the logits against the `n` prompt keys are computed (every
-    query sees all of them) and the exponential runs on the maxima alone. Elsewhere (or with soft-capping or
-    learned sinks) the full softmax rows (`attention_rows`) give both."""
+    On CPU (the flash kernel, `core.attention.cpu_flash_kernel`): the output merges the kernel's calls over
+    the prompt, the earlier reconstruction and the chunk's own causal square by their log-sum-exps, so no
+    concatenated or masked key block exists; each weight is then exp(max over queries of (logit − lse)),
+    with the logits against the prompt keys computed by blocks of query rows (`BLOCK_LOGITS`: they stay in
+    cache) and the exponential on the maxima alone. Elsewhere (or with soft-capping or learned sinks): the full
+    softmax rows over the concatenated keys (`attention_rows`)."""
     batch, q_heads, q_len, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    rows_of_group = (q_heads // kv_heads) * q_len
-    lse = None
-    if softcap is None and sinks is None:
-        output, lse = causal_suffix_parts(query, key, value, scaling)
-    if lse is not None:
-        scale = dim**-0.5 if scaling is None else scaling
-        grouped = (query.float() * scale).reshape(batch, kv_heads, rows_of_group, dim)  # a copy: query unchanged
-        lse = lse.reshape(batch, kv_heads, rows_of_group, 1)
-        prompt_keys = key[:, :, :n].float().transpose(-1, -2)
-        block = max(1, BLOCK_LOGITS // (batch * kv_heads * n))
-        best = None
-        for start in range(0, rows_of_group, block):  # blocks of query rows: the logits stay in cache (speed)
-            logits = torch.matmul(grouped[:, :, start:start + block], prompt_keys)
-            found = logits.sub_(lse[:, :, start:start + block]).amax(dim=2)
-            best = found if best is None else torch.maximum(best, found)
-        assert best is not None
-        return output, best[0].exp_()
-    rows = attention_rows(query, key, scaling, causal_offset=k_len - q_len, softcap=softcap, sinks=sinks)
-    probs = rows.view(batch, kv_heads, rows_of_group, k_len)
-    output = torch.matmul(probs, value.float()).view(batch, q_heads, q_len, dim).to(query.dtype)
-    return output, probs[0, :, :, :n].amax(dim=1)
+    prompt_keys, recon_keys = key.prompt, key.reconstruction
+    kv_heads, n, t_len = prompt_keys.shape[1], prompt_keys.shape[2], recon_keys.shape[2]
+    groups, rows_of_group = q_heads // kv_heads, (q_heads // kv_heads) * q_len
+    kernel, grouped_keys = cpu_flash_kernel() if query.device.type == "cpu" else (None, False)
+    if kernel is None or softcap is not None or sinks is not None:
+        keys = torch.cat((prompt_keys, recon_keys), dim=2)
+        values = torch.cat((value.prompt, value.reconstruction), dim=2)
+        rows = attention_rows(query, keys, scaling, causal_offset=keys.shape[2] - q_len, softcap=softcap,
+                              sinks=sinks)
+        probs = rows.view(batch, kv_heads, rows_of_group, keys.shape[2])
+        output = torch.matmul(probs, values.float()).view(batch, q_heads, q_len, dim).to(query.dtype)
+        return output, probs[0, :, :, :n].amax(dim=1)
+    blocks = [(prompt_keys, value.prompt, False), (recon_keys[:, :, t_len - q_len:],
+                                                   value.reconstruction[:, :, t_len - q_len:], True)]
+    if t_len > q_len:  # the chunks before this one
+        blocks.insert(1, (recon_keys[:, :, :t_len - q_len], value.reconstruction[:, :, :t_len - q_len], False))
+    parts = []
+    for block_keys, block_values, causal in blocks:  # three kernel calls, merged exactly below
+        if groups > 1 and not grouped_keys:
+            block_keys, block_values = repeat_kv(block_keys, groups), repeat_kv(block_values, groups)
+        parts.append(kernel(query, block_keys, block_values, 0.0, causal, scale=scaling)[:2])
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)  # [b, q_heads, q], float32
+    output = sum(out * (part_lse - lse).exp_().unsqueeze(-1) for out, part_lse in parts)
+    scale = dim**-0.5 if scaling is None else scaling
+    grouped = (query.float() * scale).reshape(batch, kv_heads, rows_of_group, dim)  # a copy: query unchanged
+    lse = lse.reshape(batch, kv_heads, rows_of_group, 1)
+    prompt_t = prompt_keys.float().transpose(-1, -2)
+    block = max(1, BLOCK_LOGITS // (batch * kv_heads * n))
+    best = None
+    for start in range(0, rows_of_group, block):  # blocks of query rows: the logits stay in cache (speed)
+        logits = torch.matmul(grouped[:, :, start:start + block], prompt_t)
+        found = logits.sub_(lse[:, :, start:start + block]).amax(dim=2)
+        best = found if best is None else torch.maximum(best, found)
+    assert best is not None and isinstance(output, torch.Tensor)
+    return output.to(query.dtype), best[0].exp_()
 
 
-def kvzip_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def kvzip_attention_forward(module: Any, query: torch.Tensor, key: Any, value: Any,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
                             dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """A reconstruction chunk's attention (`chunk_attention`; causal, unpadded, after the cached prompt and the
     chunks before it), folding its scores into the pass's `ReconstructionScores` attached to the module:
     output `[b, q, q_heads, d]` as sdpa's."""
     recorder = getattr(module, RECORDER)
-    output, best = chunk_attention(query, key, value, recorder.n, scaling, kwargs.get("softcap"),
-                                   kwargs.get("s_aux"))
+    output, best = chunk_attention(query, key, value, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
     recorder.fold(int(module.layer_idx), best)
     return output.transpose(1, 2).contiguous(), None
 
@@ -115,8 +171,12 @@ def reconstruction_prefix(tokenizer: Any) -> list[int]:
     suffix = PLAIN_SUFFIX
     if getattr(tokenizer, "chat_template", None):
         marker = "\u2063HEADSCORE-KVZIP\u2063"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                             tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as error:  # a template's own jinja error: one line naming it
+            raise HeadscoreError(f"the tokenizer's chat template cannot render one user message ({error}); kvzip "
+                                 "cannot build its reconstruction prompt") from error
         if marker not in text:
             raise HeadscoreError("the tokenizer's chat template drops the user message; kvzip cannot build its "
                                  "reconstruction prompt")
@@ -125,17 +185,14 @@ def reconstruction_prefix(tokenizer: Any) -> list[int]:
         list(tokenizer.encode(suffix, add_special_tokens=False))
 
 
-def _seeded_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor], layers: tuple[int, ...],
-                  room: int) -> Any:
-    """A growing cache holding copies of the prompt's keys/values `[kv_heads, n, d]` per model layer, with room
-    for `room` more tokens (the reconstruction appends in place, no copy per chunk)."""
-    cache = growing_cache(config)
-    for layer, layer_keys, layer_values in zip(layers, keys, values, strict=True):
-        padded = [torch.cat((states[None], states.new_zeros(1, states.shape[0], room, states.shape[2])), dim=2)
-                  for states in (layer_keys, layer_values)]
-        cache.update(padded[0], padded[1], layer)
-        grown: Any = cache.layers[layer]
-        grown.crop(-room)  # a view of the buffer: the next update writes after the prompt
+def _reconstruction_cache(config: Any, keys: list[torch.Tensor], values: list[torch.Tensor],
+                          layers: tuple[int, ...], room: int) -> DynamicCache:
+    """A cache whose layers hold the prompt's keys/values `[kv_heads, n, d]` by reference and room for the
+    `room` reconstruction tokens (`ReconstructionLayer`)."""
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(layers):
+        raise HeadscoreError("the kvzip pass needs every layer of the model to be a plain attention layer")
+    cache.layers = [ReconstructionLayer(keys[slot], values[slot], room) for slot in range(len(layers))]
     return cache
 
 
@@ -176,8 +233,8 @@ def kvzip_pass(model: Any, tokenizer: Any, input_ids: torch.Tensor, keys: list[t
     device = input_device(model)
     reconstruction = torch.cat((torch.tensor(reconstruction_prefix(tokenizer), dtype=ids.dtype), ids.cpu()))
     layers = geometry.model_layers
-    cache = _seeded_cache(model.config, keys, values, layers, reconstruction.shape[0])
-    recorder = ReconstructionScores(layers, n)
+    cache = _reconstruction_cache(model.config, keys, values, layers, reconstruction.shape[0])
+    recorder = ReconstructionScores(layers)
     with torch.inference_mode(), _recording(model, recorder):
         for start in range(0, reconstruction.shape[0], chunk):
             piece = reconstruction[start:start + chunk].to(device)[None]
