@@ -32,7 +32,8 @@ lint:
 ##        compressed vs full cache,
 ##        estimate with vs without the shared prefix cache, a suffix pass on cached tokens with vs without query blocks,
 ##        the batched head-wise cache (evaluate batched vs --decode-batch 1, decode step vs rows, decode attention, a row leaving),
-##        one compressed context asked 8 questions vs 8 prefills (the question after the context)
+##        one compressed context asked 8 questions vs 8 prefills (the question after the context),
+##        every token scorer against the prefill it follows (and the kvzip pass's memory)
 bench:
 	$(BIN)/python bench/bench_estimate.py --length 4000
 	$(BIN)/python bench/bench_compress.py
@@ -41,6 +42,7 @@ bench:
 	$(BIN)/python bench/bench_variants.py
 	$(BIN)/python bench/bench_batch.py
 	$(BIN)/python bench/bench_question_after.py
+	$(BIN)/python bench/bench_scorers.py
 
 ## reproduce: the whole study from CONFIG (default configs/smollm2-135m.yaml) -> results/<name>/report.md;
 ## NPROC=N runs it under torchrun with N processes (estimate and evaluate split over them; docs/scaling.md)
