@@ -524,3 +524,22 @@ def test_question_after_compression(model, tokenizer, score_files):
     no_question.question = ""
     with pytest.raises(HeadscoreError, match="has no question after its context"):
         question_start(tokenizer, no_question)
+
+
+def test_old_names_give_the_rows_of_their_spelled_forms(model, tokenizer, score_files):
+    """`snapkv`, `pyramidkv`, `ada-snapkv`, `headkv-r2` are `snapkv@uniform`, `snapkv@pyramid`, `snapkv@ada`,
+    `snapkv@headkv-r2`: every column of their rows but the method's name is the same."""
+    geometry = Geometry.from_config(model.config)
+    sample = small_samples(tokenizer)[0]
+    sample.max_new_tokens = 3
+    stops = eos_ids(model, tokenizer)
+    old, spelled = ["snapkv", "pyramidkv", "ada-snapkv", "headkv-r2"], ["snapkv@uniform", "snapkv@pyramid",
+                                                                       "snapkv@ada", "snapkv@headkv-r2"]
+    rows = {}
+    for names in (old, spelled):
+        options = EvaluateOptions(methods=names, budgets=[16, 24], scores=score_files(geometry))
+        rows[names[0]] = evaluate_sample(model, tokenizer, sample, plan_conditions(geometry, options), stops,
+                                         options.window)
+    for a, b in zip(rows["snapkv"], rows["snapkv@uniform"], strict=True):
+        assert {k: v for k, v in a.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
+    assert [r["method"] for r in rows["snapkv"]] == [m for m in old for _ in (16, 24)]
