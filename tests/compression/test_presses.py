@@ -284,3 +284,17 @@ def test_a_registered_scorer_is_a_method_under_every_allocation(query_distance_s
         make_press("near-query", GEOMETRY, alpha=0.5)
     assert {"uniform", "pyramid", "ada", "global", "headkv"} <= set(ALLOCATIONS)
     assert "full" in PRESSES and "razor" in PRESSES
+
+
+def test_every_scorer_and_allocation_describes_itself_in_plain_values(random_scores):
+    import json
+
+    from headscore.compression.scorers import MODIFIERS
+
+    scores = {"r2": random_scores(GEOMETRY.layers, GEOMETRY.query_heads)}
+    modifiers = ("", *(f"+{m}" for m in MODIFIERS))
+    names = [f"{scorer}{modifier}@{allocation}" for scorer in SCORERS for modifier in modifiers
+             for allocation in ("uniform", "ada", "headkv-r2")]
+    for name in names:
+        described = make_press(name, GEOMETRY, settings={"budget": 16, "window": 4, "scores": scores}).describe()
+        assert json.loads(json.dumps(described)) == described, name

@@ -353,8 +353,8 @@ class ScoredPress(Press):
     def describe(self) -> dict:
         allocation = {k: v for k, v in self.allocation.params().items() if k not in ("scores", "budgets")
                       and (k not in FIDELITY_OPTIONS or v != getattr(type(self.allocation), k, v))}
-        scorer = {k: v for k, v in self.scorer.params().items()
-                  if k not in FIDELITY_OPTIONS or v != getattr(type(self.scorer), k, v)}
+        scorer = {k: v for k, v in scorer_params(self.scorer).items()
+                  if k not in FIDELITY_OPTIONS or v != getattr(SnapKVScorer, k, v)}
         described = {"method": self.name, "scorer": scorer_label(self.scorer),
                      "allocation": allocation_label(self.allocation), "window": self.window,
                      "budget": self.budget if self.ratio is None else None, "ratio": self.ratio,
@@ -370,6 +370,13 @@ class ScoredPress(Press):
         if self.ratio is not None:
             described["budget"] = self.budget_at(length)
         return described
+
+
+def scorer_params(scorer: Scorer) -> dict[str, Any]:
+    """A scorer's parameters, a modifier's with its base scorer's (plain values, for metadata)."""
+    params = scorer.params()
+    base = params.pop("base", None)
+    return {**(scorer_params(base) if isinstance(base, Scorer) else {}), **params}
 
 
 def scorer_label(scorer: Scorer) -> str:
