@@ -32,7 +32,8 @@
 (f) A row leaving the batch (issue 32): a 32-layer cache of 32 heads (head dim 64, float32) and `--rows` rows
     (default 20) of head-level budgets (synthetic skewed head scores, mean budgets 32-256 per head, as headkv rows
     at the default study's budgets), 16 generated tokens: `batch_select_indices` of every layer dropping one row,
-    with the plan remapped (`select_plan`, now) and re-planned by `plan_segments`' dynamic program (before),
+    now (nothing moved, the plan remapped by `select_plan`) and before (the entries gathered into new storage,
+    `plan_segments`' dynamic program run again),
     as a share of one decode step's attention over the 32 layers; then that step on the rows left, remapped plan
     vs a fresh plan. Median of `--repeats` interleaved runs.
 Goals (issue 20): (a) <= 0.35x time, <= 1.2x memory; (b) 16 rows <= 3x one row; (c) at 2048 <= 0.3x of the

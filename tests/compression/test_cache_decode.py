@@ -161,9 +161,11 @@ def test_the_tail_grows_in_place_bit_identical_to_concatenation():
         pointers.add(layer.tail_keys.data_ptr())
         if step in (7, 100):
             selection = torch.tensor([2, 0, 0]) if step == 7 else torch.tensor([1, 2])
+            pointer = layer.tail_keys.data_ptr()
             layer.batch_select_indices(selection)
             want_keys, want_values = want_keys[selection], want_values[selection]
-            assert torch.equal(layer.tail_keys, want_keys)
+            assert torch.equal(layer.tail_keys, want_keys) and torch.equal(layer.tail_values, want_values)
+            assert (layer.tail_keys.data_ptr() == pointer) == (step == 100)  # rows leaving: moved in place
     # reallocated at the two selections and when the room ran out (doubling from TAIL_ROOM): a few times
     assert len(pointers) <= 2 + 2 + (300 // TAIL_ROOM).bit_length()
     assert layer.generated == want_keys.shape[2] == 304

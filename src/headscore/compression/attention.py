@@ -148,14 +148,16 @@ def select_plan(buckets: list[Bucket], kept: torch.Tensor, offsets: torch.Tensor
     lengths, starts = kept.reshape(-1), offsets.reshape(-1)
     out: list[Bucket] = []
     gathered = []
+    landing: dict[int, list[int]] = {}  # old row -> its positions in the selection
+    for position, row in enumerate(indices.tolist()):
+        landing.setdefault(row, []).append(position)
     for bucket in buckets:
         if bucket.start < 0:
             gathered.append(bucket)
             continue
         # views of one row's consecutive segments: consecutive wherever the row lands
-        host = bucket.host
-        count, head = host.shape[0], int(host[0]) % heads
-        for p in (indices == int(host[0]) // heads).nonzero().flatten().tolist():
+        count, head = bucket.host.shape[0], bucket.first % heads
+        for p in landing.get(bucket.first // heads, ()):
             first = p * heads + head
             out.append(Bucket(torch.arange(first, first + count, device=device), bucket.width,
                               start=bucket.start, first=first, host=torch.arange(first, first + count)))

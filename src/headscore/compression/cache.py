@@ -55,7 +55,7 @@ from headscore.compression.attention import (
 from headscore.compression.presses import Press, kept_positions
 from headscore.compression.scorers import Rope, ScorerInputs
 from headscore.core.errors import HeadscoreError
-from headscore.core.kv_cache import extend_buffer, select_rows
+from headscore.core.kv_cache import extend_buffer, keep_rows, select_rows
 from headscore.core.model import FULL_ATTENTION, Geometry, cache_config
 
 
@@ -435,14 +435,19 @@ class HeadwiseLayer(CacheLayerMixin):
         """Keep only the rows `indices` (in that order; repeats allowed). The kept entries are not moved (a
         repeated row reads the same storage; a row gone is no longer read, its storage freed with the layer) and
         the plan is remapped (`select_plan`, no new plan); the tails keep their generated tokens of those rows
-        (and their room). CPU `indices` read nothing back from the device (`HeadwiseCache.batch_select_indices`
-        hands every layer CPU indices)."""
+        (and their room; rows leaving: moved up in place). CPU `indices` read nothing back from the device
+        (`HeadwiseCache.batch_select_indices` hands every layer CPU indices)."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         self.buckets = select_plan(self.buckets, self.kept, self.offsets(), indices, self.keys.device)
         self.kept, self.row_starts = self.kept[indices], self.row_starts[indices]
         self.lengths = [self.lengths[i] for i in indices.tolist()]
-        on_device = to_device(indices, self._tail[0].device)
-        self._tail = tuple(select_rows(part, self.generated, on_device) for part in self._tail)  # type: ignore[assignment]
+        order = indices.tolist()
+        if all(first < second for first, second in zip(order, order[1:], strict=False)):  # rows leaving
+            self._tail = tuple(keep_rows(part, self.generated, order) for part in self._tail)  # type: ignore[assignment]
+        else:  # repeated or reordered rows: new buffers
+            on_device = to_device(indices, self._tail[0].device)
+            self._tail = tuple(select_rows(part, self.generated, on_device)  # type: ignore[assignment]
+                               for part in self._tail)
         self.flex_masks = {}
 
     def fork(self) -> HeadwiseLayer:

@@ -13,6 +13,7 @@ tensors do not outlive the next update (a decode's cache); caches whose entries 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,16 @@ def select_rows(buffer: torch.Tensor, length: int, indices: torch.Tensor) -> tor
     if length:
         torch.index_select(buffer[:, :, :length], 0, indices, out=selected[:, :, :length])
     return selected
+
+
+def keep_rows(buffer: torch.Tensor, length: int, rows: Sequence[int]) -> torch.Tensor:
+    """Rows `rows` (increasing: rows leaving a batch) of `buffer` `[rows, heads, capacity, d]` moved to its front in
+    place, their first `length` tokens (a row already in place is not copied): returns the view of those rows,
+    room kept. Nothing is allocated (a copy into new memory would also pay for its first touch)."""
+    for position, row in enumerate(rows):  # rows, not heads or tokens; a row never overwrites one still to move
+        if row != position:
+            buffer[position, :, :length].copy_(buffer[row, :, :length])
+    return buffer[:len(rows)]
 
 
 class GrowingLayer(DynamicLayer):
