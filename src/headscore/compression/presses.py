@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -599,6 +599,27 @@ def known_parameters() -> set[str]:
     for allocation in ALLOCATIONS.values():
         known |= {f.name for f in fields(allocation) if f.init}
     return known - {"scorer", "allocation", "method", "base", "scores_name"}
+
+
+def parameter_defaults() -> dict[str, Any]:
+    """Every method parameter's default (the registries' fields; a name several classes share takes the first
+    class's: they agree)."""
+    found: dict[str, Any] = {}
+    classes: tuple[Any, ...] = (ScoredPress, *PRESSES.values(), *SCORERS.values(), *MODIFIERS.values(),
+                               *ALLOCATIONS.values())
+    for cls in classes:
+        for f in fields(cls):
+            if f.init and f.name not in found and f.default is not MISSING:
+                found[f.name] = f.default
+    return found
+
+
+def changed_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` without the entries that are their parameter's default (or None): what a run's records name,
+    so that spelling a default out (the CLI passes every option) or a new parameter at its default changes
+    nothing."""
+    defaults = parameter_defaults()
+    return {k: v for k, v in settings.items() if v is not None and not (k in defaults and v == defaults[k])}
 
 
 def make_press(name: str, geometry: Geometry, settings: Mapping[str, Any] | None = None, **params: Any) -> Press:

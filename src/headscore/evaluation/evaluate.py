@@ -38,7 +38,7 @@ from headscore.compression.generation import (
     prefill_batch,
     run_extra_passes,
 )
-from headscore.compression.presses import FullPress, make_press, parse_method
+from headscore.compression.presses import FullPress, changed_settings, make_press, parse_method
 from headscore.core.attention import use_attention
 from headscore.core.decoding import StopRule, newline_token_ids
 from headscore.core.defaults import (
@@ -555,7 +555,7 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Any], out_dir: str | 
                              "(LongBench/LooGLE: --max-length truncates prompts)")
     for sample in samples:  # a model whose every layer is sliding: full attention within its window only
         geometry.check_fits(sample.length + sample.max_new_tokens, f"sample {sample.id}'s prompt and answer")
-    described = asdict(options)
+    described = {**asdict(options), "params": changed_settings(options.params)}  # defaults spelled out or not
     header: dict[str, Any] = {"model": model_name, "geometry": geometry.to_dict(),
               "options": {**described, "methods": list(options.methods), "budgets": list(options.budgets),
                           "scores": {k: fingerprint_file(v) for k, v in sorted(options.scores.items())}},
