@@ -71,6 +71,13 @@ class LayerRecord:
     scaling: float | None = None
     module: Any = None
 
+    def inputs(self, slot: int, heads: int, window: int, rope: Rope | None,
+               extra: dict[str, torch.Tensor] | None = None) -> ScorerInputs:
+        """This layer's `ScorerInputs` (batch 1) as compressed slot `slot`, for `heads` cache heads."""
+        return ScorerInputs(keys=self.keys[None], values=self.values[None], queries=self.queries[None],
+                            window=window, heads=heads, scaling=self.scaling, layer=slot, module=self.module,
+                            rope=rope, extra=dict(extra or {}))
+
 
 @dataclass(eq=False)
 class RecordedPrompt:
@@ -102,12 +109,9 @@ class RecordedPrompt:
         """The `ScorerInputs` of compressed layer `slot` for `heads` cache heads (batch 1; built once)."""
         key = (slot, heads)
         if key not in self._inputs:
-            record = self.layers[slot]
-            self._inputs[key] = ScorerInputs(
-                keys=record.keys[None], values=record.values[None], queries=record.queries[None],
-                window=min(self.window, self.length), heads=heads, scaling=record.scaling, layer=slot,
-                module=record.module,
-                rope=self.rope, extra={name: results[slot][None] for name, results in self.extra.items()})
+            self._inputs[key] = self.layers[slot].inputs(
+                slot, heads, min(self.window, self.length), self.rope,
+                {name: results[slot][None] for name, results in self.extra.items()})
         return self._inputs[key]
 
     def add_extra(self, name: str, results: list[torch.Tensor]) -> None:
@@ -195,7 +199,6 @@ class PrefillLayer(CacheLayerMixin):
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self.recorded = False
         self.prompt_length = 0
-        self.selection_seconds = 0.0  # wall time of window scores + selection (no device sync)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -555,10 +558,8 @@ class HeadwiseCache(DynamicCache):
             if press.spans_layers or press.extra_pass:
                 raise HeadscoreError(f"method {press.name} needs the whole prompt before it selects (every layer's "
                                      "scores, or an extra pass): prefill, then compress_state")
-            rows.append((ScorerInputs(
-                keys=record.keys[None], values=record.values[None], queries=record.queries[None],
-                window=min(self.window, length), heads=press.cache_heads(self.geometry), scaling=record.scaling,
-                layer=layer.index, module=record.module, rope=self.rope), press))
+            rows.append((record.inputs(layer.index, press.cache_heads(self.geometry), min(self.window, length),
+                                       self.rope), press))
         compressed = HeadwiseLayer.build(rows, self.geometry, width)
         compressed.selection_seconds = time.perf_counter() - started
         self.layers[self.positions[layer.index]] = compressed

@@ -355,7 +355,7 @@ class ScoredPress(Press):
                       and (k not in FIDELITY_OPTIONS or v != getattr(type(self.allocation), k, v))}
         scorer = {k: v for k, v in scorer_params(self.scorer).items()
                   if k not in FIDELITY_OPTIONS or v != getattr(SnapKVScorer, k, v)}
-        described = {"method": self.name, "scorer": scorer_label(self.scorer),
+        described = {"method": self.name, "scorer": self.scorer.name,
                      "allocation": allocation_label(self.allocation), "window": self.window,
                      "budget": self.budget if self.ratio is None else None, "ratio": self.ratio,
                      "granularity": self.granularity, **scorer, **allocation}
@@ -377,10 +377,6 @@ def scorer_params(scorer: Scorer) -> dict[str, Any]:
     params = scorer.params()
     base = params.pop("base", None)
     return {**(scorer_params(base) if isinstance(base, Scorer) else {}), **params}
-
-
-def scorer_label(scorer: Scorer) -> str:
-    return scorer.label() if hasattr(scorer, "label") else scorer.name
 
 
 def allocation_label(allocation: Allocation) -> str:
